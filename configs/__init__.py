@@ -1,0 +1,1 @@
+"""Loom's ml_collections config files. Each exposes ``get_config()``."""

@@ -1,0 +1,40 @@
+"""GPT-2 small (124M parameters): the architecture of OpenAI's GPT-2, trained on SentencePiece tokens.
+
+Command:  python -m train --workdir gs://BUCKET/gpt2 --config configs/gpt2_small.py \
+              --config.data.source=tfds:c4/en:3.1.0
+Hardware: one TPU v5e-8 / v4-8 host or one or more A100/H100 GPUs (bf16 compute, fp32 params);
+          it also compiles and steps on a CPU, slowly.
+Expected: ~3.3 train loss (nats/token on a 32k SentencePiece vocabulary) after ~2.5B tokens; MFU
+          40-55% on TPU v5e.
+"""
+
+from configs import default
+
+
+def get_config():
+  c = default.get_config()
+  c.data.tokenizer = "sentencepiece"
+  c.data.spm_vocab_size = 32000
+  c.data.seq_len = 1024
+  c.model.vocab_size = 32768  # the tokenizer's 32000, padded to a multiple of 128 for the MXU
+  c.model.d_model = 768
+  c.model.num_layers = 12
+  c.model.num_heads = 12
+  c.model.mlp_dim = 3072
+  c.model.mlp = "gelu"
+  c.model.norm = "layer"
+  c.model.norm_eps = 1e-5
+  c.model.positions = "learned"
+  c.model.tie_embeddings = True
+  c.model.use_bias = True
+  c.model.dtype = "bfloat16"
+  c.optim.learning_rate = 6e-4
+  c.optim.warmup_steps = 2000
+  c.optim.min_lr_ratio = 0.1
+  c.train.steps = 10000
+  c.train.batch_size = 256
+  c.train.eval_every = 1000
+  c.train.eval_batches = 50
+  c.checkpoint.every = 1000
+  c.log.every = 50
+  return c

@@ -1,0 +1,143 @@
+"""Packing token streams into fixed-length rows, and rows into model batches (pure numpy).
+
+Scheme ("stream, overlap 1"): every document is tokenized and terminated with the tokenizer's
+end-of-document id, the documents are concatenated into one stream, and row r holds stream tokens
+[r * seq_len, r * seq_len + seq_len] (seq_len + 1 tokens). Consecutive rows share one token, so each
+next-token pair of the stream is a target exactly once, and only the very last row carries padding.
+
+Within a row, `segment_ids` number the document pieces 1, 2, 3, ... (0 = padding) and `positions`
+count from 0 at the start of each piece. A document that runs past the end of a row continues in
+the next row as a new piece whose positions restart at 0: positions therefore never exceed seq_len,
+which keeps learned position tables and RoPE in their trained range.
+"""
+
+from collections.abc import Iterator
+
+import numpy as np
+
+# Rows are emitted in blocks of about this many tokens: big enough that numpy's per-call overhead
+# vanishes, small enough that memory stays flat for corpora of any size.
+_BLOCK_TOKENS = 1 << 20
+
+
+def row_dtype(max_value: int) -> np.dtype:
+  """The smallest stored dtype that holds values up to max_value (uint16, else int32)."""
+  return np.dtype(np.uint16) if max_value < (1 << 16) else np.dtype(np.int32)
+
+
+def rows_from_stream(
+  tokens_T: np.ndarray, starts_T: np.ndarray, seq_len: int, pad_id: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Cuts a stream into rows: ([R, seq_len + 1] tokens, segment_ids, positions).
+
+  tokens_T holds whole rows' worth of tokens (T = R * seq_len + 1) or, for the final row, fewer,
+  which are padded. starts_T[t] is True where a document starts in the stream.
+  """
+  width = seq_len + 1
+  num_rows = max(0, -(-(len(tokens_T) - 1) // seq_len))
+  padded = num_rows * seq_len + 1
+  valid_T = np.zeros(padded, bool)
+  valid_T[: len(tokens_T)] = True
+  tok = np.full(padded, pad_id, tokens_T.dtype)
+  tok[: len(tokens_T)] = tokens_T
+  st = np.zeros(padded, bool)
+  st[: len(starts_T)] = starts_T
+  # Row r starts at stream offset r * seq_len; the index view shares the overlap token.
+  index_RW = np.arange(num_rows)[:, None] * seq_len + np.arange(width)[None, :]
+  tokens_RW = tok[index_RW]
+  valid_RW = valid_T[index_RW]
+  starts_RW = st[index_RW]
+  starts_RW[:, 0] = True  # every row opens a new piece, so attention never reaches the previous row
+  segment_ids_RW = np.cumsum(starts_RW, axis=1)
+  segment_ids_RW[~valid_RW] = 0
+  col_W = np.arange(width)
+  last_start_RW = np.maximum.accumulate(np.where(starts_RW, col_W, 0), axis=1)
+  positions_RW = col_W[None, :] - last_start_RW
+  positions_RW[~valid_RW] = 0
+  return tokens_RW, segment_ids_RW, positions_RW
+
+
+class Packer:
+  """Streams documents into rows of seq_len + 1 tokens, holding at most about one block in memory.
+
+  Feed token arrays (one per document, without eod) with `add`; collect rows from the iterator
+  `add` and `finish` return. Counts of real and padding slots give the packing efficiency.
+  """
+
+  def __init__(self, seq_len: int, eod_id: int, pad_id: int, token_dtype: np.dtype):
+    if seq_len < 1:
+      raise ValueError(f"data.seq_len must be >= 1, got {seq_len}")
+    self.seq_len = seq_len
+    self.eod_id = eod_id
+    self.pad_id = pad_id
+    self.token_dtype = np.dtype(token_dtype)
+    self._tokens: list[np.ndarray] = []
+    self._starts: list[np.ndarray] = []
+    self._pending = 0
+    self.num_documents = 0
+    self.real_slots = 0
+    self.total_slots = 0
+
+  def add(self, doc_tokens: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Appends one document (eod is added here) and yields any block of complete rows."""
+    tokens = np.empty(len(doc_tokens) + 1, self.token_dtype)
+    tokens[:-1] = doc_tokens
+    tokens[-1] = self.eod_id
+    starts = np.zeros(len(tokens), bool)
+    starts[0] = True
+    self._tokens.append(tokens)
+    self._starts.append(starts)
+    self._pending += len(tokens)
+    self.num_documents += 1
+    if self._pending >= _BLOCK_TOKENS:
+      yield from self._flush(final=False)
+
+  def finish(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Yields the remaining rows; the last one is padded."""
+    yield from self._flush(final=True)
+
+  def _flush(self, final: bool) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    if not self._tokens:
+      return
+    tokens_T = np.concatenate(self._tokens)
+    starts_T = np.concatenate(self._starts)
+    full_rows = (len(tokens_T) - 1) // self.seq_len
+    # Keep the tail (it starts with the overlap token, the last target of the last full row).
+    cut = full_rows * self.seq_len
+    if final:
+      emit_T, emit_S = (tokens_T, starts_T) if len(tokens_T) > 1 else (tokens_T[:0], starts_T[:0])
+      self._tokens, self._starts, self._pending = [], [], 0
+    else:
+      emit_T, emit_S = tokens_T[: cut + 1], starts_T[: cut + 1]
+      self._tokens, self._starts = [tokens_T[cut:]], [starts_T[cut:]]
+      self._pending = len(tokens_T) - cut
+    if len(emit_T) < 2:
+      return
+    rows = rows_from_stream(emit_T, emit_S, self.seq_len, self.pad_id)
+    self.real_slots += int(np.count_nonzero(rows[1]))
+    self.total_slots += rows[0].size
+    yield rows
+
+  @property
+  def efficiency(self) -> float:
+    """Non-padding fraction of the row slots emitted so far."""
+    return self.real_slots / self.total_slots if self.total_slots else 0.0
+
+
+def make_batch(
+  tokens_BW: np.ndarray, segment_ids_BW: np.ndarray, positions_BW: np.ndarray
+) -> dict[str, np.ndarray]:
+  """Rows of seq_len + 1 -> the model batch: inputs/targets/positions/segment_ids/weights [B, L]."""
+  segment_ids_BW = segment_ids_BW.astype(np.int32)
+  in_seg_BL = segment_ids_BW[:, :-1]
+  out_seg_BL = segment_ids_BW[:, 1:]
+  # A target counts only if it is a real token of the input's own document: eod is predicted from
+  # its document's last token, the next document's first token is not predicted from eod.
+  weights_BL = ((in_seg_BL == out_seg_BL) & (out_seg_BL != 0)).astype(np.float32)
+  return {
+    "inputs": tokens_BW[:, :-1].astype(np.int32),
+    "targets": tokens_BW[:, 1:].astype(np.int32),
+    "positions": positions_BW[:, :-1].astype(np.int32),
+    "segment_ids": in_seg_BL,
+    "weights": weights_BL,
+  }

@@ -1,0 +1,122 @@
+"""`build(config)`: source -> tokenizer -> prepared store; the `Pipeline` the trainer reads from."""
+
+import contextlib
+import functools
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from input_pipeline import sampler, sources, store, tokenizers
+
+_log = logging.getLogger(__name__)
+
+
+class Pipeline:
+  """A prepared store and the tokenizer that made it; batches are pure functions of (seed, step)."""
+
+  def __init__(self, tokenizer: tokenizers.Tokenizer, prepared: store.Store, seed: int):
+    self.tokenizer = tokenizer
+    self.store = prepared
+    self.seed = seed
+
+  @property
+  def fingerprint(self) -> str:
+    return self.store.fingerprint
+
+  @property
+  def manifest(self) -> dict:
+    return self.store.manifest
+
+  @property
+  def seq_len(self) -> int:
+    return int(self.store.manifest["seq_len"])
+
+  @functools.cached_property
+  def bytes_per_token(self) -> float:
+    """UTF-8 bytes of text per token over a sample of the validation split (for bits per byte)."""
+    rows = min(self.store.num_rows("validation"), 256)
+    tokens, segments, _ = self.store.read_rows("validation", np.arange(rows))
+    real = tokens[segments > 0]
+    text = self.tokenizer.decode(real.tolist())
+    return len(text.encode("utf-8")) / max(real.size, 1)
+
+  def train_batches(
+    self,
+    *,
+    global_batch_size: int,
+    start_step: int = 0,
+    process_index: int | None = None,
+    process_count: int | None = None,
+  ) -> Iterator[dict[str, np.ndarray]]:
+    """This process's numpy batches [global_batch_size / process_count, seq_len] of steps
+    start_step, start_step + 1, ... (endless; epochs roll over by themselves)."""
+    p, n = _process(process_index, process_count)
+    return sampler.train_iterator(self.store, self.seed, global_batch_size, start_step, p, n)
+
+  def eval_batches(
+    self,
+    *,
+    global_batch_size: int,
+    num_batches: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+  ) -> list[dict[str, np.ndarray]]:
+    """The same validation batches on every call (no shuffle), this process's share of each."""
+    p, n = _process(process_index, process_count)
+    return sampler.eval_batches(self.store, global_batch_size, num_batches, p, n)
+
+
+def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+  """Defaults to this JAX process's place in the cluster."""
+  index = jax.process_index() if process_index is None else process_index
+  count = jax.process_count() if process_count is None else process_count
+  return index, count
+
+
+def _keep_tensorflow_off_accelerators() -> None:
+  # TensorFlow only reads files and shuffles indices here; on a GPU/TPU host it would otherwise
+  # reserve accelerator memory that JAX needs.
+  for kind in ("GPU", "TPU"):
+    # RuntimeError: TensorFlow already initialised; ValueError: no such device type.
+    with contextlib.suppress(RuntimeError, ValueError):
+      tf.config.set_visible_devices([], kind)
+
+
+def build(config: ml_collections.ConfigDict) -> Pipeline:
+  """Resolves data.source, builds the tokenizer and prepares (or reuses) the packed store."""
+  _keep_tensorflow_off_accelerators()
+  tfds.disable_progress_bar()  # the log says what is being prepared; bars garble CI logs
+  data = config.data
+  if data.tokenizer not in tokenizers.TOKENIZERS:
+    raise ValueError(
+      f"unknown data.tokenizer={data.tokenizer!r}; valid: {', '.join(tokenizers.TOKENIZERS)}"
+    )
+  if int(data.seq_len) < 1:
+    raise ValueError(f"data.seq_len must be >= 1, got {data.seq_len}")
+  cache_dir = Path(data.cache_dir).expanduser()
+  source = sources.resolve(data.source, data, cache_dir)
+  tokenizer = tokenizers.build_tokenizer(
+    data.tokenizer,
+    spm_model=data.spm_model,
+    spm_vocab_size=int(data.spm_vocab_size),
+    source_identity=source.identity,
+    train_documents=lambda: source.documents("train"),
+    cache_dir=cache_dir,
+  )
+  prepared = store.prepare(source, tokenizer, int(data.seq_len), cache_dir)
+  _log.info(
+    "Input pipeline: %s, tokenizer %s, store %s (train %d rows, validation %d rows, packing %.4f)",
+    data.source,
+    tokenizer.identity,
+    prepared.path,
+    prepared.num_rows("train"),
+    prepared.num_rows("validation"),
+    prepared.manifest["packing_efficiency"],
+  )
+  return Pipeline(tokenizer, prepared, int(config.seed))

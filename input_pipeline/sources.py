@@ -1,0 +1,188 @@
+"""Text sources, all read through TensorFlow Datasets: the stdlib corpus, local files, TFDS names.
+
+  "stdlib"                   the Python standard library's own *.py source (site-packages excluded):
+                             on every machine, no download
+  "files:<dir or glob>"      the user's text files (a directory means every file under it)
+  "tfds:<name>[:<version>]"  a TFDS dataset, text in data.text_feature, data dir data.tfds_data_dir
+
+Local files become a `LoomTextFiles` TFDS dataset prepared under data.cache_dir/tfds, so every
+source is then read by the same code: `Source.documents(split)` for split "train" or "validation".
+"""
+
+import contextlib
+import dataclasses
+import difflib
+import fcntl
+import glob
+import logging
+import os
+import sysconfig
+from collections.abc import Iterator
+from pathlib import Path
+
+import tensorflow_datasets as tfds
+
+from input_pipeline import text_files
+
+_log = logging.getLogger(__name__)
+
+SCHEMES = ("stdlib", "files:<dir or glob>", "tfds:<name>[:<version>]")
+SPLITS = ("train", "validation")
+_GLOB_CHARS = set("*?[")
+_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """A prepared TFDS dataset and how Loom reads it."""
+
+  spec: str  # data.source as given
+  identity: dict  # what the data fingerprint hashes: kind, name or file digest, splits, feature
+  builder: tfds.core.DatasetBuilder
+  text_feature: str
+  splits: dict  # Loom split ("train" / "validation") -> the dataset's split name
+
+  def documents(self, split: str) -> Iterator[str]:
+    """The split's documents as str, in the dataset's stored (deterministic) order."""
+    name = self.splits[split]
+    if name not in self.builder.info.splits:
+      return
+    ds = self.builder.as_dataset(split=name, shuffle_files=False)
+    feature = self.text_feature
+    ds = ds.map(lambda ex: ex[feature]).batch(64).prefetch(2)
+    for texts in ds.as_numpy_iterator():
+      for raw in texts:
+        yield raw.decode("utf-8", errors="replace")
+
+  def num_documents(self, split: str) -> int:
+    name = self.splits[split]
+    return self.builder.info.splits[name].num_examples if name in self.builder.info.splits else 0
+
+
+def resolve(spec: str, data_config, cache_dir: Path) -> Source:
+  """The Source for data.source; prepares local files as a TFDS dataset (once) on the way."""
+  if spec == "stdlib":
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return _local_source(spec, root, _walk(root, suffix=".py"), data_config, cache_dir)
+  if spec.startswith("files:"):
+    root, files = _expand_files(spec)
+    return _local_source(spec, root, files, data_config, cache_dir)
+  if spec.startswith("tfds:"):
+    return _tfds_source(spec, data_config)
+  raise ValueError(f"unknown data.source={spec!r}; valid forms: {', '.join(SCHEMES)}")
+
+
+def _walk(root: Path, suffix: str = "") -> list[Path]:
+  """Regular files under root (hidden and package-install directories pruned), sorted."""
+  found = []
+  for dirpath, dirnames, filenames in os.walk(root):
+    dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS and not d.startswith("."))
+    found += [Path(dirpath, f) for f in filenames if f.endswith(suffix) and not f.startswith(".")]
+  return sorted(found)
+
+
+def _expand_files(spec: str) -> tuple[Path, list[Path]]:
+  pattern = os.path.expanduser(spec[len("files:") :])
+  if not pattern:
+    raise ValueError("data.source='files:' names no path; use files:<dir> or files:<glob>")
+  if _GLOB_CHARS & set(pattern):
+    parts = Path(pattern).parts
+    fixed = next(i for i, part in enumerate(parts) if _GLOB_CHARS & set(part))
+    root = Path(*parts[:fixed]) if fixed else Path(".")
+    files = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+    if not files:
+      raise FileNotFoundError(f"data.source={spec!r}: the glob {pattern!r} matched no files")
+    return root.resolve(), [f.resolve() for f in files]
+  path = Path(pattern)
+  if not path.exists():
+    raise FileNotFoundError(f"data.source={spec!r}: no such file or directory {path}")
+  if path.is_file():
+    return path.parent.resolve(), [path.resolve()]
+  files = _walk(path)
+  if not files:
+    raise ValueError(f"data.source={spec!r}: the directory {path} holds no files (empty corpus)")
+  return path.resolve(), [f.resolve() for f in files]
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+  """An exclusive lock between processes on this machine (TFDS's own prepare is not)."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with open(path, "a") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _local_source(spec: str, root: Path, files: list[Path], data_config, cache_dir: Path) -> Source:
+  if not files:
+    raise ValueError(f"data.source={spec!r}: no files found under {root} (empty corpus)")
+  percent = int(data_config.validation_percent)
+  if not 0 <= percent < 100:
+    raise ValueError(f"data.validation_percent={percent} must be in [0, 100)")
+  text, digest = text_files.scan(root, files, percent)
+  if not text:
+    raise ValueError(
+      f"data.source={spec!r}: no UTF-8 text in the {len(files)} files (empty corpus)"
+    )
+  config = text_files.make_config(root, text, percent, digest)
+  data_dir = Path(cache_dir) / "tfds"
+  builder = text_files.LoomTextFiles(config=config, data_dir=str(data_dir))
+  with _file_lock(data_dir / f"{config.name}.lock"):
+    # Re-create after the lock: another process may have prepared it while we waited.
+    builder = text_files.LoomTextFiles(config=config, data_dir=str(data_dir))
+    if not builder.is_prepared():
+      _log.info("Preparing %d local text files as TFDS dataset %s", len(files), builder.data_dir)
+      builder.download_and_prepare()
+  identity = {
+    "kind": "local_files",
+    "dataset": f"{builder.name}/{config.name}:{text_files.DATASET_VERSION}",
+    "files_sha256": digest,
+    "num_files": len(text),
+    "validation_percent": percent,
+  }
+  return Source(spec, identity, builder, "text", {"train": "train", "validation": "validation"})
+
+
+def _tfds_source(spec: str, data_config) -> Source:
+  name = spec[len("tfds:") :]
+  if not name:
+    raise ValueError("data.source='tfds:' names no dataset; use tfds:<name>[:<version>]")
+  data_dir = data_config.tfds_data_dir or None
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError as e:
+    close = difflib.get_close_matches(name.split(":")[0], tfds.list_builders(), n=5, cutoff=0.6)
+    hint = f"close matches: {', '.join(close)}" if close else "no close matches"
+    raise ValueError(
+      f"unknown TFDS dataset in data.source={spec!r} ({hint}); see "
+      "`python -c 'import tensorflow_datasets as tfds; print(tfds.list_builders())'`"
+    ) from e
+  builder.download_and_prepare()
+  available = list(builder.info.splits.keys())
+  if "train" not in available:
+    raise ValueError(f"data.source={spec!r} has no 'train' split; it has {available}")
+  if "validation" in available:
+    val = "validation"
+  elif "test" in available:
+    val = "test"
+    _log.warning("%s has no 'validation' split; evaluating on its 'test' split", spec)
+  else:
+    raise ValueError(
+      f"data.source={spec!r} has neither 'validation' nor 'test'; it has {available}"
+    )
+  feature = data_config.text_feature
+  features = list(builder.info.features.keys())
+  if feature not in features:
+    raise ValueError(
+      f"data.text_feature={feature!r} is not a feature of {spec!r}; it has {features}"
+    )
+  identity = {
+    "kind": "tfds",
+    "dataset": builder.info.full_name,
+    "text_feature": feature,
+    "splits": {"train": "train", "validation": val},
+  }
+  return Source(spec, identity, builder, feature, {"train": "train", "validation": val})

@@ -1,0 +1,288 @@
+"""The prepared store: packed rows on disk, written once, named by a fingerprint of all inputs.
+
+Layout: <data.cache_dir>/stores/<fingerprint>/
+  manifest.json                     source, tokenizer identity, seq_len, rows and packing efficiency
+                                    per split, format version, fingerprint, sha256 of every array
+  {train,validation}_tokens.npy     [rows, seq_len + 1] token ids (uint16, int32 past 65535)
+  {train,validation}_segment_ids.npy  [rows, seq_len + 1] 1, 2, ... per document piece, 0 = padding
+  {train,validation}_positions.npy  [rows, seq_len + 1] position within the piece
+
+Why plain .npy files rather than ArrayRecord or TFRecord: a memory-mapped .npy gives zero-copy
+random access to any row (the sampler reads rows in permuted order), handles corpora larger than
+host memory (pages come and go as the OS likes), needs no dependency beyond numpy, and is trivial to
+verify: the header states dtype and shape, and a sha256 covers the bytes. Rows are appended as
+they are packed, with the .npy header (whose shape is only known at the end) written last.
+
+Atomicity: a store is built in a hidden temporary directory and renamed into place only when every
+array and the manifest are written, so a crash never leaves a store that looks complete. When
+several processes prepare the same store at once, the first rename wins and the others discard
+their temporary directory. An existing store that fails verification is refused, never replaced.
+"""
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import socket
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from input_pipeline import packing
+
+_log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+PACKING_SCHEME = "stream-overlap1"  # see packing.py
+ARRAYS = ("tokens", "segment_ids", "positions")
+_HEADER_BYTES = 128  # room reserved for the .npy header, which is written once the shape is known
+_ENCODE_CHUNK = 256  # documents tokenized per call (SentencePiece batches them over threads)
+
+
+class StoreError(ValueError):
+  """A store on disk is incomplete, corrupt or not the one asked for."""
+
+
+def fingerprint(source_identity: dict, tokenizer_identity: dict, seq_len: int) -> str:
+  """sha256 (hex) of everything that determines the store's contents."""
+  inputs = _fingerprint_inputs(source_identity, tokenizer_identity, seq_len)
+  return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+
+
+def _fingerprint_inputs(source_identity: dict, tokenizer_identity: dict, seq_len: int) -> dict:
+  return {
+    "format_version": FORMAT_VERSION,
+    "packing": PACKING_SCHEME,
+    "source": source_identity,
+    "tokenizer": tokenizer_identity,
+    "seq_len": seq_len,
+  }
+
+
+class Store:
+  """A verified store: memory-mapped arrays per split and the manifest."""
+
+  def __init__(self, path: Path, manifest: dict, arrays: dict[str, dict[str, np.ndarray]]):
+    self.path = path
+    self.manifest = manifest
+    self.fingerprint: str = manifest["fingerprint"]
+    self._arrays = arrays
+
+  def num_rows(self, split: str) -> int:
+    return int(self.manifest["splits"][split]["rows"])
+
+  def read_rows(self, split: str, rows_B: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows (any order) of one split: ([B, seq_len + 1] tokens, segment_ids, positions)."""
+    arrays = self._arrays[split]
+    return tuple(arrays[name][rows_B] for name in ARRAYS)
+
+
+def prepare(
+  source,
+  tokenizer,
+  seq_len: int,
+  cache_dir: Path,
+  splits: Iterable[str] = ("train", "validation"),
+) -> Store:
+  """Returns the store for these inputs, packing it first unless a verified one already exists."""
+  if seq_len < 1:
+    raise ValueError(f"data.seq_len must be >= 1, got {seq_len}")
+  fp = fingerprint(source.identity, tokenizer.identity, seq_len)
+  stores = Path(cache_dir) / "stores"
+  final = stores / fp
+  if final.exists():
+    return load(final, fp)
+  stores.mkdir(parents=True, exist_ok=True)
+  _remove_dead_temporaries(stores)
+  tmp = stores / f".tmp.{os.getpid()}.{uuid.uuid4().hex[:8]}.{socket.gethostname()}"
+  tmp.mkdir()
+  try:
+    start = time.time()
+    manifest = {
+      "format_version": FORMAT_VERSION,
+      "fingerprint": fp,
+      "inputs": _fingerprint_inputs(source.identity, tokenizer.identity, seq_len),
+      "source": source.spec,
+      "tokenizer": tokenizer.identity,
+      "seq_len": seq_len,
+      "row_width": seq_len + 1,
+      "splits": {},
+      "arrays": {},
+    }
+    for split in splits:
+      stats, arrays = _write_split(tmp, split, source.documents(split), tokenizer, seq_len)
+      manifest["splits"][split] = stats
+      manifest["arrays"].update(arrays)
+    if manifest["splits"]["train"]["rows"] == 0:
+      raise ValueError(f"data.source={source.spec!r}: the train split holds no text (empty corpus)")
+    manifest["packing_efficiency"] = manifest["splits"]["train"]["packing_efficiency"]
+    manifest["prepare_seconds"] = round(time.time() - start, 3)
+    _write_json(tmp / "manifest.json", manifest)
+    try:
+      os.rename(tmp, final)
+      _log.info("Prepared store %s in %.1f s: %s", final, time.time() - start, _summary(manifest))
+    except OSError:
+      if not final.exists():
+        raise
+      _log.info("Another process prepared %s first; discarding this copy", final)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return load(final, fp)
+
+
+def load(path: Path, expected_fingerprint: str | None = None) -> Store:
+  """Opens and verifies a store (manifest, fingerprint, array shapes, dtypes and checksums)."""
+  path = Path(path)
+  hint = "delete that directory to prepare it again"
+  try:
+    manifest = json.loads((path / "manifest.json").read_text())
+  except (OSError, ValueError) as e:
+    raise StoreError(f"store {path} has no readable manifest.json ({e}); {hint}") from e
+  if manifest.get("format_version") != FORMAT_VERSION:
+    raise StoreError(
+      f"store {path} has format_version {manifest.get('format_version')!r}, this code reads "
+      f"{FORMAT_VERSION}; {hint}"
+    )
+  want = expected_fingerprint or path.name
+  if manifest.get("fingerprint") != want:
+    raise StoreError(
+      f"store {path} holds fingerprint {manifest.get('fingerprint')!r}, expected {want!r}; {hint}"
+    )
+  arrays: dict[str, dict[str, np.ndarray]] = {}
+  for split, stats in manifest["splits"].items():
+    arrays[split] = {}
+    for name in ARRAYS:
+      arrays[split][name] = _open_array(path, f"{split}_{name}.npy", manifest, stats["rows"], hint)
+  return Store(path, manifest, arrays)
+
+
+def _open_array(path: Path, filename: str, manifest: dict, rows: int, hint: str) -> np.ndarray:
+  file = path / filename
+  meta = manifest["arrays"].get(filename)
+  want_shape = (rows, manifest["row_width"])
+  try:
+    array = np.load(file, mmap_mode="r")
+  except (OSError, ValueError) as e:
+    raise StoreError(f"store array {file} cannot be read ({e}); {hint}") from e
+  if meta is None or tuple(array.shape) != want_shape or str(array.dtype) != meta["dtype"]:
+    raise StoreError(
+      f"store array {file} is {array.dtype}{list(array.shape)}, the manifest says "
+      f"{meta and meta['dtype']}{list(want_shape)}; {hint}"
+    )
+  if _sha256(file) != meta["sha256"]:
+    raise StoreError(f"store array {file} fails its sha256 check (corrupt); {hint}")
+  return array
+
+
+def _write_split(tmp: Path, split: str, documents: Iterator[str], tokenizer, seq_len: int):
+  token_dtype = packing.row_dtype(tokenizer.vocab_size - 1)
+  index_dtype = packing.row_dtype(seq_len + 1)
+  packer = packing.Packer(seq_len, tokenizer.eod_id, tokenizer.pad_id, token_dtype)
+  dtypes = dict(zip(ARRAYS, (token_dtype, index_dtype, index_dtype), strict=True))
+  writers = {
+    name: _NpyWriter(tmp / f"{split}_{name}.npy", dtypes[name], seq_len + 1) for name in ARRAYS
+  }
+
+  def write(blocks):
+    for block in blocks:
+      for name, rows in zip(ARRAYS, block, strict=True):
+        writers[name].append(rows)
+
+  chunk: list[str] = []
+  for doc in documents:
+    chunk.append(doc)
+    if len(chunk) == _ENCODE_CHUNK:
+      for ids in tokenizer.encode_array(chunk):
+        write(packer.add(ids))
+      chunk = []
+  for ids in tokenizer.encode_array(chunk):
+    write(packer.add(ids))
+  write(packer.finish())
+  arrays = {}
+  for writer in writers.values():
+    writer.close()
+    arrays[writer.path.name] = {
+      "dtype": str(writer.dtype),
+      "shape": [writer.rows, seq_len + 1],
+      "sha256": _sha256(writer.path),
+    }
+  stats = {
+    "rows": writers["tokens"].rows,
+    "documents": packer.num_documents,
+    "real_tokens": packer.real_slots,
+    "packing_efficiency": round(packer.efficiency, 6),
+  }
+  return stats, arrays
+
+
+class _NpyWriter:
+  """Appends rows to a .npy file; the header (with the final row count) is written on close."""
+
+  def __init__(self, path: Path, dtype: np.dtype, width: int):
+    self.path, self.dtype, self.width, self.rows = path, np.dtype(dtype), width, 0
+    self._file = open(path, "wb")  # noqa: SIM115 - closed in close()
+    self._file.write(b"\0" * _HEADER_BYTES)
+
+  def append(self, rows: np.ndarray) -> None:
+    self._file.write(np.ascontiguousarray(rows, self.dtype).tobytes())
+    self.rows += len(rows)
+
+  def close(self) -> None:
+    descr = np.lib.format.dtype_to_descr(self.dtype)
+    header = (
+      f"{{'descr': {descr!r}, 'fortran_order': False, 'shape': ({self.rows}, {self.width}), }}"
+    )
+    magic = b"\x93NUMPY\x01\x00"
+    body_len = _HEADER_BYTES - len(magic) - 2
+    header = header.ljust(body_len - 1) + "\n"  # NPY 1.0: space-padded, newline-terminated
+    self._file.seek(0)
+    self._file.write(magic + body_len.to_bytes(2, "little") + header.encode("latin1"))
+    self._file.flush()
+    os.fsync(self._file.fileno())
+    self._file.close()
+
+
+def _sha256(path: Path) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    while block := f.read(1 << 22):
+      h.update(block)
+  return h.hexdigest()
+
+
+def _write_json(path: Path, obj: dict) -> None:
+  with open(path, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def _summary(manifest: dict) -> str:
+  parts = [
+    f"{split} {s['rows']} rows ({s['documents']} docs, efficiency {s['packing_efficiency']:.4f})"
+    for split, s in manifest["splits"].items()
+  ]
+  return "; ".join(parts)
+
+
+def _remove_dead_temporaries(stores: Path) -> None:
+  """Removes temporaries left by crashed preparations of this host (their process is gone)."""
+  host = socket.gethostname()
+  for tmp in stores.glob(".tmp.*"):
+    parts = tmp.name.split(".", 4)  # "", "tmp", pid, random, host
+    if len(parts) != 5 or parts[4] != host or not parts[2].isdigit():
+      continue
+    pid = parts[2]
+    if int(pid) == os.getpid():
+      continue
+    try:
+      os.kill(int(pid), 0)
+    except ProcessLookupError:
+      _log.info("Removing %s, left by a preparation that did not finish", tmp)
+      shutil.rmtree(tmp, ignore_errors=True)
+    except PermissionError:
+      pass  # alive, owned by someone else

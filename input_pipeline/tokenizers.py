@@ -1,0 +1,187 @@
+"""Tokenizers: byte-level (the default, no files) and SentencePiece (trained here or loaded).
+
+Byte-level ids: 0..255 are the UTF-8 bytes of the text, 256 is end-of-document (`eod_id`) and 257 is
+padding (`pad_id`); vocab_size is 258. Decoding drops the special ids and undoes UTF-8, so
+decode(encode(text)) == text for every str.
+
+SentencePiece: a BPE model with identity normalisation, no dummy prefix, whitespace kept as is and
+byte fallback, so source code (indentation, tabs, newlines, any Unicode) round-trips exactly. Its
+eos id is the end-of-document id. A trained model is written next to the prepared stores, named by
+a hash of everything that shaped it, and reused.
+
+`identity` (kind, vocab size, model sha256) is part of the data fingerprint.
+"""
+
+import hashlib
+import io
+import json
+import logging
+import os
+import uuid
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import sentencepiece as spm
+
+_log = logging.getLogger(__name__)
+
+TOKENIZERS = ("byte", "sentencepiece")
+
+# SentencePiece training reads at most this many characters of the train split: a few seconds on
+# two cores for an 8k vocabulary, and enough text for stable merges.
+SPM_TRAIN_CHARS = 4_000_000
+
+
+class Tokenizer(Protocol):
+  vocab_size: int
+  eod_id: int
+  pad_id: int
+  identity: dict
+
+  def encode(self, text: str) -> list[int]: ...
+
+  def encode_array(self, texts: list[str]) -> list[np.ndarray]: ...
+
+  def decode(self, ids: Iterable[int]) -> str: ...
+
+
+class ByteTokenizer:
+  """UTF-8 bytes 0..255, eod 256, pad 257."""
+
+  vocab_size = 258
+  eod_id = 256
+  pad_id = 257
+  identity = {"kind": "byte", "vocab_size": 258}
+
+  def encode(self, text: str) -> list[int]:
+    return list(text.encode("utf-8"))
+
+  def encode_array(self, texts: list[str]) -> list[np.ndarray]:
+    return [np.frombuffer(t.encode("utf-8"), np.uint8) for t in texts]
+
+  def decode(self, ids: Iterable[int]) -> str:
+    data = bytes(i for i in (int(i) for i in ids) if 0 <= i < 256)
+    return data.decode("utf-8", errors="replace")
+
+
+class SentencePieceTokenizer:
+  """A SentencePiece model; eod is its eos id, padding its pad id (eod if it has none)."""
+
+  def __init__(self, model_path: Path):
+    self.model_path = Path(model_path)
+    proto = self.model_path.read_bytes()
+    self._sp = spm.SentencePieceProcessor(model_proto=proto)
+    self.vocab_size = int(self._sp.get_piece_size())
+    if self._sp.eos_id() < 0:
+      raise ValueError(
+        f"SentencePiece model {self.model_path} has no eos piece; Loom uses it as the "
+        "end-of-document id. Train it with eos_id >= 0."
+      )
+    self.eod_id = int(self._sp.eos_id())
+    # Padding slots carry segment 0 and weight 0, so any id works when the model has no pad piece.
+    self.pad_id = int(self._sp.pad_id()) if self._sp.pad_id() >= 0 else self.eod_id
+    self.identity = {
+      "kind": "sentencepiece",
+      "vocab_size": self.vocab_size,
+      "model_sha256": hashlib.sha256(proto).hexdigest(),
+    }
+
+  def encode(self, text: str) -> list[int]:
+    return list(self._sp.encode(text))
+
+  def encode_array(self, texts: list[str]) -> list[np.ndarray]:
+    ids = self._sp.encode(texts, num_threads=os.cpu_count() or 1)
+    return [np.asarray(x, np.int32) for x in ids]
+
+  def decode(self, ids: Iterable[int]) -> str:
+    keep = [int(i) for i in ids if int(i) not in (self.eod_id, self.pad_id)]
+    return self._sp.decode(keep)
+
+
+def _sample_lines(documents: Iterable[str], max_chars: int) -> Iterator[str]:
+  """Lines (newline kept) from the first documents, up to max_chars characters in all."""
+  seen = 0
+  for doc in documents:
+    for line in doc.splitlines(keepends=True):
+      yield line
+      seen += len(line)
+      if seen >= max_chars:
+        return
+
+
+def train_sentencepiece(
+  documents: Iterable[str], vocab_size: int, model_path: Path, max_chars: int = SPM_TRAIN_CHARS
+) -> Path:
+  """Trains a BPE model on a bounded sample of documents and writes it atomically to model_path."""
+  proto = io.BytesIO()
+  try:
+    spm.SentencePieceTrainer.train(
+      sentence_iterator=_sample_lines(documents, max_chars),
+      model_writer=proto,
+      vocab_size=vocab_size,
+      model_type="bpe",
+      # Source code must survive: keep every space, tab and newline, and fall back to bytes.
+      normalization_rule_name="identity",
+      remove_extra_whitespaces=False,
+      add_dummy_prefix=False,
+      allow_whitespace_only_pieces=True,
+      byte_fallback=True,
+      character_coverage=1.0,
+      user_defined_symbols=["\n"],
+      max_sentence_length=1 << 16,
+      unk_id=0,
+      bos_id=-1,
+      eos_id=1,
+      pad_id=2,
+      num_threads=os.cpu_count() or 1,
+      minloglevel=2,
+    )
+  except RuntimeError as e:
+    raise ValueError(
+      f"SentencePiece training failed for data.spm_vocab_size={vocab_size} on the train split "
+      f"(a vocabulary must exceed 256 byte pieces + 3 specials and fit the text): {e}"
+    ) from e
+  model_path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = model_path.with_name(f".{model_path.name}.{uuid.uuid4().hex}.tmp")
+  tmp.write_bytes(proto.getvalue())
+  os.replace(tmp, model_path)  # atomic: concurrent trainers each write a whole file
+  return model_path
+
+
+def build_tokenizer(
+  kind: str,
+  *,
+  spm_model: str,
+  spm_vocab_size: int,
+  source_identity: dict,
+  train_documents,
+  cache_dir: Path,
+) -> Tokenizer:
+  """The tokenizer named by data.tokenizer; a SentencePiece model is trained once and cached.
+
+  train_documents: a zero-argument callable returning the train split's documents (called only
+  when a model must be trained).
+  """
+  if kind == "byte":
+    return ByteTokenizer()
+  if kind != "sentencepiece":
+    raise ValueError(f"unknown data.tokenizer={kind!r}; valid: {', '.join(TOKENIZERS)}")
+  if spm_model:
+    path = Path(spm_model).expanduser()
+    if not path.is_file():
+      raise FileNotFoundError(f"data.spm_model={spm_model!r}: no such file {path}")
+    return SentencePieceTokenizer(path)
+  if spm_vocab_size < 260:
+    raise ValueError(
+      f"data.spm_vocab_size={spm_vocab_size} is too small: byte fallback needs 256 pieces plus "
+      "unk, eos, pad and newline (>= 260)"
+    )
+  recipe = {"source": source_identity, "vocab_size": spm_vocab_size, "chars": SPM_TRAIN_CHARS}
+  digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+  path = Path(cache_dir) / "tokenizers" / f"spm-{spm_vocab_size}-{digest}.model"
+  if not path.is_file():
+    _log.info("Training a SentencePiece model (vocab %d) -> %s", spm_vocab_size, path)
+    train_sentencepiece(train_documents(), spm_vocab_size, path)
+  return SentencePieceTokenizer(path)

@@ -1,0 +1,128 @@
+"""Multi-head, grouped-query and multi-query causal self-attention, with an optional KV cache.
+
+Shapes: B batch, L query length, S key length, D d_model, N query heads, K kv heads,
+G = N // K query heads per kv head, H head_dim.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models.config import ModelConfig
+from models.layers import Norm, apply_rope, make_param, normal, out_proj_std
+from models.sharding import constrain
+
+KVCache = dict[str, jax.Array]  # {"k": [B, S, K, H], "v": [B, S, K, H]} for one layer
+
+
+def causal_segment_mask(segment_ids_BL: jax.Array | None, length: int) -> jax.Array:
+  """bool[B or 1, L, L]: query t sees key s iff s <= t (index in the row) and same segment."""
+  idx = jnp.arange(length)
+  causal_LL = idx[:, None] >= idx[None, :]
+  if segment_ids_BL is None:
+    return causal_LL[None]
+  same_BLL = segment_ids_BL[:, :, None] == segment_ids_BL[:, None, :]
+  return causal_LL[None] & same_BLL
+
+
+def decode_mask(cache_index: jax.Array | int, length: int, cache_len: int) -> jax.Array:
+  """bool[1, L, S] for L new tokens written at cache slots cache_index .. cache_index + L - 1.
+
+  A query sees every slot up to its own; later slots are empty (or stale) and stay masked.
+  """
+  q_slot_L = cache_index + jnp.arange(length)
+  k_slot_S = jnp.arange(cache_len)
+  return (k_slot_S[None, :] <= q_slot_L[:, None])[None]
+
+
+class Attention(nnx.Module):
+  """Self-attention with q [D, N, H], k/v [D, K, H] and out [N, H, D] kernels."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.dtype = jnp.dtype(cfg.dtype)
+    self.num_kv_heads = cfg.num_kv_heads
+    self.rope_theta = cfg.rope_theta if cfg.positions == "rope" else None
+    self.scale = 1.0 / math.sqrt(cfg.head_dim)
+    d, n, k, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    init = normal(cfg.init_std)
+    self.q_kernel = make_param(rngs, init, (d, n, h), ("embed", "heads", "head_dim"), cfg)
+    self.k_kernel = make_param(rngs, init, (d, k, h), ("embed", "kv_heads", "head_dim"), cfg)
+    self.v_kernel = make_param(rngs, init, (d, k, h), ("embed", "kv_heads", "head_dim"), cfg)
+    self.out_kernel = make_param(
+      rngs, normal(out_proj_std(cfg)), (n, h, d), ("heads", "head_dim", "embed"), cfg
+    )
+    if cfg.use_bias:
+      zeros = nnx.initializers.zeros
+      self.q_bias = make_param(rngs, zeros, (n, h), ("heads", "head_dim"), cfg)
+      self.k_bias = make_param(rngs, zeros, (k, h), ("kv_heads", "head_dim"), cfg)
+      self.v_bias = make_param(rngs, zeros, (k, h), ("kv_heads", "head_dim"), cfg)
+      self.out_bias = make_param(rngs, zeros, (d,), ("embed",), cfg)
+    else:
+      self.q_bias = self.k_bias = self.v_bias = self.out_bias = None
+    if cfg.qk_norm:
+      norm_args = dict(kind="rms", use_bias=False, rngs=rngs)
+      self.q_norm = Norm(cfg, h, ("head_dim",), **norm_args)
+      self.k_norm = Norm(cfg, h, ("head_dim",), **norm_args)
+    else:
+      self.q_norm = self.k_norm = None
+
+  def _project(self, x_BLD: jax.Array, kernel: nnx.Param, bias: nnx.Param | None) -> jax.Array:
+    y_BLnH = jnp.einsum("BLD,DnH->BLnH", x_BLD, kernel[...].astype(self.dtype))
+    return y_BLnH if bias is None else y_BLnH + bias[...].astype(self.dtype)
+
+  def __call__(
+    self,
+    x_BLD: jax.Array,
+    positions_BL: jax.Array,
+    mask_BLS: jax.Array,
+    cache: KVCache | None = None,
+    cache_index: jax.Array | int | None = None,
+  ) -> tuple[jax.Array, KVCache | None]:
+    """Attends x to itself (cache None) or to the cache after writing x's keys at cache_index.
+
+    mask_BLS: bool, broadcastable to [B, L, S]; True where query L may attend to key S.
+    Returns the output [B, L, D] and the updated cache (None without one).
+    """
+    q_BLNH = self._project(x_BLD, self.q_kernel, self.q_bias)
+    k_BLKH = self._project(x_BLD, self.k_kernel, self.k_bias)
+    v_BLKH = self._project(x_BLD, self.v_kernel, self.v_bias)
+    if self.q_norm is not None:
+      # QK-norm acts on the raw projections, before RoPE (as in OLMo 2 / Qwen 3).
+      q_BLNH, k_BLKH = self.q_norm(q_BLNH), self.k_norm(k_BLKH)
+    if self.rope_theta is not None:
+      q_BLNH = apply_rope(q_BLNH, positions_BL, self.rope_theta)
+      k_BLKH = apply_rope(k_BLKH, positions_BL, self.rope_theta)
+    q_BLNH = constrain(q_BLNH, ("batch", "length", "heads", "head_dim"))
+    k_BLKH = constrain(k_BLKH, ("batch", "length", "kv_heads", "head_dim"))
+    v_BLKH = constrain(v_BLKH, ("batch", "length", "kv_heads", "head_dim"))
+
+    if cache is not None:
+      start = (0, cache_index, 0, 0)
+      cache = {
+        "k": jax.lax.dynamic_update_slice(cache["k"], k_BLKH.astype(cache["k"].dtype), start),
+        "v": jax.lax.dynamic_update_slice(cache["v"], v_BLKH.astype(cache["v"].dtype), start),
+      }
+      k_BSKH, v_BSKH = cache["k"].astype(self.dtype), cache["v"].astype(self.dtype)
+    else:
+      k_BSKH, v_BSKH = k_BLKH, v_BLKH
+
+    b, length, n, h = q_BLNH.shape
+    kv = self.num_kv_heads
+    # Grouped-query attention without repeating k/v: split the query heads into [K, G].
+    q_BLKGH = (q_BLNH * jnp.asarray(self.scale, self.dtype)).reshape(b, length, kv, n // kv, h)
+    logits_BKGLS = jnp.einsum(
+      "BLKGH,BSKH->BKGLS", q_BLKGH, k_BSKH, preferred_element_type=jnp.float32
+    )
+    mask_B11LS = mask_BLS[:, None, None, :, :]
+    logits_BKGLS = jnp.where(mask_B11LS, logits_BKGLS, jnp.finfo(jnp.float32).min)
+    probs_BKGLS = jax.nn.softmax(logits_BKGLS, axis=-1).astype(self.dtype)
+    out_BLKGH = jnp.einsum("BKGLS,BSKH->BLKGH", probs_BKGLS, v_BSKH)
+    out_BLNH = out_BLKGH.reshape(b, length, n, h)
+    y_BLD = jnp.einsum("BLNH,NHD->BLD", out_BLNH, self.out_kernel[...].astype(self.dtype))
+    if self.out_bias is not None:
+      y_BLD = y_BLD + self.out_bias[...].astype(self.dtype)
+    return y_BLD, cache

@@ -1,0 +1,93 @@
+"""The frozen, typed model config. The model never reads a ConfigDict; it sees only this."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+NORMS = ("rms", "layer")
+MLPS = ("swiglu", "gelu")
+POSITIONS = ("rope", "learned")
+REMATS = ("none", "full", "save_dots")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Hyper-parameters of a decoder-only transformer (shapes in names: B, L, D, N, K, H, F, V)."""
+
+  vocab_size: int  # V
+  d_model: int  # D
+  num_layers: int
+  num_heads: int  # N
+  num_kv_heads: int  # K (divides N)
+  head_dim: int  # H
+  mlp_dim: int  # F
+  max_seq_len: int
+  mlp: str = "swiglu"
+  norm: str = "rms"
+  norm_eps: float = 1e-6
+  positions: str = "rope"
+  rope_theta: float = 10000.0
+  qk_norm: bool = False
+  tie_embeddings: bool = True
+  use_bias: bool = False
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  scan_layers: bool = True
+  remat: str = "none"
+  init_std: float = 0.02
+
+  def __post_init__(self):
+    self.validate()
+
+  def validate(self) -> None:
+    """Raises ValueError naming the field, its value and what would be valid."""
+    for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                 "mlp_dim", "max_seq_len"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value < 1:
+        raise ValueError(f"model.{name}={value!r} must be a positive integer")
+    choices = {"mlp": MLPS, "norm": NORMS, "positions": POSITIONS, "remat": REMATS,
+               "dtype": DTYPES, "param_dtype": DTYPES}
+    for name, valid in choices.items():
+      if getattr(self, name) not in valid:
+        raise ValueError(f"model.{name}={getattr(self, name)!r} is not one of {valid}")
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(
+          f"model.num_heads={self.num_heads} is not divisible by model.num_kv_heads="
+          f"{self.num_kv_heads}; use a divisor of {self.num_heads} (1 = multi-query, "
+          f"{self.num_heads} = multi-head)")
+    if self.positions == "rope" and self.head_dim % 2:
+      raise ValueError(f"model.head_dim={self.head_dim} must be even for RoPE")
+
+  @classmethod
+  def from_config(cls, model: Any, *, seq_len: int, vocab_size: int) -> ModelConfig:
+    """Builds the model config from the ``config.model`` group, resolving its -1 defaults.
+
+    Args:
+      model: the ``config.model`` ConfigDict (or any mapping with the same keys).
+      seq_len: ``config.data.seq_len``, the default for ``max_seq_len``.
+      vocab_size: the tokenizer's vocabulary size, the default for ``vocab_size``.
+    """
+    values = dict(model)
+    if values["vocab_size"] == -1:
+      values["vocab_size"] = vocab_size
+    if values["num_kv_heads"] == -1:
+      values["num_kv_heads"] = values["num_heads"]
+    if values["head_dim"] == -1:
+      if values["d_model"] % values["num_heads"]:
+        raise ValueError(
+            f"model.d_model={values['d_model']} is not divisible by model.num_heads="
+            f"{values['num_heads']}; set model.head_dim explicitly or change one of them")
+      values["head_dim"] = values["d_model"] // values["num_heads"]
+    if values["max_seq_len"] == -1:
+      values["max_seq_len"] = seq_len
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+      raise ValueError(f"unknown model config keys {unknown}; valid keys: {sorted(fields)}")
+    return cls(**values)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)

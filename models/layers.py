@@ -1,0 +1,144 @@
+"""Building blocks: norms, embeddings, rotary positions and the MLP.
+
+Parameters live in ``cfg.param_dtype`` and are cast to the compute ``cfg.dtype`` where they are
+used; every parameter carries logical axis names (see models/sharding.py).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models.config import ModelConfig
+from models.sharding import LogicalNames, constrain, partitioned
+
+
+def make_param(
+  rngs: nnx.Rngs,
+  initializer: nnx.Initializer,
+  shape: tuple[int, ...],
+  names: LogicalNames,
+  cfg: ModelConfig,
+) -> nnx.Param:
+  """Creates an ``nnx.Param`` of ``shape`` in ``cfg.param_dtype`` named by logical axes."""
+  init = partitioned(initializer, names)
+  return nnx.Param(init(rngs.params(), shape, jnp.dtype(cfg.param_dtype)))
+
+
+def normal(std: float) -> nnx.Initializer:
+  return nnx.initializers.normal(stddev=std)
+
+
+def out_proj_std(cfg: ModelConfig) -> float:
+  """Std of the projections that write into the residual stream (attention out, MLP out).
+
+  GPT-2 scales them by 1/sqrt(2 * num_layers) so the residual stream's variance does not grow
+  with depth (two residual additions per block); Loom does the same for every architecture.
+  """
+  return cfg.init_std / math.sqrt(2 * cfg.num_layers)
+
+
+class Norm(nnx.Module):
+  """RMSNorm or LayerNorm over the last axis, computed in float32, with an optional bias."""
+
+  def __init__(
+    self,
+    cfg: ModelConfig,
+    features: int,
+    names: LogicalNames,
+    *,
+    kind: str,
+    use_bias: bool,
+    rngs: nnx.Rngs,
+  ):
+    self.kind = kind
+    self.eps = cfg.norm_eps
+    self.dtype = jnp.dtype(cfg.dtype)
+    self.scale = make_param(rngs, nnx.initializers.ones, (features,), names, cfg)
+    self.bias = (
+      make_param(rngs, nnx.initializers.zeros, (features,), names, cfg) if use_bias else None
+    )
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    # Statistics in float32: bf16 sums of squares lose too much precision.
+    x32 = x.astype(jnp.float32)
+    if self.kind == "layer":
+      x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+    y = y * self.scale[...].astype(jnp.float32)
+    if self.bias is not None:
+      y = y + self.bias[...].astype(jnp.float32)
+    return y.astype(self.dtype)
+
+
+class Embed(nnx.Module):
+  """A lookup table [rows, D]; tokens ("vocab", "embed") or learned positions ("length", ...)."""
+
+  def __init__(self, cfg: ModelConfig, rows: int, names: LogicalNames, *, rngs: nnx.Rngs):
+    self.dtype = jnp.dtype(cfg.dtype)
+    self.table = make_param(rngs, normal(cfg.init_std), (rows, cfg.d_model), names, cfg)
+
+  def __call__(self, ids_BL: jax.Array) -> jax.Array:
+    return jnp.take(self.table[...], ids_BL, axis=0).astype(self.dtype)
+
+  def attend(self, x_BLD: jax.Array) -> jax.Array:
+    """Tied unembedding: logits in float32 (fp32 accumulation of the compute-dtype matmul)."""
+    table_VD = self.table[...].astype(self.dtype)
+    return jnp.einsum("BLD,VD->BLV", x_BLD, table_VD, preferred_element_type=jnp.float32)
+
+
+def apply_rope(x_BLNH: jax.Array, positions_BL: jax.Array, theta: float) -> jax.Array:
+  """Rotary position embedding, Hugging Face Llama's "rotate_half" convention.
+
+  Dimension i of the first half of head_dim pairs with dimension i of the second half, rotated
+  by positions * theta^(-2i/H); computed in float32 and cast back.
+  """
+  half = x_BLNH.shape[-1] // 2
+  inv_freq_h = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angles_BLh = positions_BL.astype(jnp.float32)[..., None] * inv_freq_h
+  cos_BL1h = jnp.cos(angles_BLh)[:, :, None, :]
+  sin_BL1h = jnp.sin(angles_BLh)[:, :, None, :]
+  x32 = x_BLNH.astype(jnp.float32)
+  x1, x2 = x32[..., :half], x32[..., half:]
+  out = jnp.concatenate([x1 * cos_BL1h - x2 * sin_BL1h, x2 * cos_BL1h + x1 * sin_BL1h], axis=-1)
+  return out.astype(x_BLNH.dtype)
+
+
+class MLP(nnx.Module):
+  """SwiGLU (silu(x W_gate) * x W_up) W_down, or GELU (tanh approximation, GPT-2's gelu_new)."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.kind = cfg.mlp
+    self.dtype = jnp.dtype(cfg.dtype)
+    d, f = cfg.d_model, cfg.mlp_dim
+    init = normal(cfg.init_std)
+    self.up_kernel = make_param(rngs, init, (d, f), ("embed", "mlp"), cfg)
+    self.gate_kernel = (
+      make_param(rngs, init, (d, f), ("embed", "mlp"), cfg) if cfg.mlp == "swiglu" else None
+    )
+    self.down_kernel = make_param(rngs, normal(out_proj_std(cfg)), (f, d), ("mlp", "embed"), cfg)
+    zeros = nnx.initializers.zeros
+    self.up_bias = make_param(rngs, zeros, (f,), ("mlp",), cfg) if cfg.use_bias else None
+    self.gate_bias = (
+      make_param(rngs, zeros, (f,), ("mlp",), cfg) if cfg.use_bias and cfg.mlp == "swiglu" else None
+    )
+    self.down_bias = make_param(rngs, zeros, (d,), ("embed",), cfg) if cfg.use_bias else None
+
+  def _in(self, x_BLD: jax.Array, kernel: nnx.Param, bias: nnx.Param | None) -> jax.Array:
+    h_BLF = jnp.einsum("BLD,DF->BLF", x_BLD, kernel[...].astype(self.dtype))
+    return h_BLF if bias is None else h_BLF + bias[...].astype(self.dtype)
+
+  def __call__(self, x_BLD: jax.Array) -> jax.Array:
+    h_BLF = self._in(x_BLD, self.up_kernel, self.up_bias)
+    if self.gate_kernel is not None:
+      h_BLF = jax.nn.silu(self._in(x_BLD, self.gate_kernel, self.gate_bias)) * h_BLF
+    else:
+      h_BLF = jax.nn.gelu(h_BLF, approximate=True)
+    h_BLF = constrain(h_BLF, ("batch", "length", "mlp"))
+    y_BLD = jnp.einsum("BLF,FD->BLD", h_BLF, self.down_kernel[...].astype(self.dtype))
+    if self.down_bias is not None:
+      y_BLD = y_BLD + self.down_bias[...].astype(self.dtype)
+    return y_BLD

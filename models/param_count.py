@@ -1,0 +1,31 @@
+"""The analytic parameter count of a ModelConfig, without building the model."""
+
+from __future__ import annotations
+
+from models.config import ModelConfig
+
+
+def param_count(cfg: ModelConfig, *, embeddings: bool = True) -> int:
+  """Number of parameters of ``Transformer(cfg)``.
+
+  With ``embeddings=False`` the token and learned-position tables are left out (the usual
+  "non-embedding" count behind FLOPs/token = 6 N + attention); a tied table counts once and is
+  left out entirely, while an untied unembedding [D, V] stays in, since it is a matmul.
+  """
+  d, f, h = cfg.d_model, cfg.mlp_dim, cfg.head_dim
+  q_dim, kv_dim = cfg.num_heads * h, cfg.num_kv_heads * h
+  bias = int(cfg.use_bias)
+  norm = d * (1 + bias)  # scale (+ bias)
+  attention = d * (q_dim + 2 * kv_dim) + q_dim * d + bias * (q_dim + 2 * kv_dim + d)
+  attention += 2 * h if cfg.qk_norm else 0  # qk-norm scales, no bias
+  mlp_in = 2 if cfg.mlp == "swiglu" else 1
+  mlp = mlp_in * (d * f + bias * f) + f * d + bias * d
+  blocks = cfg.num_layers * (2 * norm + attention + mlp)
+  total = blocks + norm  # final norm
+  if not cfg.tie_embeddings:
+    total += d * cfg.vocab_size
+  if embeddings:
+    total += cfg.vocab_size * d
+    if cfg.positions == "learned":
+      total += cfg.max_seq_len * d
+  return total

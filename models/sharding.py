@@ -1,0 +1,90 @@
+"""Logical axis names -> mesh axes, for parameters and activations.
+
+The model names every axis logically ("batch", "embed", "heads", ...) and never mentions a mesh
+axis. The trainer activates a mesh and a rule table around model creation and the train step::
+
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+    ...
+
+Outside such a context (unit tests, a single device) everything here is a no-op, so the model runs
+unsharded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+from flax import nnx
+from flax.core import spmd as core_spmd
+from jax.sharding import PartitionSpec
+
+LogicalNames = Sequence[str | None]
+
+
+def _context() -> tuple[tuple[tuple[str, Any], ...], jax.sharding.AbstractMesh] | None:
+  """The active (rules, mesh), or None when either is missing."""
+  rules = core_spmd.get_logical_axis_rules()
+  mesh = jax.sharding.get_abstract_mesh()
+  if not rules or mesh.empty:
+    return None
+  return tuple(rules), mesh
+
+
+def is_active() -> bool:
+  """True when both a mesh (``jax.set_mesh``) and logical axis rules are set."""
+  return _context() is not None
+
+
+def logical_to_spec(names: LogicalNames) -> PartitionSpec:
+  """Maps logical axis names to a PartitionSpec under the active rules and mesh.
+
+  A name with no rule, or whose mesh axes are already taken by an earlier dimension of the same
+  array, is replicated: with ("batch", ("data", "fsdp")) and ("embed", "fsdp"), an activation
+  ("batch", "length", "embed") is sharded over data x fsdp on its batch axis only (a mesh axis may
+  appear once per spec). Mesh axes missing from the mesh are dropped, so one rule table serves
+  meshes with and without, say, a "tensor" axis. Returns an empty spec when no context is active.
+  """
+  context = _context()
+  if context is None:
+    return PartitionSpec()
+  rules, mesh = context
+  used: set[str] = set()
+  spec: list[Any] = []
+  for name in names:
+    chosen = None
+    for logical, physical in rules:
+      if name is None or logical != name:
+        continue
+      axes = (physical,) if isinstance(physical, str) or physical is None else tuple(physical)
+      axes = tuple(a for a in axes if a is not None and a in mesh.axis_names)
+      if used.intersection(axes):
+        continue
+      chosen = axes
+      break
+    if chosen:
+      used.update(chosen)
+      spec.append(chosen[0] if len(chosen) == 1 else chosen)
+    else:
+      spec.append(None)
+  return PartitionSpec(*spec)
+
+
+def constrain(x: jax.Array, names: LogicalNames) -> jax.Array:
+  """Constrains an activation's sharding by logical names; a no-op without mesh and rules."""
+  if not is_active():
+    return x
+  if len(names) != x.ndim:
+    raise ValueError(f"logical names {tuple(names)} do not match the shape {x.shape}")
+  return jax.lax.with_sharding_constraint(x, logical_to_spec(names))
+
+
+def partitioned(initializer: Callable[..., jax.Array], names: LogicalNames) -> Callable[..., Any]:
+  """Wraps an initializer so the created ``nnx.Param`` carries logical axis names.
+
+  Eager sharding (flax's default: shard a Variable as it is created) needs a mesh and rules to
+  turn logical names into mesh axes, so it is switched on only when both are active; otherwise
+  the parameter is created unsharded and still carries its names for ``nnx.get_partition_spec``.
+  """
+  return nnx.with_partitioning(initializer, tuple(names), eager_sharding=is_active())

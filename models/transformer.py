@@ -1,0 +1,213 @@
+"""The decoder-only transformer: pre-norm blocks, scanned or unrolled, with a KV-cache decode path.
+
+Born-sharded creation (the pattern the trainer uses; models/ itself never names a mesh axis)::
+
+  rules = tuple(config.mesh.rules)          # (("batch", ("data", "fsdp")), ("embed", "fsdp"), ...)
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+    abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(seed)))
+    graphdef, abstract_state = nnx.split(abstract)
+    shardings = nnx.get_named_sharding(abstract_state, mesh)   # logical names -> NamedSharding
+    state = jax.jit(
+        lambda: nnx.split(Transformer(cfg, rngs=nnx.Rngs(seed)))[1], out_shardings=shardings
+    )()
+
+  # later, inside the jitted pure step (still under set_mesh and the rules, so activation
+  # constraints apply):  logits = nnx.merge(graphdef, state)(tokens, positions, segment_ids)
+
+``state`` never exists unsharded: every parameter is created on its shards by the jitted init.
+With a mesh and rules active, each parameter is also constrained as it is created (flax's eager
+sharding), so the jitted init alone already yields the same shardings; ``out_shardings`` makes it
+explicit. Parameters of scanned layers have a leading "layers" axis.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models.attention import Attention, KVCache, causal_segment_mask, decode_mask
+from models.config import ModelConfig
+from models.layers import MLP, Embed, Norm, make_param, normal
+from models.sharding import constrain
+
+# Logical axes of init_cache()'s arrays, for the trainer's shardings of a generation loop.
+CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
+
+_REMAT_POLICIES = {
+  "full": None,  # save nothing: recompute the whole block in the backward pass
+  # Save the outputs of matmuls with weights, recompute the rest. Attention's score matmuls
+  # have batch dims and are L^2 in size, so they are recomputed rather than stored.
+  "save_dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class Block(nnx.Module):
+  """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    norm_args = dict(kind=cfg.norm, use_bias=cfg.use_bias, rngs=rngs)
+    self.attn_norm = Norm(cfg, cfg.d_model, ("embed",), **norm_args)
+    self.attn = Attention(cfg, rngs=rngs)
+    self.mlp_norm = Norm(cfg, cfg.d_model, ("embed",), **norm_args)
+    self.mlp = MLP(cfg, rngs=rngs)
+
+  def __call__(
+    self,
+    x_BLD: jax.Array,
+    positions_BL: jax.Array,
+    mask_BLS: jax.Array,
+    cache: KVCache | None = None,
+    cache_index: jax.Array | int | None = None,
+  ) -> tuple[jax.Array, KVCache | None]:
+    h_BLD, cache = self.attn(self.attn_norm(x_BLD), positions_BL, mask_BLS, cache, cache_index)
+    x_BLD = x_BLD + h_BLD
+    x_BLD = x_BLD + self.mlp(self.mlp_norm(x_BLD))
+    return constrain(x_BLD, ("batch", "length", "embed")), cache
+
+
+def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
+  """num_layers blocks whose parameters are stacked on a leading "layers" axis."""
+
+  @nnx.split_rngs(splits=cfg.num_layers)
+  @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+  def create(rngs: nnx.Rngs) -> Block:
+    return Block(cfg, rngs=rngs)
+
+  return create(rngs)
+
+
+class Transformer(nnx.Module):
+  """Decoder-only transformer language model configured by a ModelConfig (see module docstring)."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.embed = Embed(cfg, cfg.vocab_size, ("vocab", "embed"), rngs=rngs)
+    self.pos_embed = (
+      Embed(cfg, cfg.max_seq_len, ("length", "embed"), rngs=rngs)
+      if cfg.positions == "learned"
+      else None
+    )
+    if cfg.scan_layers:
+      self.blocks = _stacked_blocks(cfg, rngs)
+    else:
+      self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+    self.final_norm = Norm(
+      cfg, cfg.d_model, ("embed",), kind=cfg.norm, use_bias=cfg.use_bias, rngs=rngs
+    )
+    self.unembed = (
+      None
+      if cfg.tie_embeddings
+      else make_param(
+        rngs, normal(cfg.init_std), (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg
+      )
+    )
+
+  def __call__(
+    self,
+    tokens_BL: jax.Array,
+    positions_BL: jax.Array,
+    segment_ids_BL: jax.Array | None = None,
+  ) -> jax.Array:
+    """Float32 logits [B, L, V] of the next token at every position.
+
+    positions_BL: each token's position within its segment (RoPE angle / learned-table row).
+    segment_ids_BL: packing ids; a token attends to earlier-or-same positions of its own segment.
+    None means one segment per row.
+    """
+    mask_BLL = causal_segment_mask(segment_ids_BL, tokens_BL.shape[1])
+    x_BLD = self._embed(tokens_BL, positions_BL)
+    x_BLD, _ = self._run_blocks(x_BLD, positions_BL, mask_BLL, None, None, remat=self.cfg.remat)
+    return self._logits(x_BLD)
+
+  def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> dict[str, jax.Array]:
+    """An empty KV cache {"k", "v"}: [num_layers, batch, max_len, K, H] each (axes CACHE_AXES).
+
+    dtype defaults to the compute dtype. Treat the cache as an opaque pytree: pass it to decode().
+    """
+    cfg = self.cfg
+    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    dtype = jnp.dtype(cfg.dtype if dtype is None else dtype)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+  def decode(
+    self,
+    tokens_BL: jax.Array,
+    positions_BL: jax.Array,
+    cache: dict[str, jax.Array],
+    cache_index: jax.Array | int,
+  ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Runs L new tokens (a prefill when L > 1, one step when L == 1) against the cache.
+
+    The tokens are written at cache slots cache_index .. cache_index + L - 1 (the same slots for
+    every row) and attend to all slots up to their own. positions_BL give their positions (usually
+    cache_index + arange(L)). Returns float32 logits [B, L, V] and the updated cache; the next
+    call uses cache_index + L. One segment per row: packing is a training-time concern.
+    """
+    mask_1LS = decode_mask(cache_index, tokens_BL.shape[1], cache["k"].shape[2])
+    x_BLD = self._embed(tokens_BL, positions_BL)
+    x_BLD, cache = self._run_blocks(x_BLD, positions_BL, mask_1LS, cache, cache_index, "none")
+    return self._logits(x_BLD), cache
+
+  def _embed(self, tokens_BL: jax.Array, positions_BL: jax.Array) -> jax.Array:
+    x_BLD = self.embed(tokens_BL)
+    if self.pos_embed is not None:
+      x_BLD = x_BLD + self.pos_embed(positions_BL)
+    return constrain(x_BLD, ("batch", "length", "embed"))
+
+  def _logits(self, x_BLD: jax.Array) -> jax.Array:
+    x_BLD = self.final_norm(x_BLD)
+    if self.unembed is None:
+      logits_BLV = self.embed.attend(x_BLD)
+    else:
+      kernel_DV = self.unembed[...].astype(x_BLD.dtype)
+      logits_BLV = jnp.einsum("BLD,DV->BLV", x_BLD, kernel_DV, preferred_element_type=jnp.float32)
+    return constrain(logits_BLV, ("batch", "length", "vocab"))
+
+  def _run_blocks(
+    self,
+    x_BLD: jax.Array,
+    positions_BL: jax.Array,
+    mask_BLS: jax.Array,
+    cache: dict[str, jax.Array] | None,
+    cache_index: jax.Array | int | None,
+    remat: str,
+  ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
+    """Applies the blocks as pure functions of their split state (scan or python loop)."""
+
+    def block_fn(graphdef: nnx.GraphDef, prevent_cse: bool) -> Callable:
+      def apply(state: nnx.State, x_BLD: jax.Array, layer_cache: KVCache | None):
+        block = nnx.merge(graphdef, state)
+        return block(x_BLD, positions_BL, mask_BLS, layer_cache, cache_index)
+
+      return _maybe_remat(apply, remat, prevent_cse=prevent_cse)
+
+    if self.cfg.scan_layers:
+      graphdef, stacked = nnx.split(self.blocks)
+      # Under scan, CSE across iterations is impossible anyway; prevent_cse only costs speed.
+      apply = block_fn(graphdef, prevent_cse=False)
+
+      def body(x_BLD: jax.Array, layer: tuple[nnx.State, KVCache | None]):
+        return apply(layer[0], x_BLD, layer[1])
+
+      return jax.lax.scan(body, x_BLD, (stacked, cache))
+
+    new_layers = []
+    for i, block in enumerate(self.blocks):
+      graphdef, state = nnx.split(block)
+      layer_cache = None if cache is None else {name: c[i] for name, c in cache.items()}
+      x_BLD, layer_cache = block_fn(graphdef, prevent_cse=True)(state, x_BLD, layer_cache)
+      new_layers.append(layer_cache)
+    if cache is None:
+      return x_BLD, None
+    return x_BLD, {name: jnp.stack([c[name] for c in new_layers]) for name in cache}
+
+
+def _maybe_remat(fn: Callable, remat: str, *, prevent_cse: bool) -> Callable:
+  """Wraps a block function in jax.checkpoint according to cfg.remat."""
+  if remat == "none":
+    return fn
+  return jax.checkpoint(fn, policy=_REMAT_POLICIES[remat], prevent_cse=prevent_cse)

@@ -1,0 +1,142 @@
+"""Sources: named TFDS datasets (mocked), local files, and clear errors for bad input."""
+
+import logging
+import os
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+import input_pipeline
+from configs.default import get_config
+from input_pipeline import sources, text_files
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+
+
+def _config(cache_dir, **data):
+  c = get_config()
+  c.data.cache_dir = str(cache_dir)
+  c.data.seq_len = 32
+  for key, value in data.items():
+    setattr(c.data, key, value)
+  return c
+
+
+def _tfds_metadata(data_dir, name, splits):
+  """Writes the split metadata a prepared dataset would have (mock_data reads it, no download)."""
+  builder = tfds.builder(name, data_dir=str(data_dir))
+  builder.info.set_splits(
+    tfds.core.SplitDict(
+      [tfds.core.SplitInfo(name=s, shard_lengths=[30], num_bytes=0) for s in splits]
+    )
+  )
+  os.makedirs(builder.data_dir, exist_ok=True)
+  builder.info.write_to_directory(builder.data_dir)
+
+
+def _mock(data_dir):
+  return tfds.testing.mock_data(
+    num_examples=30, policy=tfds.testing.MockPolicy.USE_FILES, data_dir=str(data_dir)
+  )
+
+
+def test_named_tfds_dataset_without_validation_falls_back_to_test(tmp_path, caplog):
+  _tfds_metadata(tmp_path / "tfds", "lm1b", ["train", "test"])
+  cfg = _config(tmp_path / "cache", source="tfds:lm1b", tfds_data_dir=str(tmp_path / "tfds"))
+  with caplog.at_level(logging.WARNING), _mock(tmp_path / "tfds"):
+    pipe = input_pipeline.build(cfg)
+  assert "no 'validation' split; evaluating on its 'test' split" in caplog.text
+  source = pipe.manifest["inputs"]["source"]
+  assert source["kind"] == "tfds" and source["dataset"].startswith("lm1b/")
+  assert source["splits"] == {"train": "train", "validation": "test"}
+  assert pipe.manifest["splits"]["train"]["documents"] == 30
+  batch = next(pipe.train_batches(global_batch_size=4, process_index=0, process_count=1))
+  assert batch["inputs"].shape == (4, 32) and batch["weights"].sum() > 0
+  assert len(pipe.eval_batches(global_batch_size=4, num_batches=1, process_count=1)) == 1
+
+
+def test_named_tfds_dataset_with_validation_and_feature(tmp_path):
+  _tfds_metadata(tmp_path / "tfds", "tiny_shakespeare", ["train", "validation", "test"])
+  cfg = _config(
+    tmp_path / "cache", source="tfds:tiny_shakespeare", tfds_data_dir=str(tmp_path / "tfds")
+  )
+  with _mock(tmp_path / "tfds"):
+    pipe = input_pipeline.build(cfg)
+  assert pipe.manifest["inputs"]["source"]["splits"]["validation"] == "validation"
+  cfg.data.text_feature = "content"
+  with _mock(tmp_path / "tfds"), pytest.raises(ValueError, match="'content' is not a feature"):
+    input_pipeline.build(cfg)
+
+
+def test_unknown_tfds_name_lists_close_matches(tmp_path):
+  with pytest.raises(ValueError, match=r"unknown TFDS dataset .*close matches: .*lm1b") as info:
+    input_pipeline.build(_config(tmp_path, source="tfds:lm1bb"))
+  assert "tfds.list_builders()" in str(info.value)
+
+
+def test_stdlib_source_lists_the_standard_library():
+  files = sources._walk(STDLIB, suffix=".py")
+  assert len(files) > 1000
+  assert not any("site-packages" in f.parts for f in files)
+  assert STDLIB / "json" / "decoder.py" in files
+
+
+def test_split_is_by_file_name_hash_and_never_empty(tmp_path):
+  files = [tmp_path / f"f{i}.txt" for i in range(200)]
+  splits = text_files.assign_splits(tmp_path, files, 5)
+  assert 0 < len(splits["validation"]) < 30
+  assert sorted(splits["train"] + splits["validation"]) == sorted(files)
+  again = text_files.assign_splits(tmp_path, list(reversed(files)), 5)
+  assert set(again["validation"]) == set(splits["validation"])
+  two = text_files.assign_splits(tmp_path, files[:2], 5)
+  assert len(two["train"]) == len(two["validation"]) == 1
+
+
+def test_directory_source_reads_every_file(tmp_path):
+  corpus = tmp_path / "corpus"
+  (corpus / "sub").mkdir(parents=True)
+  (corpus / "a.txt").write_text("hello world\n" * 50)
+  (corpus / "sub" / "b.md").write_text("# title\n" * 50)
+  (corpus / "sub" / "c.bin").write_bytes(b"\xff\xfe" * 10)  # not UTF-8: skipped
+  pipe = input_pipeline.build(_config(tmp_path / "cache", source=f"files:{corpus}"))
+  assert pipe.manifest["inputs"]["source"]["num_files"] == 2
+  m = pipe.manifest["splits"]
+  assert m["train"]["documents"] + m["validation"]["documents"] == 2
+  tokens = np.concatenate([pipe.store.read_rows(s, np.arange(m[s]["rows"]))[0].ravel() for s in m])
+  assert (tokens == pipe.tokenizer.eod_id).sum() == 2
+
+
+@pytest.mark.parametrize(
+  ("data", "error", "message"),
+  [
+    ({"source": "files:/no/such/dir"}, FileNotFoundError, "no such file or directory /no/such"),
+    ({"source": "files:/no/such/*.txt"}, FileNotFoundError, "matched no files"),
+    ({"source": "hf:wikitext"}, ValueError, "unknown data.source='hf:wikitext'; valid forms"),
+    ({"source": "files:"}, ValueError, "names no path"),
+    ({"tokenizer": "tiktoken"}, ValueError, "unknown data.tokenizer='tiktoken'; valid: byte"),
+    ({"seq_len": 0}, ValueError, "data.seq_len must be >= 1, got 0"),
+    ({"validation_percent": 100}, ValueError, r"validation_percent=100 must be in \[0, 100\)"),
+    (
+      {"tokenizer": "sentencepiece", "spm_model": "/no/such.model"},
+      FileNotFoundError,
+      "data.spm_model='/no/such.model': no such file",
+    ),
+  ],
+)
+def test_bad_input_is_a_clear_error(tmp_path, data, error, message):
+  data = {"source": f"files:{STDLIB / 'json' / '*.py'}", **data}
+  with pytest.raises(error, match=message):
+    input_pipeline.build(_config(tmp_path, **data))
+
+
+def test_empty_corpus_is_a_clear_error(tmp_path):
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(ValueError, match="holds no files \\(empty corpus\\)"):
+    input_pipeline.build(_config(tmp_path, source=f"files:{tmp_path / 'empty'}"))
+  (tmp_path / "binary").mkdir()
+  (tmp_path / "binary" / "x.bin").write_bytes(b"\xff\xfe\xfd")
+  with pytest.raises(ValueError, match="no UTF-8 text .*empty corpus"):
+    input_pipeline.build(_config(tmp_path, source=f"files:{tmp_path / 'binary'}"))

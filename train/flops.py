@@ -1,0 +1,61 @@
+"""FLOP accounting and the measured hardware peak that MFU is quoted against.
+
+FLOPs per token of training (forward + backward, the PaLM / Chinchilla convention):
+
+    6 · (N_nonembedding + d_model · V)  +  12 · num_layers · num_heads · head_dim · seq_len
+
+- 6·N: each weight does one multiply-add (2 FLOPs) per token forward and two backward.
+- d_model · V: the output projection is a real matmul even when tied to the embedding, whose lookup
+  is not; position-embedding lookups are free.
+- 12·L·(N·H)·T: attention scores (QKᵀ) and the weighted sum (AV), 2·T·N·H FLOPs each forward,
+  ×3 for forward + backward, counted over the full T×T square (no causal discount), as PaLM does.
+
+Norms, activations, softmax and the optimizer are left out: they are memory-bound and small.
+Inference (forward only) is a third of this: 2·(…) + 4·L·N·H·T_context per generated token.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+import models
+from models.config import ModelConfig
+
+
+def matmul_params(cfg: ModelConfig) -> int:
+  """Weights that take part in a matmul per token: non-embedding params plus the output layer."""
+  return models.param_count(cfg, embeddings=False) + cfg.d_model * cfg.vocab_size
+
+
+def attention_flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
+  """Forward attention-score and value FLOPs per token at context ``seq_len``."""
+  return 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
+
+
+def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
+  return 6 * matmul_params(cfg) + 3 * attention_flops_per_token(cfg, seq_len)
+
+
+def forward_flops_per_token(cfg: ModelConfig, context: int) -> int:
+  return 2 * matmul_params(cfg) + attention_flops_per_token(cfg, context)
+
+
+def measure_matmul_peak(device: jax.Device | None = None, *, size: int = 2048,
+                        dtype=jnp.float32, repeats: int = 10) -> float:
+  """Median FLOP/s of a square matmul on one device, measured now, in this process."""
+  device = device or jax.local_devices()[0]
+  key_a, key_b = jax.random.split(jax.random.key(0))
+  a = jax.device_put(jax.random.normal(key_a, (size, size), dtype), device)
+  b = jax.device_put(jax.random.normal(key_b, (size, size), dtype), device)
+  matmul = jax.jit(jnp.matmul)
+  matmul(a, b).block_until_ready()  # compile and warm up
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    matmul(a, b).block_until_ready()
+    times.append(time.perf_counter() - start)
+  return 2 * size**3 / statistics.median(times)

@@ -1,0 +1,111 @@
+"""Where metrics go: ``metrics.jsonl``, TensorBoard and a progress line. Only process 0 writes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from typing import Any
+
+log = logging.getLogger("loom")
+
+
+def _clean(value: Any) -> Any:
+  value = float(value) if hasattr(value, "__float__") else value
+  if isinstance(value, float) and not math.isfinite(value):
+    return str(value)  # JSON has no NaN/inf; keep them visible as strings
+  return value
+
+
+class MetricsWriter:
+  """Appends one JSON object per logged step and mirrors scalars to TensorBoard.
+
+  On resume from step S, lines for steps after S (written before a crash, and about to be redone)
+  are dropped first, so the file never holds duplicates; a torn last line is dropped too.
+  """
+
+  def __init__(self, workdir: str, *, resume_step: int, tensorboard: bool, enabled: bool):
+    self.enabled = enabled
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self._tb = None
+    if not enabled:
+      return
+    self._truncate_after(resume_step)
+    self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+    if tensorboard:
+      import tensorflow as tf  # deferred: TensorFlow is slow to import
+
+      self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+
+  def _truncate_after(self, step: int) -> None:
+    if not os.path.exists(self.path):
+      return
+    kept = []
+    with open(self.path, encoding="utf-8") as f:
+      for line in f:
+        try:
+          record = json.loads(line)
+        except json.JSONDecodeError:
+          continue  # a line torn by a crash
+        if record.get("step", 0) <= step:
+          kept.append(json.dumps(record))
+    tmp = self.path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.write("".join(line + "\n" for line in kept))
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, self.path)
+
+  def write(self, step: int, scalars: dict[str, Any]) -> None:
+    if not self.enabled:
+      return
+    record = {"step": int(step), **{k: _clean(v) for k, v in scalars.items()}}
+    self._file.write(json.dumps(record) + "\n")
+    self._file.flush()
+    if self._tb is not None:
+      import tensorflow as tf
+
+      with self._tb.as_default(step=int(step)):
+        for key, value in record.items():
+          if key != "step" and isinstance(value, (int, float)):
+            tf.summary.scalar(key, value)
+
+  def close(self) -> None:
+    if not self.enabled:
+      return
+    self._file.close()
+    if self._tb is not None:
+      self._tb.flush()
+      self._tb.close()
+
+
+def _duration(seconds: float) -> str:
+  seconds = max(0, int(seconds))
+  hours, rest = divmod(seconds, 3600)
+  minutes, seconds = divmod(rest, 60)
+  return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
+
+
+class Progress:
+  """A one-line progress report per log step on process 0: bar, loss, tokens/s, MFU, ETA."""
+
+  def __init__(self, total_steps: int, start_step: int, *, enabled: bool):
+    self.total = total_steps
+    self.start_step = start_step
+    self.enabled = enabled
+    self.started = time.perf_counter()
+
+  def update(self, step: int, loss: float, tokens_per_second: float, mfu: float) -> None:
+    if not self.enabled:
+      return
+    done = (step - self.start_step) / max(self.total - self.start_step, 1)
+    elapsed = time.perf_counter() - self.started
+    eta = elapsed / done * (1 - done) if done > 0 else float("nan")
+    filled = int(20 * step / max(self.total, 1))
+    bar = "#" * filled + "-" * (20 - filled)
+    line = (f"[{bar}] step {step}/{self.total}  loss {loss:.4f}  "
+            f"{tokens_per_second:,.0f} tok/s  MFU {mfu:.1%}  ETA {_duration(eta)}")
+    print(line, file=sys.stderr, flush=True)

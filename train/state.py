@@ -1,0 +1,80 @@
+"""Born-sharded train state: ``jax.eval_shape`` -> shardings from logical names -> jitted init.
+
+The state is a plain pytree, ``{"step": int32[], "params": <nested dict>, "opt_state": ...}``, so the
+step, the checkpoints and the optimizer all see ordinary dicts of arrays. Parameters carry logical
+axis names in the model (``nnx.with_partitioning``); the rules in config turn them into mesh
+shardings here, and the optimizer state inherits the shardings of the parameters it mirrors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+import models
+from models.config import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class StateSpec:
+  """What the trainer needs to build, jit, save and restore the state."""
+
+  graphdef: nnx.GraphDef
+  abstract: Any  # ShapeDtypeStructs of the train state, with shardings attached
+  shardings: Any  # NamedShardings, same structure as the state
+
+
+def _init_params(model_cfg: ModelConfig, seed: int) -> tuple[nnx.GraphDef, nnx.State]:
+  model = models.Transformer(model_cfg, rngs=nnx.Rngs(params=seed))
+  return nnx.split(model, nnx.Param)
+
+
+def _train_state(params, tx: optax.GradientTransformation) -> dict[str, Any]:
+  return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+
+
+def state_spec(model_cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh,
+               rules, seed: int = 0) -> StateSpec:
+  """Shapes and shardings of the train state, without allocating it."""
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+    graphdef, abstract_vars = nnx.eval_shape(lambda: _init_params(model_cfg, seed))
+    param_specs = nnx.to_pure_dict(nnx.get_partition_spec(abstract_vars))
+    # Shapes only: the optimizer state's shardings are derived from the parameters' below.
+    abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                   nnx.to_pure_dict(abstract_vars))
+  abstract = jax.eval_shape(lambda: _train_state(abstract_params, tx))
+
+  def named(spec):
+    return NamedSharding(mesh, spec)
+
+  param_shardings = jax.tree.map(named, param_specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+  opt_shardings = optax.tree_utils.tree_map_params(
+      tx,
+      lambda _, sharding: sharding,
+      abstract["opt_state"],
+      param_shardings,
+      transform_non_params=lambda _: named(PartitionSpec()),
+  )
+  shardings = {"step": named(PartitionSpec()), "params": param_shardings,
+               "opt_state": opt_shardings}
+  abstract = jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+  return StateSpec(graphdef=graphdef, abstract=abstract, shardings=shardings)
+
+
+def init_state(spec: StateSpec, model_cfg: ModelConfig, tx: optax.GradientTransformation,
+               mesh: Mesh, rules, seed: int):
+  """Creates the train state directly in its shardings: no full copy lands on one device."""
+
+  def init():
+    _, params = _init_params(model_cfg, seed)
+    return _train_state(nnx.to_pure_dict(params), tx)
+
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+    return jax.jit(init, out_shardings=spec.shardings)()

@@ -1,0 +1,89 @@
+"""The pure train and eval steps: ``(state, batch) -> (state, metrics)`` over pytrees.
+
+They know nothing of files, flags or meshes. The trainer binds the static arguments (the model's
+graph definition, the optimizer, the micro-batch count) with ``functools.partial`` and jits each step
+once with its shardings and donation. Called unjitted, they are ordinary functions (tests do that).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+Batch = dict[str, jax.Array]
+# The train state is a plain dict pytree: {"step": int32[], "params": nnx.State, "opt_state": ...}.
+TrainState = dict[str, Any]
+
+
+def loss_sums(params: nnx.State, graphdef: nnx.GraphDef, batch: Batch) -> tuple[jax.Array, jax.Array]:
+  """Summed next-token cross-entropy over real tokens, and the number of real tokens."""
+  model = nnx.merge(graphdef, params)
+  logits_BLV = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+  losses_BL = optax.softmax_cross_entropy_with_integer_labels(
+      logits_BLV.astype(jnp.float32), batch["targets"])
+  weights_BL = batch["weights"].astype(jnp.float32)
+  return jnp.sum(losses_BL * weights_BL), jnp.sum(weights_BL)
+
+
+def _split_microbatches(batch: Batch, microbatches: int) -> Batch:
+  """[B, L] -> [k, B/k, L] where micro-batch j holds rows j, j+k, ...: every device keeps its rows."""
+
+  def split(x):
+    rows = x.shape[0]
+    return jnp.swapaxes(x.reshape(rows // microbatches, microbatches, *x.shape[1:]), 0, 1)
+
+  return jax.tree.map(split, batch)
+
+
+def gradients(params, graphdef, batch: Batch, microbatches: int):
+  """Gradient of the mean token loss over the whole batch, accumulated over micro-batches.
+
+  Sums (not means) are accumulated and divided by the total token count once at the end, so k
+  micro-batches give the same update as one full batch, up to float summation order.
+  """
+  grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
+  if microbatches == 1:
+    (loss_sum, weight_sum), grad_sums = grad_fn(params, graphdef, batch)
+  else:
+
+    def accumulate(carry, micro):
+      (loss_sum, weight_sum), grads = grad_fn(params, graphdef, micro)
+      acc_loss, acc_weight, acc_grads = carry
+      return (acc_loss + loss_sum, acc_weight + weight_sum,
+              jax.tree.map(jnp.add, acc_grads, grads)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros)
+    (loss_sum, weight_sum, grad_sums), _ = jax.lax.scan(
+        accumulate, init, _split_microbatches(batch, microbatches))
+  denominator = jnp.maximum(weight_sum, 1.0)
+  grads = jax.tree.map(lambda g: g / denominator, grad_sums)
+  return loss_sum / denominator, weight_sum, grads
+
+
+def train_step(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef,
+               tx: optax.GradientTransformation, schedule: optax.Schedule,
+               microbatches: int = 1) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer step on one global batch."""
+  loss, tokens, grads = gradients(state["params"], graphdef, batch, microbatches)
+  updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+  params = optax.apply_updates(state["params"], updates)
+  new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
+  metrics = {
+      "train/loss": loss,
+      "train/grad_norm": optax.tree.norm(grads),
+      "train/param_norm": optax.tree.norm(params),
+      "train/learning_rate": schedule(state["step"]),
+      "train/tokens": tokens,
+  }
+  return new_state, metrics
+
+
+def eval_step(params: nnx.State, batch: Batch, *, graphdef: nnx.GraphDef) -> dict[str, jax.Array]:
+  """Summed loss and token count of one eval batch (summed again over the eval set by the caller)."""
+  loss_sum, weight_sum = loss_sums(params, graphdef, batch)
+  return {"loss_sum": loss_sum, "tokens": weight_sum}
