@@ -58,6 +58,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh.data = 1  # pure data-parallel replicas (-1 = the rest of the devices)
   c.mesh.fsdp = -1  # parameter-sharded data parallelism (-1 = the rest of the devices)
   c.mesh.tensor = 1  # tensor (model) parallelism over heads and MLP
+  c.mesh.dcn_data = 1  # multi-slice / multi-node: data replicas across slices (× mesh.data)
+  c.mesh.dcn_fsdp = 1  # multi-slice / multi-node: fsdp sharding across slices (× mesh.fsdp)
+  c.mesh.dcn_tensor = 1  # multi-slice / multi-node: tensor split across slices (× mesh.tensor)
   c.mesh.rules = (  # logical axis -> mesh axes (None = replicated)
       ("batch", ("data", "fsdp")),
       ("embed", "fsdp"),
