@@ -1,0 +1,85 @@
+"""``python -m train.report DIR`` draws a valid PNG, and a DIR without metrics is a clear error."""
+
+import dataclasses
+import json
+
+import pytest
+
+from train import energy, meter, report
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@dataclasses.dataclass
+class FakeDevice:
+  platform: str = "cpu"
+  device_kind: str = "cpu"
+
+
+def _write_run(workdir) -> None:
+  lines = []
+  for step in range(5, 45, 5):
+    lines.append(
+      {
+        "step": step,
+        "train/loss": 5.0 - step / 20,
+        "perf/tokens_per_second": 900.0 + step,
+        "perf/mfu": 0.1 + step / 1000,
+      }
+    )
+    if step % 20 == 0:
+      lines.append({"step": step, "eval/loss": 5.1 - step / 20, "eval/perplexity": 9.0})
+  lines.append({"step": 45, "train/loss": "nan"})  # NaNs are stored as strings: skipped
+  (workdir / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines) + '{"torn')
+  m = meter.Meter(
+    flops_per_token=1000, peak_flops_per_second=1e9, energy_span=energy.EnergySpan(None)
+  )
+  m.tokens = 40_000
+  m.record_window(1000, 1.0)
+  run_report = m.report(
+    params=10,
+    params_nonembedding=5,
+    devices=[FakeDevice()],
+    pue=1.1,
+    grid_kg_per_kwh=0.4,
+    power_override=0.0,
+    wall_seconds=60.0,
+  )
+  (workdir / "report.json").write_text(json.dumps(run_report))
+
+
+def test_report_png_is_written_and_valid(tmp_path):
+  _write_run(tmp_path)
+  assert report.main(["report", str(tmp_path)]) == 0
+  data = (tmp_path / "report.png").read_bytes()
+  assert data.startswith(PNG_SIGNATURE) and len(data) > 10_000
+  assert data[12:16] == b"IHDR" and int.from_bytes(data[16:20], "big") == 1300  # 13 in × 100 dpi
+
+
+def test_series_skips_missing_and_non_finite_values(tmp_path):
+  _write_run(tmp_path)
+  records = report.read_metrics(str(tmp_path / "metrics.jsonl"))
+  steps, values = report.series(records, "train/loss")
+  assert steps == list(range(5, 45, 5)) and values[0] == pytest.approx(4.75)
+  assert report.series(records, "eval/loss")[0] == [20, 40]
+
+
+def test_summary_shows_units_and_sources(tmp_path):
+  _write_run(tmp_path)
+  text = report.summary_text(json.loads((tmp_path / "report.json").read_text()))
+  assert "energy_kwh:" in text and "kWh (estimated)" in text and "s (measured)" in text
+  assert "no report.json" in report.summary_text(None)
+
+
+def test_workdir_without_metrics_is_a_clear_error(tmp_path, capsys):
+  with pytest.raises(FileNotFoundError, match="has no metrics.jsonl"):
+    report.render(str(tmp_path))
+  assert report.main(["report", str(tmp_path)]) == 2
+  assert "has no metrics.jsonl" in capsys.readouterr().err
+  assert not (tmp_path / "report.png").exists()
+
+
+def test_report_without_report_json_still_draws_the_curves(tmp_path):
+  _write_run(tmp_path)
+  (tmp_path / "report.json").unlink()
+  assert report.render(str(tmp_path)).endswith("report.png")
