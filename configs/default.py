@@ -107,6 +107,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.log.every = 20  # log train metrics every N steps
   c.log.tensorboard = True  # also write TensorBoard event files
   c.log.progress = True  # show a progress line on process 0
+  c.log.sample_prompt = "def "  # prompt of the greedy sample shown at each eval
+  c.log.sample_tokens = 64  # tokens in that sample (0 = off)
 
   # --- meter: the energy estimate in report.json (see train/meter.py for the power table).
   c.meter = ml_collections.ConfigDict()

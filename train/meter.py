@@ -1,49 +1,31 @@
 """The run's meter: where wall time went, how many FLOPs were spent, and what that cost in energy.
 
-Energy is an estimate unless stated otherwise: device-hours × a per-device power figure (the
-table below, or ``meter.power_watts``) × the data centre's PUE; CO2e is energy × grid intensity.
-Every figure in ``report.json`` carries its unit in its name and its source in ``assumptions``.
+Energy is measured where the platform reports it (NVML on NVIDIA GPUs, RAPL on Linux CPUs) and
+estimated otherwise: device-hours × a per-device power figure (the table in ``train/energy.py``, or
+``meter.power_watts``) × the data centre's PUE; CO2e is energy × grid intensity. ``report.json``
+keeps its flat keys (``params``, ``energy_kwh``, ...) and adds ``figures``: every figure with its
+unit and its source ("counted", "measured" or "estimated").
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 import statistics
 import time
 from collections import defaultdict
 from contextlib import contextmanager
+from typing import Any
 
 import jax
 
-# Typical board power under training load, watts per device (one chip / GPU / CPU core). Sources:
-# vendor TDP and published measurements; they are estimates, not meter readings.
-POWER_WATTS = {
-    "tpu v4": 192.0,  # Google, TPU v4 paper (ISCA 2023): mean 170-192 W per chip
-    "tpu v5 lite": 170.0,  # v5e; Google publishes no figure: scaled from v4 by peak FLOPs/W
-    "tpu v5e": 170.0,
-    "tpu v5p": 300.0,  # estimate: ~1.6x v4 per chip
-    "tpu v5": 300.0,
-    "tpu v6 lite": 200.0,  # v6e (Trillium); estimate from Google's "67% more efficient than v5e"
-    "tpu v6e": 200.0,
-    "a100": 400.0,  # NVIDIA A100 SXM TDP
-    "h100": 700.0,  # NVIDIA H100 SXM TDP
-    "h200": 700.0,  # NVIDIA H200 SXM TDP
-    "cpu": 10.0,  # per physical core under load (a 2-core share of a ~100-200 W server socket)
-}
+from train import energy
+from train.energy import POWER_WATTS, device_power_watts  # noqa: F401 (kept importable here)
 
+# The phases the trainer times; each appears in the report's breakdown even when it took no time.
+PHASES = ("compile", "train", "eval", "checkpoint", "input_wait")
 
-def device_power_watts(device: jax.Device, override: float = 0.0) -> tuple[float, str]:
-  """Per-device power and where the figure came from."""
-  if override > 0:
-    return override, "meter.power_watts (user)"
-  kind = device.device_kind.lower()
-  if device.platform == "cpu":
-    return POWER_WATTS["cpu"] * (os.cpu_count() or 1), f"table: {POWER_WATTS['cpu']} W/core"
-  for name, watts in POWER_WATTS.items():
-    if name in kind:
-      return watts, f"table: {name!r}"
-  return 300.0, f"default 300 W (no table entry for {device.device_kind!r})"
+FLOPS_FORMULA = ("6*(N_nonembedding + d_model*vocab) + 12*layers*heads*head_dim*seq_len per token"
+                 " (train/flops.py)")
 
 
 @dataclasses.dataclass
@@ -56,6 +38,8 @@ class Meter:
   tokens: int = 0
   mfu_samples: list[float] = dataclasses.field(default_factory=list)
   started: float = dataclasses.field(default_factory=time.perf_counter)
+  # Energy counters read from the meter's creation (None inside where the platform has none).
+  energy_span: energy.EnergySpan = dataclasses.field(default_factory=energy.EnergySpan.start)
 
   @contextmanager
   def phase(self, name: str):
@@ -76,37 +60,87 @@ class Meter:
     return tokens_per_second, mfu
 
   def report(self, *, params: int, params_nonembedding: int, devices: list[jax.Device],
-             pue: float, grid_kg_per_kwh: float, power_override: float) -> dict:
-    wall = time.perf_counter() - self.started
-    device_hours = wall * len(devices) / 3600
-    watts, power_source = device_power_watts(devices[0], power_override)
-    if devices[0].platform == "cpu":
-      device_hours = wall / 3600  # fake CPU devices share one machine: count the machine once
-    energy_kwh = device_hours * watts / 1000 * pue
-    phases = {f"{name}_s": round(value, 3) for name, value in sorted(self.seconds.items())}
+             pue: float, grid_kg_per_kwh: float, power_override: float,
+             wall_seconds: float | None = None) -> dict[str, Any]:
+    """The meter's figures for report.json (flat keys kept stable; ``figures`` adds units)."""
+    wall = time.perf_counter() - self.started if wall_seconds is None else wall_seconds
+    power = energy.energy_figures(
+        seconds=wall, devices=devices, pue=pue, grid_kg_per_kwh=grid_kg_per_kwh,
+        power_override=power_override, measured_joules=self.energy_span.measured_joules(),
+        measured_by=self.energy_span.counter.source if self.energy_span.counter else "")
+    phases = {f"{name}_s": round(self.seconds.get(name, 0.0), 3) for name in PHASES}
+    phases.update({f"{name}_s": round(value, 3) for name, value in sorted(self.seconds.items())})
+    # Wall time the phases do not cover: start-up (data, mesh), logging, the final report.
+    phases["other_s"] = round(max(wall - sum(self.seconds.values()), 0.0), 3)
+    mfu_mean = statistics.fmean(self.mfu_samples) if self.mfu_samples else None
+    mfu_median = statistics.median(self.mfu_samples) if self.mfu_samples else None
+    total_flops = self.flops_per_token * self.tokens
+    figures = {
+        "params": (params, "parameters", "counted"),
+        "params_nonembedding": (params_nonembedding, "parameters", "counted"),
+        "flops_per_token": (self.flops_per_token, "FLOP/token", "estimated (formula)"),
+        "tokens": (self.tokens, "tokens", "counted"),
+        "total_flops": (total_flops, "FLOP", "estimated (formula × tokens)"),
+        "wall_time_s": (round(wall, 3), "s", "measured"),
+        **{f"time_breakdown.{k}": (v, "s", "measured") for k, v in phases.items()},
+        "device_hours": (power["device_hours"], "device-hours", "measured (wall time × devices)"),
+        "mfu_mean": (mfu_mean, "fraction of peak", "measured"),
+        "mfu_median": (mfu_median, "fraction of peak", "measured"),
+        "peak_flops_per_second": (self.peak_flops_per_second, "FLOP/s", "measured"),
+        "energy_kwh": (power["energy_kwh"], "kWh", power["energy_source"]),
+        "co2e_kg": (power["co2e_kg"], "kg CO2e", "estimated (energy × grid intensity)"),
+    }
     return {
         "params": params,
         "params_nonembedding": params_nonembedding,
         "flops_per_token": self.flops_per_token,
         "tokens": self.tokens,
-        "total_flops": self.flops_per_token * self.tokens,
+        "total_flops": total_flops,
         "wall_time_s": round(wall, 3),
         "time_breakdown": phases,
-        "device_hours": device_hours,
-        "mfu_mean": statistics.fmean(self.mfu_samples) if self.mfu_samples else None,
-        "mfu_median": statistics.median(self.mfu_samples) if self.mfu_samples else None,
+        "device_hours": power["device_hours"],
+        "mfu_mean": mfu_mean,
+        "mfu_median": mfu_median,
         "peak_flops_per_second": self.peak_flops_per_second,
-        "energy_kwh": energy_kwh,
-        "co2e_kg": energy_kwh * grid_kg_per_kwh,
+        "energy_kwh": power["energy_kwh"],
+        "energy_source": power["energy_source"],
+        "co2e_kg": power["co2e_kg"],
+        "figures": {name: {"value": value, "unit": unit, "source": source}
+                    for name, (value, unit, source) in figures.items()},
         "assumptions": {
-            "flops_formula": "6*(N_nonembedding + d_model*vocab) + 12*layers*heads*head_dim*seq_len"
-                             " per token (train/flops.py)",
+            "flops_formula": FLOPS_FORMULA,
             "peak": "square fp32/bf16 matmul measured in this process (train/flops.py)",
-            "power_watts_per_device": watts,
-            "power_source": f"estimated, {power_source}",
+            "energy_method": power["energy_method"],
+            "power_watts_per_device": power["power_watts_per_device"],
+            "power_source": f"{power['energy_source']}, {power['power_source']}"
+                            if power["energy_source"] == "estimated"
+                            else f"measured, {power['energy_method']}",
             "pue": pue,
             "grid_kg_co2e_per_kwh": grid_kg_per_kwh,
             "devices": len(devices),
             "device_kind": devices[0].device_kind,
         },
     }
+
+
+def summary_lines(report: dict[str, Any]) -> list[str]:
+  """The meter's figures as log lines, each with its unit and source, for the end of a run."""
+
+  def mfu(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1%}"
+
+  breakdown = ", ".join(f"{k[:-2]} {v:.1f}" for k, v in report["time_breakdown"].items())
+  return [
+      f"meter: {report['params']:,} params ({report['params_nonembedding']:,} without "
+      f"embeddings); {report['flops_per_token']:,} FLOPs/token (estimated: "
+      f"{report['assumptions']['flops_formula']})",
+      f"meter: {report['tokens']:,} tokens, {report['total_flops']:.3g} FLOPs (estimated); "
+      f"wall {report['wall_time_s']:.1f} s (measured: {breakdown} s)",
+      f"meter: {report['device_hours']:.3g} device-hours; MFU mean {mfu(report['mfu_mean'])}, "
+      f"median {mfu(report['mfu_median'])} of {report['peak_flops_per_second'] / 1e9:,.0f} "
+      "GFLOP/s (measured)",
+      f"meter: {report['energy_kwh']:.3g} kWh ({report['energy_source']}: "
+      f"{report['assumptions']['energy_method']}, PUE {report['assumptions']['pue']}), "
+      f"{report['co2e_kg']:.3g} kg CO2e (estimated at "
+      f"{report['assumptions']['grid_kg_co2e_per_kwh']} kg/kWh)",
+  ]
