@@ -1,0 +1,162 @@
+"""train.plan: TPU slice names, the analytic model, and ahead-of-time compilation for a pod."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from train import mesh as mesh_lib
+from train import plan as plan_lib
+from train import topology as topology_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize(
+  "name, chips, libtpu_name",
+  [
+    ("v5p-128", 64, "v5p:4x4x4"),
+    ("v4-32", 16, "v4:2x2x4"),
+    ("v5e-256", 256, "v5e:16x16"),
+    ("v5litepod-16", 16, "v5e:4x4"),
+    ("v6e-256", 256, "v6e:16x16"),
+    ("v6e-8", 8, "v6e:2x4"),
+  ],
+)
+def test_slice_names(name, chips, libtpu_name):
+  topology = topology_lib.parse(name)
+  assert topology.chips == chips
+  assert topology.libtpu_name == libtpu_name
+
+
+@pytest.mark.parametrize(
+  "name, listed",
+  [("v9-8", "v5p-128, "), ("h100", "v6e-256"), ("v5p-100", "v5p-128"), ("v5p-7", "v5p-8")],
+)
+def test_wrong_names_list_the_valid_ones(name, listed):
+  with pytest.raises(ValueError, match=f"unknown TPU topology '{name}'.*{listed}"):
+    topology_lib.parse(name)
+
+
+def llama_8b():
+  from configs import llama_8b as config_file
+
+  return config_file.get_config()
+
+
+def test_analytic_plan_is_self_consistent():
+  config = llama_8b()
+  topology = topology_lib.parse("v5p-128")
+  result = plan_lib.plan(config, topology, tokens=10**9, mfu=0.5, use_compiler=False)
+  assert result["method"] == "analytic" and "analytic estimate only" in result["note"]
+  tokens_per_step = 256 * 8192
+  assert result["steps"] == math.ceil(10**9 / tokens_per_step)
+  expected_step = result["flops_per_step"] / (64 * 459e12 * 0.5)
+  assert result["step_time_s"] == pytest.approx(expected_step)
+  assert result["time_to_train_s"] == pytest.approx(result["steps"] * expected_step)
+  hours = result["time_to_train_s"] / 3600
+  assert result["energy_kwh"] == pytest.approx(64 * 300 * hours / 1000 * config.meter.pue)
+  # 8B params × (4 bytes + Adam's 8) over 64 chips is a floor for the state alone.
+  assert result["memory_per_chip_bytes"] > 8.0e9 * 12 / 64
+  # At 2M tokens a step (4 rows of 8192 per chip) the fp32 logits and attention scores alone
+  # overflow a chip; a shorter, smaller batch fits.
+  assert result["fits"] is False
+  config.data.seq_len, config.train.batch_size = 2048, 64
+  shorter = plan_lib.plan(config, topology, use_compiler=False)
+  assert shorter["fits"] is True
+  # The same model on four v5e chips cannot hold even its optimizer state.
+  small = plan_lib.plan(config, topology_lib.parse("v5e-4"), use_compiler=False)
+  assert small["fits"] is False and small["memory_per_chip_bytes"] > 16 * 1024**3
+
+
+def test_out_of_memory_message_is_read():
+  message = "RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm. Used 40.25G of 15.75G hbm."
+  assert plan_lib._out_of_memory_bytes(message) == int(40.25 * 1024**3)
+  assert plan_lib._out_of_memory_bytes("some other error") is None
+
+
+def run_plan(*args):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
+  cmd = [sys.executable, "-m", "train.plan", *args]
+  return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_cli_prints_one_json_object_last_and_rejects_bad_names():
+  result = run_plan(
+    "--config=configs/llama_8b.py", "--hardware=v5e-256", "--tokens=1000000000", "--analytic"
+  )
+  assert result.returncode == 0, result.stderr[-2000:]
+  last = json.loads(result.stdout.strip().splitlines()[-1])
+  for key in (
+    "topology",
+    "fits",
+    "memory_per_chip_bytes",
+    "hbm_per_chip_bytes",
+    "flops_per_step",
+    "step_time_s",
+    "time_to_train_s",
+    "energy_kwh",
+  ):
+    assert key in last, key
+  assert last["topology"] == "v5e-256" and last["tokens"] == 10**9
+  bad = run_plan("--config=configs/llama_8b.py", "--topology=v5p-100", "--analytic")
+  assert bad.returncode == 2
+  assert "valid v5p slices: v5p-8, v5p-16" in bad.stderr
+
+
+def small_llama():
+  """llama_1b's shape family (GQA, SwiGLU, RoPE, bf16, remat), shrunk so that it compiles in
+  seconds; layers unrolled because XLA's cost analysis counts a scanned body once."""
+  from configs import llama_1b
+
+  config = llama_1b.get_config()
+  config.model.update(
+    dict(
+      num_layers=2,
+      d_model=256,
+      mlp_dim=512,
+      vocab_size=1024,
+      num_heads=4,
+      num_kv_heads=2,
+      head_dim=64,
+      scan_layers=False,
+    )
+  )
+  config.data.seq_len = 256
+  config.train.batch_size = 64
+  return config
+
+
+def test_ahead_of_time_compilation_for_a_64_chip_pod():
+  topology = topology_lib.parse("v5p-128")
+  try:
+    topology_lib.devices(topology)
+  except RuntimeError as e:
+    pytest.skip(f"libtpu is not installed here (.ci/run installs it): {e}")
+  config = small_llama()
+  result = plan_lib.plan(config, topology, tokens=10**9)
+  assert result["method"].startswith("compiled"), result
+  assert result["chips"] == 64 and result["mesh"] == "data=1 × fsdp=64 × tensor=1"
+  breakdown = result["memory_breakdown_bytes"]
+  # The arguments are this chip's shards of the train state, plus its batch rows.
+  model_cfg = plan_lib.model_config(config)
+  mesh = mesh_lib.make_mesh(config.mesh, topology_lib.devices(topology))
+  rules = mesh_lib.logical_rules(config.mesh)
+  _, spec, batch = plan_lib.jit_train_step(config, mesh, rules, model_cfg)
+  shard_bytes = sum(
+    math.prod(leaf.sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
+    for leaf in jax.tree.leaves([spec.abstract, batch])
+  )
+  # TPU layouts pad tiny shards (a [4, 512] kernel shard to 8 rows), hence the margin.
+  assert shard_bytes <= breakdown["arguments"] < 1.5 * shard_bytes
+  assert result["memory_per_chip_bytes"] >= breakdown["arguments"] + breakdown["temporaries"]
+  assert result["fits"] and 0 < result["memory_per_chip_bytes"] < result["hbm_per_chip_bytes"]
+  # The compiled program does the analytic model's matmuls, plus softmax, norms and the
+  # optimizer (a few percent here) and any rematerialised matmuls.
+  ratio = result["flops_per_step_compiled"] / result["flops_per_step"]
+  assert 0.95 < ratio < 1.4, ratio
+  assert result["step_time_s"] > 0 and result["energy_kwh"] > 0
