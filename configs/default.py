@@ -5,8 +5,8 @@ Hardware: any laptop CPU (2 cores suffice); the same file runs unchanged on a GP
 Expected: about 10 minutes on a 2-core CPU (less on anything bigger); train loss falls from ~5.6 to
           roughly 1.8, final eval loss ~1.9 nats/token (~2.7 bits per byte).
 
-Every key of every Loom config is declared here, once, with one comment. Other config files are short
-diffs over this one. Override any key on the command line: --config.train.steps=100.
+Every key of every Loom config is declared here, once, with one comment. Other config files are
+short diffs over this one. Override any key on the command line: --config.train.steps=100.
 """
 
 import ml_collections
@@ -62,15 +62,15 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh.dcn_fsdp = 1  # multi-slice / multi-node: fsdp sharding across slices (× mesh.fsdp)
   c.mesh.dcn_tensor = 1  # multi-slice / multi-node: tensor split across slices (× mesh.tensor)
   c.mesh.rules = (  # logical axis -> mesh axes (None = replicated)
-      ("batch", ("data", "fsdp")),
-      ("embed", "fsdp"),
-      ("mlp", "tensor"),
-      ("heads", "tensor"),
-      ("kv_heads", "tensor"),
-      ("vocab", "tensor"),
-      ("head_dim", None),
-      ("layers", None),
-      ("length", None),
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("vocab", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+    ("length", None),
   )
 
   # --- optim: AdamW with warmup, a decay schedule and global-norm clipping.
@@ -94,6 +94,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.microbatches = 1  # gradient accumulation: split each batch into this many parts
   c.train.eval_every = 200  # run eval every N steps (and at the end; 0 = only at the end)
   c.train.eval_batches = 8  # validation batches per eval (a fixed set)
+  c.train.spike_policy = "skip"  # loss spikes: "off" | "skip" (the step) | "rollback" (see README)
+  c.train.spike_factor = 2.5  # a spike is a loss above this × the running mean of accepted losses
+  c.train.max_consecutive_skips = 20  # stop the run after this many skipped steps in a row
+  c.train.max_rollbacks = 3  # stop the run after this many rollbacks ("rollback" policy)
 
   # --- checkpoint: Orbax checkpoints under WORKDIR/checkpoints.
   c.checkpoint = ml_collections.ConfigDict()
@@ -101,6 +105,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.checkpoint.max_to_keep = 3  # keep the newest N checkpoints
   c.checkpoint.async_save = True  # write checkpoints in the background
   c.checkpoint.allow_mismatch = False  # resume even if the data fingerprint or model config changed
+  c.checkpoint.verify = True  # check each checkpoint's checksums before restoring from it
 
   # --- log: what the loop reports.
   c.log = ml_collections.ConfigDict()
@@ -115,5 +120,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.meter.power_watts = 0.0  # watts per device; 0 = look the device up in the table
   c.meter.pue = 1.1  # data-centre power usage effectiveness (1.0 = count the devices only)
   c.meter.grid_kg_per_kwh = 0.4  # grid carbon intensity, kg CO2e per kWh (world mean ~0.45)
+
+  # --- debug: fault injection for tests of the failure paths; leave empty in real runs.
+  c.debug = ml_collections.ConfigDict()
+  c.debug.nan_steps = ()  # poison the batches at these data positions (1-based) with NaN weights
+  c.debug.spike_steps = ()  # at these data positions, targets become the last id: a loss spike
 
   return c

@@ -1,4 +1,4 @@
-"""GPT-2 small (124M parameters): the architecture of OpenAI's GPT-2, trained on SentencePiece tokens.
+"""GPT-2 small (124M parameters): the architecture of OpenAI's GPT-2, on SentencePiece tokens.
 
 Command:  python -m train --workdir gs://BUCKET/gpt2 --config configs/gpt2_small.py \
               --config.data.source=tfds:c4/en:3.1.0

@@ -30,4 +30,5 @@ def get_config():
   c.checkpoint.every = 10
   c.log.every = 5
   c.log.tensorboard = False
+  c.log.sample_tokens = 8
   return c

@@ -1,8 +1,8 @@
-"""Loom's input pipeline: text source -> tokenizer -> packing -> prepared store -> step-indexed batches.
+"""Loom's input pipeline: text -> tokenizer -> packing -> prepared store -> step-indexed batches.
 
 The interface the trainer uses (keep it small):
 
-  pipeline = input_pipeline.build(config)       # prepares (or reuses) the store; cheap when prepared
+  pipeline = input_pipeline.build(config)       # prepares (or reuses) the store; cheap if prepared
   pipeline.tokenizer                            # .encode(str) -> list[int], .decode(ids) -> str,
                                                 #  .vocab_size, .eod_id
   pipeline.fingerprint                          # hex string: source + tokenizer + seq_len + format

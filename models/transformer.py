@@ -16,8 +16,10 @@ Born-sharded creation (the pattern the trainer uses; models/ itself never names 
 
 ``state`` never exists unsharded: every parameter is created on its shards by the jitted init.
 With a mesh and rules active, each parameter is also constrained as it is created (flax's eager
-sharding), so the jitted init alone already yields the same shardings; ``out_shardings`` makes it
-explicit. Parameters of scanned layers have a leading "layers" axis.
+sharding), so the jitted init alone already yields equivalent shardings; ``out_shardings`` makes
+them explicit and exact. Parameters of scanned layers have a leading "layers" axis. The optimizer
+state built from ``state`` inherits these shardings. Without a mesh and rules (tests, one device)
+the model is created and run unsharded.
 """
 
 from __future__ import annotations

@@ -3,37 +3,9 @@
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run_train(workdir, *overrides, cache_dir, timeout=300):
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-  env["JAX_PLATFORMS"] = "cpu"
-  cmd = [
-    sys.executable,
-    "-m",
-    "train",
-    f"--workdir={workdir}",
-    "--config=configs/tiny.py",
-    f"--config.data.cache_dir={cache_dir}",
-    *overrides,
-  ]
-  return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def read_metrics(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
-
-
-def train_losses(records):
-  return {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
+from cli_helpers import read_metrics, run_train, train_losses
 
 
 @pytest.fixture(scope="module")

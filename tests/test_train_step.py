@@ -64,7 +64,9 @@ def test_microbatch_accumulation_equals_full_batch():
   np.testing.assert_allclose(
     full_metrics["train/grad_norm"], micro_metrics["train/grad_norm"], rtol=1e-5
   )
-  for a, b in zip(jax.tree.leaves(full_state["params"]), jax.tree.leaves(micro_state["params"])):
+  for a, b in zip(
+    jax.tree.leaves(full_state["params"]), jax.tree.leaves(micro_state["params"]), strict=True
+  ):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
@@ -134,7 +136,7 @@ def test_sharded_losses_match_one_device(mesh_sizes):
   losses, state, spec, mesh = _losses_on(mesh_sizes)
   np.testing.assert_allclose(losses, reference, rtol=2e-5)
   # Every parameter and optimizer-state leaf lives in the sharding its logical names imply.
-  for leaf, sharding in zip(jax.tree.leaves(state), jax.tree.leaves(spec.shardings)):
+  for leaf, sharding in zip(jax.tree.leaves(state), jax.tree.leaves(spec.shardings), strict=True):
     assert leaf.sharding.is_equivalent_to(sharding, leaf.ndim), (leaf.shape, leaf.sharding)
 
 

@@ -19,14 +19,16 @@ _DEFAULT_CONFIG = os.path.join(os.path.dirname(configs.__file__), "default.py")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, report.")
 _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Config file.")
 _COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None,
-    "HOST:PORT of process 0, for multi-process runs JAX cannot detect by itself.")
+  "coordinator_address",
+  None,
+  "HOST:PORT of process 0, for multi-process runs JAX cannot detect by itself.",
+)
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 flags.mark_flag_as_required("workdir")
 
-# Exit codes scripts can rely on.
-EXIT_OK, EXIT_BAD_INPUT = 0, 2
+# Exit codes scripts can rely on (README, "Exit codes"); 75 = preempted, see train/preemption.py.
+EXIT_OK, EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_IO = 0, 2, 3, 4
 
 
 def _setup_logging(is_main: bool) -> None:
@@ -46,16 +48,29 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   import jax
 
-  from train import distributed, trainer
+  from train import checkpointing, distributed, loop, preemption, trainer
 
+  if not jax.config.jax_compilation_cache_dir:
+    # Restarts (resume, preemption, tests) then skip recompiling the same steps.
+    jax.config.update(
+      "jax_compilation_cache_dir", os.path.expanduser("~/.cache/loom/jax_compilation_cache")
+    )
   multi = distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   _setup_logging(is_main=jax.process_index() == 0)
   code = EXIT_OK
   try:
-    trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    report = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    if report["preempted"]:
+      code = preemption.EXIT_PREEMPTED
   except (ValueError, FileNotFoundError) as e:  # bad input: the message says what to change
     print(f"loom: error: {e}", file=sys.stderr, flush=True)
     code = EXIT_BAD_INPUT
+  except loop.DivergenceError as e:
+    print(f"loom: error: {e}", file=sys.stderr, flush=True)
+    code = EXIT_DIVERGED
+  except (checkpointing.CheckpointSaveError, OSError) as e:  # full disk, permissions, ...
+    print(f"loom: error: {e}", file=sys.stderr, flush=True)
+    code = EXIT_IO
   if multi:
     # Ending the cluster explicitly and leaving with os._exit avoids a CPU-client destructor
     # hang at interpreter exit seen in ~25% of multi-process runs (NOTES.md).

@@ -20,7 +20,8 @@ from ml_collections import config_flags
 import configs
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(os.path.dirname(configs.__file__), "bench_r.py"), "Config file.")
+  "config", os.path.join(os.path.dirname(configs.__file__), "bench_r.py"), "Config file."
+)
 _WHAT = flags.DEFINE_enum("what", "step", ["step", "input"], "What to measure.")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps (after warm-up).")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
@@ -34,12 +35,16 @@ def synthetic_batch(config, vocab_size: int, sharding, seed: int = 0):
   shape = (config.train.batch_size, config.data.seq_len)
   tokens = jax.random.randint(jax.random.key(seed), (shape[0], shape[1] + 1), 0, vocab_size)
   batch = {
-      "inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-      "positions": jnp.broadcast_to(jnp.arange(shape[1], dtype=jnp.int32), shape),
-      "segment_ids": jnp.ones(shape, jnp.int32), "weights": jnp.ones(shape, jnp.float32),
+    "inputs": tokens[:, :-1],
+    "targets": tokens[:, 1:],
+    "positions": jnp.broadcast_to(jnp.arange(shape[1], dtype=jnp.int32), shape),
+    "segment_ids": jnp.ones(shape, jnp.int32),
+    "weights": jnp.ones(shape, jnp.float32),
   }
-  return {k: jax.device_put(v.astype(jnp.float32 if k == "weights" else jnp.int32), sharding)
-          for k, v in batch.items()}
+  return {
+    k: jax.device_put(v.astype(jnp.float32 if k == "weights" else jnp.int32), sharding)
+    for k, v in batch.items()
+  }
 
 
 def bench_step(config, steps: int, warmup: int) -> dict:
@@ -56,7 +61,8 @@ def bench_step(config, steps: int, warmup: int) -> dict:
   vocab = config.model.vocab_size if config.model.vocab_size > 0 else ByteTokenizer.vocab_size
   model_cfg = ModelConfig.from_config(config.model, seq_len=config.data.seq_len, vocab_size=vocab)
   tx, spec, batch_sharding, train_step, _, meter = trainer.build_steps(
-      config, mesh, rules, model_cfg)
+    config, mesh, rules, model_cfg
+  )
   state = state_lib.init_state(spec, model_cfg, tx, mesh, rules, config.seed)
   batch = synthetic_batch(config, model_cfg.vocab_size, batch_sharding)
   for _ in range(warmup):
@@ -71,19 +77,19 @@ def bench_step(config, steps: int, warmup: int) -> dict:
   step_time = statistics.median(times)
   tokens_per_second = config.train.batch_size * config.data.seq_len / step_time
   return {
-      "tokens_per_second": tokens_per_second,
-      "step_time_s": step_time,
-      "step_time_min_s": min(times),
-      "step_time_max_s": max(times),
-      "mfu": meter.mfu(tokens_per_second),
-      "flops_per_token": meter.flops_per_token,
-      "peak_flops_per_second": meter.peak_flops_per_second,
-      "compile_time_s": meter.seconds["compile"],
-      "devices": jax.device_count(),
-      "device_kind": jax.devices()[0].device_kind,
-      "mesh": mesh_lib.describe(mesh),
-      "final_loss": float(metrics["train/loss"]),
-      "config": json.loads(config.to_json_best_effort()),
+    "tokens_per_second": tokens_per_second,
+    "step_time_s": step_time,
+    "step_time_min_s": min(times),
+    "step_time_max_s": max(times),
+    "mfu": meter.mfu(tokens_per_second),
+    "flops_per_token": meter.flops_per_token,
+    "peak_flops_per_second": meter.peak_flops_per_second,
+    "compile_time_s": meter.seconds["compile"],
+    "devices": jax.device_count(),
+    "device_kind": jax.devices()[0].device_kind,
+    "mesh": mesh_lib.describe(mesh),
+    "final_loss": float(metrics["train/loss"]),
+    "config": json.loads(config.to_json_best_effort()),
   }
 
 

@@ -8,30 +8,119 @@ with the current shardings, so a checkpoint saved on one mesh restores onto anot
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
+import shutil
+import time
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+log = logging.getLogger("loom")
+
+CHECKSUMS = "loom_checksums.json"  # written into each step directory once its save is complete
 
 
 class CheckpointMismatchError(ValueError):
   """The checkpoint was written by a run with other data or another model."""
 
 
+class CheckpointSaveError(RuntimeError):
+  """A save failed (full disk, lost permissions, ...); the older checkpoints are untouched."""
+
+
+class CheckpointCorruptError(ValueError):
+  """No checkpoint of the run could be verified and restored."""
+
+
+def _sha256(path: str) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def _files(step_dir: str) -> list[str]:
+  found = []
+  for root, _, names in os.walk(step_dir):
+    for name in names:
+      rel = os.path.relpath(os.path.join(root, name), step_dir)
+      if rel != CHECKSUMS:
+        found.append(rel)
+  return sorted(found)
+
+
+def seal(step_dir: str) -> None:
+  """Records size and sha256 of every file of a complete checkpoint (atomically)."""
+  table = {
+    rel: {
+      "bytes": os.path.getsize(os.path.join(step_dir, rel)),
+      "sha256": _sha256(os.path.join(step_dir, rel)),
+    }
+    for rel in _files(step_dir)
+  }
+  tmp = os.path.join(step_dir, CHECKSUMS + ".tmp")
+  with open(tmp, "w") as f:
+    json.dump(table, f, indent=1)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, os.path.join(step_dir, CHECKSUMS))
+
+
+def verify(step_dir: str) -> list[str]:
+  """Problems found in a checkpoint directory (empty = it matches its checksums).
+
+  A checkpoint that Orbax finished but that was never sealed (the process died in between) has no
+  checksum file; it is reported as ``unsealed`` and is not treated as corrupt.
+  """
+  path = os.path.join(step_dir, CHECKSUMS)
+  if not os.path.exists(path):
+    return []
+  try:
+    with open(path) as f:
+      table = json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    return [f"{path}: unreadable checksum file ({e})"]
+  problems = []
+  for rel, expected in table.items():
+    full = os.path.join(step_dir, rel)
+    if not os.path.exists(full):
+      problems.append(f"{full}: missing")
+    elif os.path.getsize(full) != expected["bytes"]:
+      problems.append(f"{full}: {os.path.getsize(full)} bytes, expected {expected['bytes']}")
+    elif _sha256(full) != expected["sha256"]:
+      problems.append(f"{full}: contents changed (sha256 mismatch)")
+  extra = sorted(set(_files(step_dir)) - set(table))
+  problems.extend(
+    f"{os.path.join(step_dir, rel)}: not part of the saved checkpoint" for rel in extra
+  )
+  return problems
+
+
+def is_sealed(step_dir: str) -> bool:
+  return os.path.exists(os.path.join(step_dir, CHECKSUMS))
+
+
 class Checkpointer:
-  """The run's CheckpointManager under ``WORKDIR/checkpoints``."""
+  """The run's CheckpointManager under ``WORKDIR/checkpoints``, with checksums and fallback."""
 
   def __init__(self, directory: str, *, max_to_keep: int, async_save: bool):
     self.directory = os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep,
-        enable_async_checkpointing=async_save,
-        cleanup_tmp_directories=True,  # removes saves that were interrupted by a crash
-        create=True,
+      max_to_keep=max_to_keep,
+      enable_async_checkpointing=async_save,
+      cleanup_tmp_directories=True,  # removes saves that were interrupted by a crash
+      create=True,
     )
     self._manager = ocp.CheckpointManager(
-        self.directory, item_names=("state", "metadata"), options=options)
+      self.directory, item_names=("state", "metadata"), options=options
+    )
+    self._unsealed: list[int] = []
+    self.is_main = jax.process_index() == 0
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -39,36 +128,120 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
 
+  def step_dir(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
   def save(self, step: int, state: Any, metadata: dict[str, Any]) -> bool:
-    """Starts saving (in the background when async); returns whether a save was started."""
-    return self._manager.save(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), metadata=ocp.args.JsonSave(metadata)),
-        force=True,
+    """Starts saving (in the background when async); returns whether a save was started.
+
+    The previous save is finished and sealed with its checksums first.
+    """
+    self.wait()
+    started = self._manager.save(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), metadata=ocp.args.JsonSave(metadata)
+      ),
+      force=True,
     )
+    if started:
+      self._unsealed.append(step)
+    return started
+
+  def _seal_finished(self) -> None:
+    for step in self._unsealed:
+      if self.is_main and os.path.isdir(self.step_dir(step)):
+        seal(self.step_dir(step))
+    self._unsealed = []
 
   def metadata(self, step: int) -> dict[str, Any]:
-    restored = self._manager.restore(
-        step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))
+    restored = self._manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))
     return restored["metadata"]
 
   def restore(self, step: int, abstract_state: Any) -> Any:
     """Restores ``state`` at ``step`` into the shardings of ``abstract_state``."""
     restored = self._manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+    )
     return restored["state"]
 
   def wait(self) -> None:
-    """Blocks until a background save has finished."""
-    self._manager.wait_until_finished()
+    """Blocks until a background save has finished, then seals it."""
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001 - Orbax re-raises whatever its writer threads hit
+      steps, self._unsealed = self._unsealed, []
+      good = [step for step in self.all_steps() if step not in steps]
+      raise CheckpointSaveError(
+        f"saving the checkpoint of step {steps} under {self.directory} failed: "
+        f"{type(e).__name__}: {str(e)[:400]}. Older checkpoints are intact (latest: "
+        f"{max(good) if good else 'none'}); fix the cause (free disk space?) and rerun the "
+        f"same command to resume."
+      ) from e
+    self._seal_finished()
+
+  def quarantine(self, step: int, reason: str) -> str:
+    """Moves a bad checkpoint aside (never deletes it) so the run can go on without it."""
+    target = os.path.join(
+      os.path.dirname(self.directory),
+      "checkpoints_corrupt",
+      f"{step}-{time.strftime('%Y%m%d-%H%M%S')}",
+    )
+    if self.is_main:
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      shutil.move(self.step_dir(step), target)
+      with open(os.path.join(target, "REASON.txt"), "w") as f:
+        f.write(reason + "\n")
+    self._manager.reload()
+    return target
+
+  def restore_latest_good(
+    self, abstract_state: Any, *, verify_checksums: bool, check_metadata
+  ) -> tuple[int, Any] | None:
+    """Restores the newest checkpoint that verifies and loads; None if there is none at all.
+
+    A corrupt checkpoint is reported by path, moved to ``checkpoints_corrupt/`` and the next older
+    one is tried. ``check_metadata(metadata)`` may raise to refuse a checkpoint of another run.
+    """
+    steps = sorted(self.all_steps(), reverse=True)
+    if not steps:
+      return None
+    failures = []
+    for step in steps:
+      step_dir = self.step_dir(step)
+      problems = verify(step_dir) if verify_checksums else []
+      if not problems:
+        try:
+          metadata = self.metadata(step)
+        except Exception as e:  # noqa: BLE001 - any unreadable metadata means a bad checkpoint
+          problems = [f"{step_dir}: metadata unreadable ({type(e).__name__}: {e})"]
+      if not problems:
+        check_metadata(metadata)  # a mismatch is the user's decision, not corruption: raise
+        try:
+          state = self.restore(step, abstract_state)
+        except Exception as e:  # noqa: BLE001 - a truncated or garbled array file
+          problems = [f"{step_dir}: restore failed ({type(e).__name__}: {str(e)[:300]})"]
+      if not problems:
+        if self.is_main and not is_sealed(step_dir):
+          seal(step_dir)  # complete in Orbax's eyes, but the process died before sealing it
+        return step, state
+      reason = "; ".join(problems)
+      log.error("checkpoint at step %d is corrupt, falling back to an older one: %s", step, reason)
+      moved = self.quarantine(step, reason)
+      log.error("moved the corrupt checkpoint to %s", moved)
+      failures.append(reason)
+    raise CheckpointCorruptError(
+      f"no checkpoint in {self.directory} could be restored; all were moved to "
+      f"checkpoints_corrupt/: " + " | ".join(failures)
+    )
 
   def close(self) -> None:
     self._manager.close()
 
 
-def check_compatible(saved: dict[str, Any], current: dict[str, Any], *, path: str,
-                     allow_mismatch: bool) -> list[str]:
+def check_compatible(
+  saved: dict[str, Any], current: dict[str, Any], *, path: str, allow_mismatch: bool
+) -> list[str]:
   """Compares the saved and current data fingerprint and model config.
 
   Returns the differences found (for the log). Raises CheckpointMismatchError unless
@@ -77,17 +250,19 @@ def check_compatible(saved: dict[str, Any], current: dict[str, Any], *, path: st
   problems = []
   if saved.get("data_fingerprint") != current["data_fingerprint"]:
     problems.append(
-        f"data fingerprint {saved.get('data_fingerprint')!r} in the checkpoint, "
-        f"{current['data_fingerprint']!r} now")
+      f"data fingerprint {saved.get('data_fingerprint')!r} in the checkpoint, "
+      f"{current['data_fingerprint']!r} now"
+    )
   saved_model, current_model = saved.get("model_config", {}), current["model_config"]
   for key in sorted(set(saved_model) | set(current_model)):
     if saved_model.get(key) != current_model.get(key):
       problems.append(
-          f"model.{key}={saved_model.get(key)!r} in the checkpoint, {current_model.get(key)!r} now")
+        f"model.{key}={saved_model.get(key)!r} in the checkpoint, {current_model.get(key)!r} now"
+      )
   if problems and not allow_mismatch:
     raise CheckpointMismatchError(
-        f"the checkpoint in {path} was written by a different run: " + "; ".join(problems)
-        + ". Use a new --workdir, or pass --config.checkpoint.allow_mismatch=True to resume anyway.")
+      f"the checkpoint in {path} was written by a different run: "
+      + "; ".join(problems)
+      + ". Use a new --workdir, or pass --config.checkpoint.allow_mismatch=True to resume anyway."
+    )
   return problems
-
-

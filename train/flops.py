@@ -44,8 +44,9 @@ def forward_flops_per_token(cfg: ModelConfig, context: int) -> int:
   return 2 * matmul_params(cfg) + attention_flops_per_token(cfg, context)
 
 
-def measure_matmul_peak(device: jax.Device | None = None, *, size: int = 2048,
-                        dtype=jnp.float32, repeats: int = 10) -> float:
+def measure_matmul_peak(
+  device: jax.Device | None = None, *, size: int = 2048, dtype=jnp.float32, repeats: int = 10
+) -> float:
   """Median FLOP/s of a square matmul on one device, measured now, in this process."""
   device = device or jax.local_devices()[0]
   key_a, key_b = jax.random.split(jax.random.key(0))

@@ -106,6 +106,8 @@ class Progress:
     eta = elapsed / done * (1 - done) if done > 0 else float("nan")
     filled = int(20 * step / max(self.total, 1))
     bar = "#" * filled + "-" * (20 - filled)
-    line = (f"[{bar}] step {step}/{self.total}  loss {loss:.4f}  "
-            f"{tokens_per_second:,.0f} tok/s  MFU {mfu:.1%}  ETA {_duration(eta)}")
+    line = (
+      f"[{bar}] step {step}/{self.total}  loss {loss:.4f}  "
+      f"{tokens_per_second:,.0f} tok/s  MFU {mfu:.1%}  ETA {_duration(eta)}"
+    )
     print(line, file=sys.stderr, flush=True)

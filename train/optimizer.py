@@ -73,12 +73,13 @@ def make_optimizer(optim_config, total_steps: int) -> optax.GradientTransformati
   if optim_config.grad_clip_norm > 0:
     parts.append(optax.clip_by_global_norm(optim_config.grad_clip_norm))
   parts.append(
-      optax.adamw(
-          schedule,
-          b1=optim_config.b1,
-          b2=optim_config.b2,
-          eps=optim_config.eps,
-          weight_decay=optim_config.weight_decay,
-          mask=lambda params: weight_decay_mask(params, optim_config),
-      ))
+    optax.adamw(
+      schedule,
+      b1=optim_config.b1,
+      b2=optim_config.b2,
+      eps=optim_config.eps,
+      weight_decay=optim_config.weight_decay,
+      mask=lambda params: weight_decay_mask(params, optim_config),
+    )
+  )
   return optax.chain(*parts)

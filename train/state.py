@@ -36,18 +36,29 @@ def _init_params(model_cfg: ModelConfig, seed: int) -> tuple[nnx.GraphDef, nnx.S
 
 
 def _train_state(params, tx: optax.GradientTransformation) -> dict[str, Any]:
-  return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+  """The train state pytree (see train/step.py for what each entry means)."""
+  return {
+    "step": jnp.zeros((), jnp.int32),
+    "data_offset": jnp.zeros((), jnp.int32),
+    "params": params,
+    "opt_state": tx.init(params),
+    "loss_ema": jnp.zeros((), jnp.float32),
+    "skipped_nonfinite": jnp.zeros((), jnp.int32),
+    "skipped_spikes": jnp.zeros((), jnp.int32),
+  }
 
 
-def state_spec(model_cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh,
-               rules, seed: int = 0) -> StateSpec:
+def state_spec(
+  model_cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh, rules, seed: int = 0
+) -> StateSpec:
   """Shapes and shardings of the train state, without allocating it."""
   with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
     graphdef, abstract_vars = nnx.eval_shape(lambda: _init_params(model_cfg, seed))
     param_specs = nnx.to_pure_dict(nnx.get_partition_spec(abstract_vars))
     # Shapes only: the optimizer state's shardings are derived from the parameters' below.
-    abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                                   nnx.to_pure_dict(abstract_vars))
+    abstract_params = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(abstract_vars)
+    )
   abstract = jax.eval_shape(lambda: _train_state(abstract_params, tx))
 
   def named(spec):
@@ -55,21 +66,28 @@ def state_spec(model_cfg: ModelConfig, tx: optax.GradientTransformation, mesh: M
 
   param_shardings = jax.tree.map(named, param_specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
   opt_shardings = optax.tree_utils.tree_map_params(
-      tx,
-      lambda _, sharding: sharding,
-      abstract["opt_state"],
-      param_shardings,
-      transform_non_params=lambda _: named(PartitionSpec()),
+    tx,
+    lambda _, sharding: sharding,
+    abstract["opt_state"],
+    param_shardings,
+    transform_non_params=lambda _: named(PartitionSpec()),
   )
-  shardings = {"step": named(PartitionSpec()), "params": param_shardings,
-               "opt_state": opt_shardings}
+  shardings = {key: named(PartitionSpec()) for key in abstract}  # scalars: replicated
+  shardings.update(params=param_shardings, opt_state=opt_shardings)
   abstract = jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings
+  )
   return StateSpec(graphdef=graphdef, abstract=abstract, shardings=shardings)
 
 
-def init_state(spec: StateSpec, model_cfg: ModelConfig, tx: optax.GradientTransformation,
-               mesh: Mesh, rules, seed: int):
+def init_state(
+  spec: StateSpec,
+  model_cfg: ModelConfig,
+  tx: optax.GradientTransformation,
+  mesh: Mesh,
+  rules,
+  seed: int,
+):
   """Creates the train state directly in its shardings: no full copy lands on one device."""
 
   def init():

@@ -15,16 +15,21 @@ import optax
 from flax import nnx
 
 Batch = dict[str, jax.Array]
-# The train state is a plain dict pytree: {"step": int32[], "params": nnx.State, "opt_state": ...}.
+# The train state is a plain dict pytree: {"step": int32[], "params": {...}, "opt_state": ...,
+# "data_offset": int32[] (data positions skipped by rollbacks), "loss_ema": float32[],
+# "skipped_nonfinite": int32[], "skipped_spikes": int32[]}.
 TrainState = dict[str, Any]
 
 
-def loss_sums(params: nnx.State, graphdef: nnx.GraphDef, batch: Batch) -> tuple[jax.Array, jax.Array]:
+def loss_sums(
+  params: nnx.State, graphdef: nnx.GraphDef, batch: Batch
+) -> tuple[jax.Array, jax.Array]:
   """Summed next-token cross-entropy over real tokens, and the number of real tokens."""
   model = nnx.merge(graphdef, params)
   logits_BLV = model(batch["inputs"], batch["positions"], batch["segment_ids"])
   losses_BL = optax.softmax_cross_entropy_with_integer_labels(
-      logits_BLV.astype(jnp.float32), batch["targets"])
+    logits_BLV.astype(jnp.float32), batch["targets"]
+  )
   weights_BL = batch["weights"].astype(jnp.float32)
   return jnp.sum(losses_BL * weights_BL), jnp.sum(weights_BL)
 
@@ -53,32 +58,70 @@ def gradients(params, graphdef, batch: Batch, microbatches: int):
     def accumulate(carry, micro):
       (loss_sum, weight_sum), grads = grad_fn(params, graphdef, micro)
       acc_loss, acc_weight, acc_grads = carry
-      return (acc_loss + loss_sum, acc_weight + weight_sum,
-              jax.tree.map(jnp.add, acc_grads, grads)), None
+      return (
+        acc_loss + loss_sum,
+        acc_weight + weight_sum,
+        jax.tree.map(jnp.add, acc_grads, grads),
+      ), None
 
     zeros = jax.tree.map(jnp.zeros_like, params)
     init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros)
     (loss_sum, weight_sum, grad_sums), _ = jax.lax.scan(
-        accumulate, init, _split_microbatches(batch, microbatches))
+      accumulate, init, _split_microbatches(batch, microbatches)
+    )
   denominator = jnp.maximum(weight_sum, 1.0)
   grads = jax.tree.map(lambda g: g / denominator, grad_sums)
   return loss_sum / denominator, weight_sum, grads
 
 
-def train_step(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef,
-               tx: optax.GradientTransformation, schedule: optax.Schedule,
-               microbatches: int = 1) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimizer step on one global batch."""
+def train_step(
+  state: TrainState,
+  batch: Batch,
+  *,
+  graphdef: nnx.GraphDef,
+  tx: optax.GradientTransformation,
+  schedule: optax.Schedule,
+  microbatches: int = 1,
+  spike_factor: float = 0.0,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer step on one global batch.
+
+  A step whose loss or gradients are not finite never reaches the parameters or the optimizer
+  state: it is skipped and counted. With ``spike_factor > 0`` a loss above ``spike_factor`` × the
+  running mean of accepted losses is skipped too (a loss spike). The data position still advances.
+  """
   loss, tokens, grads = gradients(state["params"], graphdef, batch, microbatches)
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  ema = state["loss_ema"]
+  spike = (spike_factor > 0) & (ema > 0) & (loss > spike_factor * ema)
+  accept = finite & ~spike
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
   params = optax.apply_updates(state["params"], updates)
-  new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
+
+  def choose(new, old):
+    return jax.tree.map(lambda n, o: jnp.where(accept, n, o), new, old)
+
+  new_state = {
+    "step": state["step"] + 1,
+    "data_offset": state["data_offset"],
+    "params": choose(params, state["params"]),
+    "opt_state": choose(opt_state, state["opt_state"]),
+    # Running mean of accepted losses over ~10 steps (the first accepted loss starts it).
+    "loss_ema": jnp.where(accept, jnp.where(ema > 0, 0.9 * ema + 0.1 * loss, loss), ema),
+    "skipped_nonfinite": state["skipped_nonfinite"] + (~finite).astype(jnp.int32),
+    "skipped_spikes": state["skipped_spikes"] + (finite & spike).astype(jnp.int32),
+  }
   metrics = {
-      "train/loss": loss,
-      "train/grad_norm": optax.tree.norm(grads),
-      "train/param_norm": optax.tree.norm(params),
-      "train/learning_rate": schedule(state["step"]),
-      "train/tokens": tokens,
+    "train/loss": loss,
+    "train/grad_norm": grad_norm,
+    "train/param_norm": optax.tree.norm(new_state["params"]),
+    "train/learning_rate": schedule(state["step"]),
+    "train/tokens": tokens,
+    "train/skipped": (~accept).astype(jnp.int32),
+    "train/spike": spike.astype(jnp.int32),
+    "train/skipped_nonfinite_total": new_state["skipped_nonfinite"],
+    "train/skipped_spikes_total": new_state["skipped_spikes"],
   }
   return new_state, metrics
 

@@ -1,0 +1,296 @@
+"""Preemption, crashes, corruption, divergence and full disks never lose work."""
+
+import glob
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+from cli_helpers import REPO, read_metrics, run_train, train_command, train_env, train_losses
+
+from train import ckpt as ckpt_cli
+from train import metrics
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, cache_dir):
+  """An uninterrupted 20-step run that logs every step and checkpoints at 10 and 20."""
+  workdir = str(tmp_path_factory.mktemp("reference"))
+  result = run_train(workdir, "--config.log.every=1", cache_dir=cache_dir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir
+
+
+def _copy_without(reference, tmp_path, name, *steps):
+  copy = str(tmp_path / name)
+  shutil.copytree(reference, copy)
+  for step in steps:
+    shutil.rmtree(os.path.join(copy, "checkpoints", str(step)))
+  return copy
+
+
+def _wait_for_steps(workdir, steps, process, timeout=120):
+  deadline = time.time() + timeout
+  path = os.path.join(workdir, "metrics.jsonl")
+  while time.time() < deadline:
+    assert process.poll() is None, process.stderr.read()[-3000:]
+    if os.path.exists(path):
+      with open(path) as f:
+        if sum(1 for _ in f) >= steps:
+          return
+    time.sleep(0.05)
+  raise AssertionError(f"no {steps} logged steps within {timeout}s")
+
+
+def test_sigterm_saves_the_current_step_and_exits(tmp_path, cache_dir):
+  workdir = str(tmp_path / "w")
+  overrides = (
+    "--config.train.steps=100000",
+    "--config.log.every=1",
+    "--config.checkpoint.every=0",
+    "--config.train.eval_every=0",
+  )
+  process = subprocess.Popen(
+    train_command(workdir, *overrides, cache_dir=cache_dir),
+    cwd=REPO,
+    env=train_env(),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+  try:
+    _wait_for_steps(workdir, 10, process)
+    sent = time.time()
+    process.send_signal(signal.SIGTERM)
+    time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)  # a second signal must not corrupt anything
+    _, stderr = process.communicate(timeout=60)
+    elapsed = time.time() - sent
+  finally:
+    process.kill()
+  assert process.returncode == 75, stderr[-3000:]
+  assert elapsed < 30
+  assert "SIGTERM received again" in stderr
+  logged = max(r["step"] for r in read_metrics(workdir))
+  steps = [int(n) for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit()]
+  assert len(steps) == 1 and steps[0] >= logged
+  assert f"stopped by SIGTERM at step {steps[0]}" in stderr
+  lines, corrupt = ckpt_cli.verify_all(workdir)
+  assert corrupt == 0 and lines == [f"step {steps[0]}: ok"]
+  print(f"SIGTERM to exit: {elapsed:.2f}s at step {steps[0]}")
+  # The next run resumes exactly there.
+  result = run_train(
+    workdir, f"--config.train.steps={steps[0] + 2}", "--config.log.every=1", cache_dir=cache_dir
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f"at step {steps[0]}" in result.stderr
+
+
+def test_nonfinite_steps_are_skipped_counted_and_bounded(tmp_path, cache_dir):
+  result = run_train(str(tmp_path / "a"), "--config.debug.nan_steps=(3, 4)", cache_dir=cache_dir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "step 3 skipped (non-finite loss or gradients)" in result.stderr
+  report = json.load(open(tmp_path / "a" / "report.json"))
+  assert report["skipped_nonfinite"] == 2
+  assert np.isfinite(report["train/loss"]) and np.isfinite(report["eval/loss"])
+  events = [r for r in read_metrics(str(tmp_path / "a")) if "event" in r]
+  assert [r["step"] for r in events] == [3, 4]
+
+  result = run_train(
+    str(tmp_path / "b"),
+    "--config.debug.nan_steps=(3, 4, 5, 6)",
+    "--config.train.max_consecutive_skips=3",
+    cache_dir=cache_dir,
+  )
+  assert result.returncode == 3, result.stderr[-3000:]
+  assert "training diverged: 3 consecutive steps skipped up to step 5" in result.stderr
+
+
+def test_loss_spike_rolls_back_and_skips_the_data_window(tmp_path, cache_dir):
+  workdir = str(tmp_path / "w")
+  result = run_train(
+    workdir,
+    "--config.debug.spike_steps=(14,)",
+    "--config.log.every=1",
+    "--config.train.spike_policy=rollback",
+    "--config.train.spike_factor=1.5",
+    "--config.checkpoint.every=5",
+    cache_dir=cache_dir,
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "rolled back to step 10 after a loss spike at step 14" in result.stderr
+  report = json.load(open(os.path.join(workdir, "report.json")))
+  assert report["rollbacks"] == 1
+  events = [r["event"] for r in read_metrics(workdir) if "event" in r]
+  assert events == ["skipped: loss spike", "rollback"]
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous(reference, tmp_path, cache_dir):
+  workdir = _copy_without(reference, tmp_path, "corrupt")
+  data_files = [
+    p
+    for p in glob.glob(os.path.join(workdir, "checkpoints", "20", "state", "**"), recursive=True)
+    if os.path.isfile(p) and "/d/" in p
+  ]
+  victim = max(data_files, key=os.path.getsize)
+  with open(victim, "r+b") as f:
+    f.seek(os.path.getsize(victim) // 2)
+    f.write(b"\x00garbage\x00")
+  lines, corrupt = ckpt_cli.verify_all(workdir)
+  assert corrupt == 1 and lines[0] == "step 10: ok" and victim in "\n".join(lines)
+  verify = subprocess.run(
+    ["python", "-m", "train.ckpt", "verify", workdir], cwd=REPO, capture_output=True, text=True
+  )
+  assert verify.returncode == 1 and "step 20: CORRUPT" in verify.stdout
+
+  result = run_train(workdir, "--config.log.every=1", cache_dir=cache_dir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "checkpoint at step 20 is corrupt" in result.stderr and victim in result.stderr
+  assert "resumed" in result.stderr and "at step 10" in result.stderr
+  assert train_losses(read_metrics(workdir)) == train_losses(read_metrics(reference))
+  moved = glob.glob(os.path.join(workdir, "checkpoints_corrupt", "20-*", "REASON.txt"))
+  assert len(moved) == 1  # kept for inspection, not deleted
+  assert ckpt_cli.verify_all(workdir)[1] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+  "devices, overrides",
+  [
+    (8, ("--config.mesh.fsdp=4", "--config.mesh.tensor=2")),
+    (2, ()),
+    (1, ()),
+  ],
+)
+def test_resume_on_another_topology(reference, tmp_path, cache_dir, devices, overrides):
+  workdir = _copy_without(reference, tmp_path, "topology", 20)
+  result = run_train(
+    workdir, "--config.log.every=1", *overrides, devices=devices, cache_dir=cache_dir
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "at step 10" in result.stderr
+  expected, got = train_losses(read_metrics(reference)), train_losses(read_metrics(workdir))
+  assert sorted(got) == sorted(expected)
+  np.testing.assert_allclose(
+    [got[s] for s in sorted(got)], [expected[s] for s in sorted(got)], rtol=2e-5
+  )
+
+
+def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, cache_dir):
+  mount = tmp_path / "small_disk"
+  mount.mkdir()
+  made = subprocess.run(
+    ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)], capture_output=True, text=True
+  )
+  assert made.returncode == 0, f"tmpfs mount needs root: {made.stderr}"
+  try:
+    workdir = str(mount / "w")
+    result = run_train(workdir, "--config.train.steps=10", cache_dir=cache_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    free = os.statvfs(mount).f_bavail * os.statvfs(mount).f_frsize
+    with open(mount / "filler", "wb") as f:
+      f.write(b"\0" * (free - 40_000))
+    result = run_train(workdir, "--config.train.steps=20", cache_dir=cache_dir)
+    assert result.returncode == 4, result.stderr[-3000:]
+    assert "saving the checkpoint of step [20]" in result.stderr
+    assert "No space left on device" in result.stderr
+    assert "latest: 10" in result.stderr
+    os.remove(mount / "filler")
+    assert ckpt_cli.verify_all(workdir)[1] == 0
+    result = run_train(workdir, "--config.train.steps=20", cache_dir=cache_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "at step 10" in result.stderr
+  finally:
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_config_file_without_get_config_is_refused(tmp_path, cache_dir):
+  bad = tmp_path / "bad_config.py"
+  bad.write_text("learning_rate = 3\n")
+  result = run_train(str(tmp_path / "w"), cache_dir=cache_dir, config=str(bad))
+  assert result.returncode != 0
+  assert "get_config" in result.stderr
+
+
+def test_metrics_file_drops_torn_and_future_lines_on_resume(tmp_path):
+  path = tmp_path / "metrics.jsonl"
+  path.write_text(
+    '{"step": 5, "train/loss": 1.0}\n{"step": 10, "train/loss": 0.9}\n'
+    '{"step": 15, "train/loss": 0.8}\n{"step": 20, "tr'
+  )
+  writer = metrics.MetricsWriter(str(tmp_path), resume_step=10, tensorboard=False, enabled=True)
+  writer.write(15, {"train/loss": 0.7})
+  writer.close()
+  assert [json.loads(line) for line in path.read_text().splitlines()] == [
+    {"step": 5, "train/loss": 1.0},
+    {"step": 10, "train/loss": 0.9},
+    {"step": 15, "train/loss": 0.7},
+  ]
+
+
+@pytest.mark.slow
+def test_chaos_sigkill_at_random_moments(reference, tmp_path, cache_dir):
+  """10 SIGKILLs during training and saves; the final run equals the uninterrupted one."""
+  workdir = str(tmp_path / "chaos")
+  rng = random.Random(0)
+  overrides = ("--config.log.every=1", "--config.checkpoint.every=2")
+  # Same schedule as the reference, more frequent saves so that kills land mid-save too.
+  kills = mid_save = attempts = 0
+  while kills < 10 and attempts < 20:
+    attempts += 1
+    process = subprocess.Popen(
+      train_command(workdir, *overrides, cache_dir=cache_dir),
+      cwd=REPO,
+      env=train_env(),
+      stdout=subprocess.DEVNULL,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    try:
+      if attempts % 2:
+        # Any moment: start-up, data preparation, restore, compilation or training.
+        time.sleep(rng.uniform(1.0, 8.0))
+      else:
+        # During training, right after a step was logged, often while a save is in flight.
+        path = os.path.join(workdir, "metrics.jsonl")
+        done = len(read_metrics(workdir)) if os.path.exists(path) else 0
+        _wait_for_steps(workdir, done + 1, process)
+        time.sleep(rng.uniform(0.0, 0.1))
+      if process.poll() is None:
+        process.kill()
+        kills += 1
+        mid_save += bool(glob.glob(os.path.join(workdir, "checkpoints", "*tmp*")))
+    finally:
+      process.kill()
+      process.wait()
+  result = run_train(workdir, *overrides, cache_dir=cache_dir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  print(f"chaos: {kills} kills survived, {mid_save} while a save was in progress")
+  assert kills >= 10
+  records = read_metrics(workdir)
+  steps = [r["step"] for r in records if "train/loss" in r]
+  assert steps == sorted(set(steps)), "duplicated or torn metric lines"
+  assert train_losses(records) == train_losses(read_metrics(reference))
+  assert ckpt_cli.verify_all(workdir)[1] == 0
+  # Final parameters equal, bit for bit: compare the last checkpoints' arrays.
+  import orbax.checkpoint as ocp
+
+  def final_params(run_dir):
+    path = os.path.join(run_dir, "checkpoints", "20", "state")
+    return ocp.PyTreeCheckpointer().restore(path)["params"]
+
+  a, b = final_params(workdir), final_params(reference)
+  import jax
+
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

@@ -1,0 +1,282 @@
+"""The training loop: dispatch, fetch one step late, log, eval, checkpoint, survive failures.
+
+Called by ``trainer.train_and_evaluate`` with everything built; it owns no set-up of its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+import input_pipeline
+from train import checkpointing, generate, metrics
+
+log = logging.getLogger("loom")
+
+
+class DivergenceError(RuntimeError):
+  """The run kept producing non-finite or spiking losses; continuing would waste the job."""
+
+
+def _due(step_number: int, every: int, last: int) -> bool:
+  return step_number == last or (every > 0 and step_number % every == 0)
+
+
+def evaluate(run, params, eval_batches: list[dict[str, jax.Array]]) -> dict[str, float]:
+  """Loss, perplexity and bits per byte over the fixed validation batches."""
+  totals = [run.eval_step(params, batch) for batch in eval_batches]
+  loss_sum = sum(float(t["loss_sum"]) for t in totals)
+  tokens = sum(float(t["tokens"]) for t in totals)
+  loss = loss_sum / max(tokens, 1.0)
+  return {
+    "eval/loss": loss,
+    "eval/perplexity": math.exp(min(loss, 50.0)),
+    "eval/bits_per_byte": loss / math.log(2) / run.pipeline.bytes_per_token,
+  }
+
+
+def _poison(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """debug.nan_steps: NaN loss weights make this step's loss and gradients NaN."""
+  return dict(batch, weights=np.full_like(batch["weights"], np.nan))
+
+
+def _spike(batch: dict[str, np.ndarray], vocab_size: int) -> dict[str, np.ndarray]:
+  """debug.spike_steps: every target becomes an id the model has learned never to predict."""
+  return dict(batch, targets=np.full_like(batch["targets"], vocab_size - 1))
+
+
+class _Loop:
+  """The state of one pass of the loop (kept together so each part reads as a short method)."""
+
+  def __init__(
+    self,
+    run,
+    state,
+    start_step: int,
+    ckpt: checkpointing.Checkpointer,
+    writer: metrics.MetricsWriter,
+    watcher,
+  ):
+    self.run, self.config, self.meter = run, run.config, run.meter
+    self.state, self.step_index = state, start_step
+    self.ckpt, self.writer, self.watcher = ckpt, writer, watcher
+    self.total = self.config.train.steps
+    self.tokens_per_step = self.config.train.batch_size * self.config.data.seq_len
+    self.process = {"process_index": jax.process_index(), "process_count": jax.process_count()}
+    self.nan_steps = set(self.config.debug.nan_steps)
+    self.spike_steps = set(self.config.debug.spike_steps)
+    # XLA:CPU collectives can deadlock with many multi-device steps in flight (NOTES.md): there,
+    # bound the steps in flight to one. Everywhere else dispatch stays fully asynchronous.
+    self.block_each_step = jax.devices()[0].platform == "cpu" and jax.device_count() > 1
+    self.progress = metrics.Progress(
+      self.total, start_step, enabled=run.is_main and self.config.log.progress
+    )
+    self.summary: dict[str, Any] = {"preempted": False, "rollbacks": 0}
+    self.consecutive_skips = 0
+    self.rolled_back = False
+    self.pending = None  # (step number, metrics on device) awaiting a fetch
+    self.window_start, self.window_steps = time.perf_counter(), 0
+    self.open_batches()
+    self.eval_batches = [
+      input_pipeline.to_global(batch, run.batch_sharding)
+      for batch in run.pipeline.eval_batches(
+        global_batch_size=self.config.train.batch_size,
+        num_batches=self.config.train.eval_batches,
+        **self.process,
+      )
+    ]
+
+  def open_batches(self) -> None:
+    """Batches from data position (step + data offset): O(1) to reopen anywhere."""
+    self.data_offset = int(jax.device_get(self.state["data_offset"]))
+    self.batches = self.run.pipeline.train_batches(
+      global_batch_size=self.config.train.batch_size,
+      start_step=self.step_index + self.data_offset,
+      **self.process,
+    )
+
+  def run_all(self) -> dict[str, Any]:
+    while self.step_index < self.total:
+      self.rolled_back = False
+      step_number = self.step_index + 1  # the state's step after this update
+      self.dispatch(step_number)
+      eval_due = _due(step_number, self.config.train.eval_every, self.total)
+      stop = self.watcher.should_stop(step_number)
+      save_due = stop or _due(step_number, self.config.checkpoint.every, self.total)
+      if eval_due or save_due:
+        self.flush()  # the health checks of the last step come before evals and saves
+      if self.rolled_back:
+        continue  # the state and the data position now come from the checkpoint
+      self.step_index = step_number
+      if eval_due:
+        self.evaluate(step_number)
+      if save_due:
+        with self.meter.phase("checkpoint"):
+          self.ckpt.save(step_number, self.state, self.run_metadata())
+      if stop:
+        with self.meter.phase("checkpoint"):
+          self.ckpt.wait()
+        log.warning(
+          "stopped by %s at step %d; checkpoint saved in %s",
+          self.watcher.reason,
+          step_number,
+          self.ckpt.directory,
+        )
+        self.summary["preempted"] = True
+        break
+    self.flush()
+    self.summary["steps"] = float(self.step_index)
+    return self.summary
+
+  def run_metadata(self) -> dict[str, Any]:
+    from train import trainer
+
+    return trainer.run_metadata(self.run)
+
+  def dispatch(self, step_number: int) -> None:
+    with self.meter.phase("input_wait"):
+      host_batch = next(self.batches)
+      # Fault injection follows the data (as bad data would), not the step counter.
+      position = step_number + self.data_offset
+      if position in self.nan_steps:
+        host_batch = _poison(host_batch)
+      if position in self.spike_steps:
+        host_batch = _spike(host_batch, self.run.model_cfg.vocab_size)
+      batch = input_pipeline.to_global(host_batch, self.run.batch_sharding)
+    with self.meter.phase("train"):
+      self.state, step_metrics = self.run.train_step(self.state, batch)
+      if self.block_each_step:
+        step_metrics["train/loss"].block_until_ready()
+      previous, self.pending = self.pending, (step_number, step_metrics)
+      if previous is not None:
+        self.handle(*previous)
+    self.meter.tokens += self.tokens_per_step
+    self.window_steps += 1
+
+  def flush(self) -> None:
+    if self.pending is not None:
+      previous, self.pending = self.pending, None
+      with self.meter.phase("train"):
+        self.handle(*previous)
+
+  def handle(self, step_number: int, device_metrics) -> None:
+    """Step N's metrics, fetched after step N+1 was dispatched: health checks, then logging."""
+    values = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+    if values["train/skipped"]:
+      self.on_skipped(step_number, values)
+    else:
+      self.consecutive_skips = 0
+    if _due(step_number, self.config.log.every, self.total):
+      now = time.perf_counter()
+      tokens_per_second, mfu = self.meter.record_window(
+        self.window_steps * self.tokens_per_step, now - self.window_start
+      )
+      self.window_start, self.window_steps = now, 0
+      values.update({"perf/tokens_per_second": tokens_per_second, "perf/mfu": mfu})
+      self.writer.write(step_number, values)
+      self.progress.update(step_number, values["train/loss"], tokens_per_second, mfu)
+    self.summary["train/loss"] = values["train/loss"]
+    self.summary["skipped_nonfinite"] = int(values["train/skipped_nonfinite_total"])
+    self.summary["skipped_spikes"] = int(values["train/skipped_spikes_total"])
+
+  def on_skipped(self, step_number: int, values: dict[str, float]) -> None:
+    self.consecutive_skips += 1
+    kind = "loss spike" if values["train/spike"] else "non-finite loss or gradients"
+    log.warning(
+      "step %d skipped (%s): loss %s, grad norm %s; %d in a row",
+      step_number,
+      kind,
+      values["train/loss"],
+      values["train/grad_norm"],
+      self.consecutive_skips,
+    )
+    self.writer.write(
+      step_number,
+      {
+        "event": f"skipped: {kind}",
+        "train/loss": values["train/loss"],
+        "train/grad_norm": values["train/grad_norm"],
+      },
+    )
+    limit = self.config.train.max_consecutive_skips
+    if self.consecutive_skips >= limit:
+      raise DivergenceError(
+        f"training diverged: {self.consecutive_skips} consecutive steps skipped up to step "
+        f"{step_number} (last loss {values['train/loss']}, grad norm "
+        f"{values['train/grad_norm']}; train.max_consecutive_skips={limit}). Lower "
+        f"optim.learning_rate, raise optim.warmup_steps, or check the data; the last good "
+        f"checkpoint is in {self.ckpt.directory}"
+      )
+    if values["train/spike"] and self.config.train.spike_policy == "rollback":
+      self.rollback(step_number)
+
+  def rollback(self, spike_step: int) -> None:
+    """Back to the newest checkpoint; the data between it and the spike is skipped for good."""
+    if self.summary["rollbacks"] >= self.config.train.max_rollbacks:
+      raise DivergenceError(
+        f"loss spike at step {spike_step} after {self.summary['rollbacks']} rollbacks "
+        f"(train.max_rollbacks={self.config.train.max_rollbacks}); stopping. Lower "
+        f"optim.learning_rate or inspect the data around step {spike_step}"
+      )
+    self.ckpt.wait()
+    latest = self.ckpt.latest_step()
+    if latest is None:
+      log.warning(
+        "loss spike at step %d: no checkpoint to roll back to yet; step skipped", spike_step
+      )
+      return
+    self.pending = None  # steps after the checkpoint are discarded
+    self.state = self.ckpt.restore(latest, self.run.spec.abstract)
+    skipped = spike_step - latest  # data positions of steps latest+1 .. spike_step
+    offset = int(jax.device_get(self.state["data_offset"])) + skipped
+    self.state = dict(
+      self.state,
+      data_offset=jax.device_put(np.int32(offset), self.run.spec.shardings["data_offset"]),
+    )
+    self.step_index = latest
+    self.open_batches()
+    self.summary["rollbacks"] += 1
+    self.consecutive_skips = 0
+    self.rolled_back = True
+    log.warning(
+      "rolled back to step %d after a loss spike at step %d; skipping %d batches of "
+      "data (data offset now %d)",
+      latest,
+      spike_step,
+      skipped,
+      offset,
+    )
+    self.writer.write(spike_step, {"event": "rollback", "to_step": latest, "data_offset": offset})
+
+  def evaluate(self, step_number: int) -> None:
+    with self.meter.phase("eval"):
+      eval_metrics = evaluate(self.run, self.state["params"], self.eval_batches)
+      sample = generate.sample_for_eval(self.run, self.state["params"])
+    self.writer.write(step_number, eval_metrics)
+    self.summary.update(eval_metrics)
+    if self.run.is_main:
+      log.info(
+        "eval at step %d: %s",
+        step_number,
+        ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()),
+      )
+      if sample is not None:
+        log.info("sample at step %d: %r", step_number, sample)
+    self.window_start = time.perf_counter()  # eval time is not train throughput
+
+
+def train_loop(
+  run,
+  state,
+  start_step: int,
+  ckpt: checkpointing.Checkpointer,
+  writer: metrics.MetricsWriter,
+  watcher,
+) -> dict[str, Any]:
+  """Runs steps start_step+1 .. config.train.steps (or until preempted); returns a summary."""
+  return _Loop(run, state, start_step, ckpt, writer, watcher).run_all()
