@@ -9,7 +9,7 @@ SCHEDULES = ("cosine", "linear", "constant")
 
 
 def learning_rate_schedule(optim_config, total_steps: int) -> optax.Schedule:
-  """Linear warmup to the peak, then cosine / linear decay to ``min_lr_ratio`` × peak, or constant."""
+  """Linear warmup to the peak, then cosine / linear decay to ``min_lr_ratio`` × peak, or flat."""
   peak = optim_config.learning_rate
   warmup = min(optim_config.warmup_steps, total_steps)
   floor = peak * optim_config.min_lr_ratio

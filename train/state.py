@@ -1,7 +1,8 @@
 """Born-sharded train state: ``jax.eval_shape`` -> shardings from logical names -> jitted init.
 
-The state is a plain pytree, ``{"step": int32[], "params": <nested dict>, "opt_state": ...}``, so the
-step, the checkpoints and the optimizer all see ordinary dicts of arrays. Parameters carry logical
+The state is a plain pytree, ``{"step": int32[], "params": <nested dict>, "opt_state": ...}``,
+so the step, the checkpoints and the optimizer all see ordinary dicts of arrays. Parameters carry
+logical
 axis names in the model (``nnx.with_partitioning``); the rules in config turn them into mesh
 shardings here, and the optimizer state inherits the shardings of the parameters it mirrors.
 """

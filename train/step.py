@@ -1,8 +1,9 @@
 """The pure train and eval steps: ``(state, batch) -> (state, metrics)`` over pytrees.
 
 They know nothing of files, flags or meshes. The trainer binds the static arguments (the model's
-graph definition, the optimizer, the micro-batch count) with ``functools.partial`` and jits each step
-once with its shardings and donation. Called unjitted, they are ordinary functions (tests do that).
+graph definition, the optimizer, the micro-batch count) with ``functools.partial`` and jits each
+step once with its shardings and donation. Called unjitted, they are ordinary functions (as in
+the tests).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def loss_sums(
 
 
 def _split_microbatches(batch: Batch, microbatches: int) -> Batch:
-  """[B, L] -> [k, B/k, L] where micro-batch j holds rows j, j+k, ...: every device keeps its rows."""
+  """[B, L] -> [k, B/k, L]; micro-batch j holds rows j, j+k, ...: every device keeps its rows."""
 
   def split(x):
     rows = x.shape[0]
@@ -127,6 +128,6 @@ def train_step(
 
 
 def eval_step(params: nnx.State, batch: Batch, *, graphdef: nnx.GraphDef) -> dict[str, jax.Array]:
-  """Summed loss and token count of one eval batch (summed again over the eval set by the caller)."""
+  """Summed loss and token count of one eval batch (the caller sums over the eval set)."""
   loss_sum, weight_sum = loss_sums(params, graphdef, batch)
   return {"loss_sum": loss_sum, "tokens": weight_sum}
