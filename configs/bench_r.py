@@ -22,6 +22,9 @@ def get_config():
   c.model.positions = "learned"
   c.model.tie_embeddings = True
   c.model.dtype = "float32"
+  # On a CPU, unrolled layers run ~25% faster than a scan over stacked layers (the loop blocks
+  # fusion across layers and copies each layer's slice of the stacked weights).
+  c.model.scan_layers = False
   c.train.batch_size = 32
   c.mesh.fsdp = -1
   return c

@@ -17,6 +17,7 @@ def get_config():
   c.data.spm_vocab_size = 32000
   c.data.seq_len = 1024
   c.model.vocab_size = 32768  # the tokenizer's 32000, padded to a multiple of 128 for the MXU
+  c.model.scan_layers = True  # one compiled layer body: fast compiles at any depth
   c.model.d_model = 768
   c.model.num_layers = 12
   c.model.num_heads = 12

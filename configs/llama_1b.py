@@ -16,6 +16,7 @@ def get_config():
   c.data.spm_vocab_size = 32000
   c.data.seq_len = 2048
   c.model.vocab_size = 128256
+  c.model.scan_layers = True  # one compiled layer body: fast compiles at any depth
   c.model.d_model = 2048
   c.model.num_layers = 16
   c.model.num_heads = 32

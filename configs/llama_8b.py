@@ -17,6 +17,7 @@ def get_config():
   c.data.spm_vocab_size = 32000
   c.data.seq_len = 8192
   c.model.vocab_size = 128256
+  c.model.scan_layers = True  # one compiled layer body: fast compiles at any depth
   c.model.d_model = 4096
   c.model.num_layers = 32
   c.model.num_heads = 32

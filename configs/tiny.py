@@ -16,6 +16,7 @@ def get_config():
   c.data.source = "files:" + os.path.join(sysconfig.get_paths()["stdlib"], "email", "*.py")
   c.data.validation_percent = 20
   c.data.seq_len = 32
+  c.model.scan_layers = True  # one compiled layer body: fast compiles at any depth
   c.model.d_model = 32
   c.model.num_layers = 2
   c.model.num_heads = 4

@@ -165,7 +165,7 @@ def _open_array(path: Path, filename: str, manifest: dict, rows: int, hint: str)
   meta = manifest["arrays"].get(filename)
   want_shape = (rows, manifest["row_width"])
   try:
-    array = np.load(file, mmap_mode="r")
+    array = np.load(file, mmap_mode="r", allow_pickle=False)  # data only, never code
   except (OSError, ValueError) as e:
     raise StoreError(f"store array {file} cannot be read ({e}); {hint}") from e
   if meta is None or tuple(array.shape) != want_shape or str(array.dtype) != meta["dtype"]:

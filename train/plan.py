@@ -14,7 +14,6 @@ activations) and says so. The last line printed is one JSON object (DESIGN.md: `
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -29,63 +28,27 @@ import ml_collections
 from flax import nnx
 
 import models
+from input_pipeline.tokenizers import ByteTokenizer
 from models.config import ModelConfig
-from train import config_checks, flops, optimizer, step
+from train import config_checks, flops
 from train import mesh as mesh_lib
 from train import state as state_lib
 from train import topology as topology_lib
-
-BATCH_FIELDS = (
-  ("inputs", jnp.int32),
-  ("targets", jnp.int32),
-  ("positions", jnp.int32),
-  ("segment_ids", jnp.int32),
-  ("weights", jnp.float32),
-)
-# The byte tokenizer's vocabulary (input_pipeline/tokenizers.py), for configs with vocab_size -1.
-BYTE_VOCAB = 258
-
-
-def abstract_batch(
-  config: ml_collections.ConfigDict, sharding: jax.sharding.NamedSharding
-) -> dict[str, jax.ShapeDtypeStruct]:
-  """Shapes, dtypes and sharding of one global train batch."""
-  shape = (config.train.batch_size, config.data.seq_len)
-  return {key: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding) for key, dtype in BATCH_FIELDS}
+from train.programs import jit_programs
 
 
 def jit_train_step(
   config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules, model_cfg: ModelConfig
 ) -> tuple[Any, state_lib.StateSpec, dict[str, Any]]:
-  """The trainer's train step, jitted with its shardings and donation, and its abstract inputs.
-
-  Returns (jitted step, state spec, abstract batch); ``jitted.lower(spec.abstract, batch)`` under
-  ``jax.set_mesh(mesh)`` and ``nnx.logical_axis_rules(rules)`` compiles it. The same wiring as
-  ``trainer.build_steps``, without measuring a peak or touching a device.
-  """
-  tx = optimizer.make_optimizer(config.optim, config.train.steps)
-  schedule = optimizer.learning_rate_schedule(config.optim, config.train.steps)
-  spec = state_lib.state_spec(model_cfg, tx, mesh, rules, seed=config.seed)
-  config_checks.check_divisible_shardings(spec.abstract, mesh)
-  batch_sharding = mesh_lib.batch_sharding(mesh, rules)
-  jitted = jax.jit(
-    functools.partial(
-      step.train_step,
-      graphdef=spec.graphdef,
-      tx=tx,
-      schedule=schedule,
-      microbatches=config.train.microbatches,
-    ),
-    in_shardings=(spec.shardings, batch_sharding),
-    out_shardings=(spec.shardings, mesh_lib.replicated(mesh)),
-    donate_argnums=0,
-  )
-  return jitted, spec, abstract_batch(config, batch_sharding)
+  """The trainer's own jitted train step (train/programs.py), its state spec and abstract batch."""
+  programs = jit_programs(config, mesh, rules, model_cfg)
+  return programs.train_step, programs.spec, programs.abstract_batch
 
 
 def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
   """The model config without building the data pipeline (-1 vocab: the tokenizer's size)."""
-  vocab = config.data.spm_vocab_size if config.data.tokenizer == "sentencepiece" else BYTE_VOCAB
+  spm = config.data.tokenizer == "sentencepiece"
+  vocab = config.data.spm_vocab_size if spm else ByteTokenizer.vocab_size
   return ModelConfig.from_config(config.model, seq_len=config.data.seq_len, vocab_size=vocab)
 
 

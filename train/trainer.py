@@ -8,7 +8,6 @@ report. Importable from Colab: ``from train import trainer; trainer.train_and_ev
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 import os
@@ -22,12 +21,13 @@ from flax import nnx
 import input_pipeline
 import models
 from models.config import ModelConfig
-from train import checkpointing, config_checks, flops, loop, metrics, optimizer, step
+from train import checkpointing, config_checks, flops, loop, metrics
 from train import mesh as mesh_lib
 from train import meter as meter_lib
 from train import state as state_lib
 from train.meter import Meter
 from train.preemption import PreemptionWatcher
+from train.programs import jit_programs
 
 log = logging.getLogger("loom")
 
@@ -87,54 +87,18 @@ def build_steps(
 
   Shared by the trainer and the benchmark so that both measure the very same program.
   """
-  tx = optimizer.make_optimizer(config.optim, config.train.steps)
-  schedule = optimizer.learning_rate_schedule(config.optim, config.train.steps)
-  spec = state_lib.state_spec(model_cfg, tx, mesh, rules, seed=config.seed)
-  config_checks.check_divisible_shardings(spec.abstract, mesh)
-
-  batch_sharding = mesh_lib.batch_sharding(mesh, rules)
-  batch_shape = (config.train.batch_size, config.data.seq_len)
-  abstract_batch = {
-    key: jax.ShapeDtypeStruct(batch_shape, dtype, sharding=batch_sharding)
-    for key, dtype in (
-      ("inputs", jnp.int32),
-      ("targets", jnp.int32),
-      ("positions", jnp.int32),
-      ("segment_ids", jnp.int32),
-      ("weights", jnp.float32),
-    )
-  }
-  replicated = mesh_lib.replicated(mesh)
+  programs = jit_programs(config, mesh, rules, model_cfg)
   # A quick measurement for the MFU column of the logs; train.bench measures longer.
-  peak = flops.measure_matmul_peak(dtype=jnp.dtype(model_cfg.dtype), size=1024, repeats=5)
+  peak = flops.measure_matmul_peak(dtype=jnp.dtype(model_cfg.dtype), repeats=5)
   if jax.devices()[0].platform != "cpu":
     peak *= jax.device_count()  # CPU "devices" share one machine: its peak is counted once
   meter = Meter(
     flops_per_token=flops.train_flops_per_token(model_cfg, config.data.seq_len),
     peak_flops_per_second=peak,
   )
-
-  train_fn = jax.jit(
-    functools.partial(
-      step.train_step,
-      graphdef=spec.graphdef,
-      tx=tx,
-      schedule=schedule,
-      microbatches=config.train.microbatches,
-      spike_factor=0.0 if config.train.spike_policy == "off" else config.train.spike_factor,
-    ),
-    in_shardings=(spec.shardings, batch_sharding),
-    out_shardings=(spec.shardings, replicated),
-    donate_argnums=0,
-  )
-  eval_fn = jax.jit(
-    functools.partial(step.eval_step, graphdef=spec.graphdef),
-    in_shardings=(spec.shardings["params"], batch_sharding),
-    out_shardings=replicated,
-  )
   with meter.phase("compile"), jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-    compiled = train_fn.lower(spec.abstract, abstract_batch).compile()
-  return tx, spec, batch_sharding, compiled, eval_fn, meter
+    compiled = programs.train_step.lower(programs.spec.abstract, programs.abstract_batch).compile()
+  return programs.tx, programs.spec, programs.batch_sharding, compiled, programs.eval_step, meter
 
 
 def run_metadata(run: Run) -> dict[str, Any]:

@@ -1,0 +1,84 @@
+"""The jitted train and eval steps with their shardings: one definition for trainer, bench and plan.
+
+``jit_programs`` wires the optimizer, the born-sharded state's shapes and shardings and the pure
+steps of ``train/step.py`` into ``jax.jit`` with ``in_shardings``, ``out_shardings`` and
+``donate_argnums`` side by side. It touches no device: the trainer compiles the result for the
+local devices, ``train.plan`` for a TPU slice it does not have.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from models.config import ModelConfig
+from train import config_checks, optimizer, step
+from train import mesh as mesh_lib
+from train import state as state_lib
+
+BATCH_FIELDS = (
+  ("inputs", jnp.int32),
+  ("targets", jnp.int32),
+  ("positions", jnp.int32),
+  ("segment_ids", jnp.int32),
+  ("weights", jnp.float32),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Programs:
+  tx: optax.GradientTransformation
+  spec: state_lib.StateSpec
+  batch_sharding: jax.sharding.NamedSharding
+  abstract_batch: dict[str, jax.ShapeDtypeStruct]
+  train_step: Any  # jitted (state, batch) -> (state, metrics); state donated
+  eval_step: Any  # jitted (params, batch) -> {"loss_sum", "tokens"}
+
+
+def abstract_batch(
+  config: ml_collections.ConfigDict, sharding: jax.sharding.NamedSharding
+) -> dict[str, jax.ShapeDtypeStruct]:
+  """Shapes, dtypes and sharding of one global train batch."""
+  shape = (config.train.batch_size, config.data.seq_len)
+  return {key: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding) for key, dtype in BATCH_FIELDS}
+
+
+def jit_programs(
+  config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules, model_cfg: ModelConfig
+) -> Programs:
+  """Compile with ``train_step.lower(spec.abstract, abstract_batch).compile()`` under
+  ``jax.set_mesh(mesh)`` and ``nnx.logical_axis_rules(rules)``."""
+  tx = optimizer.make_optimizer(config.optim, config.train.steps)
+  schedule = optimizer.learning_rate_schedule(config.optim, config.train.steps)
+  spec = state_lib.state_spec(model_cfg, tx, mesh, rules, seed=config.seed)
+  config_checks.check_divisible_shardings(spec.abstract, mesh)
+  batch_sharding = mesh_lib.batch_sharding(mesh, rules)
+  replicated = mesh_lib.replicated(mesh)
+  spike_factor = 0.0 if config.train.spike_policy == "off" else config.train.spike_factor
+  train_step = jax.jit(
+    functools.partial(
+      step.train_step,
+      graphdef=spec.graphdef,
+      tx=tx,
+      schedule=schedule,
+      microbatches=config.train.microbatches,
+      spike_factor=spike_factor,
+    ),
+    in_shardings=(spec.shardings, batch_sharding),
+    out_shardings=(spec.shardings, replicated),
+    donate_argnums=0,
+  )
+  eval_step = jax.jit(
+    functools.partial(step.eval_step, graphdef=spec.graphdef),
+    in_shardings=(spec.shardings["params"], batch_sharding),
+    out_shardings=replicated,
+  )
+  return Programs(
+    tx, spec, batch_sharding, abstract_batch(config, batch_sharding), train_step, eval_step
+  )
