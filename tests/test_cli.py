@@ -99,7 +99,7 @@ def test_changed_model_is_refused_unless_allowed(full_run, cache_dir, tmp_path):
       ["--config.train.batch_size=12"],
       "train.batch_size=12 is not divisible by the data-parallel size 8",
     ),
-    (["--config.mesh.fsdp=3"], "has 3 devices but 8 are available"),
+    (["--config.mesh.fsdp=3"], "has 3 devices but 8 devices are available"),
     (
       ["--config.model.num_kv_heads=3"],
       "model.num_heads=4 is not divisible by model.num_kv_heads=3",
