@@ -61,8 +61,10 @@ class _Loop:
     ckpt: checkpointing.Checkpointer,
     writer: metrics.MetricsWriter,
     watcher,
+    metadata: dict[str, Any],
   ):
     self.run, self.config, self.meter = run, run.config, run.meter
+    self.metadata = metadata  # saved with every checkpoint
     self.state, self.step_index = state, start_step
     self.ckpt, self.writer, self.watcher = ckpt, writer, watcher
     self.total = self.config.train.steps
@@ -117,7 +119,7 @@ class _Loop:
         self.evaluate(step_number)
       if save_due:
         with self.meter.phase("checkpoint"):
-          self.ckpt.save(step_number, self.state, self.run_metadata())
+          self.ckpt.save(step_number, self.state, self.metadata)
       if stop:
         with self.meter.phase("checkpoint"):
           self.ckpt.wait()
@@ -132,11 +134,6 @@ class _Loop:
     self.flush()
     self.summary["steps"] = float(self.step_index)
     return self.summary
-
-  def run_metadata(self) -> dict[str, Any]:
-    from train import trainer
-
-    return trainer.run_metadata(self.run)
 
   def dispatch(self, step_number: int) -> None:
     with self.meter.phase("input_wait"):
@@ -277,6 +274,10 @@ def train_loop(
   ckpt: checkpointing.Checkpointer,
   writer: metrics.MetricsWriter,
   watcher,
+  metadata: dict[str, Any],
 ) -> dict[str, Any]:
-  """Runs steps start_step+1 .. config.train.steps (or until preempted); returns a summary."""
-  return _Loop(run, state, start_step, ckpt, writer, watcher).run_all()
+  """Runs steps start_step+1 .. config.train.steps (or until preempted); returns a summary.
+
+  ``metadata`` (config, data fingerprint, model config) is saved with every checkpoint.
+  """
+  return _Loop(run, state, start_step, ckpt, writer, watcher, metadata).run_all()

@@ -186,7 +186,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       run.workdir, resume_step=start_step, tensorboard=config.log.tensorboard, enabled=run.is_main
     )
     try:
-      summary = loop.train_loop(run, state, start_step, ckpt, writer, watcher)
+      summary = loop.train_loop(run, state, start_step, ckpt, writer, watcher, run_metadata(run))
     finally:
       with run.meter.phase("checkpoint"):
         ckpt.wait()
