@@ -67,7 +67,8 @@ class TextFilesConfig(tfds.core.BuilderConfig):
   """The corpus: a root directory, the files under it and the validation share."""
 
   root: str = ""
-  files: tuple[str, ...] = ()
+  # Out of the repr: TFDS logs the whole config, and 1,800 paths would flood the log.
+  files: tuple[str, ...] = dataclasses.field(default=(), repr=False)
   validation_percent: int = 5
 
 
