@@ -3,6 +3,7 @@ clear, and it all runs sharded on the 8 fake CPU devices."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import types
@@ -190,6 +191,17 @@ def test_workdir_without_checkpoints_is_a_clear_error(tmp_path):
   with pytest.raises(FileNotFoundError, match="has no checkpoints"):
     generate.load(str(tmp_path))
   assert not (tmp_path / "checkpoints").exists()  # loading never creates anything
+
+
+def test_corrupt_checkpoint_is_refused(workdir, tmp_path):
+  copy = tmp_path / "run"
+  shutil.copytree(workdir, copy)
+  data = [p for p in (copy / "checkpoints" / "10" / "state").rglob("*") if p.is_file()]
+  victim = max(data, key=lambda p: p.stat().st_size)
+  victim.write_bytes(victim.read_bytes()[:-16] + b"\0" * 16)
+  with pytest.raises(ValueError, match="checkpoint at step 10 fails its checksums"):
+    generate.load(str(copy))
+  assert generate.load(str(copy), step=5).step == 5
 
 
 def test_missing_step_lists_the_available_steps(workdir):

@@ -80,8 +80,7 @@ def bench_step(config, steps: int, warmup: int) -> dict:
   # The peak again, after the steps: a shared or throttling machine can read low either time, and
   # MFU against the higher of the two readings is the conservative figure.
   peak_after = flops.measure_matmul_peak(dtype=jnp.dtype(model_cfg.dtype), repeats=20)
-  if jax.devices()[0].platform != "cpu":
-    peak_after *= jax.device_count()
+  peak_after *= jax.process_count() if jax.devices()[0].platform == "cpu" else jax.device_count()
   meter.peak_flops_per_second = max(meter.peak_flops_per_second, peak_after)
   return {
     "tokens_per_second": tokens_per_second,

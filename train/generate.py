@@ -35,7 +35,7 @@ from flax import nnx
 
 import input_pipeline
 from models.config import ModelConfig
-from train import energy
+from train import checkpointing, energy
 from train import mesh as mesh_lib
 from train import state as state_lib
 
@@ -124,6 +124,13 @@ def load(workdir: str, step: int | None = None, *, mesh_config: Any = None) -> M
     step = steps[-1]
   elif step not in steps:
     raise ValueError(f"--step {step} has no checkpoint in {workdir}; available steps: {steps}")
+  # The same integrity check as the trainer's restore: never sample from a corrupted checkpoint.
+  problems = checkpointing.verify(os.path.join(manager.directory, str(step)))
+  if problems:
+    raise ValueError(
+      f"checkpoint at step {step} fails its checksums: {'; '.join(problems)}. Check it with "
+      f"python -m train.ckpt verify {workdir}, or pass another --step from {steps}"
+    )
   metadata = manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))
   metadata = metadata["metadata"]
   config = ml_collections.ConfigDict(metadata["config"])

@@ -90,8 +90,9 @@ def build_steps(
   programs = jit_programs(config, mesh, rules, model_cfg)
   # A quick measurement for the MFU column of the logs; train.bench measures longer.
   peak = flops.measure_matmul_peak(dtype=jnp.dtype(model_cfg.dtype), repeats=5)
-  if jax.devices()[0].platform != "cpu":
-    peak *= jax.device_count()  # CPU "devices" share one machine: its peak is counted once
+  # Fake CPU devices share their machine's cores: count each process's machine once. (Several
+  # processes on one machine, as in the tests, then over-count the peak and under-state MFU.)
+  peak *= jax.process_count() if jax.devices()[0].platform == "cpu" else jax.device_count()
   meter = Meter(
     flops_per_token=flops.train_flops_per_token(model_cfg, config.data.seq_len),
     peak_flops_per_second=peak,
