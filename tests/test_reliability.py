@@ -39,15 +39,18 @@ def _copy_without(reference, tmp_path, name, *steps):
   return copy
 
 
-def _wait_for_steps(workdir, steps, process, timeout=120):
+def _wait_for_steps(workdir, steps, process, timeout=120, finished_ok=False):
+  """Waits until metrics.jsonl has ``steps`` lines; False if the run finished first (when ok)."""
   deadline = time.time() + timeout
   path = os.path.join(workdir, "metrics.jsonl")
   while time.time() < deadline:
+    if finished_ok and process.poll() == 0:
+      return False
     assert process.poll() is None, process.stderr.read()[-3000:]
     if os.path.exists(path):
       with open(path) as f:
         if sum(1 for _ in f) >= steps:
-          return
+          return True
     time.sleep(0.05)
   raise AssertionError(f"no {steps} logged steps within {timeout}s")
 
@@ -239,12 +242,20 @@ def test_metrics_file_drops_torn_and_future_lines_on_resume(tmp_path):
 
 
 @pytest.mark.slow
-def test_chaos_sigkill_at_random_moments(reference, tmp_path, cache_dir):
+def test_chaos_sigkill_at_random_moments(tmp_path, cache_dir):
   """10 SIGKILLs during training and saves; the final run equals the uninterrupted one."""
+  # 40 steps leave room for 10 kills; saves every 2 steps so that kills land mid-save too.
+  total_steps = 40
+  overrides = (
+    f"--config.train.steps={total_steps}",
+    "--config.log.every=1",
+    "--config.checkpoint.every=2",
+  )
+  reference = str(tmp_path / "reference")
+  result = run_train(reference, *overrides, cache_dir=cache_dir)
+  assert result.returncode == 0, result.stderr[-3000:]
   workdir = str(tmp_path / "chaos")
   rng = random.Random(0)
-  overrides = ("--config.log.every=1", "--config.checkpoint.every=2")
-  # Same schedule as the reference, more frequent saves so that kills land mid-save too.
   kills = mid_save = attempts = 0
   while kills < 10 and attempts < 20:
     attempts += 1
@@ -258,13 +269,14 @@ def test_chaos_sigkill_at_random_moments(reference, tmp_path, cache_dir):
     )
     try:
       if attempts % 2:
-        # Any moment: start-up, data preparation, restore, compilation or training.
-        time.sleep(rng.uniform(1.0, 8.0))
+        # Any moment of the first seconds: start-up, data, restore, compilation, first steps.
+        time.sleep(rng.uniform(0.5, 5.0))
       else:
         # During training, right after a step was logged, often while a save is in flight.
         path = os.path.join(workdir, "metrics.jsonl")
         done = len(read_metrics(workdir)) if os.path.exists(path) else 0
-        _wait_for_steps(workdir, done + 1, process)
+        if not _wait_for_steps(workdir, done + 1, process, finished_ok=True):
+          break  # the run completed before another kill could land
         time.sleep(rng.uniform(0.0, 0.1))
       if process.poll() is None:
         process.kill()
@@ -286,7 +298,7 @@ def test_chaos_sigkill_at_random_moments(reference, tmp_path, cache_dir):
   import orbax.checkpoint as ocp
 
   def final_params(run_dir):
-    path = os.path.join(run_dir, "checkpoints", "20", "state")
+    path = os.path.join(run_dir, "checkpoints", str(total_steps), "state")
     return ocp.PyTreeCheckpointer().restore(path)["params"]
 
   a, b = final_params(workdir), final_params(reference)
