@@ -264,7 +264,8 @@ class _Loop:
       )
       if sample is not None:
         log.info("sample at step %d: %r", step_number, sample)
-    self.window_start = time.perf_counter()  # eval time is not train throughput
+    # Eval time is not train throughput: the measuring window restarts after it.
+    self.window_start, self.window_steps = time.perf_counter(), 0
 
 
 def train_loop(
