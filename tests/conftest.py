@@ -8,3 +8,12 @@ os.environ["XLA_FLAGS"] = (
 os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+
+import pytest  # noqa: E402 (after the environment above, which must precede any JAX import)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+  """A data cache (prepared stores, TFDS builds) shared by one test module's training runs."""
+  return str(tmp_path_factory.mktemp("cache"))

@@ -9,11 +9,6 @@ from cli_helpers import read_metrics, run_train, train_losses
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("cache"))
-
-
-@pytest.fixture(scope="module")
 def full_run(tmp_path_factory, cache_dir):
   workdir = str(tmp_path_factory.mktemp("full"))
   result = run_train(workdir, cache_dir=cache_dir)

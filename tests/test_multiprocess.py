@@ -267,11 +267,6 @@ def tiny_config(cache_dir: str):
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("mp_cache"))
-
-
-@pytest.fixture(scope="module")
 def reference(tmp_path_factory, cache_dir):
   """One process, 8 devices, in this process; also prepares the shared data store once, so the
   processes started later only read it."""

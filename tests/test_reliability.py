@@ -18,11 +18,6 @@ from train import metrics
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("cache"))
-
-
-@pytest.fixture(scope="module")
 def reference(tmp_path_factory, cache_dir):
   """An uninterrupted 20-step run that logs every step and checkpoints at 10 and 20."""
   workdir = str(tmp_path_factory.mktemp("reference"))
