@@ -27,7 +27,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.spm_model = ""  # existing SentencePiece .model file; "" trains one on the train split
   c.data.spm_vocab_size = 8000  # vocabulary size when training a SentencePiece model
   c.data.seq_len = 256  # tokens per training row seen by the model (rows are seq_len + 1 packed)
-  c.data.prefetch = 2  # batches tf.data keeps ready ahead of the train step
 
   # --- model: a decoder-only transformer; see models/config.py for the meaning of each field.
   c.model = ml_collections.ConfigDict()
@@ -115,7 +114,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.log.sample_prompt = "def "  # prompt of the greedy sample shown at each eval
   c.log.sample_tokens = 64  # tokens in that sample (0 = off)
 
-  # --- meter: the energy estimate in report.json (see train/meter.py for the power table).
+  # --- meter: the energy estimate in report.json (power table: train/meter/hardware.py).
   c.meter = ml_collections.ConfigDict()
   c.meter.power_watts = 0.0  # watts per device; 0 = look the device up in the table
   c.meter.pue = 1.1  # data-centre power usage effectiveness (1.0 = count the devices only)

@@ -12,7 +12,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from input_pipeline import sampler, sources, store, tokenizers
+from input_pipeline import errors, sampler, sources, store, tokenizers
 
 _log = logging.getLogger(__name__)
 
@@ -94,11 +94,11 @@ def build(config: ml_collections.ConfigDict) -> Pipeline:
   tfds.disable_progress_bar()  # the log says what is being prepared; bars garble CI logs
   data = config.data
   if data.tokenizer not in tokenizers.TOKENIZERS:
-    raise ValueError(
+    raise errors.DataError(
       f"unknown data.tokenizer={data.tokenizer!r}; valid: {', '.join(tokenizers.TOKENIZERS)}"
     )
   if int(data.seq_len) < 1:
-    raise ValueError(f"data.seq_len must be >= 1, got {data.seq_len}")
+    raise errors.DataError(f"data.seq_len must be >= 1, got {data.seq_len}")
   cache_dir = Path(data.cache_dir).expanduser()
   source = sources.resolve(data.source, data, cache_dir)
   tokenizer = tokenizers.build_tokenizer(

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import tensorflow_datasets as tfds
 
-from input_pipeline import text_files
+from input_pipeline import errors, text_files
 
 _log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def resolve(spec: str, data_config, cache_dir: Path) -> Source:
     return _local_source(spec, root, files, data_config, cache_dir)
   if spec.startswith("tfds:"):
     return _tfds_source(spec, data_config)
-  raise ValueError(f"unknown data.source={spec!r}; valid forms: {', '.join(SCHEMES)}")
+  raise errors.DataError(f"unknown data.source={spec!r}; valid forms: {', '.join(SCHEMES)}")
 
 
 def _walk(root: Path, suffix: str = "") -> list[Path]:
@@ -84,23 +84,25 @@ def _walk(root: Path, suffix: str = "") -> list[Path]:
 def _expand_files(spec: str) -> tuple[Path, list[Path]]:
   pattern = os.path.expanduser(spec[len("files:") :])
   if not pattern:
-    raise ValueError("data.source='files:' names no path; use files:<dir> or files:<glob>")
+    raise errors.DataError("data.source='files:' names no path; use files:<dir> or files:<glob>")
   if _GLOB_CHARS & set(pattern):
     parts = Path(pattern).parts
     fixed = next(i for i, part in enumerate(parts) if _GLOB_CHARS & set(part))
     root = Path(*parts[:fixed]) if fixed else Path(".")
     files = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
     if not files:
-      raise FileNotFoundError(f"data.source={spec!r}: the glob {pattern!r} matched no files")
+      raise errors.DataNotFoundError(f"data.source={spec!r}: the glob {pattern!r} matched no files")
     return root.resolve(), [f.resolve() for f in files]
   path = Path(pattern)
   if not path.exists():
-    raise FileNotFoundError(f"data.source={spec!r}: no such file or directory {path}")
+    raise errors.DataNotFoundError(f"data.source={spec!r}: no such file or directory {path}")
   if path.is_file():
     return path.parent.resolve(), [path.resolve()]
   files = _walk(path)
   if not files:
-    raise ValueError(f"data.source={spec!r}: the directory {path} holds no files (empty corpus)")
+    raise errors.DataError(
+      f"data.source={spec!r}: the directory {path} holds no files (empty corpus)"
+    )
   return path.resolve(), [f.resolve() for f in files]
 
 
@@ -118,13 +120,13 @@ def _file_lock(path: Path):
 
 def _local_source(spec: str, root: Path, files: list[Path], data_config, cache_dir: Path) -> Source:
   if not files:
-    raise ValueError(f"data.source={spec!r}: no files found under {root} (empty corpus)")
+    raise errors.DataError(f"data.source={spec!r}: no files found under {root} (empty corpus)")
   percent = int(data_config.validation_percent)
   if not 0 <= percent < 100:
-    raise ValueError(f"data.validation_percent={percent} must be in [0, 100)")
+    raise errors.DataError(f"data.validation_percent={percent} must be in [0, 100)")
   text, digest = text_files.scan(root, files, percent)
   if not text:
-    raise ValueError(
+    raise errors.DataError(
       f"data.source={spec!r}: no UTF-8 text in the {len(files)} files (empty corpus)"
     )
   config = text_files.make_config(root, text, percent, digest)
@@ -149,34 +151,34 @@ def _local_source(spec: str, root: Path, files: list[Path], data_config, cache_d
 def _tfds_source(spec: str, data_config) -> Source:
   name = spec[len("tfds:") :]
   if not name:
-    raise ValueError("data.source='tfds:' names no dataset; use tfds:<name>[:<version>]")
+    raise errors.DataError("data.source='tfds:' names no dataset; use tfds:<name>[:<version>]")
   data_dir = data_config.tfds_data_dir or None
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError as e:
     close = difflib.get_close_matches(name.split(":")[0], tfds.list_builders(), n=5, cutoff=0.6)
     hint = f"close matches: {', '.join(close)}" if close else "no close matches"
-    raise ValueError(
+    raise errors.DataError(
       f"unknown TFDS dataset in data.source={spec!r} ({hint}); see "
       "`python -c 'import tensorflow_datasets as tfds; print(tfds.list_builders())'`"
     ) from e
   builder.download_and_prepare()
   available = list(builder.info.splits.keys())
   if "train" not in available:
-    raise ValueError(f"data.source={spec!r} has no 'train' split; it has {available}")
+    raise errors.DataError(f"data.source={spec!r} has no 'train' split; it has {available}")
   if "validation" in available:
     val = "validation"
   elif "test" in available:
     val = "test"
     _log.warning("%s has no 'validation' split; evaluating on its 'test' split", spec)
   else:
-    raise ValueError(
+    raise errors.DataError(
       f"data.source={spec!r} has neither 'validation' nor 'test'; it has {available}"
     )
   feature = data_config.text_feature
   features = list(builder.info.features.keys())
   if feature not in features:
-    raise ValueError(
+    raise errors.DataError(
       f"data.text_feature={feature!r} is not a feature of {spec!r}; it has {features}"
     )
   identity = {

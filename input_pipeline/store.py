@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from input_pipeline import packing
+from input_pipeline import errors, packing
 
 _log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ _HEADER_BYTES = 128  # room reserved for the .npy header, which is written once 
 _ENCODE_CHUNK = 256  # documents tokenized per call (SentencePiece batches them over threads)
 
 
-class StoreError(ValueError):
+class StoreError(errors.DataError):
   """A store on disk is incomplete, corrupt or not the one asked for."""
 
 
@@ -90,7 +90,7 @@ def prepare(
 ) -> Store:
   """Returns the store for these inputs, packing it first unless a verified one already exists."""
   if seq_len < 1:
-    raise ValueError(f"data.seq_len must be >= 1, got {seq_len}")
+    raise errors.DataError(f"data.seq_len must be >= 1, got {seq_len}")
   fp = fingerprint(source.identity, tokenizer.identity, seq_len)
   stores = Path(cache_dir) / "stores"
   final = stores / fp
@@ -118,7 +118,9 @@ def prepare(
       manifest["splits"][split] = stats
       manifest["arrays"].update(arrays)
     if manifest["splits"]["train"]["rows"] == 0:
-      raise ValueError(f"data.source={source.spec!r}: the train split holds no text (empty corpus)")
+      raise errors.DataError(
+        f"data.source={source.spec!r}: the train split holds no text (empty corpus)"
+      )
     manifest["packing_efficiency"] = manifest["splits"]["train"]["packing_efficiency"]
     manifest["prepare_seconds"] = round(time.time() - start, 3)
     _write_json(tmp / "manifest.json", manifest)

@@ -25,6 +25,8 @@ from typing import Protocol
 import numpy as np
 import sentencepiece as spm
 
+from input_pipeline import errors
+
 _log = logging.getLogger(__name__)
 
 TOKENIZERS = ("byte", "sentencepiece")
@@ -75,7 +77,7 @@ class SentencePieceTokenizer:
     self._sp = spm.SentencePieceProcessor(model_proto=proto)
     self.vocab_size = int(self._sp.get_piece_size())
     if self._sp.eos_id() < 0:
-      raise ValueError(
+      raise errors.DataError(
         f"SentencePiece model {self.model_path} has no eos piece; Loom uses it as the "
         "end-of-document id. Train it with eos_id >= 0."
       )
@@ -139,7 +141,7 @@ def train_sentencepiece(
       minloglevel=2,
     )
   except RuntimeError as e:
-    raise ValueError(
+    raise errors.DataError(
       f"SentencePiece training failed for data.spm_vocab_size={vocab_size} on the train split "
       f"(a vocabulary must exceed 256 byte pieces + 3 specials and fit the text): {e}"
     ) from e
@@ -148,6 +150,38 @@ def train_sentencepiece(
   tmp.write_bytes(proto.getvalue())
   os.replace(tmp, model_path)  # atomic: concurrent trainers each write a whole file
   return model_path
+
+
+def vocab_size_from_config(data_config) -> int:
+  """The vocabulary size the tokenizer of ``config.data`` will have, without preparing any data.
+
+  Byte-level: 258. SentencePiece: the piece count of ``data.spm_model`` (read from the file), or
+  ``data.spm_vocab_size`` for a model trained on the train split (training keeps it exact).
+  """
+  kind = data_config.tokenizer
+  if kind == "byte":
+    return ByteTokenizer.vocab_size
+  if kind != "sentencepiece":
+    raise errors.DataError(f"unknown data.tokenizer={kind!r}; valid: {', '.join(TOKENIZERS)}")
+  if data_config.spm_model:
+    return _load_spm_model(data_config.spm_model).vocab_size
+  _check_spm_vocab_size(int(data_config.spm_vocab_size))
+  return int(data_config.spm_vocab_size)
+
+
+def _load_spm_model(spm_model: str) -> SentencePieceTokenizer:
+  path = Path(spm_model).expanduser()
+  if not path.is_file():
+    raise errors.DataNotFoundError(f"data.spm_model={spm_model!r}: no such file {path}")
+  return SentencePieceTokenizer(path)
+
+
+def _check_spm_vocab_size(spm_vocab_size: int) -> None:
+  if spm_vocab_size < 260:
+    raise errors.DataError(
+      f"data.spm_vocab_size={spm_vocab_size} is too small: byte fallback needs 256 pieces plus "
+      "unk, eos, pad and newline (>= 260)"
+    )
 
 
 def build_tokenizer(
@@ -167,17 +201,10 @@ def build_tokenizer(
   if kind == "byte":
     return ByteTokenizer()
   if kind != "sentencepiece":
-    raise ValueError(f"unknown data.tokenizer={kind!r}; valid: {', '.join(TOKENIZERS)}")
+    raise errors.DataError(f"unknown data.tokenizer={kind!r}; valid: {', '.join(TOKENIZERS)}")
   if spm_model:
-    path = Path(spm_model).expanduser()
-    if not path.is_file():
-      raise FileNotFoundError(f"data.spm_model={spm_model!r}: no such file {path}")
-    return SentencePieceTokenizer(path)
-  if spm_vocab_size < 260:
-    raise ValueError(
-      f"data.spm_vocab_size={spm_vocab_size} is too small: byte fallback needs 256 pieces plus "
-      "unk, eos, pad and newline (>= 260)"
-    )
+    return _load_spm_model(spm_model)
+  _check_spm_vocab_size(spm_vocab_size)
   recipe = {"source": source_identity, "vocab_size": spm_vocab_size, "chars": SPM_TRAIN_CHARS}
   digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
   path = Path(cache_dir) / "tokenizers" / f"spm-{spm_vocab_size}-{digest}.model"

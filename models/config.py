@@ -43,21 +43,36 @@ class ModelConfig:
 
   def validate(self) -> None:
     """Raises ValueError naming the field, its value and what would be valid."""
-    for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
-                 "mlp_dim", "max_seq_len"):
+    for name in (
+      "vocab_size",
+      "d_model",
+      "num_layers",
+      "num_heads",
+      "num_kv_heads",
+      "head_dim",
+      "mlp_dim",
+      "max_seq_len",
+    ):
       value = getattr(self, name)
       if not isinstance(value, int) or value < 1:
         raise ValueError(f"model.{name}={value!r} must be a positive integer")
-    choices = {"mlp": MLPS, "norm": NORMS, "positions": POSITIONS, "remat": REMATS,
-               "dtype": DTYPES, "param_dtype": DTYPES}
+    choices = {
+      "mlp": MLPS,
+      "norm": NORMS,
+      "positions": POSITIONS,
+      "remat": REMATS,
+      "dtype": DTYPES,
+      "param_dtype": DTYPES,
+    }
     for name, valid in choices.items():
       if getattr(self, name) not in valid:
         raise ValueError(f"model.{name}={getattr(self, name)!r} is not one of {valid}")
     if self.num_heads % self.num_kv_heads:
       raise ValueError(
-          f"model.num_heads={self.num_heads} is not divisible by model.num_kv_heads="
-          f"{self.num_kv_heads}; use a divisor of {self.num_heads} (1 = multi-query, "
-          f"{self.num_heads} = multi-head)")
+        f"model.num_heads={self.num_heads} is not divisible by model.num_kv_heads="
+        f"{self.num_kv_heads}; use a divisor of {self.num_heads} (1 = multi-query, "
+        f"{self.num_heads} = multi-head)"
+      )
     if self.positions == "rope" and self.head_dim % 2:
       raise ValueError(f"model.head_dim={self.head_dim} must be even for RoPE")
 
@@ -78,8 +93,9 @@ class ModelConfig:
     if values["head_dim"] == -1:
       if values["d_model"] % values["num_heads"]:
         raise ValueError(
-            f"model.d_model={values['d_model']} is not divisible by model.num_heads="
-            f"{values['num_heads']}; set model.head_dim explicitly or change one of them")
+          f"model.d_model={values['d_model']} is not divisible by model.num_heads="
+          f"{values['num_heads']}; set model.head_dim explicitly or change one of them"
+        )
       values["head_dim"] = values["d_model"] // values["num_heads"]
     if values["max_seq_len"] == -1:
       values["max_seq_len"] = seq_len

@@ -21,6 +21,7 @@ from flax.core import spmd as core_spmd
 from jax.sharding import PartitionSpec
 
 LogicalNames = Sequence[str | None]
+Rules = Sequence[tuple[str, Any]]  # (logical name, mesh axis | tuple of mesh axes | None)
 
 
 def _context() -> tuple[tuple[tuple[str, Any], ...], jax.sharding.AbstractMesh] | None:
@@ -37,19 +38,17 @@ def is_active() -> bool:
   return _context() is not None
 
 
-def logical_to_spec(names: LogicalNames) -> PartitionSpec:
-  """Maps logical axis names to a PartitionSpec under the active rules and mesh.
+def resolve(names: LogicalNames, rules: Rules, mesh_axes: Sequence[str]) -> PartitionSpec:
+  """The one rule resolver: logical axis names -> a PartitionSpec over ``mesh_axes``.
 
-  A name with no rule, or whose mesh axes are already taken by an earlier dimension of the same
-  array, is replicated: with ("batch", ("data", "fsdp")) and ("embed", "fsdp"), an activation
-  ("batch", "length", "embed") is sharded over data x fsdp on its batch axis only (a mesh axis may
-  appear once per spec). Mesh axes missing from the mesh are dropped, so one rule table serves
-  meshes with and without, say, a "tensor" axis. Returns an empty spec when no context is active.
+  Parameters (the train state), activations (``constrain``), batches and the inference cache all
+  go through this function. A name with no rule, or whose mesh axes are already taken by an
+  earlier dimension of the same array, is replicated: with ("batch", ("data", "fsdp")) and
+  ("embed", "fsdp"), an activation ("batch", "length", "embed") is sharded over data x fsdp on
+  its batch axis only (a mesh axis may appear once per spec). Mesh axes missing from
+  ``mesh_axes`` are dropped, so one rule table serves meshes with and without, say, a "tensor"
+  axis. A name may have several rules: the first whose axes are free wins.
   """
-  context = _context()
-  if context is None:
-    return PartitionSpec()
-  rules, mesh = context
   used: set[str] = set()
   spec: list[Any] = []
   for name in names:
@@ -58,7 +57,7 @@ def logical_to_spec(names: LogicalNames) -> PartitionSpec:
       if name is None or logical != name:
         continue
       axes = (physical,) if isinstance(physical, str) or physical is None else tuple(physical)
-      axes = tuple(a for a in axes if a is not None and a in mesh.axis_names)
+      axes = tuple(a for a in axes if a is not None and a in mesh_axes)
       if used.intersection(axes):
         continue
       chosen = axes
@@ -69,6 +68,15 @@ def logical_to_spec(names: LogicalNames) -> PartitionSpec:
     else:
       spec.append(None)
   return PartitionSpec(*spec)
+
+
+def logical_to_spec(names: LogicalNames) -> PartitionSpec:
+  """``resolve`` under the active rules and mesh; an empty spec when no context is active."""
+  context = _context()
+  if context is None:
+    return PartitionSpec()
+  rules, mesh = context
+  return resolve(names, rules, mesh.axis_names)
 
 
 def constrain(x: jax.Array, names: LogicalNames) -> jax.Array:
@@ -83,8 +91,12 @@ def constrain(x: jax.Array, names: LogicalNames) -> jax.Array:
 def partitioned(initializer: Callable[..., jax.Array], names: LogicalNames) -> Callable[..., Any]:
   """Wraps an initializer so the created ``nnx.Param`` carries logical axis names.
 
-  Eager sharding (flax's default: shard a Variable as it is created) needs a mesh and rules to
-  turn logical names into mesh axes, so it is switched on only when both are active; otherwise
-  the parameter is created unsharded and still carries its names for ``nnx.get_partition_spec``.
+  The names are kept as the variable's ``out_sharding`` metadata, which the trainer resolves
+  with ``resolve`` (train/state.py). Under an active mesh and rules the value is also created
+  sharded, through the same resolver (``constrain``), never through a second rule table.
   """
-  return nnx.with_partitioning(initializer, tuple(names), eager_sharding=is_active())
+
+  def init(*args, **kwargs):
+    return constrain(initializer(*args, **kwargs), names)
+
+  return nnx.with_partitioning(init, tuple(names), eager_sharding=False)

@@ -19,9 +19,12 @@ from flax import nnx
 import models
 from configs import tiny
 from models.config import ModelConfig
-from train import generate, trainer
-from train import mesh as mesh_lib
 from train import state as state_lib
+from train import trainer
+from train.cluster import mesh as mesh_lib
+from train.inference import engine as engine_lib
+from train.inference import generation, loading
+from train.inference import sampling as sampling_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -46,8 +49,8 @@ def workdir(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def model(workdir) -> generate.Model:
-  return generate.load(workdir)
+def model(workdir) -> loading.Model:
+  return loading.load(workdir)
 
 
 # --- exactness of the cached path --------------------------------------------------------------
@@ -76,14 +79,14 @@ def test_generation_logits_match_full_forward(case):
 
   with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
     params = jax.jit(init, out_shardings=spec.shardings["params"])()
-  engine = generate.Engine(spec.graphdef, model_cfg, mesh, rules)
+  engine = engine_lib.Engine(spec.graphdef, model_cfg, mesh, rules)
   prompts = [[5, 17, 99, 3, 200, 1, 2], [42, 7, 8], [9] * 12]  # 7, 3 and 12 tokens
   new = 6
   out = engine.run(
     params,
     prompts,
     max_new_tokens=new,
-    sampling=generate.Sampling(0.9, top_k=50),
+    sampling=sampling_lib.Sampling(0.9, top_k=50),
     seed=3,
     eod_id=None,
     record_logits=True,
@@ -102,71 +105,71 @@ def test_generation_logits_match_full_forward(case):
 
 
 def test_chunk_lengths_are_powers_of_two():
-  assert generate.chunk_lengths(13) == [8, 4, 1]
-  assert generate.chunk_lengths(0) == []
-  assert all(sum(generate.chunk_lengths(n)) == n for n in range(100))
+  assert engine_lib.chunk_lengths(13) == [8, 4, 1]
+  assert engine_lib.chunk_lengths(0) == []
+  assert all(sum(engine_lib.chunk_lengths(n)) == n for n in range(100))
 
 
 # --- determinism, batching, sampling -----------------------------------------------------------
 
 
 def test_greedy_is_deterministic_and_equals_near_zero_temperature(model):
-  first = generate.generate(model, ["def "], max_new_tokens=12, temperature=0.0)
-  again = generate.generate(model, ["def "], max_new_tokens=12, temperature=0.0, seed=7)
+  first = generation.generate(model, ["def "], max_new_tokens=12, temperature=0.0)
+  again = generation.generate(model, ["def "], max_new_tokens=12, temperature=0.0, seed=7)
   assert first.tokens == again.tokens and len(first.tokens[0]) > 0
   # Temperature -> 0 is greedy: with a tiny temperature, sampling picks the argmax every time.
-  cold = generate.generate(model, ["def "], max_new_tokens=12, temperature=1e-6, seed=5)
+  cold = generation.generate(model, ["def "], max_new_tokens=12, temperature=1e-6, seed=5)
   assert cold.tokens == first.tokens
 
 
 def test_batched_prompts_give_the_same_greedy_tokens_as_each_alone(model):
   prompts = ["import os\n", "def ", "class Message(object):\n    "]
-  batched = generate.generate(model, prompts, max_new_tokens=10, temperature=0.0)
+  batched = generation.generate(model, prompts, max_new_tokens=10, temperature=0.0)
   for prompt, tokens in zip(prompts, batched.tokens, strict=True):
-    alone = generate.generate(model, [prompt], max_new_tokens=10, temperature=0.0)
+    alone = generation.generate(model, [prompt], max_new_tokens=10, temperature=0.0)
     assert alone.tokens[0] == tokens, prompt
 
 
 def test_sampling_is_reproducible_per_seed_and_row(model):
   runs = [
-    generate.generate(model, ["def ", "x"], max_new_tokens=16, temperature=1.0, seed=s)
+    generation.generate(model, ["def ", "x"], max_new_tokens=16, temperature=1.0, seed=s)
     for s in (11, 11, 12)
   ]
   assert runs[0].tokens == runs[1].tokens
   assert runs[0].tokens != runs[2].tokens
   # Row 0's key does not depend on the other rows: alone it draws the same tokens.
-  alone = generate.generate(model, ["def "], max_new_tokens=16, temperature=1.0, seed=11)
+  alone = generation.generate(model, ["def "], max_new_tokens=16, temperature=1.0, seed=11)
   assert alone.tokens[0] == runs[0].tokens[0]
 
 
-def _draws(logits_V: np.ndarray, sampling: generate.Sampling, n: int = 4000) -> np.ndarray:
+def _draws(logits_V: np.ndarray, sampling: sampling_lib.Sampling, n: int = 4000) -> np.ndarray:
   logits_BV = jnp.broadcast_to(jnp.asarray(logits_V, jnp.float32), (n, len(logits_V)))
   keys_B = jax.random.split(jax.random.key(0), n)
-  return np.asarray(jax.jit(generate.sample, static_argnums=2)(logits_BV, keys_B, sampling))
+  return np.asarray(jax.jit(sampling_lib.sample, static_argnums=2)(logits_BV, keys_B, sampling))
 
 
 def test_top_k_never_samples_outside_the_k_best():
   logits = np.random.default_rng(0).normal(size=64).astype(np.float32)
   best = set(np.argsort(-logits)[:5].tolist())
-  draws = _draws(logits, generate.Sampling(temperature=2.0, top_k=5))
+  draws = _draws(logits, sampling_lib.Sampling(temperature=2.0, top_k=5))
   assert set(draws.tolist()) == best  # only the 5 best, and (at temperature 2) all of them
 
 
 def test_top_p_respects_its_nucleus():
   probs = np.array([0.5, 0.3, 0.15, 0.05], np.float32)
   logits = np.log(probs)
-  draws = _draws(logits, generate.Sampling(top_p=0.7))
+  draws = _draws(logits, sampling_lib.Sampling(top_p=0.7))
   # The smallest set with mass >= 0.7 is {0, 1}; renormalised, token 0 has 0.5 / 0.8 = 0.625.
   assert set(draws.tolist()) == {0, 1}
   assert abs(np.mean(draws == 0) - 0.625) < 0.03
-  assert set(_draws(logits, generate.Sampling(top_p=0.5)).tolist()) == {0}
-  assert set(_draws(logits, generate.Sampling(top_p=1.0)).tolist()) == {0, 1, 2, 3}
+  assert set(_draws(logits, sampling_lib.Sampling(top_p=0.5)).tolist()) == {0}
+  assert set(_draws(logits, sampling_lib.Sampling(top_p=1.0)).tolist()) == {0, 1, 2, 3}
 
 
 def test_greedy_picks_the_argmax():
   logits = np.random.default_rng(1).normal(size=(3, 40)).astype(np.float32)
   keys = jax.random.split(jax.random.key(0), 3)
-  picked = generate.sample(jnp.asarray(logits), keys, generate.Sampling(temperature=0.0))
+  picked = sampling_lib.sample(jnp.asarray(logits), keys, sampling_lib.Sampling(temperature=0.0))
   np.testing.assert_array_equal(picked, logits.argmax(-1))
 
 
@@ -181,7 +184,7 @@ def test_greedy_picks_the_argmax():
 )
 def test_invalid_sampling_parameters_are_clear_errors(kwargs, message):
   with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("]", r"\]")):
-    generate.Sampling(**kwargs)
+    sampling_lib.Sampling(**kwargs)
 
 
 # --- bad input ---------------------------------------------------------------------------------
@@ -189,7 +192,7 @@ def test_invalid_sampling_parameters_are_clear_errors(kwargs, message):
 
 def test_workdir_without_checkpoints_is_a_clear_error(tmp_path):
   with pytest.raises(FileNotFoundError, match="has no checkpoints"):
-    generate.load(str(tmp_path))
+    loading.load(str(tmp_path))
   assert not (tmp_path / "checkpoints").exists()  # loading never creates anything
 
 
@@ -200,35 +203,35 @@ def test_corrupt_checkpoint_is_refused(workdir, tmp_path):
   victim = max(data, key=lambda p: p.stat().st_size)
   victim.write_bytes(victim.read_bytes()[:-16] + b"\0" * 16)
   with pytest.raises(ValueError, match="checkpoint at step 10 fails its checksums"):
-    generate.load(str(copy))
-  assert generate.load(str(copy), step=5).step == 5
+    loading.load(str(copy))
+  assert loading.load(str(copy), step=5).step == 5
 
 
 def test_missing_step_lists_the_available_steps(workdir):
   with pytest.raises(ValueError, match=r"--step 7 has no checkpoint .* available steps: \[5, 10\]"):
-    generate.load(workdir, step=7)
+    loading.load(workdir, step=7)
 
 
 def test_prompt_errors_name_the_lengths(model):
   context = model.model_cfg.max_seq_len
   with pytest.raises(ValueError, match=f"prompt 1 is {context + 3} tokens .* context .* {context}"):
-    generate.generate(model, ["ok", "x" * (context + 3)])
+    generation.generate(model, ["ok", "x" * (context + 3)])
   with pytest.raises(ValueError, match="prompt 0 is empty"):
-    generate.generate(model, [""])
+    generation.generate(model, [""])
 
 
 def test_stops_at_the_context_and_at_end_of_document(model):
   context = model.model_cfg.max_seq_len
-  out = generate.generate(model, ["x" * (context - 3)], max_new_tokens=50, temperature=0.0)
+  out = generation.generate(model, ["x" * (context - 3)], max_new_tokens=50, temperature=0.0)
   assert out.stop_reasons == ["context"] and len(out.tokens[0]) == 3
   # A model trained to end documents stops there: fake it by treating its first greedy token as
   # the end-of-document id.
-  first = generate.generate(model, ["def "], max_new_tokens=1, temperature=0.0).tokens[0][0]
+  first = generation.generate(model, ["def "], max_new_tokens=1, temperature=0.0).tokens[0][0]
   out = model.engine.run(
     model.params,
     [model.tokenizer.encode("def ")],
     max_new_tokens=20,
-    sampling=generate.Sampling(0.0),
+    sampling=sampling_lib.Sampling(0.0),
     seed=0,
     eod_id=first,
   )
@@ -246,19 +249,19 @@ def test_params_and_cache_are_sharded_on_the_training_mesh(model, workdir):
   mesh_config = ml_collections.ConfigDict(
     {"data": 2, "fsdp": 2, "tensor": 2, "rules": model.config.mesh.rules}
   )
-  other = generate.load(workdir, mesh_config=mesh_config)
+  other = loading.load(workdir, mesh_config=mesh_config)
   assert other.params["embed"]["table"].sharding.mesh.shape == {"data": 2, "fsdp": 2, "tensor": 2}
   assert other.engine.cache_sharding.spec == jax.sharding.PartitionSpec(
     None, ("data", "fsdp"), None, "tensor", None
   )
   prompts = ["def ", "import "]
-  ours = generate.generate(model, prompts, max_new_tokens=8, temperature=0.0)
-  theirs = generate.generate(other, prompts, max_new_tokens=8, temperature=0.0)
+  ours = generation.generate(model, prompts, max_new_tokens=8, temperature=0.0)
+  theirs = generation.generate(other, prompts, max_new_tokens=8, temperature=0.0)
   assert ours.tokens == theirs.tokens
 
 
 def test_earlier_step_restores_other_params(model, workdir):
-  early = generate.load(workdir, step=5)
+  early = loading.load(workdir, step=5)
   assert early.step == 5 and model.step == 10
   assert not np.array_equal(early.params["embed"]["table"], model.params["embed"]["table"])
 
@@ -267,7 +270,7 @@ def test_earlier_step_restores_other_params(model, workdir):
 
 
 def test_inference_meter_reports_throughput_bandwidth_and_energy(model):
-  out = generate.generate(model, ["def ", "class "], max_new_tokens=8, temperature=0.0)
+  out = generation.generate(model, ["def ", "class "], max_new_tokens=8, temperature=0.0)
   stats = out.stats
   assert stats["generated_tokens"] == sum(map(len, out.tokens)) > 0
   for key in (
@@ -298,11 +301,11 @@ def test_sample_for_eval_is_the_greedy_continuation(model):
     mesh=model.mesh,
     rules=model.rules,
   )
-  text = generate.sample_for_eval(run, model.params)
-  expected = generate.generate(model, ["def "], max_new_tokens=6, temperature=0.0).texts[0]
+  text = generation.sample_for_eval(run, model.params)
+  expected = generation.generate(model, ["def "], max_new_tokens=6, temperature=0.0).texts[0]
   assert text == "def " + expected
   config.log.sample_tokens = 0
-  assert generate.sample_for_eval(run, model.params) is None
+  assert generation.sample_for_eval(run, model.params) is None
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

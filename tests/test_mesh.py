@@ -5,7 +5,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from train import mesh as mesh_lib
+from train.cluster import mesh as mesh_lib
 
 
 def mesh_config(data=1, fsdp=-1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1):
@@ -85,10 +85,11 @@ def test_shapes_that_do_not_match_the_devices_are_errors(config, message):
 
 
 def tpu_slices(name: str, num_slices: int):
-  from train import topology
+  from train.cluster import tpu_slice
+  from train.meter import hardware
 
   try:
-    return topology.devices(topology.parse(name, num_slices))
+    return tpu_slice.compile_only_devices(hardware.parse(name, num_slices))
   except RuntimeError as e:
     pytest.skip(f"needs libtpu for TPU topology descriptions (.ci/run installs it): {e}")
 

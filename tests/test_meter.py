@@ -8,7 +8,8 @@ import pytest
 import models
 from configs import tiny
 from models.config import ModelConfig
-from train import energy, flops, meter
+from train.meter import energy, flops, hardware
+from train.meter import run_meter as meter
 
 
 @dataclasses.dataclass
@@ -126,7 +127,8 @@ def test_power_override_and_unknown_devices():
     wall_seconds=1800.0,
   )
   assert report["energy_kwh"] == pytest.approx(2 * 0.5 * 0.5)  # 1 device-hour at 500 W
-  assert energy.device_power_watts(FakeDevice(device_kind="Mystery X1"))[0] == energy.DEFAULT_WATTS
+  unknown = FakeDevice(device_kind="Mystery X1")
+  assert energy.device_power_watts(unknown)[0] == hardware.DEFAULT_WATTS
   assert energy.device_power_watts(FakeDevice("gpu", "NVIDIA H100 80GB HBM3"))[0] == 700.0
 
 

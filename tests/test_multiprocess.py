@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from train import distributed
+from train.cluster import distributed
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 10

@@ -9,9 +9,12 @@ import sys
 import jax
 import pytest
 
-from train import mesh as mesh_lib
-from train import plan as plan_lib
-from train import topology as topology_lib
+from train import config as config_lib
+from train.cluster import mesh as mesh_lib
+from train.cluster import tpu_slice
+from train.meter import hardware as topology_lib
+from train.meter import planning as plan_lib
+from train.programs import jit_programs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -134,7 +137,7 @@ def small_llama():
 def test_ahead_of_time_compilation_for_a_64_chip_pod():
   topology = topology_lib.parse("v5p-128")
   try:
-    topology_lib.devices(topology)
+    tpu_slice.compile_only_devices(topology)
   except RuntimeError as e:
     pytest.skip(f"libtpu is not installed here (.ci/run installs it): {e}")
   config = small_llama()
@@ -143,10 +146,11 @@ def test_ahead_of_time_compilation_for_a_64_chip_pod():
   assert result["chips"] == 64 and result["mesh"] == "data=1 × fsdp=64 × tensor=1"
   breakdown = result["memory_breakdown_bytes"]
   # The arguments are this chip's shards of the train state, plus its batch rows.
-  model_cfg = plan_lib.model_config(config)
-  mesh = mesh_lib.make_mesh(config.mesh, topology_lib.devices(topology))
+  model_cfg = config_lib.model_config(config, with_tokenizer=False)
+  mesh = mesh_lib.make_mesh(config.mesh, tpu_slice.compile_only_devices(topology))
   rules = mesh_lib.logical_rules(config.mesh)
-  _, spec, batch = plan_lib.jit_train_step(config, mesh, rules, model_cfg)
+  programs = jit_programs(config, mesh, rules, model_cfg)
+  spec, batch = programs.spec, programs.abstract_batch
   shard_bytes = sum(
     math.prod(leaf.sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
     for leaf in jax.tree.leaves([spec.abstract, batch])

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from cli_helpers import REPO, read_metrics, run_train, train_command, train_env, train_losses
 
-from train import ckpt as ckpt_cli
-from train import metrics
+from train import metrics_writer as metrics
+from train.checkpoint import integrity
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +83,7 @@ def test_sigterm_saves_the_current_step_and_exits(tmp_path, cache_dir):
   steps = [int(n) for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit()]
   assert len(steps) == 1 and steps[0] >= logged
   assert f"stopped by SIGTERM at step {steps[0]}" in stderr
-  lines, corrupt = ckpt_cli.verify_all(workdir)
+  lines, corrupt = integrity.verify_all(workdir)
   assert corrupt == 0 and lines == [f"step {steps[0]}: ok"]
   print(f"SIGTERM to exit: {elapsed:.2f}s at step {steps[0]}")
   # The next run resumes exactly there.
@@ -144,10 +144,13 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(reference, tmp_pat
   with open(victim, "r+b") as f:
     f.seek(os.path.getsize(victim) // 2)
     f.write(b"\x00garbage\x00")
-  lines, corrupt = ckpt_cli.verify_all(workdir)
+  lines, corrupt = integrity.verify_all(workdir)
   assert corrupt == 1 and lines[0] == "step 10: ok" and victim in "\n".join(lines)
   verify = subprocess.run(
-    ["python", "-m", "train.ckpt", "verify", workdir], cwd=REPO, capture_output=True, text=True
+    ["python", "-m", "train.checkpoint", "verify", workdir],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
   )
   assert verify.returncode == 1 and "step 20: CORRUPT" in verify.stdout
 
@@ -158,7 +161,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(reference, tmp_pat
   assert train_losses(read_metrics(workdir)) == train_losses(read_metrics(reference))
   moved = glob.glob(os.path.join(workdir, "checkpoints_corrupt", "20-*", "REASON.txt"))
   assert len(moved) == 1  # kept for inspection, not deleted
-  assert ckpt_cli.verify_all(workdir)[1] == 0
+  assert integrity.verify_all(workdir)[1] == 0
 
 
 @pytest.mark.slow
@@ -204,7 +207,7 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, cache_di
     assert "No space left on device" in result.stderr
     assert "latest: 10" in result.stderr
     os.remove(mount / "filler")
-    assert ckpt_cli.verify_all(workdir)[1] == 0
+    assert integrity.verify_all(workdir)[1] == 0
     result = run_train(workdir, "--config.train.steps=20", cache_dir=cache_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "at step 10" in result.stderr
@@ -288,7 +291,7 @@ def test_chaos_sigkill_at_random_moments(tmp_path, cache_dir):
   steps = [r["step"] for r in records if "train/loss" in r]
   assert steps == sorted(set(steps)), "duplicated or torn metric lines"
   assert train_losses(records) == train_losses(read_metrics(reference))
-  assert ckpt_cli.verify_all(workdir)[1] == 0
+  assert integrity.verify_all(workdir)[1] == 0
   # Final parameters equal, bit for bit: compare the last checkpoints' arrays.
   import orbax.checkpoint as ocp
 

@@ -5,7 +5,9 @@ import json
 
 import pytest
 
-from train import energy, meter, report
+from train import report
+from train.meter import energy
+from train.meter import run_meter as meter
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

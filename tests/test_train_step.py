@@ -10,10 +10,10 @@ from flax import nnx
 
 from configs import tiny
 from models.config import ModelConfig
-from train import mesh as mesh_lib
 from train import optimizer, step, trainer
 from train import state as state_lib
 from train.bench import synthetic_batch
+from train.cluster import mesh as mesh_lib
 
 VOCAB = 258
 
@@ -116,7 +116,9 @@ def _losses_on(mesh_sizes, steps=3):
   mesh = mesh_lib.make_mesh(config.mesh, devices)
   rules = mesh_lib.logical_rules(config.mesh)
   model_cfg = _model_cfg(config)
-  tx, spec, batch_sharding, train_step, _, _ = trainer.build_steps(config, mesh, rules, model_cfg)
+  built = trainer.build_steps(config, mesh, rules, model_cfg)
+  tx, spec, train_step = built.programs.tx, built.programs.spec, built.train_step
+  batch_sharding = built.programs.batch_sharding
   state = state_lib.init_state(spec, model_cfg, tx, mesh, rules, config.seed)
   losses = []
   for i in range(steps):

@@ -1,5 +1,11 @@
-"""Loom's training library: mesh and sharding, state, optimizer, steps, loop, checkpoints, meter.
+"""Loom's training library, by concern.
 
-Entry points: ``python -m train`` (train), ``python -m train.bench`` (speed). Library use:
-``from train import trainer; trainer.train_and_evaluate(config, workdir)``.
+The run itself at the top (``trainer``, ``loop``, ``step``, ``state``, ``optimizer``, ``programs``,
+``config``, ``metrics_writer``); where it runs in ``cluster/`` (mesh, jax.distributed,
+preemption); ``checkpoint/`` (the Orbax manager and its integrity seal); ``inference/`` (the
+KV-cache engine, sampling, loading, its meter); ``meter/`` (FLOPs, the hardware table, energy,
+the run report, pod planning). The thin commands: ``python -m train``, ``train.generate``,
+``train.bench``, ``train.plan``, ``train.report``, ``train.checkpoint``.
+
+Library use: ``from train import trainer; trainer.train_and_evaluate(config, workdir)``.
 """

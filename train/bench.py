@@ -1,10 +1,11 @@
 """``python -m train.bench [--config configs/bench_r.py] [--what step|input]``.
 
-``--what step`` (default) measures this process's devices' matmul peak, then the real compiled
-train step (the trainer's own, sharded over the config's mesh) on synthetic tokens of the config's
-shapes: compile time, then the median step time over ``--steps`` steps after warm-up, tokens/s and
-MFU against the measured peak. ``--what input`` measures the input pipeline alone from a prepared
-store. Either way the last line printed is one JSON object.
+``--what step`` (default) compiles the trainer's own train step (sharded over the config's mesh)
+and runs it on synthetic tokens of the config's shapes: compile time, then the median step time
+over ``--steps`` steps after warm-up, tokens/s and MFU against the peak the trainer uses
+(``train/meter/flops.py``: the datasheet on TPUs and GPUs, a measured matmul on CPUs).
+``--what input`` measures the input pipeline alone from a prepared store. Either way the last line
+printed is one JSON object.
 """
 
 from __future__ import annotations
@@ -49,39 +50,37 @@ def synthetic_batch(config, vocab_size: int, sharding, seed: int = 0):
 
 def bench_step(config, steps: int, warmup: int) -> dict:
   import jax
-  import jax.numpy as jnp
 
-  from input_pipeline.tokenizers import ByteTokenizer
-  from models.config import ModelConfig
-  from train import flops, trainer
-  from train import mesh as mesh_lib
+  from train import config as config_lib
   from train import state as state_lib
+  from train import trainer
+  from train.cluster import mesh as mesh_lib
+  from train.meter import flops
 
-  mesh = mesh_lib.make_mesh(config.mesh)
-  rules = mesh_lib.logical_rules(config.mesh)
-  vocab = config.model.vocab_size if config.model.vocab_size > 0 else ByteTokenizer.vocab_size
-  model_cfg = ModelConfig.from_config(config.model, seq_len=config.data.seq_len, vocab_size=vocab)
-  tx, spec, batch_sharding, train_step, _, meter = trainer.build_steps(
-    config, mesh, rules, model_cfg
+  resolved = config_lib.validate(config)
+  model_cfg = resolved.model_cfg
+  built = trainer.build_steps(config, resolved.mesh, resolved.rules, model_cfg)
+  programs, meter = built.programs, built.meter
+  state = state_lib.init_state(
+    programs.spec, model_cfg, programs.tx, resolved.mesh, resolved.rules, config.seed
   )
-  state = state_lib.init_state(spec, model_cfg, tx, mesh, rules, config.seed)
-  batch = synthetic_batch(config, model_cfg.vocab_size, batch_sharding)
+  batch = synthetic_batch(config, model_cfg.vocab_size, programs.batch_sharding)
   for _ in range(warmup):
-    state, metrics = train_step(state, batch)
+    state, metrics = built.train_step(state, batch)
   jax.block_until_ready(state)
   times = []
   for _ in range(steps):
     start = time.perf_counter()
-    state, metrics = train_step(state, batch)
+    state, metrics = built.train_step(state, batch)
     jax.block_until_ready((state, metrics))
     times.append(time.perf_counter() - start)
   step_time = statistics.median(times)
   tokens_per_second = config.train.batch_size * config.data.seq_len / step_time
-  # The peak again, after the steps: a shared or throttling machine can read low either time, and
-  # MFU against the higher of the two readings is the conservative figure.
-  peak_after = flops.measure_matmul_peak(dtype=jnp.dtype(model_cfg.dtype), repeats=20)
-  peak_after *= jax.process_count() if jax.devices()[0].platform == "cpu" else jax.device_count()
-  meter.peak_flops_per_second = max(meter.peak_flops_per_second, peak_after)
+  if jax.devices()[0].platform == "cpu":
+    # The peak again, after the steps: a shared or throttling machine can read low either time,
+    # and MFU against the higher of the two readings is the conservative figure.
+    after = flops.run_peak(model_cfg.dtype, repeats=20).flops_per_second
+    meter.peak_flops_per_second = max(meter.peak_flops_per_second, after)
   return {
     "tokens_per_second": tokens_per_second,
     "step_time_s": step_time,
@@ -90,10 +89,11 @@ def bench_step(config, steps: int, warmup: int) -> dict:
     "mfu": meter.mfu(tokens_per_second),
     "flops_per_token": meter.flops_per_token,
     "peak_flops_per_second": meter.peak_flops_per_second,
+    "peak_source": meter.peak_source,
     "compile_time_s": meter.seconds["compile"],
     "devices": jax.device_count(),
     "device_kind": jax.devices()[0].device_kind,
-    "mesh": mesh_lib.describe(mesh),
+    "mesh": mesh_lib.describe(resolved.mesh),
     "final_loss": float(metrics["train/loss"]),
     "config": json.loads(config.to_json_best_effort()),
   }

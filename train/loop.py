@@ -14,7 +14,9 @@ import jax
 import numpy as np
 
 import input_pipeline
-from train import checkpointing, generate, metrics
+from train import metrics_writer
+from train.checkpoint.manager import Checkpointer
+from train.inference import generation
 
 log = logging.getLogger("loom")
 
@@ -58,8 +60,8 @@ class _Loop:
     run,
     state,
     start_step: int,
-    ckpt: checkpointing.Checkpointer,
-    writer: metrics.MetricsWriter,
+    ckpt: Checkpointer,
+    writer: metrics_writer.MetricsWriter,
     watcher,
     metadata: dict[str, Any],
   ):
@@ -75,7 +77,7 @@ class _Loop:
     # XLA:CPU collectives can deadlock with many multi-device steps in flight (NOTES.md): there,
     # bound the steps in flight to one. Everywhere else dispatch stays fully asynchronous.
     self.block_each_step = jax.devices()[0].platform == "cpu" and jax.device_count() > 1
-    self.progress = metrics.Progress(
+    self.progress = metrics_writer.Progress(
       self.total, start_step, enabled=run.is_main and self.config.log.progress
     )
     self.summary: dict[str, Any] = {"preempted": False, "rollbacks": 0}
@@ -253,7 +255,7 @@ class _Loop:
   def evaluate(self, step_number: int) -> None:
     with self.meter.phase("eval"):
       eval_metrics = evaluate(self.run, self.state["params"], self.eval_batches)
-      sample = generate.sample_for_eval(self.run, self.state["params"])
+      sample = generation.sample_for_eval(self.run, self.state["params"])
     self.writer.write(step_number, eval_metrics)
     self.summary.update(eval_metrics)
     if self.run.is_main:
@@ -272,8 +274,8 @@ def train_loop(
   run,
   state,
   start_step: int,
-  ckpt: checkpointing.Checkpointer,
-  writer: metrics.MetricsWriter,
+  ckpt: Checkpointer,
+  writer: metrics_writer.MetricsWriter,
   watcher,
   metadata: dict[str, Any],
 ) -> dict[str, Any]:

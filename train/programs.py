@@ -16,11 +16,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from flax import nnx
 
 from models.config import ModelConfig
-from train import config_checks, optimizer, step
-from train import mesh as mesh_lib
+from train import optimizer, step
 from train import state as state_lib
+from train.cluster import mesh as mesh_lib
 
 BATCH_FIELDS = (
   ("inputs", jnp.int32),
@@ -39,6 +40,13 @@ class Programs:
   abstract_batch: dict[str, jax.ShapeDtypeStruct]
   train_step: Any  # jitted (state, batch) -> (state, metrics); state donated
   eval_step: Any  # jitted (params, batch) -> {"loss_sum", "tokens"}
+  mesh: jax.sharding.Mesh
+  rules: Any
+
+  def compile_train_step(self) -> Any:
+    """The train step compiled ahead of time for this mesh's devices."""
+    with jax.set_mesh(self.mesh), nnx.logical_axis_rules(self.rules):
+      return self.train_step.lower(self.spec.abstract, self.abstract_batch).compile()
 
 
 def abstract_batch(
@@ -52,12 +60,12 @@ def abstract_batch(
 def jit_programs(
   config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules, model_cfg: ModelConfig
 ) -> Programs:
-  """Compile with ``train_step.lower(spec.abstract, abstract_batch).compile()`` under
-  ``jax.set_mesh(mesh)`` and ``nnx.logical_axis_rules(rules)``."""
+  """The jitted steps of a validated config (``train/config.py``). Compile with
+  ``programs.compile()``, or ``train_step.lower(spec.abstract, abstract_batch).compile()`` under
+  ``jax.set_mesh(mesh)`` and ``nnx.logical_axis_rules(rules)`` for other devices."""
   tx = optimizer.make_optimizer(config.optim, config.train.steps)
   schedule = optimizer.learning_rate_schedule(config.optim, config.train.steps)
   spec = state_lib.state_spec(model_cfg, tx, mesh, rules, seed=config.seed)
-  config_checks.check_divisible_shardings(spec.abstract, mesh)
   batch_sharding = mesh_lib.batch_sharding(mesh, rules)
   replicated = mesh_lib.replicated(mesh)
   spike_factor = 0.0 if config.train.spike_policy == "off" else config.train.spike_factor
@@ -80,5 +88,12 @@ def jit_programs(
     out_shardings=replicated,
   )
   return Programs(
-    tx, spec, batch_sharding, abstract_batch(config, batch_sharding), train_step, eval_step
+    tx=tx,
+    spec=spec,
+    batch_sharding=batch_sharding,
+    abstract_batch=abstract_batch(config, batch_sharding),
+    train_step=train_step,
+    eval_step=eval_step,
+    mesh=mesh,
+    rules=rules,
   )

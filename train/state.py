@@ -2,9 +2,9 @@
 
 The state is a plain pytree, ``{"step": int32[], "params": <nested dict>, "opt_state": ...}``,
 so the step, the checkpoints and the optimizer all see ordinary dicts of arrays. Parameters carry
-logical
-axis names in the model (``nnx.with_partitioning``); the rules in config turn them into mesh
-shardings here, and the optimizer state inherits the shardings of the parameters it mirrors.
+logical axis names in the model (``nnx.with_partitioning``); the rules in config turn them into
+mesh shardings here (``mesh_lib.logical_to_spec``, the one resolver), and the optimizer state
+inherits the shardings of the parameters it mirrors.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import models
 from models.config import ModelConfig
+from train.cluster import mesh as mesh_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,13 +54,20 @@ def state_spec(
   model_cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh, rules, seed: int = 0
 ) -> StateSpec:
   """Shapes and shardings of the train state, without allocating it."""
-  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-    graphdef, abstract_vars = nnx.eval_shape(lambda: _init_params(model_cfg, seed))
-    param_specs = nnx.to_pure_dict(nnx.get_partition_spec(abstract_vars))
-    # Shapes only: the optimizer state's shardings are derived from the parameters' below.
-    abstract_params = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(abstract_vars)
+  # Shapes and logical names only, outside any mesh: the names are resolved to mesh axes below
+  # by the one resolver (flax would otherwise resolve them itself under an active mesh).
+  graphdef, abstract_vars = nnx.eval_shape(lambda: _init_params(model_cfg, seed))
+  param_specs = nnx.to_pure_dict(
+    jax.tree.map(
+      lambda v: v.replace(mesh_lib.logical_to_spec(v.get_metadata()["out_sharding"], rules)),
+      abstract_vars,
+      is_leaf=lambda x: isinstance(x, nnx.Variable),
     )
+  )
+  # Shapes only: the optimizer state's shardings are derived from the parameters' below.
+  abstract_params = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(abstract_vars)
+  )
   abstract = jax.eval_shape(lambda: _train_state(abstract_params, tx))
 
   def named(spec):

@@ -14,22 +14,32 @@ import os
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
-from flax import nnx
 
 import input_pipeline
 import models
 from models.config import ModelConfig
-from train import checkpointing, config_checks, flops, loop, metrics
-from train import mesh as mesh_lib
-from train import meter as meter_lib
+from train import config as config_lib
+from train import loop, metrics_writer
 from train import state as state_lib
-from train.meter import Meter
-from train.preemption import PreemptionWatcher
-from train.programs import jit_programs
+from train.checkpoint import manager as checkpoint_lib
+from train.cluster import mesh as mesh_lib
+from train.cluster.preemption import PreemptionWatcher
+from train.meter import flops
+from train.meter import run_meter as meter_lib
+from train.meter.run_meter import Meter
+from train.programs import Programs, jit_programs
 
 log = logging.getLogger("loom")
+
+
+@dataclasses.dataclass
+class Compiled:
+  """The jitted programs of a run, its train step compiled for the local devices, and its meter."""
+
+  programs: Programs
+  train_step: Any  # compiled: (state, batch) -> (state, metrics), state donated
+  meter: Meter
 
 
 @dataclasses.dataclass
@@ -42,64 +52,72 @@ class Run:
   rules: Any
   pipeline: Any
   model_cfg: ModelConfig
-  tx: Any  # the optax optimizer
-  spec: state_lib.StateSpec
-  batch_sharding: jax.sharding.NamedSharding
+  programs: Programs
   train_step: Any  # compiled
-  eval_step: Any  # jitted
   meter: Meter
 
   @property
   def is_main(self) -> bool:
     return jax.process_index() == 0
 
+  @property
+  def spec(self) -> state_lib.StateSpec:
+    return self.programs.spec
+
+  @property
+  def tx(self) -> Any:
+    return self.programs.tx
+
+  @property
+  def batch_sharding(self) -> jax.sharding.NamedSharding:
+    return self.programs.batch_sharding
+
+  @property
+  def eval_step(self) -> Any:
+    return self.programs.eval_step
+
 
 def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
-  """Checks the config, builds mesh, data, state shapes and compiled steps (no state yet)."""
-  workdir = config_checks.check_workdir(workdir)
-  mesh = mesh_lib.make_mesh(config.mesh)
-  rules = mesh_lib.logical_rules(config.mesh)
-  config_checks.check_config(config, mesh, rules, jax.process_count())
-
+  """Validates the config, then builds the data, the state shapes and the compiled steps."""
+  resolved = config_lib.validate(config, workdir=workdir)
+  workdir = config_lib.create_workdir(workdir)
   pipeline = input_pipeline.build(config)
-  model_cfg = ModelConfig.from_config(
-    config.model, seq_len=config.data.seq_len, vocab_size=pipeline.tokenizer.vocab_size
+  if pipeline.tokenizer.vocab_size > resolved.model_cfg.vocab_size:
+    raise RuntimeError(  # validation predicted the vocabulary from the config: a bug if it differs
+      f"the tokenizer has {pipeline.tokenizer.vocab_size} ids, more than the model's "
+      f"vocab_size={resolved.model_cfg.vocab_size} resolved from the config"
+    )
+  compiled = build_steps(config, resolved.mesh, resolved.rules, resolved.model_cfg)
+  return Run(
+    config=config,
+    workdir=workdir,
+    mesh=resolved.mesh,
+    rules=resolved.rules,
+    pipeline=pipeline,
+    model_cfg=resolved.model_cfg,
+    programs=compiled.programs,
+    train_step=compiled.train_step,
+    meter=compiled.meter,
   )
-  if model_cfg.vocab_size < pipeline.tokenizer.vocab_size:
-    raise ValueError(
-      f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's vocabulary "
-      f"({pipeline.tokenizer.vocab_size}); use -1 or at least {pipeline.tokenizer.vocab_size}"
-    )
-  if model_cfg.max_seq_len < config.data.seq_len:
-    raise ValueError(
-      f"model.max_seq_len={model_cfg.max_seq_len} is shorter than data.seq_len="
-      f"{config.data.seq_len}; use -1 or at least {config.data.seq_len}"
-    )
-  config_checks.check_model_on_mesh(model_cfg, mesh, rules)
-  steps = build_steps(config, mesh, rules, model_cfg)
-  return Run(config, workdir, mesh, rules, pipeline, model_cfg, *steps)
 
 
 def build_steps(
   config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules, model_cfg: ModelConfig
-) -> tuple:
-  """Optimizer, state shapes and shardings, the compiled train step, the eval step and the meter.
+) -> Compiled:
+  """The jitted programs, the train step compiled for the local devices, and the meter.
 
   Shared by the trainer and the benchmark so that both measure the very same program.
   """
   programs = jit_programs(config, mesh, rules, model_cfg)
-  # A quick measurement for the MFU column of the logs; train.bench measures longer.
-  peak = flops.measure_matmul_peak(dtype=jnp.dtype(model_cfg.dtype), repeats=5)
-  # Fake CPU devices share their machine's cores: count each process's machine once. (Several
-  # processes on one machine, as in the tests, then over-count the peak and under-state MFU.)
-  peak *= jax.process_count() if jax.devices()[0].platform == "cpu" else jax.device_count()
+  peak = flops.run_peak(model_cfg.dtype)
   meter = Meter(
     flops_per_token=flops.train_flops_per_token(model_cfg, config.data.seq_len),
-    peak_flops_per_second=peak,
+    peak_flops_per_second=peak.flops_per_second,
+    peak_source=peak.source,
   )
-  with meter.phase("compile"), jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-    compiled = programs.train_step.lower(programs.spec.abstract, programs.abstract_batch).compile()
-  return programs.tx, programs.spec, programs.batch_sharding, compiled, programs.eval_step, meter
+  with meter.phase("compile"):
+    train_step = programs.compile_train_step()
+  return Compiled(programs, train_step, meter)
 
 
 def run_metadata(run: Run) -> dict[str, Any]:
@@ -110,11 +128,11 @@ def run_metadata(run: Run) -> dict[str, Any]:
   }
 
 
-def restore_or_init(run: Run, ckpt: checkpointing.Checkpointer) -> tuple[Any, int]:
+def restore_or_init(run: Run, ckpt: checkpoint_lib.Checkpointer) -> tuple[Any, int]:
   """The newest good checkpoint of this workdir, or a freshly initialised state."""
 
   def check_metadata(saved: dict[str, Any]) -> None:
-    problems = checkpointing.check_compatible(
+    problems = checkpoint_lib.check_compatible(
       saved,
       run_metadata(run),
       path=ckpt.directory,
@@ -156,8 +174,8 @@ def log_startup(run: Run, start_step: int) -> None:
     f"{config.train.microbatches}",
     f"data: {config.data.source} ({config.data.tokenizer} tokenizer), fingerprint "
     f"{run.pipeline.fingerprint[:16]}",
-    f"peak: {run.meter.peak_flops_per_second / 1e9:,.0f} GFLOP/s (matmul, measured); compile "
-    f"{run.meter.seconds['compile']:.1f}s",
+    f"peak: {run.meter.peak_flops_per_second / 1e9:,.0f} GFLOP/s ({run.meter.peak_source}); "
+    f"compile {run.meter.seconds['compile']:.1f}s",
     f"steps: {start_step} -> {config.train.steps}; workdir {run.workdir}",
   ]
   for line in lines:
@@ -171,19 +189,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   whether the run stopped early on SIGTERM/SIGINT after saving a checkpoint.
   """
   run = setup(config, workdir)
-  if run.is_main:
-    with open(os.path.join(run.workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
-  ckpt = checkpointing.Checkpointer(
+  ckpt = checkpoint_lib.Checkpointer(
     os.path.join(run.workdir, "checkpoints"),
     max_to_keep=config.checkpoint.max_to_keep,
     async_save=config.checkpoint.async_save,
   )
   watcher = PreemptionWatcher()
   try:
-    state, start_step = restore_or_init(run, ckpt)
+    state, start_step = restore_or_init(run, ckpt)  # may refuse a checkpoint of another run
+    if run.is_main:
+      _write_atomically(
+        os.path.join(run.workdir, "config.json"), config.to_json_best_effort(indent=2)
+      )
     log_startup(run, start_step)
-    writer = metrics.MetricsWriter(
+    writer = metrics_writer.MetricsWriter(
       run.workdir, resume_step=start_step, tensorboard=config.log.tensorboard, enabled=run.is_main
     )
     try:
@@ -198,6 +217,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   return write_report(run, summary)
 
 
+def _write_atomically(path: str, text: str) -> None:
+  tmp = f"{path}.tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
 def write_report(run: Run, summary: dict[str, Any]) -> dict[str, Any]:
   config = run.config
   report = run.meter.report(
@@ -210,8 +236,7 @@ def write_report(run: Run, summary: dict[str, Any]) -> dict[str, Any]:
   )
   report.update(summary)
   if run.is_main:
-    with open(os.path.join(run.workdir, "report.json"), "w") as f:
-      json.dump(report, f, indent=2)
+    _write_atomically(os.path.join(run.workdir, "report.json"), json.dumps(report, indent=2))
     log.info(
       "done: %s", ", ".join(f"{k} {v:.4g}" for k, v in summary.items() if isinstance(v, float))
     )

@@ -1,21 +1,19 @@
 """The inference meter: prefill/decode throughput, time to first token, FLOPs, bandwidth use and
-energy of one ``Engine.run`` (the ``stats`` of ``generate.generate``).
+energy of one ``Engine.run`` (the ``stats`` of ``generation.generate``).
 """
 
 from __future__ import annotations
 
 import statistics
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from train import energy, flops
-from train.inference import Generation
-
-if TYPE_CHECKING:
-  from train.generate import Model
+from train.inference.engine import Generation
+from train.inference.loading import Model
+from train.meter import energy, flops
 
 
 def measure_copy_bandwidth(
@@ -95,7 +93,7 @@ def inference_stats(
       "prefill": "prompt tokens up to the first generated token (shortest prompt × rows) / time "
       "to first token; longer prompts' remaining tokens run as decode steps",
       "flops": f"2*(N_nonembedding + d_model*vocab) + 4*layers*heads*head_dim*context at the mean "
-      f"context {out.mean_context:.0f} (train/flops.py forward_flops_per_token)",
+      f"context {out.mean_context:.0f} (train/meter/flops.py forward_flops_per_token)",
       "bandwidth": "(all weights + the whole KV cache) read per decode step / median step time, "
       "against a jitted elementwise copy measured in this process",
       "energy_method": power["energy_method"],

@@ -1,5 +1,4 @@
-"""The compiled prefill/decode engine with a KV cache on the training mesh, and the trainer's
-eval-time sample.
+"""The compiled prefill/decode engine with a KV cache on the training mesh.
 
 How a batch of prompts of different lengths stays exact. ``Transformer.decode`` writes every row at
 the same cache slot, so rows cannot be padded to a common length without attending to the padding.
@@ -9,7 +8,7 @@ compiled once), then one compiled decode step runs per slot. At slot ``s`` a row
 longer than ``s + 1`` is fed its own prompt token (teacher forcing); the others are fed the token
 just sampled. No row ever sees a padding token, so each row gets the tokens it would get alone.
 
-Sampling (``train/sampling.py``): row ``i`` draws with the key
+Sampling (``train/inference/sampling.py``): row ``i`` draws with the key
 ``fold_in(fold_in(key(seed), i), slot)``: reproducible for a seed, independent of the batch size.
 """
 
@@ -30,8 +29,8 @@ from jax.sharding import NamedSharding
 
 import models
 from models.config import ModelConfig
-from train import mesh as mesh_lib
-from train.sampling import Sampling, sample
+from train.cluster import mesh as mesh_lib
+from train.inference.sampling import Sampling, sample
 
 CACHE_BUCKET = 64  # cache lengths are rounded up to a multiple of this (fewer recompiles)
 
@@ -175,40 +174,51 @@ class Engine:
 
     on_token(row, token_id) is called as each generated token reaches the host.
     """
-    context = self.model_cfg.max_seq_len
-    check_prompts(prompts, context)
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-      raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a positive integer")
-    lengths = [len(p) for p in prompts]
-    new = [min(max_new_tokens, context - n) for n in lengths]  # the context bounds each row
-    rows = len(prompts)
-    batch = -(-rows // self.data_parallel) * self.data_parallel
-    last_slot = max(n + k for n, k in zip(lengths, new, strict=True)) - 1
-    cache_len = min(context, -(-last_slot // CACHE_BUCKET) * CACHE_BUCKET)
-    shortest = min(lengths)
-
-    # Rows past the prompts repeat prompt 0: the mesh needs the batch divisible by its size.
-    padded = [list(p) for p in prompts] + [list(prompts[0])] * (batch - rows)
-    prompts_BS = np.zeros((batch, cache_len), np.int32)
-    for i, p in enumerate(padded):
-      prompts_BS[i, : min(len(p), cache_len)] = p[:cache_len]
-    lengths_B = np.asarray([len(p) for p in padded], np.int32)
-    base = jax.random.key(seed)
-    keys_B = np.asarray(
-      jax.random.key_data(jax.vmap(jax.random.fold_in, in_axes=(None, 0))(base, jnp.arange(batch)))
+    layout = _Layout.of(prompts, max_new_tokens, self.model_cfg.max_seq_len, self.data_parallel)
+    make_cache, step_fn, prefills = self._programs(params, layout, sampling)
+    inputs = (
+      self._put(layout.prompts_BS, self._rows_2d),
+      self._put(layout.lengths_B, self._rows),
+      self._put(_row_keys(seed, layout.batch), self._named(("batch", None))),
+    )
+    collector = _Collector(layout, max_new_tokens, eod_id, on_token, record_logits)
+    start = time.perf_counter()
+    cache = make_cache(params)
+    offset = 0
+    for length, prefill in prefills:
+      chunk = np.ascontiguousarray(layout.prompts_BS[:, offset : offset + length])
+      cache = prefill(params, cache, self._put(chunk, self._rows_2d), np.int32(offset))
+      offset += length
+    token = self._put(layout.prompts_BS[:, layout.shortest - 1], self._replicated)
+    cache, steps = self._decode(step_fn, params, cache, token, inputs, layout, collector)
+    end = time.perf_counter()
+    # Bytes every device reads per step, summed: all weights and the whole cache (masked slots
+    # included), shard by shard, so replicated copies count once per device that holds one.
+    read_bytes = jax.process_count() * sum(
+      shard.data.nbytes for x in jax.tree.leaves((params, cache)) for shard in x.addressable_shards
+    )
+    return collector.result(
+      start=start,
+      end=end,
+      compile_seconds=self.compile_seconds,
+      decode_steps=steps,
+      bytes_per_decode_step=read_bytes,
     )
 
-    graphdef = self.graphdef
+  def _programs(self, params, layout: _Layout, sampling: Sampling):
+    """The compiled cache initialiser, decode step and prefill chunks [(length, fn)]."""
+    graphdef, batch, cache_len = self.graphdef, layout.batch, layout.cache_len
     param_shardings = jax.tree.map(lambda x: x.sharding, params)
     init_cache = functools.partial(_init_cache, graphdef=graphdef, batch=batch, length=cache_len)
     make_cache = self._compile(
       ("cache", batch, cache_len), init_cache, (params,), (param_shardings,), self.cache_sharding
     )
     cache_abstract = jax.eval_shape(init_cache, params)
+    lengths_B, keys_B = layout.lengths_B, _row_keys(0, batch)  # shapes only
     step_fn = self._compile(
       ("step", batch, cache_len, sampling),
       functools.partial(_decode_step, graphdef=graphdef, sampling=sampling),
-      (params, cache_abstract, prompts_BS, lengths_B, lengths_B, np.int32(0), keys_B),
+      (params, cache_abstract, layout.prompts_BS, lengths_B, lengths_B, np.int32(0), keys_B),
       # The fed token is the previous step's output, replicated so every process can read it.
       (
         param_shardings,
@@ -222,44 +232,31 @@ class Engine:
       (self.cache_sharding, self._replicated, self._named(("batch", "vocab"))),
       donate=(1,),
     )
-    chunks = chunk_lengths(shortest - 1)
-    prefill_fns = [
-      self._compile(
-        ("prefill", batch, cache_len, length),
-        functools.partial(_prefill, graphdef=graphdef),
-        (params, cache_abstract, np.zeros((batch, length), np.int32), np.int32(0)),
-        (param_shardings, self.cache_sharding, self._rows_2d, self._replicated),
-        self.cache_sharding,
-        donate=(1,),
+    prefills = [
+      (
+        length,
+        self._compile(
+          ("prefill", batch, cache_len, length),
+          functools.partial(_prefill, graphdef=graphdef),
+          (params, cache_abstract, np.zeros((batch, length), np.int32), np.int32(0)),
+          (param_shardings, self.cache_sharding, self._rows_2d, self._replicated),
+          self.cache_sharding,
+          donate=(1,),
+        ),
       )
-      for length in chunks
+      for length in chunk_lengths(layout.shortest - 1)
     ]
+    return make_cache, step_fn, prefills
 
-    prompts_dev = self._put(prompts_BS, self._rows_2d)
-    lengths_dev = self._put(lengths_B, self._rows)
-    keys_dev = self._put(keys_B, self._named(("batch", None)))
+  def _decode(self, step_fn, params, cache, token, inputs, layout: _Layout, collector: _Collector):
+    """One compiled step per slot; step N+1 is dispatched before step N's token is read."""
+    prompts_dev, lengths_dev, keys_dev = inputs
     # XLA:CPU collectives can deadlock with many multi-device steps in flight (NOTES.md).
     sync_each_step = jax.devices()[0].platform == "cpu" and jax.device_count() > 1
-
-    start = time.perf_counter()
-    cache = make_cache(params)
-    offset = 0
-    for length, prefill in zip(chunks, prefill_fns, strict=True):
-      chunk = self._put(
-        np.ascontiguousarray(prompts_BS[:, offset : offset + length]), self._rows_2d
-      )
-      cache = prefill(params, cache, chunk, np.int32(offset))
-      offset += length
-    token = self._put(prompts_BS[:, shortest - 1], self._replicated)
-
-    generated: list[list[int]] = [[] for _ in range(rows)]
-    recorded: list[list[np.ndarray]] = [[] for _ in range(rows)]
-    reasons = [""] * rows
-    first_token_at = None
-    index, steps = shortest - 1, 0
-    pending = None
+    index, steps, pending = layout.shortest - 1, 0, None
     while True:
-      if index < last_slot:
+      current = None
+      if index < layout.last_slot:
         cache, token, logits = step_fn(
           params, cache, prompts_dev, lengths_dev, token, np.int32(index), keys_dev
         )
@@ -267,55 +264,107 @@ class Engine:
         current = (index, token, logits)
         if sync_each_step:
           token.block_until_ready()
-      else:
-        current = None
-      if pending is not None:
-        slot, token_host, logits_dev = pending
-        token_host = np.asarray(token_host)
-        logits_host = np.asarray(logits_dev) if record_logits else None
-        for row in range(rows):
-          if reasons[row] or slot < lengths[row]:
-            continue
-          if first_token_at is None:
-            first_token_at = time.perf_counter()
-          tok = int(token_host[row])
-          if logits_host is not None:
-            recorded[row].append(logits_host[row])
-          if eod_id is not None and tok == eod_id:
-            reasons[row] = "eod"
-            continue
-          generated[row].append(tok)
-          if on_token is not None:
-            on_token(row, tok)
-          if len(generated[row]) == new[row]:
-            reasons[row] = "max_new_tokens" if new[row] == max_new_tokens else "context"
-        if all(reasons):
-          break
+      if pending is not None and collector.take(*pending):
+        break
       if current is None and pending is None:
         break
       pending = current
-    end = time.perf_counter()
-    first_token_at = first_token_at or end
-    for row in range(rows):
-      reasons[row] = reasons[row] or "context"
+    return cache, steps
 
-    # Bytes every device reads per step, summed: all weights and the whole cache (masked slots
-    # included), shard by shard, so replicated copies count once per device that holds one.
-    read_bytes = jax.process_count() * sum(
-      shard.data.nbytes for x in jax.tree.leaves((params, cache)) for shard in x.addressable_shards
-    )
-    contexts = [lengths[r] + t for r in range(rows) for t in range(len(generated[r]))]
+
+def _row_keys(seed: int, batch: int) -> np.ndarray:
+  """Raw PRNG key data [batch, 2]: row i samples with fold_in(key(seed), i)."""
+  base = jax.random.key(seed)
+  keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(base, jnp.arange(batch))
+  return np.asarray(jax.random.key_data(keys))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+  """Where each prompt sits: the padded batch, the cache length and each row's token budget."""
+
+  lengths: list[int]  # prompt tokens per row
+  new: list[int]  # tokens each row may generate (the context bounds each row)
+  batch: int  # rows padded to a multiple of the data-parallel size
+  last_slot: int
+  cache_len: int
+  prompts_BS: np.ndarray  # int32 [batch, cache_len]
+  lengths_B: np.ndarray  # int32 [batch]
+
+  @property
+  def shortest(self) -> int:
+    return min(self.lengths)
+
+  @classmethod
+  def of(cls, prompts, max_new_tokens: int, context: int, data_parallel: int) -> _Layout:
+    check_prompts(prompts, context)
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a positive integer")
+    lengths = [len(p) for p in prompts]
+    new = [min(max_new_tokens, context - n) for n in lengths]
+    batch = -(-len(prompts) // data_parallel) * data_parallel
+    last_slot = max(n + k for n, k in zip(lengths, new, strict=True)) - 1
+    cache_len = min(context, -(-last_slot // CACHE_BUCKET) * CACHE_BUCKET)
+    # Rows past the prompts repeat prompt 0: the mesh needs the batch divisible by its size.
+    padded = [list(p) for p in prompts] + [list(prompts[0])] * (batch - len(prompts))
+    prompts_BS = np.zeros((batch, cache_len), np.int32)
+    for i, p in enumerate(padded):
+      prompts_BS[i, : min(len(p), cache_len)] = p[:cache_len]
+    lengths_B = np.asarray([len(p) for p in padded], np.int32)
+    return cls(lengths, new, batch, last_slot, cache_len, prompts_BS, lengths_B)
+
+
+class _Collector:
+  """Takes each decode step's tokens on the host: per-row stops, streaming, recorded logits."""
+
+  def __init__(self, layout: _Layout, max_new_tokens: int, eod_id, on_token, record_logits):
+    self.layout, self.max_new_tokens, self.eod_id = layout, max_new_tokens, eod_id
+    self.on_token, self.record_logits = on_token, record_logits
+    rows = len(layout.lengths)
+    self.generated: list[list[int]] = [[] for _ in range(rows)]
+    self.recorded: list[list[np.ndarray]] = [[] for _ in range(rows)]
+    self.reasons = [""] * rows
+    self.first_token_at: float | None = None
+
+  def take(self, slot: int, token_dev, logits_dev) -> bool:
+    """Reads the tokens chosen for ``slot``; returns True once every row has stopped."""
+    token_host = np.asarray(token_dev)
+    logits_host = np.asarray(logits_dev) if self.record_logits else None
+    new = self.layout.new
+    for row, length in enumerate(self.layout.lengths):
+      if self.reasons[row] or slot < length:
+        continue
+      if self.first_token_at is None:
+        self.first_token_at = time.perf_counter()
+      tok = int(token_host[row])
+      if logits_host is not None:
+        self.recorded[row].append(logits_host[row])
+      if self.eod_id is not None and tok == self.eod_id:
+        self.reasons[row] = "eod"
+        continue
+      self.generated[row].append(tok)
+      if self.on_token is not None:
+        self.on_token(row, tok)
+      if len(self.generated[row]) == new[row]:
+        self.reasons[row] = "max_new_tokens" if new[row] == self.max_new_tokens else "context"
+    return all(self.reasons)
+
+  def result(self, *, start: float, end: float, **figures) -> Generation:
+    first_token_at = self.first_token_at or end
+    lengths, generated = self.layout.lengths, self.generated
+    contexts = [lengths[r] + t for r in range(len(lengths)) for t in range(len(generated[r]))]
+    logits = None
+    if self.record_logits:
+      logits = [np.stack(r) if r else np.zeros((0,)) for r in self.recorded]
     return Generation(
       tokens=generated,
-      stop_reasons=reasons,
-      logits=[np.stack(r) if r else np.zeros((0,)) for r in recorded] if record_logits else None,
-      compile_seconds=self.compile_seconds,
-      prefill_tokens=rows * shortest,
+      stop_reasons=[reason or "context" for reason in self.reasons],
+      logits=logits,
+      prefill_tokens=len(lengths) * self.layout.shortest,
       time_to_first_token_s=first_token_at - start,
       decode_seconds=end - first_token_at,
-      decode_steps=steps,
-      bytes_per_decode_step=read_bytes,
-      mean_context=statistics.fmean(contexts) if contexts else float(shortest),
+      mean_context=statistics.fmean(contexts) if contexts else float(self.layout.shortest),
+      **figures,
     )
 
 
@@ -331,36 +380,3 @@ def check_prompts(prompts: Sequence[Sequence[int]], context: int) -> None:
         f"prompt {i} is {len(p)} tokens but the model's context (model.max_seq_len) is {context} "
         f"tokens; a prompt may have at most {context - 1} tokens to leave room for one new token"
       )
-
-
-# --- the trainer's eval-time sample ---
-
-
-@functools.lru_cache(maxsize=4)
-def _eval_engine(
-  graphdef: nnx.GraphDef, model_cfg: ModelConfig, mesh: jax.sharding.Mesh, rules: mesh_lib.Rules
-) -> Engine:
-  return Engine(graphdef, model_cfg, mesh, rules)
-
-
-def sample_for_eval(run: Any, params: Any) -> str | None:
-  """A short greedy continuation of ``log.sample_prompt`` (None when ``log.sample_tokens`` is 0).
-
-  For the trainer at each eval: ``run`` is its ``trainer.Run``, ``params`` the state's params.
-  The compiled steps are kept between evals. Every process must call it (the steps are global).
-  """
-  tokens = int(run.config.log.sample_tokens)
-  if tokens <= 0:
-    return None
-  tokenizer = run.pipeline.tokenizer
-  prompt = tokenizer.encode(run.config.log.sample_prompt)
-  engine = _eval_engine(run.spec.graphdef, run.model_cfg, run.mesh, run.rules)
-  out = engine.run(
-    params,
-    [prompt],
-    max_new_tokens=tokens,
-    sampling=Sampling(temperature=0.0),
-    seed=run.config.seed,
-    eod_id=tokenizer.eod_id,
-  )
-  return run.config.log.sample_prompt + tokenizer.decode(out.tokens[0])

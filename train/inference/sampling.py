@@ -1,8 +1,8 @@
 """How the next token is chosen: the sampling parameters and the pure sampling functions.
 
 Temperature (0 = greedy), then top-k, then top-p (nucleus). The functions are pure and jit-friendly
-(``Sampling`` is hashable, so it can be a static argument); ``train/inference.py`` compiles them
-into its decode step.
+(``Sampling`` is hashable, so it can be a static argument); ``train/inference/engine.py``
+compiles them into its decode step.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""FLOP accounting and the measured hardware peak that MFU is quoted against.
+"""FLOP accounting, and the peak that MFU is quoted against (one definition everywhere).
 
 FLOPs per token of training (forward + backward, the PaLM / Chinchilla convention):
 
@@ -16,6 +16,7 @@ Inference (forward only) is a third of this: 2·(…) + 4·L·N·H·T_context pe
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 
@@ -24,6 +25,7 @@ import jax.numpy as jnp
 
 import models
 from models.config import ModelConfig
+from train.meter import hardware
 
 
 def matmul_params(cfg: ModelConfig) -> int:
@@ -60,3 +62,35 @@ def measure_matmul_peak(
     matmul(a, b).block_until_ready()
     times.append(time.perf_counter() - start)
   return 2 * size**3 / statistics.median(times)
+
+
+@dataclasses.dataclass(frozen=True)
+class Peak:
+  """The peak FLOP/s of the devices one process's steps run on, and where the figure comes from.
+
+  MFU divides by ``flops_per_second``: the datasheet dense peak of the compute dtype on TPUs and
+  GPUs (``train/meter/hardware.py``); on CPUs, which have no datasheet figure, a matmul measured
+  in this process. ``measured`` is that matmul's reading either way, reported beside it.
+  """
+
+  flops_per_second: float
+  source: str
+  measured: float
+
+
+def run_peak(dtype: str, *, repeats: int = 5) -> Peak:
+  """The peak for MFU of this process's devices at compute ``dtype``."""
+  devices = jax.devices()
+  measured = measure_matmul_peak(dtype=jnp.dtype(dtype), repeats=repeats)
+  if devices[0].platform == "cpu":
+    # Fake CPU devices share their machine's cores: count each process's machine once. (Several
+    # processes on one machine, as in the tests, then over-count the peak and under-state MFU.)
+    total = measured * jax.process_count()
+    return Peak(total, f"measured ({dtype} 2048² matmul, per machine)", total)
+  per_device = hardware.datasheet_peak(devices[0], dtype)
+  count = len(devices)
+  if per_device is None:
+    source = f"measured ({dtype} 2048² matmul; no datasheet entry for {devices[0].device_kind!r})"
+    return Peak(measured * count, source, measured * count)
+  kind = hardware.lookup(devices[0].device_kind).name
+  return Peak(per_device * count, f"datasheet ({kind}, {dtype}, dense) × {count}", measured * count)

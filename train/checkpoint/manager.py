@@ -8,8 +8,6 @@ with the current shardings, so a checkpoint saved on one mesh restores onto anot
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import shutil
@@ -19,9 +17,9 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-log = logging.getLogger("loom")
+from train.checkpoint.integrity import is_sealed, seal, verify
 
-CHECKSUMS = "loom_checksums.json"  # written into each step directory once its save is complete
+log = logging.getLogger("loom")
 
 
 class CheckpointMismatchError(ValueError):
@@ -34,75 +32,6 @@ class CheckpointSaveError(RuntimeError):
 
 class CheckpointCorruptError(ValueError):
   """No checkpoint of the run could be verified and restored."""
-
-
-def _sha256(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      digest.update(block)
-  return digest.hexdigest()
-
-
-def _files(step_dir: str) -> list[str]:
-  found = []
-  for root, _, names in os.walk(step_dir):
-    for name in names:
-      rel = os.path.relpath(os.path.join(root, name), step_dir)
-      if rel != CHECKSUMS:
-        found.append(rel)
-  return sorted(found)
-
-
-def seal(step_dir: str) -> None:
-  """Records size and sha256 of every file of a complete checkpoint (atomically)."""
-  table = {
-    rel: {
-      "bytes": os.path.getsize(os.path.join(step_dir, rel)),
-      "sha256": _sha256(os.path.join(step_dir, rel)),
-    }
-    for rel in _files(step_dir)
-  }
-  tmp = os.path.join(step_dir, CHECKSUMS + ".tmp")
-  with open(tmp, "w") as f:
-    json.dump(table, f, indent=1)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, os.path.join(step_dir, CHECKSUMS))
-
-
-def verify(step_dir: str) -> list[str]:
-  """Problems found in a checkpoint directory (empty = it matches its checksums).
-
-  A checkpoint that Orbax finished but that was never sealed (the process died in between) has no
-  checksum file; it is reported as ``unsealed`` and is not treated as corrupt.
-  """
-  path = os.path.join(step_dir, CHECKSUMS)
-  if not os.path.exists(path):
-    return []
-  try:
-    with open(path) as f:
-      table = json.load(f)
-  except (OSError, json.JSONDecodeError) as e:
-    return [f"{path}: unreadable checksum file ({e})"]
-  problems = []
-  for rel, expected in table.items():
-    full = os.path.join(step_dir, rel)
-    if not os.path.exists(full):
-      problems.append(f"{full}: missing")
-    elif os.path.getsize(full) != expected["bytes"]:
-      problems.append(f"{full}: {os.path.getsize(full)} bytes, expected {expected['bytes']}")
-    elif _sha256(full) != expected["sha256"]:
-      problems.append(f"{full}: contents changed (sha256 mismatch)")
-  extra = sorted(set(_files(step_dir)) - set(table))
-  problems.extend(
-    f"{os.path.join(step_dir, rel)}: not part of the saved checkpoint" for rel in extra
-  )
-  return problems
-
-
-def is_sealed(step_dir: str) -> bool:
-  return os.path.exists(os.path.join(step_dir, CHECKSUMS))
 
 
 class Checkpointer:
@@ -266,3 +195,23 @@ def check_compatible(
       + ". Use a new --workdir, or pass --config.checkpoint.allow_mismatch=True to resume anyway."
     )
   return problems
+
+
+def open_read_only(workdir: str) -> tuple[ocp.CheckpointManager, list[int]]:
+  """A read-only view of ``workdir/checkpoints`` and its complete steps (error if none)."""
+  directory = os.path.join(os.path.abspath(os.path.expanduser(workdir)), "checkpoints")
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(
+      f"--workdir {workdir} has no checkpoints ({directory} does not exist); train first with "
+      f"python -m train --workdir {workdir}"
+    )
+  # Read-only: generation must never create, clean up or delete anything in a run's directory.
+  manager = ocp.CheckpointManager(
+    directory,
+    item_names=("state", "metadata"),
+    options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+  )
+  steps = sorted(manager.all_steps())
+  if not steps:
+    raise FileNotFoundError(f"--workdir {workdir} has no complete checkpoint in {directory}")
+  return manager, steps

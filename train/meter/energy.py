@@ -7,7 +7,8 @@ Two sources, in order of preference:
   loaded, Volta and newer); CPUs through Linux RAPL (``/sys/class/powercap/intel-rapl:N/energy_uj``,
   microjoules per CPU package, wrapping at ``max_energy_range_uj``). RAPL covers the whole package,
   so other processes on the machine are counted too; NVML covers the GPUs this process drives.
-- **estimated**: device-hours × the per-device power below (or ``meter.power_watts``).
+- **estimated**: device-hours × the per-device power of the hardware table
+  (``train/meter/hardware.py``), or ``meter.power_watts``.
 
 Either way the device energy is multiplied by the data centre's PUE, and CO2e is energy × the grid's
 carbon intensity (``meter.grid_kg_per_kwh``). These are the same counters CodeCarbon reads; Loom
@@ -24,22 +25,7 @@ from typing import Any, Protocol
 
 import jax
 
-# Typical board power under training load, watts per device (one chip / GPU / CPU core). Sources:
-# vendor TDP and published measurements; they are estimates, not meter readings.
-POWER_WATTS = {
-  "tpu v4": 192.0,  # Google, TPU v4 paper (ISCA 2023): mean 170-192 W per chip
-  "tpu v5 lite": 170.0,  # v5e; Google publishes no figure: scaled from v4 by peak FLOPs/W
-  "tpu v5e": 170.0,
-  "tpu v5p": 300.0,  # estimate: ~1.6x v4 per chip
-  "tpu v5": 300.0,
-  "tpu v6 lite": 200.0,  # v6e (Trillium); estimate from Google's "67% more efficient than v5e"
-  "tpu v6e": 200.0,
-  "a100": 400.0,  # NVIDIA A100 SXM TDP
-  "h100": 700.0,  # NVIDIA H100 SXM TDP
-  "h200": 700.0,  # NVIDIA H200 SXM TDP
-  "cpu": 10.0,  # per physical core under load (a 2-core share of a ~100-200 W server socket)
-}
-DEFAULT_WATTS = 300.0  # a device with no table entry: the middle of the accelerator range
+from train.meter import hardware
 
 RAPL_ROOT = "/sys/class/powercap"
 
@@ -50,12 +36,13 @@ def device_power_watts(device: Any, override: float = 0.0) -> tuple[float, str]:
     return override, "meter.power_watts (user)"
   if device.platform == "cpu":
     cores = os.cpu_count() or 1
-    return POWER_WATTS["cpu"] * cores, f"table: {POWER_WATTS['cpu']} W/core × {cores} cores"
-  kind = device.device_kind.lower()
-  for name, watts in POWER_WATTS.items():
-    if name in kind:
-      return watts, f"table: {name!r}"
-  return DEFAULT_WATTS, f"default {DEFAULT_WATTS:.0f} W (no table entry for {device.device_kind!r})"
+    per_core = hardware.CPU_WATTS_PER_CORE
+    return per_core * cores, f"table: {per_core} W/core × {cores} cores"
+  accelerator = hardware.lookup(device.device_kind)
+  if accelerator is not None:
+    return accelerator.power_watts, f"table: {accelerator.name} ({accelerator.power_source})"
+  watts = hardware.DEFAULT_WATTS
+  return watts, f"default {watts:.0f} W (no table entry for {device.device_kind!r})"
 
 
 def device_hours(seconds: float, devices: Sequence[Any]) -> float:

@@ -14,6 +14,8 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from models import sharding
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
@@ -170,9 +172,9 @@ def logical_rules(mesh_config) -> Rules:
 
 
 def logical_to_spec(names: Sequence[str | None], rules: Rules) -> PartitionSpec:
-  """Maps logical axis names to a PartitionSpec with ``rules`` (unlisted names replicate)."""
-  table = dict(rules)
-  return PartitionSpec(*(table.get(name) if name is not None else None for name in names))
+  """Maps logical axis names to a PartitionSpec over this mesh's axes (``models.sharding.resolve``,
+  the one resolver that parameters, activations, batches and the inference cache share)."""
+  return sharding.resolve(names, rules, MESH_AXES)
 
 
 def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:

@@ -1,0 +1,197 @@
+"""One validation before any work, one-line errors for bad input, and the layout's promises."""
+
+import ast
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import optax
+import pytest
+from cli_helpers import REPO, run_train
+from jax.sharding import PartitionSpec
+
+from configs import default, tiny
+from train import config as config_lib
+from train import state as state_lib
+from train.cluster import mesh as mesh_lib
+from train.inference import engine as engine_lib
+from train.meter import hardware, planning
+
+
+def _one_line_error(result) -> str:
+  """The single 'loom: error:' line of a refused run (and no traceback)."""
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert "Traceback" not in result.stderr, result.stderr[-3000:]
+  errors = [line for line in result.stderr.splitlines() if line.startswith("loom: error:")]
+  assert len(errors) == 1, result.stderr[-3000:]
+  return errors[0]
+
+
+@pytest.mark.parametrize(
+  "args, message",
+  [
+    (["--config=configs/nope.py"], "configs/nope.py"),
+    (["--config.train.stepz=3"], "unknown config key 'stepz'"),
+    (["--config.train.steps=abc"], "--config.train.steps=abc"),
+    (["--config.model.num_heads=5"], "model.d_model=32 is not divisible by model.num_heads=5"),
+    (["--config.optim.learning_rate=0"], "optim.learning_rate=0"),
+    (["--config.data.source=s3://bucket/x"], "data.source='s3://bucket/x'"),
+    (["--coordinator_address=127.0.0.1:1234"], "multi-process settings are incomplete"),
+    (["--coordinator_address=nohost", "--num_processes=2", "--process_id=0"], "HOST:PORT"),
+  ],
+)
+def test_bad_input_is_refused_in_one_line_before_any_work(tmp_path, args, message):
+  """Exit 2, one line naming the key or path; no data prepared, nothing in the work directory."""
+  cache = tmp_path / "cache"
+  workdir = tmp_path / "w"
+  config = next((a.split("=", 1)[1] for a in args if a.startswith("--config=")), None)
+  rest = [a for a in args if not a.startswith("--config=")]
+  kwargs = {"config": config} if config else {}
+  result = run_train(str(workdir), *rest, cache_dir=str(cache), **kwargs)
+  assert message in _one_line_error(result)
+  assert not cache.exists(), "data was prepared before the config was checked"
+  assert not workdir.exists(), "a refused run wrote into its work directory"
+
+
+def test_a_refused_resume_leaves_the_work_directory_as_it_was(tmp_path, cache_dir):
+  workdir = str(tmp_path / "w")
+  result = run_train(workdir, "--config.train.steps=10", cache_dir=cache_dir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  before = {
+    name: open(os.path.join(workdir, name), "rb").read()
+    for name in ("config.json", "metrics.jsonl", "report.json")
+  }
+  checkpoints = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+  result = run_train(
+    workdir, "--config.train.steps=20", "--config.model.qk_norm=True", cache_dir=cache_dir
+  )
+  assert "model.qk_norm=False in the checkpoint, True now" in _one_line_error(result)
+  for name, content in before.items():
+    assert open(os.path.join(workdir, name), "rb").read() == content, name
+  assert json.loads(before["config.json"])["model"]["qk_norm"] is False
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == checkpoints
+
+
+def test_validate_names_each_bad_key():
+  devices = jax.devices()
+  cases = {
+    "optim.b2": 1.0,
+    "optim.min_lr_ratio": 1.5,
+    "meter.pue": 0.5,
+    "log.sample_tokens": -1,
+    "data.validation_percent": 100,
+    "train.microbatches": 0,
+  }
+  for key, value in cases.items():
+    config = tiny.get_config()
+    group, name = key.split(".")
+    config[group][name] = value
+    with pytest.raises(config_lib.ConfigError, match=f"{key}={value!r}"):
+      config_lib.validate(config, devices=devices)
+  config = tiny.get_config()
+  config.model.vocab_size = 100
+  with pytest.raises(config_lib.ConfigError, match="model.vocab_size=100 is smaller than .* 258"):
+    config_lib.validate(config, devices=devices)
+
+
+def test_the_model_vocabulary_is_known_without_preparing_data(tmp_path):
+  config = default.get_config()
+  config.data.tokenizer = "sentencepiece"
+  config.data.spm_vocab_size = 1000
+  config.data.cache_dir = str(tmp_path / "cache")
+  assert config_lib.model_config(config).vocab_size == 1000
+  assert not (tmp_path / "cache").exists()
+
+
+def test_parameter_shapes_the_mesh_cannot_split_are_refused():
+  config = tiny.get_config()
+  config.mesh.fsdp, config.mesh.tensor = 4, 2
+  config.model.mlp_dim = 33  # the MLP kernels' "mlp" axis is split over tensor=2
+  with pytest.raises(config_lib.ConfigError, match=r"dimension 1 \(size 33\) cannot be split 2"):
+    config_lib.validate(config, devices=jax.devices())
+
+
+def test_a_workdir_that_is_a_file_is_refused_and_nothing_is_created(tmp_path):
+  a_file = tmp_path / "file"
+  a_file.write_text("x")
+  with pytest.raises(config_lib.ConfigError, match="is a file, not a directory"):
+    config_lib.check_workdir(str(a_file))
+  with pytest.raises(config_lib.ConfigError, match="cannot be created"):
+    config_lib.check_workdir(str(a_file / "below"))
+  assert config_lib.check_workdir(str(tmp_path / "new" / "run")) == str(tmp_path / "new" / "run")
+  assert not (tmp_path / "new").exists()
+
+
+def test_one_rule_resolver_for_parameters_activations_and_the_cache():
+  """Rules that would put one mesh axis on two dimensions are resolved the same way everywhere:
+  the first dimension takes the axis, the later one is replicated."""
+  config = tiny.get_config()
+  kept = tuple(r for r in config.mesh.rules if r[0] not in ("kv_heads", "head_dim"))
+  config.mesh.rules = kept + (("kv_heads", "fsdp"), ("head_dim", "fsdp"))
+  config.mesh.data, config.mesh.fsdp = 4, 2  # tiny has 2 kv heads
+  resolved = config_lib.validate(config, devices=jax.devices())
+  mesh, rules, model_cfg = resolved.mesh, resolved.rules, resolved.model_cfg
+  assert mesh_lib.logical_to_spec(("kv_heads", "head_dim"), rules) == PartitionSpec("fsdp", None)
+  spec = state_lib.state_spec(model_cfg, optax.identity(), mesh, rules)
+  # A parameter [layers, embed, kv_heads, head_dim]: embed takes fsdp, the rest replicate.
+  key_kernel = spec.abstract["params"]["blocks"]["attn"]["k_kernel"]
+  assert key_kernel.sharding.spec == PartitionSpec(None, "fsdp", None, None)
+  # The inference cache [layers, batch, length, kv_heads, head_dim]: batch takes fsdp first.
+  engine = engine_lib.Engine(spec.graphdef, model_cfg, mesh, rules)
+  assert engine.cache_sharding.spec == PartitionSpec(None, ("data", "fsdp"), None, None, None)
+
+
+def test_the_hardware_table_is_the_one_source_for_mfu_energy_and_plans():
+  class Device:
+    platform, device_kind = "gpu", "NVIDIA H100 80GB HBM3"
+
+  assert hardware.datasheet_peak(Device(), "bfloat16") == 989e12
+  assert hardware.lookup("TPU v5 lite").name == "TPU v5e"
+  assert hardware.lookup("NVIDIA H100 PCIe").peak_flops["bfloat16"] == 756e12
+
+  class Cpu:
+    platform, device_kind = "cpu", "cpu"
+
+  assert hardware.datasheet_peak(Cpu(), "float32") is None
+  config = default.get_config()
+  config.model.dtype = "bfloat16"
+  result = planning.plan(config, hardware.parse("v5e-16"), use_compiler=False)
+  v5e = hardware.lookup("TPU v5 lite")
+  assert result["peak_flops_per_chip"] == v5e.peak_flops["bfloat16"] == 197e12
+  assert result["power_watts_per_chip"] == v5e.power_watts
+  assert result["hbm_per_chip_bytes"] == v5e.hbm_bytes
+
+
+COMMANDS = {"train.generate", "train.bench", "train.plan", "train.report", "train.__main__"}
+
+
+def test_no_library_module_imports_a_command():
+  root = os.path.join(REPO, "train")
+  for folder, _, files in os.walk(root):
+    for name in files:
+      if not name.endswith(".py"):
+        continue
+      path = os.path.join(folder, name)
+      module = os.path.relpath(path, REPO)[:-3].replace(os.sep, ".")
+      if module in COMMANDS or module.endswith("__main__"):
+        continue
+      tree = ast.parse(open(path).read())
+      imported = set()
+      for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+          imported |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+          imported |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+      assert not imported & COMMANDS, f"{module} imports {imported & COMMANDS}"
+
+
+def test_the_checkpoint_command_has_its_new_name(tmp_path):
+  result = subprocess.run(
+    [sys.executable, "-m", "train.checkpoint", "verify", str(tmp_path)],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+  )
+  assert result.returncode == 2 and "no checkpoints under" in result.stderr

@@ -1,0 +1,242 @@
+"""``ConfigError`` and the one validation of a whole run config, before any work.
+
+``validate(config, workdir=...)`` runs right after ``jax.distributed`` has started and before any
+data is prepared or anything compiled: the train, optimizer, data, model, mesh, meter and work
+directory settings, the model against its tokenizer's vocabulary (known from the config alone) and
+against the mesh, and the mesh against the device and process counts. Every message names the
+key, its value and what would be valid. It writes nothing: a refused run leaves no trace.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+
+import jax
+import ml_collections
+import optax
+from jax.sharding import Mesh
+
+from input_pipeline import tokenizers
+from models.config import ModelConfig
+from train import optimizer
+from train import state as state_lib
+from train.cluster import mesh as mesh_lib
+
+SPIKE_POLICIES = ("off", "skip", "rollback")
+SOURCE_PREFIXES = ("stdlib", "files:", "tfds:")
+
+
+class ConfigError(ValueError):
+  """A config value, flag or path a user gave is not valid; the message says what would be."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Resolved:
+  """What validation resolved on the way: the model config, the mesh and its rule table."""
+
+  model_cfg: ModelConfig
+  mesh: Mesh
+  rules: mesh_lib.Rules
+
+
+def validate(
+  config: ml_collections.ConfigDict,
+  *,
+  workdir: str | None = None,
+  devices: list[jax.Device] | None = None,
+  process_count: int | None = None,
+  with_tokenizer: bool = True,
+) -> Resolved:
+  """Checks the whole config for ``devices`` (default: all) and ``process_count`` processes.
+
+  ``with_tokenizer=False`` (train.plan, which feeds no data) leaves the model's vocabulary
+  unchecked against the tokenizer's. Raises ConfigError (or input_pipeline's DataError for a
+  tokenizer file) naming what to change.
+  """
+  _check_train(config)
+  _check_optim(config.optim)
+  _check_data(config.data)
+  _check_meter(config.meter)
+  model_cfg = model_config(config, with_tokenizer=with_tokenizer)
+  try:
+    mesh = mesh_lib.make_mesh(config.mesh, devices)
+    rules = mesh_lib.logical_rules(config.mesh)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+  process_count = jax.process_count() if process_count is None else process_count
+  _check_batch(config, mesh, rules, process_count)
+  _check_model_on_mesh(model_cfg, mesh, rules)
+  if workdir is not None:
+    check_workdir(workdir)
+  return Resolved(model_cfg, mesh, rules)
+
+
+def model_config(config: ml_collections.ConfigDict, *, with_tokenizer: bool = True) -> ModelConfig:
+  """The model config with its -1 defaults resolved from the data config (no data prepared)."""
+  vocab = tokenizers.vocab_size_from_config(config.data)
+  try:
+    model_cfg = ModelConfig.from_config(config.model, seq_len=config.data.seq_len, vocab_size=vocab)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+  if with_tokenizer and model_cfg.vocab_size < vocab:
+    raise ConfigError(
+      f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's vocabulary "
+      f"({vocab}); use -1 or at least {vocab}"
+    )
+  if model_cfg.max_seq_len < config.data.seq_len:
+    raise ConfigError(
+      f"model.max_seq_len={model_cfg.max_seq_len} is shorter than data.seq_len="
+      f"{config.data.seq_len}; use -1 or at least {config.data.seq_len}"
+    )
+  return model_cfg
+
+
+def _integers(config, keys: list[str], minimum: int, what: str) -> None:
+  for key in keys:
+    group, name = key.split(".")
+    value = config[group][name]
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+      raise ConfigError(f"{key}={value!r} must be {what}")
+
+
+def _check_train(config) -> None:
+  positive = ["train.steps", "train.batch_size", "train.microbatches", "train.eval_batches"]
+  positive += ["log.every", "checkpoint.max_to_keep", "data.seq_len", "train.max_consecutive_skips"]
+  _integers(config, positive, 1, "a positive integer")
+  non_negative = [
+    "train.eval_every",
+    "checkpoint.every",
+    "train.max_rollbacks",
+    "log.sample_tokens",
+  ]
+  _integers(config, non_negative, 0, "a non-negative integer (0 = off)")
+  train = config.train
+  if train.spike_policy not in SPIKE_POLICIES:
+    raise ConfigError(f"train.spike_policy={train.spike_policy!r} is not one of {SPIKE_POLICIES}")
+  if train.spike_policy != "off" and not train.spike_factor > 1:
+    raise ConfigError(
+      f"train.spike_factor={train.spike_factor!r} must be > 1 (a loss that many times "
+      f"the running mean is a spike), or set train.spike_policy='off'"
+    )
+  for key in ("nan_steps", "spike_steps"):
+    steps = tuple(config.debug[key])
+    if any(not isinstance(s, int) or s < 1 for s in steps):
+      raise ConfigError(f"debug.{key}={steps} must hold step numbers >= 1")
+
+
+# optim keys: (what a valid value is, the test of it).
+_OPTIM_RANGES = {
+  "learning_rate": ("> 0", lambda v: v > 0),
+  "min_lr_ratio": ("in [0, 1]", lambda v: 0 <= v <= 1),
+  "b1": ("in [0, 1)", lambda v: 0 <= v < 1),
+  "b2": ("in [0, 1)", lambda v: 0 <= v < 1),
+  "eps": ("> 0", lambda v: v > 0),
+  "weight_decay": (">= 0", lambda v: v >= 0),
+  "grad_clip_norm": (">= 0 (0 = off)", lambda v: v >= 0),
+}
+
+
+def _check_optim(optim) -> None:
+  if optim.schedule not in optimizer.SCHEDULES:
+    raise ConfigError(f"optim.schedule={optim.schedule!r} is not one of {optimizer.SCHEDULES}")
+  for key, (valid, test) in _OPTIM_RANGES.items():
+    value = optim[key]
+    if not isinstance(value, (int, float)) or not test(value):
+      raise ConfigError(f"optim.{key}={value!r} must be {valid}")
+  _integers({"optim": optim}, ["optim.warmup_steps"], 0, "a non-negative integer")
+
+
+def _check_data(data) -> None:
+  if not any(data.source == p or data.source.startswith(p) for p in SOURCE_PREFIXES):
+    raise ConfigError(
+      f"data.source={data.source!r} is not one of the forms stdlib, files:<dir or glob>, "
+      f"tfds:<name>[:<version>]"
+    )
+  percent = data.validation_percent
+  if not isinstance(percent, (int, float)) or not 0 <= percent < 100:
+    raise ConfigError(f"data.validation_percent={percent!r} must be in [0, 100)")
+
+
+def _check_meter(meter) -> None:
+  if not meter.pue >= 1:
+    raise ConfigError(f"meter.pue={meter.pue!r} must be >= 1 (1.0 = count the devices only)")
+  if not meter.power_watts >= 0 or not meter.grid_kg_per_kwh >= 0:
+    raise ConfigError(
+      f"meter.power_watts={meter.power_watts!r} and meter.grid_kg_per_kwh="
+      f"{meter.grid_kg_per_kwh!r} must be >= 0"
+    )
+
+
+def _check_batch(config, mesh: Mesh, rules, process_count: int) -> None:
+  batch, micro = config.train.batch_size, config.train.microbatches
+  dp = mesh_lib.data_parallel_size(mesh, rules)
+  if batch % (dp * micro):
+    raise ConfigError(
+      f"train.batch_size={batch} is not divisible by the data-parallel size {dp} "
+      f"({mesh_lib.describe(mesh)}) × train.microbatches={micro} = {dp * micro}; use a "
+      f"multiple of {dp * micro}"
+    )
+  if batch % process_count:
+    raise ConfigError(
+      f"train.batch_size={batch} is not divisible by the {process_count} processes; each "
+      f"process reads an equal share"
+    )
+
+
+def _check_model_on_mesh(model_cfg: ModelConfig, mesh: Mesh, rules) -> None:
+  """Head counts against the mesh axes that split heads, then every parameter's shape."""
+  for name, logical in (("num_heads", "heads"), ("num_kv_heads", "kv_heads")):
+    value = getattr(model_cfg, name)
+    split, axes = mesh_lib.ways(mesh, rules, logical)
+    if value % split:
+      raise ConfigError(
+        f"model.{name}={value} is not divisible by {split}, the size of mesh axes {axes} that "
+        f"split {logical!r} ({mesh_lib.describe(mesh)}); use mesh sizes whose product divides "
+        f"{value}"
+      )
+  # Shapes only (jax.eval_shape): no parameter is allocated.
+  params = state_lib.state_spec(model_cfg, optax.identity(), mesh, rules).abstract["params"]
+  jax.tree_util.tree_map_with_path(lambda path, leaf: _check_divisible(path, leaf, mesh), params)
+
+
+def _check_divisible(path, leaf, mesh: Mesh) -> None:
+  spec = tuple(leaf.sharding.spec) + (None,) * (len(leaf.shape) - len(leaf.sharding.spec))
+  for dim, (size, axes) in enumerate(zip(leaf.shape, spec, strict=True)):
+    if axes is None:
+      continue
+    names = (axes,) if isinstance(axes, str) else tuple(axes)
+    ways = math.prod(mesh.shape[name] for name in names)
+    if size % ways:
+      raise ConfigError(
+        f"parameter {jax.tree_util.keystr(path)} has shape {leaf.shape}: dimension {dim} (size "
+        f"{size}) cannot be split {ways} ways over mesh axes {names} "
+        f"({mesh_lib.describe(mesh)}); change the model size or the mesh so that {ways} "
+        f"divides {size}"
+      )
+
+
+def check_workdir(workdir: str) -> str:
+  """The absolute work directory; refuses files and unwritable places. Creates nothing."""
+  path = os.path.abspath(os.path.expanduser(workdir))
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise ConfigError(f"--workdir {path} is a file, not a directory; pass a directory path")
+  existing = path
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise ConfigError(f"--workdir {path} cannot be created: {existing} is a file")
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise ConfigError(f"--workdir {path} is not writable by this user; choose another directory")
+  return path
+
+
+def create_workdir(workdir: str) -> str:
+  """Creates the (validated) work directory; returns its absolute path."""
+  path = check_workdir(workdir)
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as e:
+    raise ConfigError(f"--workdir {path} cannot be created: {e.strerror}") from e
+  return path

@@ -1,0 +1,116 @@
+"""Loading a checkpoint for inference: the params only, restored sharded on this host's mesh.
+
+Library (Colab)::
+
+  from train.inference import generation, loading
+  model = loading.load("/content/run")             # latest checkpoint, sharded on this mesh
+  result = generation.generate(model, ["def ", "class "], max_new_tokens=64, temperature=0.8)
+  result.texts, result.stats
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+import input_pipeline
+from models.config import ModelConfig
+from train import state as state_lib
+from train.checkpoint import integrity, manager
+from train.cluster import mesh as mesh_lib
+from train.inference.engine import Engine
+
+log = logging.getLogger("loom")
+
+
+@dataclasses.dataclass
+class Model:
+  """A restored model ready to sample from: params on the mesh, the tokenizer of its run."""
+
+  params: Any
+  graphdef: nnx.GraphDef
+  model_cfg: ModelConfig
+  tokenizer: Any
+  mesh: jax.sharding.Mesh
+  rules: mesh_lib.Rules
+  step: int
+  config: ml_collections.ConfigDict
+  engine: Engine
+
+
+def load(workdir: str, step: int | None = None, *, mesh_config: Any = None) -> Model:
+  """Restores the params (only) of ``step`` (default: the latest) sharded on this host's mesh.
+
+  The mesh comes from the run's saved config unless ``mesh_config`` is given; if the saved sizes
+  do not fit the devices here, all devices go to fsdp. The tokenizer is rebuilt from the saved
+  config (``input_pipeline.build``) and must match the run's data fingerprint.
+  """
+  ckpt_manager, steps = manager.open_read_only(workdir)
+  if step is None:
+    step = steps[-1]
+  elif step not in steps:
+    raise ValueError(f"--step {step} has no checkpoint in {workdir}; available steps: {steps}")
+  # The same integrity check as the trainer's restore: never sample from a corrupted checkpoint.
+  problems = integrity.verify(os.path.join(ckpt_manager.directory, str(step)))
+  if problems:
+    raise ValueError(
+      f"checkpoint at step {step} fails its checksums: {'; '.join(problems)}. Check it with "
+      f"python -m train.checkpoint verify {workdir}, or pass another --step from {steps}"
+    )
+  metadata = ckpt_manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))
+  metadata = metadata["metadata"]
+  config = ml_collections.ConfigDict(metadata["config"])
+  model_cfg = ModelConfig(**metadata["model_config"])
+
+  pipeline = input_pipeline.build(config)
+  if pipeline.fingerprint != metadata["data_fingerprint"]:
+    raise ValueError(
+      f"the tokenizer rebuilt from {workdir}'s config has data fingerprint "
+      f"{pipeline.fingerprint[:16]}, the checkpoint {metadata['data_fingerprint'][:16]}: the data "
+      f"or tokenizer under data.cache_dir={config.data.cache_dir} changed since training"
+    )
+  mesh, rules = _mesh_for(config.mesh if mesh_config is None else mesh_config)
+  # Only the params are restored: the optimizer's shape is irrelevant, identity has no state.
+  spec = state_lib.state_spec(model_cfg, optax.identity(), mesh, rules, seed=config.seed)
+  abstract = {"params": spec.abstract["params"]}
+  restored = ckpt_manager.restore(
+    step,
+    args=ocp.args.Composite(
+      state=ocp.args.PyTreeRestore(
+        abstract,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+        partial_restore=True,
+      )
+    ),
+  )
+  ckpt_manager.close()
+  engine = Engine(spec.graphdef, model_cfg, mesh, rules)
+  return Model(
+    restored["state"]["params"],
+    spec.graphdef,
+    model_cfg,
+    pipeline.tokenizer,
+    mesh,
+    rules,
+    step,
+    config,
+    engine,
+  )
+
+
+def _mesh_for(mesh_config: Any) -> tuple[jax.sharding.Mesh, mesh_lib.Rules]:
+  rules = mesh_lib.logical_rules(mesh_config)
+  try:
+    return mesh_lib.make_mesh(mesh_config), rules
+  except ValueError as e:
+    log.warning("the run's mesh does not fit here (%s); using fsdp over all devices", e)
+    fallback = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
+    return mesh_lib.make_mesh(fallback), rules

@@ -1,0 +1,191 @@
+"""The one hardware table: what each accelerator can do, by its datasheet, and the TPU slice names.
+
+Every figure that MFU, the energy estimate and ``train.plan`` need about a chip lives here:
+
+- ``peak_flops``: the dense (no sparsity) matmul peak per compute dtype, FLOP/s per JAX device.
+  On TPUs a float32 matmul runs at XLA's default precision, bf16 passes, so float32 is given the
+  bf16 figure; on NVIDIA GPUs from Ampere on it runs on TF32 tensor cores at XLA's default
+  precision, so float32 is given the dense TF32 figure.
+- ``hbm_bytes``: memory per JAX device (binary units, as JAX reports it).
+- ``power_watts``: typical board power under training load. Vendor TDP for GPUs; for TPUs an
+  estimate where Google publishes none (each entry says which).
+
+CPUs have no datasheet peak here (it depends on the model, the cores and their clocks): their MFU
+divides by a matmul peak measured in the process (``train/meter/flops.py``). Sources: NVIDIA's
+A100, H100 and H200 datasheets; Google Cloud's "TPU versions" pages (cloud.google.com/tpu/docs/v2
+... /v6e); the TPU v4 paper (ISCA 2023) for v4's power.
+
+Slice names follow Cloud TPU: v2/v3/v4/v5p-N count TensorCores (two per chip), v5e-N (also
+v5litepod-N) and v6e-N count chips. ``parse("v5p-128")`` gives the slice's chips and the libtpu
+topology string ("v5p:4x4x4") that ``train.plan`` compiles for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+GiB = 1024**3
+
+
+@dataclasses.dataclass(frozen=True)
+class Accelerator:
+  """Datasheet figures of one kind of JAX device."""
+
+  name: str
+  peak_flops: dict[str, float]  # compute dtype -> dense FLOP/s per JAX device
+  hbm_bytes: int  # per JAX device
+  power_watts: float  # per JAX device, under training load
+  power_source: str
+
+
+def _tpu(name, bf16, hbm_gib, watts, power_source):
+  return Accelerator(name, {"bfloat16": bf16, "float32": bf16}, hbm_gib * GiB, watts, power_source)
+
+
+def _gpu(name, bf16, tf32, hbm_gib, watts):
+  peaks = {"bfloat16": bf16, "float16": bf16, "float32": tf32}
+  return Accelerator(name, peaks, int(hbm_gib * GiB), watts, "NVIDIA TDP")
+
+
+# Keyed by a lower-case substring of ``jax.Device.device_kind``; the first match wins, so more
+# specific names come first ("tpu v5 lite" before "tpu v5", "h100 pcie" before "h100").
+ACCELERATORS: dict[str, Accelerator] = {
+  # v2 and v3 chips hold two TensorCores, each its own JAX device: figures per core.
+  "tpu v2": _tpu("TPU v2", 22.5e12, 8, 140.0, "estimate: half a chip's ~280 W"),
+  "tpu v3": _tpu("TPU v3", 61.5e12, 16, 225.0, "estimate: half a chip's ~450 W"),
+  "tpu v4": _tpu("TPU v4", 275e12, 32, 192.0, "TPU v4 paper (ISCA 2023): 170-192 W per chip"),
+  "tpu v5 lite": _tpu("TPU v5e", 197e12, 16, 170.0, "estimate: scaled from v4 by peak per watt"),
+  "tpu v5e": _tpu("TPU v5e", 197e12, 16, 170.0, "estimate: scaled from v4 by peak per watt"),
+  "tpu v5p": _tpu("TPU v5p", 459e12, 95, 300.0, "estimate: ~1.6x v4 per chip"),
+  "tpu v5": _tpu("TPU v5p", 459e12, 95, 300.0, "estimate: ~1.6x v4 per chip"),
+  "tpu v6 lite": _tpu("TPU v6e", 918e12, 32, 200.0, "estimate: Google's '67% more efficient'"),
+  "tpu v6e": _tpu("TPU v6e", 918e12, 32, 200.0, "estimate: Google's '67% more efficient'"),
+  "h200": _gpu("NVIDIA H200 SXM", 989e12, 494.5e12, 141 * 1e9 / GiB, 700.0),
+  "h100 pcie": _gpu("NVIDIA H100 PCIe", 756e12, 378e12, 80 * 1e9 / GiB, 350.0),
+  "h100": _gpu("NVIDIA H100 SXM", 989e12, 494.5e12, 80 * 1e9 / GiB, 700.0),
+  "a100": _gpu("NVIDIA A100 SXM", 312e12, 156e12, 80 * 1e9 / GiB, 400.0),
+  "l4": _gpu("NVIDIA L4", 121e12, 60e12, 24 * 1e9 / GiB, 72.0),
+}
+
+# A CPU has no datasheet peak here; its power is per core (a 2-core share of a ~100-200 W socket).
+CPU_WATTS_PER_CORE = 10.0
+# A device with no table entry: the middle of the accelerator range.
+DEFAULT_WATTS = 300.0
+
+
+def lookup(device_kind: str) -> Accelerator | None:
+  """The table entry for a ``jax.Device.device_kind`` ("TPU v5 lite", "NVIDIA H100 80GB HBM3")."""
+  kind = device_kind.lower()
+  for key, accelerator in ACCELERATORS.items():
+    if key in kind:
+      return accelerator
+  return None
+
+
+def datasheet_peak(device: Any, dtype: str) -> float | None:
+  """Dense peak FLOP/s of one device for ``dtype``, or None (CPUs, unknown kinds or dtypes)."""
+  if device.platform == "cpu":
+    return None
+  accelerator = lookup(device.device_kind)
+  return accelerator.peak_flops.get(str(dtype)) if accelerator else None
+
+
+# --- TPU slices: the names train.plan accepts ---
+
+
+@dataclasses.dataclass(frozen=True)
+class SliceFamily:
+  """How one TPU generation's slices are named and laid out."""
+
+  generation: str
+  accelerator: str  # key into ACCELERATORS
+  cores_per_name_unit: int  # 2 where the slice name counts TensorCores (v4-8 = 4 chips)
+  megacore: bool  # two TensorCores per chip presented as one JAX device
+  layouts: dict[int, tuple[int, ...]]  # chips per slice -> chips along each physical axis
+
+
+# Physical chip layouts of the standard slice shapes (Cloud TPU docs' topology column).
+_TORUS_3D = {
+  4: (2, 2, 1),
+  8: (2, 2, 2),
+  16: (2, 2, 4),
+  32: (2, 4, 4),
+  64: (4, 4, 4),
+  128: (4, 4, 8),
+  256: (4, 8, 8),
+  512: (8, 8, 8),
+  1024: (8, 8, 16),
+  2048: (8, 16, 16),
+}
+_GRID_2D = {1: (1, 1), 4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8), 128: (8, 16),
+            256: (16, 16)}  # fmt: skip
+SLICE_FAMILIES = {
+  "v4": SliceFamily("v4", "tpu v4", 2, True, _TORUS_3D),
+  "v5e": SliceFamily("v5e", "tpu v5e", 1, False, _GRID_2D),
+  "v5p": SliceFamily("v5p", "tpu v5p", 2, True, _TORUS_3D),
+  "v6e": SliceFamily("v6e", "tpu v6e", 1, False, _GRID_2D),
+}
+ALIASES = {"v5litepod": "v5e", "v6": "v6e"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+  """One TPU slice (or several identical ones joined over the data-centre network)."""
+
+  name: str  # as given, e.g. "v5p-128"
+  family: SliceFamily
+  chips_per_slice: int
+  num_slices: int = 1
+
+  @property
+  def chip(self) -> Accelerator:
+    return ACCELERATORS[self.family.accelerator]
+
+  @property
+  def layout(self) -> tuple[int, ...]:
+    return self.family.layouts[self.chips_per_slice]
+
+  @property
+  def chips(self) -> int:
+    return self.chips_per_slice * self.num_slices
+
+  @property
+  def libtpu_name(self) -> str:
+    """What libtpu calls this slice, e.g. "v5p:4x4x4"."""
+    return f"{self.family.generation}:{'x'.join(map(str, self.layout))}"
+
+  @property
+  def chips_per_host_bounds(self) -> tuple[int, int, int]:
+    # v4 / v5p hosts hold 2×2×1 chips; v5e / v6e single-host slices (up to 8 chips) hold the
+    # whole slice, multi-host ones 2×2 per host.
+    if len(self.layout) == 2 and self.chips_per_slice <= 8:
+      return (*self.layout, 1)
+    return (2, 2, 1)
+
+
+def valid_names() -> list[str]:
+  return [
+    f"{family.generation}-{chips * family.cores_per_name_unit}"
+    for family in SLICE_FAMILIES.values()
+    for chips in family.layouts
+  ]
+
+
+def parse(name: str, num_slices: int = 1) -> Topology:
+  """A Cloud TPU slice name ("v5p-128", "v5e-256", "v5litepod-16", "v6e-64") as a Topology."""
+  match = re.fullmatch(r"(v\d+[a-z]*)-(\d+)", name.strip().lower())
+  generation = ALIASES.get(match.group(1), match.group(1)) if match else None
+  if generation not in SLICE_FAMILIES:
+    raise ValueError(f"unknown TPU topology {name!r}; valid: {', '.join(valid_names())}")
+  family = SLICE_FAMILIES[generation]
+  chips, remainder = divmod(int(match.group(2)), family.cores_per_name_unit)
+  if remainder or chips not in family.layouts:
+    valid = [n for n in valid_names() if n.startswith(generation + "-")]
+    raise ValueError(
+      f"unknown TPU topology {name!r}; valid {generation} slices: {', '.join(valid)}"
+    )
+  if num_slices < 1:
+    raise ValueError(f"--num_slices={num_slices} must be at least 1")
+  return Topology(name, family, chips, num_slices)
