@@ -18,12 +18,12 @@ def get_config() -> ml_collections.ConfigDict:
 
   # --- data: where text comes from and how it becomes fixed-length training rows.
   c.data = ml_collections.ConfigDict()
-  c.data.source = "stdlib"  # "stdlib" | "files:<dir or glob>" | "tfds:<name>[:<version>]"
+  c.data.source = "stdlib"  # "stdlib" | "files:<dir|glob>" | "tfds:<name>[:<ver>]" | "chat:<jsonl>"
   c.data.text_feature = "text"  # feature holding the text, for "tfds:" sources
   c.data.tfds_data_dir = ""  # TFDS data dir for "tfds:" sources ("" = TFDS default)
   c.data.cache_dir = "~/.cache/loom"  # prepared stores and locally built TFDS datasets live here
   c.data.validation_percent = 5  # share of local files (by file-name hash) held out for eval
-  c.data.tokenizer = "byte"  # "byte" | "sentencepiece"
+  c.data.tokenizer = "byte"  # "byte" | "sentencepiece" | "hf:<dir with tokenizer.json>"
   c.data.spm_model = ""  # existing SentencePiece .model file; "" trains one on the train split
   c.data.spm_vocab_size = 8000  # vocabulary size when training a SentencePiece model
   c.data.seq_len = 256  # tokens per training row seen by the model (rows are seq_len + 1 packed)
@@ -42,10 +42,16 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.norm_eps = 1e-6  # epsilon of every norm
   c.model.positions = "rope"  # "rope" | "learned"
   c.model.rope_theta = 10000.0  # RoPE base frequency
+  c.model.rope_scaling = "none"  # "none" | "llama3" (Llama 3.1/3.2 long-context RoPE scaling)
+  c.model.rope_scaling_factor = 8.0  # llama3 scaling: how far low frequencies are stretched
+  c.model.rope_low_freq_factor = 1.0  # llama3 scaling: wavelengths above original / this stretch
+  c.model.rope_high_freq_factor = 4.0  # llama3 scaling: wavelengths below original / this stay
+  c.model.rope_original_max_len = 8192  # llama3 scaling: the context the model was trained at
   c.model.max_seq_len = -1  # longest sequence (learned positions, decoding); -1 = data.seq_len
   c.model.qk_norm = False  # RMS-normalise queries and keys per head
   c.model.tie_embeddings = True  # the output layer reuses the token embedding
   c.model.use_bias = False  # biases on dense layers and norms (GPT-2 style)
+  c.model.qkv_bias = False  # biases on the query/key/value projections only (Qwen2 style)
   c.model.dtype = "float32"  # compute dtype ("bfloat16" for TPU/GPU)
   c.model.param_dtype = "float32"  # parameter (and optimizer state) dtype
   c.model.scan_layers = False  # stack layers on a "layers" axis and scan (faster compiles)
@@ -105,6 +111,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.checkpoint.async_save = True  # write checkpoints in the background
   c.checkpoint.allow_mismatch = False  # resume even if the data fingerprint or model config changed
   c.checkpoint.verify = True  # check each checkpoint's checksums before restoring from it
+  c.checkpoint.init_from = ""  # a new run's weights: "hf:<HF model dir>" | "loom:<workdir>[@step]"
 
   # --- log: what the loop reports.
   c.log = ml_collections.ConfigDict()

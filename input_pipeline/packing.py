@@ -26,12 +26,17 @@ def row_dtype(max_value: int) -> np.dtype:
 
 
 def rows_from_stream(
-  tokens_T: np.ndarray, starts_T: np.ndarray, seq_len: int, pad_id: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Cuts a stream into rows: ([R, seq_len + 1] tokens, segment_ids, positions).
+  tokens_T: np.ndarray,
+  starts_T: np.ndarray,
+  seq_len: int,
+  pad_id: int,
+  mask_T: np.ndarray | None = None,
+) -> tuple[np.ndarray, ...]:
+  """Cuts a stream into rows: ([R, seq_len + 1] tokens, segment_ids, positions[, loss_mask]).
 
   tokens_T holds whole rows' worth of tokens (T = R * seq_len + 1) or, for the final row, fewer,
-  which are padded. starts_T[t] is True where a document starts in the stream.
+  which are padded. starts_T[t] is True where a document starts in the stream. mask_T (chat
+  data) marks the tokens that may be targets; its rows come back as a fourth array.
   """
   width = seq_len + 1
   num_rows = max(0, -(-(len(tokens_T) - 1) // seq_len))
@@ -54,7 +59,11 @@ def rows_from_stream(
   last_start_RW = np.maximum.accumulate(np.where(starts_RW, col_W, 0), axis=1)
   positions_RW = col_W[None, :] - last_start_RW
   positions_RW[~valid_RW] = 0
-  return tokens_RW, segment_ids_RW, positions_RW
+  if mask_T is None:
+    return tokens_RW, segment_ids_RW, positions_RW
+  mask = np.zeros(padded, np.uint8)
+  mask[: len(mask_T)] = mask_T
+  return tokens_RW, segment_ids_RW, positions_RW, mask[index_RW]
 
 
 class Packer:
@@ -64,7 +73,9 @@ class Packer:
   `add` and `finish` return. Counts of real and padding slots give the packing efficiency.
   """
 
-  def __init__(self, seq_len: int, eod_id: int, pad_id: int, token_dtype: np.dtype):
+  def __init__(
+    self, seq_len: int, eod_id: int, pad_id: int, token_dtype: np.dtype, with_mask: bool = False
+  ):
     if seq_len < 1:
       raise ValueError(f"data.seq_len must be >= 1, got {seq_len}")
     self.seq_len = seq_len
@@ -73,13 +84,19 @@ class Packer:
     self.token_dtype = np.dtype(token_dtype)
     self._tokens: list[np.ndarray] = []
     self._starts: list[np.ndarray] = []
+    self._masks: list[np.ndarray] | None = [] if with_mask else None
     self._pending = 0
     self.num_documents = 0
     self.real_slots = 0
     self.total_slots = 0
 
-  def add(self, doc_tokens: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Appends one document (eod is added here) and yields any block of complete rows."""
+  def add(
+    self, doc_tokens: np.ndarray, mask: np.ndarray | None = None
+  ) -> Iterator[tuple[np.ndarray, ...]]:
+    """Appends one document (eod is added here) and yields any block of complete rows.
+
+    ``mask`` (with_mask only): one flag per token of the document and one for its eod.
+    """
     tokens = np.empty(len(doc_tokens) + 1, self.token_dtype)
     tokens[:-1] = doc_tokens
     tokens[-1] = self.eod_id
@@ -87,6 +104,8 @@ class Packer:
     starts[0] = True
     self._tokens.append(tokens)
     self._starts.append(starts)
+    if self._masks is not None:
+      self._masks.append(np.asarray(mask, np.uint8))
     self._pending += len(tokens)
     self.num_documents += 1
     if self._pending >= _BLOCK_TOKENS:
@@ -96,24 +115,32 @@ class Packer:
     """Yields the remaining rows; the last one is padded."""
     yield from self._flush(final=True)
 
-  def _flush(self, final: bool) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+  def _flush(self, final: bool) -> Iterator[tuple[np.ndarray, ...]]:
     if not self._tokens:
       return
-    tokens_T = np.concatenate(self._tokens)
-    starts_T = np.concatenate(self._starts)
-    full_rows = (len(tokens_T) - 1) // self.seq_len
+    streams = [np.concatenate(self._tokens), np.concatenate(self._starts)]
+    if self._masks is not None:
+      streams.append(np.concatenate(self._masks))
+    length = len(streams[0])
+    full_rows = (length - 1) // self.seq_len
     # Keep the tail (it starts with the overlap token, the last target of the last full row).
     cut = full_rows * self.seq_len
     if final:
-      emit_T, emit_S = (tokens_T, starts_T) if len(tokens_T) > 1 else (tokens_T[:0], starts_T[:0])
-      self._tokens, self._starts, self._pending = [], [], 0
+      emit = streams if length > 1 else [x[:0] for x in streams]
+      kept = None
+      self._pending = 0
     else:
-      emit_T, emit_S = tokens_T[: cut + 1], starts_T[: cut + 1]
-      self._tokens, self._starts = [tokens_T[cut:]], [starts_T[cut:]]
-      self._pending = len(tokens_T) - cut
-    if len(emit_T) < 2:
+      emit = [x[: cut + 1] for x in streams]
+      kept = [x[cut:] for x in streams]
+      self._pending = length - cut
+    self._tokens = [kept[0]] if kept else []
+    self._starts = [kept[1]] if kept else []
+    if self._masks is not None:
+      self._masks = [kept[2]] if kept else []
+    if len(emit[0]) < 2:
       return
-    rows = rows_from_stream(emit_T, emit_S, self.seq_len, self.pad_id)
+    mask = emit[2] if self._masks is not None else None
+    rows = rows_from_stream(emit[0], emit[1], self.seq_len, self.pad_id, mask)
     self.real_slots += int(np.count_nonzero(rows[1]))
     self.total_slots += rows[0].size
     yield rows
@@ -125,15 +152,23 @@ class Packer:
 
 
 def make_batch(
-  tokens_BW: np.ndarray, segment_ids_BW: np.ndarray, positions_BW: np.ndarray
+  tokens_BW: np.ndarray,
+  segment_ids_BW: np.ndarray,
+  positions_BW: np.ndarray,
+  loss_mask_BW: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
-  """Rows of seq_len + 1 -> the model batch: inputs/targets/positions/segment_ids/weights [B, L]."""
+  """Rows of seq_len + 1 -> the model batch: inputs/targets/positions/segment_ids/weights [B, L].
+
+  With a loss mask (chat data) a target counts only where the mask marks it trainable.
+  """
   segment_ids_BW = segment_ids_BW.astype(np.int32)
   in_seg_BL = segment_ids_BW[:, :-1]
   out_seg_BL = segment_ids_BW[:, 1:]
   # A target counts only if it is a real token of the input's own document: eod is predicted from
   # its document's last token, the next document's first token is not predicted from eod.
   weights_BL = ((in_seg_BL == out_seg_BL) & (out_seg_BL != 0)).astype(np.float32)
+  if loss_mask_BW is not None:
+    weights_BL *= loss_mask_BW[:, 1:].astype(np.float32)
   return {
     "inputs": tokens_BW[:, :-1].astype(np.int32),
     "targets": tokens_BW[:, 1:].astype(np.int32),

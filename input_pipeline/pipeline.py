@@ -1,7 +1,9 @@
 """`build(config)`: source -> tokenizer -> prepared store; the `Pipeline` the trainer reads from."""
 
 import contextlib
+import dataclasses
 import functools
+import hashlib
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +14,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from input_pipeline import errors, sampler, sources, store, tokenizers
+from input_pipeline import chat, errors, sampler, sources, store, tokenizers
 
 _log = logging.getLogger(__name__)
 
@@ -41,7 +43,7 @@ class Pipeline:
   def bytes_per_token(self) -> float:
     """UTF-8 bytes of text per token over a sample of the validation split (for bits per byte)."""
     rows = min(self.store.num_rows("validation"), 256)
-    tokens, segments, _ = self.store.read_rows("validation", np.arange(rows))
+    tokens, segments = self.store.read_rows("validation", np.arange(rows))[:2]
     real = tokens[segments > 0]
     text = self.tokenizer.decode(real.tolist())
     return len(text.encode("utf-8")) / max(real.size, 1)
@@ -93,13 +95,15 @@ def build(config: ml_collections.ConfigDict) -> Pipeline:
   _keep_tensorflow_off_accelerators()
   tfds.disable_progress_bar()  # the log says what is being prepared; bars garble CI logs
   data = config.data
-  if data.tokenizer not in tokenizers.TOKENIZERS:
+  if data.tokenizer not in tokenizers.TOKENIZERS[:2] and not data.tokenizer.startswith("hf:"):
     raise errors.DataError(
       f"unknown data.tokenizer={data.tokenizer!r}; valid: {', '.join(tokenizers.TOKENIZERS)}"
     )
   if int(data.seq_len) < 1:
     raise errors.DataError(f"data.seq_len must be >= 1, got {data.seq_len}")
   cache_dir = Path(data.cache_dir).expanduser()
+  if data.source.startswith("chat:"):
+    return _build_chat(config, cache_dir)
   source = sources.resolve(data.source, data, cache_dir)
   tokenizer = tokenizers.build_tokenizer(
     data.tokenizer,
@@ -110,6 +114,30 @@ def build(config: ml_collections.ConfigDict) -> Pipeline:
     cache_dir=cache_dir,
   )
   prepared = store.prepare(source, tokenizer, int(data.seq_len), cache_dir)
+  return _ready(config, tokenizer, prepared)
+
+
+def _build_chat(config: ml_collections.ConfigDict, cache_dir: Path) -> Pipeline:
+  """chat:PATH: conversations rendered with the tokenizer's chat template, loss on assistant
+  turns only (input_pipeline/chat.py)."""
+  data = config.data
+  if data.tokenizer == "sentencepiece" and not data.spm_model:
+    raise errors.DataError(
+      "data.source='chat:...' needs a ready tokenizer: use data.tokenizer='hf:DIR' (its chat "
+      "template), 'byte', or data.spm_model; a SentencePiece model is not trained on chats"
+    )
+  source = chat.read(data.source, int(data.validation_percent))
+  tokenizer = tokenizers.load_tokenizer(data)
+  template = getattr(tokenizer, "chat_template", None)
+  renderer = chat.Renderer(template)
+  template_hash = hashlib.sha256((template or chat.FALLBACK_TEMPLATE).encode()).hexdigest()
+  source = dataclasses.replace(source, identity={**source.identity, "template": template_hash})
+  prepared = store.prepare(source, tokenizer, int(data.seq_len), cache_dir, renderer=renderer)
+  return _ready(config, tokenizer, prepared)
+
+
+def _ready(config, tokenizer, prepared: store.Store) -> Pipeline:
+  data = config.data
   _log.info(
     "Input pipeline: %s, tokenizer %s, store %s (train %d rows, validation %d rows, packing %.4f)",
     data.source,

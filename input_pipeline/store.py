@@ -27,7 +27,7 @@ import shutil
 import socket
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +39,7 @@ _log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 PACKING_SCHEME = "stream-overlap1"  # see packing.py
 ARRAYS = ("tokens", "segment_ids", "positions")
+MASK = "loss_mask"  # chat stores only: which tokens may be targets (assistant turns)
 _HEADER_BYTES = 128  # room reserved for the .npy header, which is written once the shape is known
 _ENCODE_CHUNK = 256  # documents tokenized per call (SentencePiece batches them over threads)
 
@@ -75,10 +76,15 @@ class Store:
   def num_rows(self, split: str) -> int:
     return int(self.manifest["splits"][split]["rows"])
 
-  def read_rows(self, split: str, rows_B: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Rows (any order) of one split: ([B, seq_len + 1] tokens, segment_ids, positions)."""
+  @property
+  def array_names(self) -> tuple[str, ...]:
+    return tuple(self.manifest.get("array_names", ARRAYS))
+
+  def read_rows(self, split: str, rows_B: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Rows (any order) of one split: ([B, seq_len + 1] tokens, segment_ids, positions, and for
+    chat stores loss_mask)."""
     arrays = self._arrays[split]
-    return tuple(arrays[name][rows_B] for name in ARRAYS)
+    return tuple(arrays[name][rows_B] for name in self.array_names)
 
 
 def prepare(
@@ -87,8 +93,13 @@ def prepare(
   seq_len: int,
   cache_dir: Path,
   splits: Iterable[str] = ("train", "validation"),
+  renderer=None,
 ) -> Store:
-  """Returns the store for these inputs, packing it first unless a verified one already exists."""
+  """Returns the store for these inputs, packing it first unless a verified one already exists.
+
+  ``renderer`` (chat sources, ``input_pipeline/chat.py``) turns each conversation into pieces
+  whose tokens carry a loss mask; the store then has a fourth array, ``loss_mask``.
+  """
   if seq_len < 1:
     raise errors.DataError(f"data.seq_len must be >= 1, got {seq_len}")
   fp = fingerprint(source.identity, tokenizer.identity, seq_len)
@@ -110,11 +121,13 @@ def prepare(
       "tokenizer": tokenizer.identity,
       "seq_len": seq_len,
       "row_width": seq_len + 1,
+      "array_names": list(ARRAYS) + ([MASK] if renderer else []),
       "splits": {},
       "arrays": {},
     }
     for split in splits:
-      stats, arrays = _write_split(tmp, split, source.documents(split), tokenizer, seq_len)
+      documents = source.documents(split)
+      stats, arrays = _write_split(tmp, split, documents, tokenizer, seq_len, renderer)
       manifest["splits"][split] = stats
       manifest["arrays"].update(arrays)
     if manifest["splits"]["train"]["rows"] == 0:
@@ -157,7 +170,7 @@ def load(path: Path, expected_fingerprint: str | None = None) -> Store:
   arrays: dict[str, dict[str, np.ndarray]] = {}
   for split, stats in manifest["splits"].items():
     arrays[split] = {}
-    for name in ARRAYS:
+    for name in manifest.get("array_names", ARRAYS):
       arrays[split][name] = _open_array(path, f"{split}_{name}.npy", manifest, stats["rows"], hint)
   return Store(path, manifest, arrays)
 
@@ -180,29 +193,36 @@ def _open_array(path: Path, filename: str, manifest: dict, rows: int, hint: str)
   return array
 
 
-def _write_split(tmp: Path, split: str, documents: Iterator[str], tokenizer, seq_len: int):
+def _write_split(tmp: Path, split: str, documents, tokenizer, seq_len: int, renderer=None):
   token_dtype = packing.row_dtype(tokenizer.vocab_size - 1)
   index_dtype = packing.row_dtype(seq_len + 1)
-  packer = packing.Packer(seq_len, tokenizer.eod_id, tokenizer.pad_id, token_dtype)
-  dtypes = dict(zip(ARRAYS, (token_dtype, index_dtype, index_dtype), strict=True))
+  packer = packing.Packer(
+    seq_len, tokenizer.eod_id, tokenizer.pad_id, token_dtype, with_mask=renderer is not None
+  )
+  names = ARRAYS + ((MASK,) if renderer else ())
+  dtypes = dict(zip(names, (token_dtype, index_dtype, index_dtype, np.uint8), strict=False))
   writers = {
-    name: _NpyWriter(tmp / f"{split}_{name}.npy", dtypes[name], seq_len + 1) for name in ARRAYS
+    name: _NpyWriter(tmp / f"{split}_{name}.npy", dtypes[name], seq_len + 1) for name in names
   }
 
   def write(blocks):
     for block in blocks:
-      for name, rows in zip(ARRAYS, block, strict=True):
+      for name, rows in zip(names, block, strict=True):
         writers[name].append(rows)
 
-  chunk: list[str] = []
-  for doc in documents:
-    chunk.append(doc)
-    if len(chunk) == _ENCODE_CHUNK:
-      for ids in tokenizer.encode_array(chunk):
-        write(packer.add(ids))
-      chunk = []
-  for ids in tokenizer.encode_array(chunk):
-    write(packer.add(ids))
+  if renderer is not None:
+    for conversation in documents:
+      write(packer.add(*_masked_tokens(renderer.pieces(conversation), tokenizer)))
+  else:
+    chunk: list[str] = []
+    for doc in documents:
+      chunk.append(doc)
+      if len(chunk) == _ENCODE_CHUNK:
+        for ids in tokenizer.encode_array(chunk):
+          write(packer.add(ids))
+        chunk = []
+    for ids in tokenizer.encode_array(chunk):
+      write(packer.add(ids))
   write(packer.finish())
   arrays = {}
   for writer in writers.values():
@@ -219,6 +239,19 @@ def _write_split(tmp: Path, split: str, documents: Iterator[str], tokenizer, seq
     "packing_efficiency": round(packer.efficiency, 6),
   }
   return stats, arrays
+
+
+def _masked_tokens(pieces: list[tuple[str, bool]], tokenizer) -> tuple[np.ndarray, np.ndarray]:
+  """A conversation's token ids and its loss mask (one more flag: the eod after the last piece,
+  trained when the conversation ends with an assistant turn)."""
+  ids: list[int] = []
+  mask: list[int] = []
+  for text, trainable in pieces:
+    piece = tokenizer.encode(text)
+    ids += piece
+    mask += [int(trainable)] * len(piece)
+  mask.append(int(pieces[-1][1]) if pieces else 0)
+  return np.asarray(ids, np.int64), np.asarray(mask, np.uint8)
 
 
 class _NpyWriter:

@@ -29,7 +29,7 @@ from input_pipeline import errors
 
 _log = logging.getLogger(__name__)
 
-TOKENIZERS = ("byte", "sentencepiece")
+TOKENIZERS = ("byte", "sentencepiece", "hf:<directory with tokenizer.json>")
 
 # SentencePiece training reads at most this many characters of the train split: a few seconds on
 # two cores for an 8k vocabulary, and enough text for stable merges.
@@ -102,6 +102,73 @@ class SentencePieceTokenizer:
     return self._sp.decode(keep)
 
 
+class HFTokenizer:
+  """A Hugging Face ``tokenizer.json`` (byte-level BPE, SentencePiece-derived, Llama 3's), read
+  with the ``tokenizers`` library. Ids are those of ``transformers``' tokenizer for the same
+  directory with ``add_special_tokens=False``: documents are tokenized as they are, and the
+  end-of-document id (the tokenizer's eos token) is appended by packing.
+  """
+
+  def __init__(self, directory: Path):
+    from tokenizers import Tokenizer as _Tokenizer
+
+    self.directory = Path(directory).expanduser()
+    path = self.directory / "tokenizer.json"
+    if not path.is_file():
+      raise errors.DataNotFoundError(f"data.tokenizer='hf:{directory}': no such file {path}")
+    self._tok = _Tokenizer.from_file(str(path))
+    self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
+    eos = self._special_token("eos_token")
+    if eos is None:
+      raise errors.DataError(
+        f"data.tokenizer='hf:{directory}': tokenizer_config.json names no eos_token; Loom uses it "
+        "as the end-of-document id"
+      )
+    self.eod_id = eos
+    self.pad_id = self._special_token("pad_token")
+    self.pad_id = self.eod_id if self.pad_id is None else self.pad_id
+    self.chat_template = self._chat_template()
+    self.identity = {
+      "kind": "hf",
+      "vocab_size": self.vocab_size,
+      "tokenizer_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+    }
+
+  def _chat_template(self) -> str | None:
+    """tokenizer_config.json's chat_template (the "default" one of a list), or the
+    chat_template.jinja file newer transformers write; None without one."""
+    jinja = self.directory / "chat_template.jinja"
+    if jinja.is_file():
+      return jinja.read_text(encoding="utf-8")
+    config_path = self.directory / "tokenizer_config.json"
+    if not config_path.is_file():
+      return None
+    template = json.loads(config_path.read_text(encoding="utf-8")).get("chat_template")
+    if isinstance(template, list):
+      named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+      template = named.get("default")
+    return template if isinstance(template, str) else None
+
+  def _special_token(self, key: str) -> int | None:
+    config_path = self.directory / "tokenizer_config.json"
+    if not config_path.is_file():
+      return None
+    token = json.loads(config_path.read_text(encoding="utf-8")).get(key)
+    if isinstance(token, dict):  # {"content": "</s>", ...} in older files
+      token = token.get("content")
+    return None if token is None else self._tok.token_to_id(token)
+
+  def encode(self, text: str) -> list[int]:
+    return self._tok.encode(text, add_special_tokens=False).ids
+
+  def encode_array(self, texts: list[str]) -> list[np.ndarray]:
+    encoded = self._tok.encode_batch(texts, add_special_tokens=False)
+    return [np.asarray(e.ids, np.int32) for e in encoded]
+
+  def decode(self, ids: Iterable[int]) -> str:
+    return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
 def _sample_lines(documents: Iterable[str], max_chars: int) -> Iterator[str]:
   """Lines (newline kept) from the first documents, up to max_chars characters in all."""
   seen = 0
@@ -161,12 +228,30 @@ def vocab_size_from_config(data_config) -> int:
   kind = data_config.tokenizer
   if kind == "byte":
     return ByteTokenizer.vocab_size
+  if kind.startswith("hf:"):
+    return HFTokenizer(Path(kind[3:])).vocab_size
   if kind != "sentencepiece":
     raise errors.DataError(f"unknown data.tokenizer={kind!r}; valid: {', '.join(TOKENIZERS)}")
   if data_config.spm_model:
     return _load_spm_model(data_config.spm_model).vocab_size
   _check_spm_vocab_size(int(data_config.spm_vocab_size))
   return int(data_config.spm_vocab_size)
+
+
+def load_tokenizer(data_config) -> Tokenizer:
+  """The tokenizer of ``config.data`` where it needs no data: byte, hf: or a given SentencePiece
+  model (a SentencePiece model trained on the data comes with the prepared store)."""
+  kind = data_config.tokenizer
+  if kind == "sentencepiece" and not data_config.spm_model:
+    raise errors.DataError("a trained SentencePiece model needs its data: use input_pipeline.build")
+  return build_tokenizer(
+    kind,
+    spm_model=data_config.spm_model,
+    spm_vocab_size=int(data_config.spm_vocab_size),
+    source_identity={},
+    train_documents=lambda: iter(()),
+    cache_dir=Path(data_config.cache_dir).expanduser(),
+  )
 
 
 def _load_spm_model(spm_model: str) -> SentencePieceTokenizer:
@@ -200,6 +285,8 @@ def build_tokenizer(
   """
   if kind == "byte":
     return ByteTokenizer()
+  if kind.startswith("hf:"):
+    return HFTokenizer(Path(kind[3:]))
   if kind != "sentencepiece":
     raise errors.DataError(f"unknown data.tokenizer={kind!r}; valid: {', '.join(TOKENIZERS)}")
   if spm_model:

@@ -10,10 +10,11 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from models.config import ModelConfig
-from models.layers import Norm, apply_rope, make_param, normal, out_proj_std
+from models.layers import Norm, apply_rope, make_param, normal, out_proj_std, rope_frequencies
 from models.sharding import constrain
 
 KVCache = dict[str, jax.Array]  # {"k": [B, S, K, H], "v": [B, S, K, H]} for one layer
@@ -45,7 +46,8 @@ class Attention(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.dtype = jnp.dtype(cfg.dtype)
     self.num_kv_heads = cfg.num_kv_heads
-    self.rope_theta = cfg.rope_theta if cfg.positions == "rope" else None
+    # A tuple, not an array: an NNX module keeps arrays only inside Variables.
+    self.rope = tuple(rope_frequencies(cfg).tolist()) if cfg.positions == "rope" else None
     self.scale = 1.0 / math.sqrt(cfg.head_dim)
     d, n, k, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     init = normal(cfg.init_std)
@@ -55,14 +57,14 @@ class Attention(nnx.Module):
     self.out_kernel = make_param(
       rngs, normal(out_proj_std(cfg)), (n, h, d), ("heads", "head_dim", "embed"), cfg
     )
-    if cfg.use_bias:
-      zeros = nnx.initializers.zeros
+    zeros = nnx.initializers.zeros
+    if cfg.use_bias or cfg.qkv_bias:
       self.q_bias = make_param(rngs, zeros, (n, h), ("heads", "head_dim"), cfg)
       self.k_bias = make_param(rngs, zeros, (k, h), ("kv_heads", "head_dim"), cfg)
       self.v_bias = make_param(rngs, zeros, (k, h), ("kv_heads", "head_dim"), cfg)
-      self.out_bias = make_param(rngs, zeros, (d,), ("embed",), cfg)
     else:
-      self.q_bias = self.k_bias = self.v_bias = self.out_bias = None
+      self.q_bias = self.k_bias = self.v_bias = None
+    self.out_bias = make_param(rngs, zeros, (d,), ("embed",), cfg) if cfg.use_bias else None
     if cfg.qk_norm:
       norm_args = dict(kind="rms", use_bias=False, rngs=rngs)
       self.q_norm = Norm(cfg, h, ("head_dim",), **norm_args)
@@ -93,9 +95,10 @@ class Attention(nnx.Module):
     if self.q_norm is not None:
       # QK-norm acts on the raw projections, before RoPE (as in OLMo 2 / Qwen 3).
       q_BLNH, k_BLKH = self.q_norm(q_BLNH), self.k_norm(k_BLKH)
-    if self.rope_theta is not None:
-      q_BLNH = apply_rope(q_BLNH, positions_BL, self.rope_theta)
-      k_BLKH = apply_rope(k_BLKH, positions_BL, self.rope_theta)
+    if self.rope is not None:
+      inv_freq_h = np.asarray(self.rope, np.float32)
+      q_BLNH = apply_rope(q_BLNH, positions_BL, inv_freq_h)
+      k_BLKH = apply_rope(k_BLKH, positions_BL, inv_freq_h)
     q_BLNH = constrain(q_BLNH, ("batch", "length", "heads", "head_dim"))
     k_BLKH = constrain(k_BLKH, ("batch", "length", "kv_heads", "head_dim"))
     v_BLKH = constrain(v_BLKH, ("batch", "length", "kv_heads", "head_dim"))

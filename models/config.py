@@ -10,6 +10,7 @@ MLPS = ("swiglu", "gelu")
 POSITIONS = ("rope", "learned")
 REMATS = ("none", "full", "save_dots")
 DTYPES = ("float32", "bfloat16", "float16")
+ROPE_SCALINGS = ("none", "llama3")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,9 +30,17 @@ class ModelConfig:
   norm_eps: float = 1e-6
   positions: str = "rope"
   rope_theta: float = 10000.0
+  # Llama 3.1/3.2 long-context RoPE: low frequencies divided by the factor, high ones kept, a
+  # smooth ramp between (wavelengths against original_max_len / low and / high freq factors).
+  rope_scaling: str = "none"
+  rope_scaling_factor: float = 8.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_len: int = 8192
   qk_norm: bool = False
   tie_embeddings: bool = True
-  use_bias: bool = False
+  use_bias: bool = False  # biases on every dense layer and norm (GPT-2)
+  qkv_bias: bool = False  # biases on the query, key and value projections only (Qwen2)
   dtype: str = "float32"
   param_dtype: str = "float32"
   scan_layers: bool = True
@@ -63,6 +72,7 @@ class ModelConfig:
       "remat": REMATS,
       "dtype": DTYPES,
       "param_dtype": DTYPES,
+      "rope_scaling": ROPE_SCALINGS,
     }
     for name, valid in choices.items():
       if getattr(self, name) not in valid:

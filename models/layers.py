@@ -10,6 +10,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from models.config import ModelConfig
@@ -90,15 +91,38 @@ class Embed(nnx.Module):
     return jnp.einsum("BLD,VD->BLV", x_BLD, table_VD, preferred_element_type=jnp.float32)
 
 
-def apply_rope(x_BLNH: jax.Array, positions_BL: jax.Array, theta: float) -> jax.Array:
+def rope_frequencies(cfg: ModelConfig) -> np.ndarray:
+  """float32[head_dim // 2]: the inverse frequency of each rotated pair, theta^(-2i/H).
+
+  With ``rope_scaling="llama3"`` (Llama 3.1/3.2), wavelengths longer than
+  original_max_len / low_freq_factor are stretched by the factor, those shorter than
+  original_max_len / high_freq_factor are kept, and the ones between are blended smoothly.
+  Computed with numpy: a constant of the compiled program.
+  """
+  half = cfg.head_dim // 2
+  inv_freq = cfg.rope_theta ** (-np.arange(half, dtype=np.float64) / half)
+  if cfg.rope_scaling == "llama3":
+    factor, low, high = cfg.rope_scaling_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+    original = cfg.rope_original_max_len
+    wavelen = 2 * np.pi / inv_freq
+    smooth = (original / wavelen - low) / (high - low)
+    blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    inv_freq = np.where(
+      wavelen > original / low,
+      inv_freq / factor,
+      np.where(wavelen < original / high, inv_freq, blended),
+    )
+  return inv_freq.astype(np.float32)
+
+
+def apply_rope(x_BLNH: jax.Array, positions_BL: jax.Array, inv_freq_h: np.ndarray) -> jax.Array:
   """Rotary position embedding, Hugging Face Llama's "rotate_half" convention.
 
   Dimension i of the first half of head_dim pairs with dimension i of the second half, rotated
-  by positions * theta^(-2i/H); computed in float32 and cast back.
+  by positions * inv_freq_h[i] (``rope_frequencies``); computed in float32 and cast back.
   """
   half = x_BLNH.shape[-1] // 2
-  inv_freq_h = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
-  angles_BLh = positions_BL.astype(jnp.float32)[..., None] * inv_freq_h
+  angles_BLh = positions_BL.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq_h)
   cos_BL1h = jnp.cos(angles_BLh)[:, :, None, :]
   sin_BL1h = jnp.sin(angles_BLh)[:, :, None, :]
   x32 = x_BLNH.astype(jnp.float32)

@@ -25,7 +25,7 @@ from train import state as state_lib
 from train.cluster import mesh as mesh_lib
 
 SPIKE_POLICIES = ("off", "skip", "rollback")
-SOURCE_PREFIXES = ("stdlib", "files:", "tfds:")
+SOURCE_PREFIXES = ("stdlib", "files:", "tfds:", "chat:")
 
 
 class ConfigError(ValueError):
@@ -152,7 +152,7 @@ def _check_data(data) -> None:
   if not any(data.source == p or data.source.startswith(p) for p in SOURCE_PREFIXES):
     raise ConfigError(
       f"data.source={data.source!r} is not one of the forms stdlib, files:<dir or glob>, "
-      f"tfds:<name>[:<version>]"
+      f"tfds:<name>[:<version>], chat:<conversations.jsonl>"
     )
   percent = data.validation_percent
   if not isinstance(percent, (int, float)) or not 0 <= percent < 100:

@@ -105,3 +105,10 @@ def init_state(
 
   with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
     return jax.jit(init, out_shardings=spec.shardings)()
+
+
+def state_from_params(spec: StateSpec, tx: optax.GradientTransformation, params: Any) -> Any:
+  """A fresh train state (step 0, new optimizer) around given parameters, in its shardings."""
+  return jax.jit(lambda p: _train_state(p, tx), out_shardings=spec.shardings, donate_argnums=0)(
+    params
+  )

@@ -20,7 +20,7 @@ import input_pipeline
 import models
 from models.config import ModelConfig
 from train import config as config_lib
-from train import loop, metrics_writer
+from train import init_from, loop, metrics_writer
 from train import state as state_lib
 from train.checkpoint import manager as checkpoint_lib
 from train.cluster import mesh as mesh_lib
@@ -79,6 +79,7 @@ class Run:
 
 def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
   """Validates the config, then builds the data, the state shapes and the compiled steps."""
+  config = init_from.adopt(config)  # the source's architecture, when starting from weights
   resolved = config_lib.validate(config, workdir=workdir)
   workdir = config_lib.create_workdir(workdir)
   pipeline = input_pipeline.build(config)
@@ -132,6 +133,12 @@ def restore_or_init(run: Run, ckpt: checkpoint_lib.Checkpointer) -> tuple[Any, i
   """The newest good checkpoint of this workdir, or a freshly initialised state."""
 
   def check_metadata(saved: dict[str, Any]) -> None:
+    if saved.get("kind") == "params":
+      raise checkpoint_lib.CheckpointMismatchError(
+        f"{ckpt.directory} holds imported weights (parameters only, no optimizer state): train "
+        f"from them in a new work directory with --config.checkpoint.init_from=loom:"
+        f"{run.workdir}"
+      )
     problems = checkpoint_lib.check_compatible(
       saved,
       run_metadata(run),
@@ -147,6 +154,11 @@ def restore_or_init(run: Run, ckpt: checkpoint_lib.Checkpointer) -> tuple[Any, i
       verify_checksums=run.config.checkpoint.verify,
       check_metadata=check_metadata,
     )
+  if restored is None and run.config.checkpoint.init_from:
+    with run.meter.phase("checkpoint"):
+      params = init_from.load_params(run.config, run.spec, run.model_cfg)
+    log.info("initialised the parameters from %s", run.config.checkpoint.init_from)
+    return state_lib.state_from_params(run.spec, run.tx, params), 0
   if restored is None:
     state = state_lib.init_state(
       run.spec, run.model_cfg, run.tx, run.mesh, run.rules, run.config.seed
@@ -199,7 +211,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state, start_step = restore_or_init(run, ckpt)  # may refuse a checkpoint of another run
     if run.is_main:
       _write_atomically(
-        os.path.join(run.workdir, "config.json"), config.to_json_best_effort(indent=2)
+        os.path.join(run.workdir, "config.json"), run.config.to_json_best_effort(indent=2)
       )
     log_startup(run, start_step)
     writer = metrics_writer.MetricsWriter(

@@ -8,6 +8,7 @@ with the current shardings, so a checkpoint saved on one mesh restores onto anot
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -17,6 +18,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from models.config import ModelConfig
 from train.checkpoint.integrity import is_sealed, seal, verify
 
 log = logging.getLogger("loom")
@@ -182,7 +184,11 @@ def check_compatible(
       f"data fingerprint {saved.get('data_fingerprint')!r} in the checkpoint, "
       f"{current['data_fingerprint']!r} now"
     )
-  saved_model, current_model = saved.get("model_config", {}), current["model_config"]
+  # Checkpoints from before a model field existed hold that field's default.
+  fields = dataclasses.fields(ModelConfig)
+  defaults = {f.name: f.default for f in fields if f.default is not dataclasses.MISSING}
+  saved_model = {**defaults, **saved.get("model_config", {})}
+  current_model = current["model_config"]
   for key in sorted(set(saved_model) | set(current_model)):
     if saved_model.get(key) != current_model.get(key):
       problems.append(

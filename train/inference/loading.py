@@ -22,6 +22,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 import input_pipeline
+from input_pipeline import tokenizers
 from models.config import ModelConfig
 from train import state as state_lib
 from train.checkpoint import integrity, manager
@@ -44,6 +45,7 @@ class Model:
   step: int
   config: ml_collections.ConfigDict
   engine: Engine
+  metadata: dict[str, Any] = dataclasses.field(default_factory=dict)  # the checkpoint's
 
 
 def load(workdir: str, step: int | None = None, *, mesh_config: Any = None) -> Model:
@@ -51,7 +53,8 @@ def load(workdir: str, step: int | None = None, *, mesh_config: Any = None) -> M
 
   The mesh comes from the run's saved config unless ``mesh_config`` is given; if the saved sizes
   do not fit the devices here, all devices go to fsdp. The tokenizer is rebuilt from the saved
-  config (``input_pipeline.build``) and must match the run's data fingerprint.
+  config (``input_pipeline.build``) and must match the run's data fingerprint; an imported
+  checkpoint (no data yet) needs only its tokenizer.
   """
   ckpt_manager, steps = manager.open_read_only(workdir)
   if step is None:
@@ -70,13 +73,7 @@ def load(workdir: str, step: int | None = None, *, mesh_config: Any = None) -> M
   config = ml_collections.ConfigDict(metadata["config"])
   model_cfg = ModelConfig(**metadata["model_config"])
 
-  pipeline = input_pipeline.build(config)
-  if pipeline.fingerprint != metadata["data_fingerprint"]:
-    raise ValueError(
-      f"the tokenizer rebuilt from {workdir}'s config has data fingerprint "
-      f"{pipeline.fingerprint[:16]}, the checkpoint {metadata['data_fingerprint'][:16]}: the data "
-      f"or tokenizer under data.cache_dir={config.data.cache_dir} changed since training"
-    )
+  tokenizer = _tokenizer(config, metadata, workdir)
   mesh, rules = _mesh_for(config.mesh if mesh_config is None else mesh_config)
   # Only the params are restored: the optimizer's shape is irrelevant, identity has no state.
   spec = state_lib.state_spec(model_cfg, optax.identity(), mesh, rules, seed=config.seed)
@@ -97,12 +94,13 @@ def load(workdir: str, step: int | None = None, *, mesh_config: Any = None) -> M
     restored["state"]["params"],
     spec.graphdef,
     model_cfg,
-    pipeline.tokenizer,
+    tokenizer,
     mesh,
     rules,
     step,
     config,
     engine,
+    metadata,
   )
 
 
@@ -114,3 +112,17 @@ def _mesh_for(mesh_config: Any) -> tuple[jax.sharding.Mesh, mesh_lib.Rules]:
     log.warning("the run's mesh does not fit here (%s); using fsdp over all devices", e)
     fallback = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
     return mesh_lib.make_mesh(fallback), rules
+
+
+def _tokenizer(config: ml_collections.ConfigDict, metadata: dict[str, Any], workdir: str) -> Any:
+  """The run's tokenizer: rebuilt with its data (fingerprint checked), or alone for an import."""
+  if metadata.get("data_fingerprint") is None:
+    return tokenizers.load_tokenizer(config.data)
+  pipeline = input_pipeline.build(config)
+  if pipeline.fingerprint != metadata["data_fingerprint"]:
+    raise ValueError(
+      f"the tokenizer rebuilt from {workdir}'s config has data fingerprint "
+      f"{pipeline.fingerprint[:16]}, the checkpoint {metadata['data_fingerprint'][:16]}: the data "
+      f"or tokenizer under data.cache_dir={config.data.cache_dir} changed since training"
+    )
+  return pipeline.tokenizer

@@ -1,0 +1,155 @@
+"""Chat data for supervised fine-tuning: ``data.source = "chat:PATH"``.
+
+PATH is a JSON-lines file, one conversation per line: ``{"messages": [{"role": "system" | "user"
+| "assistant", "content": "..."}, ...]}``. Each conversation is rendered with the tokenizer's
+chat template (``tokenizer_config.json``'s ``chat_template``, or ``chat_template.jinja``; Loom's
+own byte and SentencePiece tokenizers use ``FALLBACK_TEMPLATE``) and becomes one document whose
+tokens carry a loss mask: only the assistant turns (and the end-of-document token after a final
+assistant turn) are trained on. The mask travels through packing into the batch's ``weights``.
+
+Rendering finds each assistant turn's text by rendering growing prefixes of the conversation:
+the span between the prefix before the turn (with the generation prompt) and the prefix with it
+is that turn's text, and it is tokenized on its own.
+
+Bad lines (not JSON, no "messages" list, a message without a string role or content) are
+counted and reported with their line numbers; a file without any assistant turn is an error.
+Conversations go to validation by a hash of their line's text (``data.validation_percent``), or
+by position when that leaves either split empty.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+from input_pipeline import errors
+
+_log = logging.getLogger(__name__)
+
+ROLES = ("system", "user", "assistant", "tool")
+# A plain template for tokenizers that bring none: role headers, the content, a blank line.
+FALLBACK_TEMPLATE = (
+  "{% for message in messages %}### {{ message['role'] }}:\n{{ message['content'] }}\n\n"
+  "{% endfor %}{% if add_generation_prompt %}### assistant:\n{% endif %}"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatSource:
+  """A JSON-lines chat file: conversations split into train and validation."""
+
+  spec: str
+  identity: dict
+  conversations: dict[str, list[list[dict[str, str]]]]  # split -> conversations
+  kind: str = "chat"
+
+  def documents(self, split: str) -> Iterator[list[dict[str, str]]]:
+    yield from self.conversations[split]
+
+
+def read(spec: str, validation_percent: int) -> ChatSource:
+  """Parses and splits ``chat:PATH``; bad lines are reported, never silently dropped."""
+  path = Path(spec[len("chat:") :]).expanduser()
+  if not path.is_file():
+    raise errors.DataNotFoundError(f"data.source={spec!r}: no such file {path}")
+  good: list[tuple[str, list[dict[str, str]]]] = []
+  bad: list[tuple[int, str]] = []
+  raw = path.read_bytes()
+  for number, line in enumerate(raw.decode("utf-8", errors="replace").splitlines(), start=1):
+    if not line.strip():
+      continue
+    problem, messages = _parse(line)
+    if problem:
+      bad.append((number, problem))
+    else:
+      good.append((line, messages))
+  if bad:
+    shown = "; ".join(f"line {n}: {p}" for n, p in bad[:5])
+    _log.warning("%s: %d bad lines skipped (%s%s)", path, len(bad), shown, " ..." * (len(bad) > 5))
+  if not any(m["role"] == "assistant" for _, messages in good for m in messages):
+    detail = f"; bad lines: {shown}" if bad else ""
+    raise errors.DataError(
+      f"data.source={spec!r}: no conversation in {path} has an assistant turn, so there is "
+      f"nothing to train on ({len(good)} good lines, {len(bad)} bad{detail})"
+    )
+  splits = _split(good, validation_percent)
+  identity = {
+    "kind": "chat",
+    "file_sha256": hashlib.sha256(raw).hexdigest(),
+    "validation_percent": validation_percent,
+    "bad_lines": len(bad),
+  }
+  return ChatSource(spec, identity, splits)
+
+
+def _parse(line: str) -> tuple[str, list[dict[str, str]]]:
+  """(problem, messages): problem is "" for a good line."""
+  try:
+    record = json.loads(line)
+  except json.JSONDecodeError as e:
+    return f"not JSON ({e.msg})", []
+  messages = record.get("messages") if isinstance(record, dict) else None
+  if not isinstance(messages, list) or not messages:
+    return 'no "messages" list', []
+  for i, message in enumerate(messages):
+    if not isinstance(message, dict) or message.get("role") not in ROLES:
+      return f"message {i} has no role in {ROLES}", []
+    if not isinstance(message.get("content"), str):
+      return f"message {i} has no string content", []
+  return "", [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def _split(good, validation_percent: int) -> dict[str, list]:
+  splits: dict[str, list] = {"train": [], "validation": []}
+  for line, messages in good:
+    bucket = int(hashlib.sha256(line.encode()).hexdigest()[:8], 16) % 100
+    splits["validation" if bucket < validation_percent else "train"].append(messages)
+  if validation_percent and (not splits["train"] or not splits["validation"]):
+    if len(good) < 2:
+      raise errors.DataError(
+        f"{len(good)} good conversation(s) cannot make both a train and a validation split; "
+        "add conversations or set data.validation_percent=0"
+      )
+    cut = max(1, min(len(good) - 1, round(len(good) * (1 - validation_percent / 100))))
+    _log.info("chat split by position: %d train, %d validation", cut, len(good) - cut)
+    splits = {"train": [m for _, m in good[:cut]], "validation": [m for _, m in good[cut:]]}
+  return splits
+
+
+class Renderer:
+  """Renders conversations with a chat template into (text, trainable) pieces."""
+
+  def __init__(self, template: str | None):
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+      raise errors.DataError(f"the chat template refused a conversation: {message}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    self.template = env.from_string(template or FALLBACK_TEMPLATE)
+
+  def render(self, messages: list[dict[str, str]], generation_prompt: bool) -> str:
+    return self.template.render(messages=messages, add_generation_prompt=generation_prompt)
+
+  def pieces(self, messages: list[dict[str, str]]) -> list[tuple[str, bool]]:
+    """The rendered conversation as consecutive pieces; assistant turns are trainable."""
+    pieces: list[tuple[str, bool]] = []
+    done = ""
+    for k, message in enumerate(messages):
+      if message["role"] == "assistant":
+        prompt = self.render(messages[:k], generation_prompt=True)
+        if not prompt.startswith(done):
+          raise errors.DataError("the chat template does not render conversations prefix-wise")
+        pieces.append((prompt[len(done) :], False))
+        done = prompt
+      text = self.render(messages[: k + 1], generation_prompt=False)
+      if not text.startswith(done):
+        raise errors.DataError("the chat template does not render conversations prefix-wise")
+      pieces.append((text[len(done) :], message["role"] == "assistant"))
+      done = text
+    return [(text, trainable) for text, trainable in pieces if text]

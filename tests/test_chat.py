@@ -1,0 +1,145 @@
+"""Supervised fine-tuning data: chat:PATH conversations, loss on assistant turns only."""
+
+import json
+import logging
+
+import jax
+import numpy as np
+import pytest
+import transformers
+from cli_helpers import run_train
+
+import input_pipeline
+from configs import tiny
+from input_pipeline import chat, errors
+from models.config import ModelConfig
+from train import state as state_lib
+from train import step
+from train.cluster import mesh as mesh_lib
+
+CHATML = (
+  "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+  "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CONVERSATIONS = [
+  [
+    {"role": "system", "content": "You answer in Python."},
+    {"role": "user", "content": "Add one and two."},
+    {"role": "assistant", "content": "print(1 + 2)"},
+    {"role": "user", "content": "Now times four."},
+    {"role": "assistant", "content": "print((1 + 2) * 4)"},
+  ],
+  [
+    {"role": "user", "content": "Say hello."},
+    {"role": "assistant", "content": "print('hello')"},
+  ],
+]
+
+
+def _chat_file(path, conversations, extra_lines=()):
+  lines = [json.dumps({"messages": c}) for c in conversations] + list(extra_lines)
+  path.write_text("\n".join(lines) + "\n")
+  return str(path)
+
+
+def _tokenizer(directory) -> None:
+  """A byte-level BPE tokenizer with a ChatML template, trained here and saved as HF files."""
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+  trainer = trainers.BpeTrainer(
+    vocab_size=300, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+  )
+  tok.train_from_iterator([json.dumps(c) for c in CONVERSATIONS] * 20, trainer)
+  fast = transformers.PreTrainedTokenizerFast(
+    tokenizer_object=tok, eos_token="<|endoftext|>", additional_special_tokens=special[1:]
+  )
+  fast.chat_template = CHATML
+  fast.save_pretrained(str(directory))
+
+
+def test_assistant_turns_are_the_only_trainable_pieces():
+  pieces = chat.Renderer(CHATML).pieces(CONVERSATIONS[0])
+  assert "".join(text for text, _ in pieces) == chat.Renderer(CHATML).render(
+    CONVERSATIONS[0], generation_prompt=False
+  )
+  trainable = [text for text, flag in pieces if flag]
+  assert trainable == ["print(1 + 2)<|im_end|>\n", "print((1 + 2) * 4)<|im_end|>\n"]
+
+
+def _config(tmp_path, source, tokenizer="byte"):
+  config = tiny.get_config()
+  config.data.source = f"chat:{source}"
+  config.data.tokenizer = tokenizer
+  config.data.cache_dir = str(tmp_path / "cache")
+  config.data.validation_percent = 50
+  config.data.seq_len = 32
+  return config
+
+
+def test_batches_weigh_only_assistant_tokens(tmp_path):
+  _tokenizer(tmp_path / "tok")
+  source = _chat_file(tmp_path / "chats.jsonl", CONVERSATIONS * 8)
+  pipeline = input_pipeline.build(_config(tmp_path, source, f"hf:{tmp_path / 'tok'}"))
+  assert pipeline.store.array_names[-1] == "loss_mask"
+  batch = next(pipeline.train_batches(global_batch_size=8, process_index=0, process_count=1))
+  tokenizer = pipeline.tokenizer
+  trained = tokenizer.decode(batch["targets"][batch["weights"] > 0].tolist())
+  ignored = tokenizer.decode(batch["targets"][(batch["weights"] == 0)].tolist())
+  assert batch["weights"].sum() > 0
+  for prompt in ("Add one and two.", "Say hello.", "You answer in Python."):
+    assert prompt not in trained
+  assert "print(" in trained and "user" not in trained
+  assert "Add one" in ignored or "Say hello" in ignored or "Python" in ignored
+
+
+def test_prompt_tokens_get_no_gradient(tmp_path):
+  source = _chat_file(tmp_path / "chats.jsonl", CONVERSATIONS * 8)
+  config = _config(tmp_path, source)
+  pipeline = input_pipeline.build(config)
+  batch = next(pipeline.train_batches(global_batch_size=8, process_index=0, process_count=1))
+  cfg = ModelConfig.from_config(config.model, seq_len=32, vocab_size=258)
+  mesh, rules = mesh_lib.make_mesh(config.mesh), mesh_lib.logical_rules(config.mesh)
+  import optax
+
+  spec = state_lib.state_spec(cfg, optax.identity(), mesh, rules)
+  params = state_lib.init_state(spec, cfg, optax.identity(), mesh, rules, 0)["params"]
+  # Changing the targets the mask leaves out changes neither the loss nor its gradient.
+  other = dict(batch, targets=np.where(batch["weights"] > 0, batch["targets"], 7))
+  grad = jax.grad(lambda p, b: step.loss_sums(p, spec.graphdef, b)[0])
+  for a, b in zip(
+    jax.tree.leaves(grad(params, batch)), jax.tree.leaves(grad(params, other)), strict=True
+  ):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_bad_lines_are_reported_and_no_assistant_is_an_error(tmp_path, caplog):
+  source = _chat_file(
+    tmp_path / "chats.jsonl",
+    CONVERSATIONS * 4,
+    extra_lines=['{"messages": [{"role": "robot", "content": "x"}]}', "not json", '{"msgs": []}'],
+  )
+  with caplog.at_level(logging.WARNING):
+    parsed = chat.read(f"chat:{source}", 50)
+  assert "3 bad lines skipped" in caplog.text
+  assert "line 9: message 0 has no role" in caplog.text and "line 10: not JSON" in caplog.text
+  assert sum(len(v) for v in parsed.conversations.values()) == 8
+  users_only = [[{"role": "user", "content": "hi"}]]
+  with pytest.raises(errors.DataError, match="no conversation .* has an assistant turn"):
+    chat.read(f"chat:{_chat_file(tmp_path / 'users.jsonl', users_only * 3)}", 50)
+
+
+def test_fine_tuning_runs_end_to_end(tmp_path):
+  source = _chat_file(tmp_path / "chats.jsonl", CONVERSATIONS * 16)
+  result = run_train(
+    str(tmp_path / "w"),
+    f"--config.data.source=chat:{source}",
+    "--config.data.validation_percent=25",
+    "--config.train.steps=10",
+    cache_dir=str(tmp_path / "cache"),
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "eval at step 10" in result.stderr

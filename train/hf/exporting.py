@@ -1,0 +1,153 @@
+"""Loom checkpoints out to Hugging Face: safetensors shards, config.json, the tokenizer.
+
+``export_checkpoint(workdir, out_dir)`` restores a checkpoint's parameters sharded on this host's
+mesh, gathers one HF tensor at a time to the host, and writes them in shards of at most
+``max_shard_bytes`` (with ``model.safetensors.index.json`` when there are several), then
+``config.json`` and ``generation_config.json`` in the family's form and the run's tokenizer files.
+Everything is written to ``OUT_DIR.partial`` and renamed at the end: a failed export leaves
+nothing in OUT_DIR.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import ml_dtypes
+import numpy as np
+from jax.experimental import multihost_utils
+
+from models.config import ModelConfig
+from train.hf import families
+from train.hf.families import ConversionError, Family
+from train.hf.importing import copy_tokenizer
+from train.hf.safetensors_io import write_shards
+from train.inference import loading
+
+DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+
+
+def family_for(cfg: ModelConfig, source: dict[str, Any] | None) -> Family:
+  """The HF family to write: the imported one, else the one whose layout the model has."""
+  if source and source.get("model_type") in families.FAMILIES:
+    return families.FAMILIES[source["model_type"]]
+  if cfg.positions == "learned" and cfg.norm == "layer" and cfg.mlp == "gelu" and cfg.use_bias:
+    return families.FAMILIES["gpt2"]
+  if cfg.positions == "rope" and cfg.norm == "rms" and cfg.mlp == "swiglu" and not cfg.use_bias:
+    if cfg.qk_norm and not cfg.qkv_bias:
+      return families.FAMILIES["qwen3"]
+    if cfg.qkv_bias and not cfg.qk_norm:
+      return families.FAMILIES["qwen2"]
+    if not cfg.qk_norm:
+      return families.FAMILIES["llama"]
+  raise ConversionError(
+    f"this model (positions={cfg.positions}, norm={cfg.norm}, mlp={cfg.mlp}, use_bias="
+    f"{cfg.use_bias}, qk_norm={cfg.qk_norm}, qkv_bias={cfg.qkv_bias}) matches no Hugging Face "
+    f"family Loom writes ({', '.join(sorted(families.FAMILIES))})"
+  )
+
+
+def _host(array: jax.Array) -> np.ndarray:
+  """The whole array on this host (gathered from every process's shards)."""
+  if jax.process_count() == 1:
+    return np.asarray(jax.device_get(array))
+  return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+
+
+def hf_tensors(params: Any, cfg: ModelConfig, family: Family, dtype) -> Iterator[tuple[str, Any]]:
+  """(HF name, host array) for every tensor of the HF checkpoint, one at a time."""
+
+  def leaf(tree: Any, dotted: str) -> Any:
+    for key in dotted.split("."):
+      tree = tree[key]
+    return tree
+
+  def emit(name: str, rule, get) -> tuple[str, Any]:
+    sources, transform = rule
+    return name, transform(*(get(s) for s in sources)).astype(dtype)
+
+  for name, rule in family.top_export(cfg).items():
+    yield emit(name, rule, lambda s: _host(leaf(params, s)))
+  blocks = params["blocks"]
+  for i in range(cfg.num_layers):
+    prefix = family.block_prefix.format(i=i)
+    if cfg.scan_layers:
+      get = lambda s, i=i: _host(leaf(blocks, s)[i])  # noqa: E731 (one layer of a stacked leaf)
+    else:
+      layer = blocks[i] if isinstance(blocks, list) else blocks[str(i) if str(i) in blocks else i]
+      get = lambda s, layer=layer: _host(leaf(layer, s))  # noqa: E731
+    for name, rule in family.block_export(cfg).items():
+      yield emit(prefix + name, rule, get)
+
+
+def export_checkpoint(
+  workdir: str,
+  out_dir: str,
+  *,
+  step: int | None = None,
+  dtype: str = "float32",
+  max_shard_bytes: int = 5 * 10**9,
+) -> dict[str, Any]:
+  """Writes an HF model directory for a Loom checkpoint; returns what was written."""
+  if dtype not in DTYPES:
+    raise ConversionError(f"--dtype={dtype!r} is not one of {sorted(DTYPES)}")
+  out_dir = os.path.abspath(os.path.expanduser(out_dir))
+  if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
+    raise ConversionError(f"{out_dir} exists and is not an empty directory; choose a new one")
+  model = loading.load(workdir, step)
+  cfg, config = model.model_cfg, model.config
+  family = family_for(cfg, model.metadata.get("source"))
+  partial = out_dir + ".partial"
+  is_main = jax.process_index() == 0
+  if is_main:
+    shutil.rmtree(partial, ignore_errors=True)
+    os.makedirs(partial)
+  tensors = hf_tensors(model.params, cfg, family, DTYPES[dtype])
+  if is_main:
+    files = write_shards(tensors, partial, max_shard_bytes=max_shard_bytes)
+  else:
+    for _ in tensors:  # every process takes part in each gather
+      pass
+  if not is_main:
+    return {}
+  eod = model.tokenizer.eod_id
+  extra = {"torch_dtype": dtype, "eos_token_id": eod, "bos_token_id": _bos(config, eod)}
+  with open(os.path.join(partial, "config.json"), "w", encoding="utf-8") as f:
+    json.dump(families.hf_config_from_model(cfg, family, extra), f, indent=2)
+  with open(os.path.join(partial, "generation_config.json"), "w", encoding="utf-8") as f:
+    json.dump({"bos_token_id": extra["bos_token_id"], "eos_token_id": eod}, f, indent=2)
+  tokenizer = config.data.tokenizer
+  copied = copy_tokenizer(tokenizer[3:], partial) if tokenizer.startswith("hf:") else []
+  if os.path.isdir(out_dir):
+    os.rmdir(out_dir)
+  os.replace(partial, out_dir)
+  return {
+    "out_dir": out_dir,
+    "step": model.step,
+    "model_type": family.model_type,
+    "files": files,
+    "tokenizer_files": copied,
+  }
+
+
+def _bos(config, eod: int) -> int:
+  """The tokenizer's bos id where it has one, else the end-of-document id."""
+  tokenizer = config.data.tokenizer
+  if tokenizer.startswith("hf:"):
+    path = os.path.join(tokenizer[3:], "tokenizer_config.json")
+    if os.path.isfile(path):
+      with open(path, encoding="utf-8") as f:
+        bos = json.load(f).get("bos_token")
+      if isinstance(bos, dict):
+        bos = bos.get("content")
+      if bos:
+        from tokenizers import Tokenizer
+
+        found = Tokenizer.from_file(os.path.join(tokenizer[3:], "tokenizer.json")).token_to_id(bos)
+        if found is not None:
+          return found
+  return eod

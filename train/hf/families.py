@@ -1,0 +1,421 @@
+"""The Hugging Face model families Loom converts, each as two tables: config and parameters.
+
+A family maps HF's ``config.json`` to Loom's ``ModelConfig`` and back, and says, for every Loom
+parameter of one block (or of the model outside the blocks), which HF tensors make it and how
+(``to_loom``), and for every HF tensor which Loom parameters make it (``to_hf``). Transforms are
+numpy reshapes and transposes: PyTorch's ``nn.Linear`` stores ``[out, in]``, GPT-2's ``Conv1D``
+``[in, out]``; Loom keeps ``[in, ...out]`` with heads split out (``q_kernel`` is ``[D, N, H]``).
+
+Families: GPT-2 (``gpt2``), Llama 2/3/3.1/3.2 (``llama``, with the ``llama3`` RoPE scaling),
+Mistral (``mistral``), Qwen2/2.5 (``qwen2``, q/k/v biases) and Qwen3 (``qwen3``, QK-norm).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from models.config import ModelConfig
+
+# (HF tensor names, the function of those tensors that gives the Loom array)
+Rule = tuple[tuple[str, ...], Callable[..., np.ndarray]]
+
+
+class ConversionError(ValueError):
+  """A checkpoint cannot be converted as it is; the message names the file, key or tensor."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  """How one HF architecture maps onto Loom's transformer."""
+
+  model_type: str
+  architecture: str  # the class transformers instantiates, for the exported config.json
+  block_prefix: str  # HF names of block i start with block_prefix.format(i=i)
+  config_from_hf: Callable[[dict[str, Any]], dict[str, Any]]
+  config_to_hf: Callable[[ModelConfig], dict[str, Any]]
+  block_rules: Callable[[ModelConfig], dict[str, Rule]]  # Loom block leaf -> rule
+  top_rules: Callable[[ModelConfig], dict[str, Rule]]  # Loom leaf outside the blocks -> rule
+  block_export: Callable[[ModelConfig], dict[str, Rule]]  # HF tensor (in a block) -> rule
+  top_export: Callable[[ModelConfig], dict[str, Rule]]
+
+
+def _get(hf: dict[str, Any], key: str, default: Any = None, *, required: bool = False) -> Any:
+  if key not in hf or hf[key] is None:
+    if required:
+      raise ConversionError(f"config.json has no {key!r}, which the conversion needs")
+    return default
+  return hf[key]
+
+
+def _rope(hf: dict[str, Any]) -> dict[str, Any]:
+  """RoPE base and scaling from either form of config.json (transformers 4: rope_theta and
+  rope_scaling; transformers 5: rope_parameters)."""
+  params = dict(hf.get("rope_parameters") or {})
+  scaling = dict(hf.get("rope_scaling") or {})
+  theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+  kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+  source = params if params.get("rope_type") not in (None, "default") else scaling
+  out = {"rope_theta": float(theta)}
+  if kind == "llama3":
+    out.update(
+      rope_scaling="llama3",
+      rope_scaling_factor=float(source["factor"]),
+      rope_low_freq_factor=float(source["low_freq_factor"]),
+      rope_high_freq_factor=float(source["high_freq_factor"]),
+      rope_original_max_len=int(source["original_max_position_embeddings"]),
+    )
+  elif kind != "default":
+    raise ConversionError(
+      f"config.json asks for RoPE scaling {kind!r}; Loom converts 'default' and 'llama3'"
+    )
+  return out
+
+
+def _rope_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+  out: dict[str, Any] = {"rope_theta": cfg.rope_theta}
+  if cfg.rope_scaling == "llama3":
+    out["rope_scaling"] = {
+      "rope_type": "llama3",
+      "factor": cfg.rope_scaling_factor,
+      "low_freq_factor": cfg.rope_low_freq_factor,
+      "high_freq_factor": cfg.rope_high_freq_factor,
+      "original_max_position_embeddings": cfg.rope_original_max_len,
+    }
+  return out
+
+
+# --- Llama, Mistral, Qwen2, Qwen3: one layout, a few switches ---
+
+
+def _llama_config(qkv_bias: bool, qk_norm: bool):
+  def from_hf(hf: dict[str, Any]) -> dict[str, Any]:
+    act = _get(hf, "hidden_act", "silu")
+    if act != "silu":
+      raise ConversionError(f"config.json hidden_act={act!r}: Loom's SwiGLU uses 'silu'")
+    if _get(hf, "mlp_bias", False):
+      raise ConversionError("config.json mlp_bias=true: Loom's Llama-style MLP has no biases")
+    if _get(hf, "attention_bias", False) and not qkv_bias:
+      raise ConversionError(
+        "config.json attention_bias=true: Loom has q/k/v biases (Qwen2 style) but no output bias"
+      )
+    window = _get(hf, "sliding_window") if _get(hf, "use_sliding_window", True) else None
+    max_len = int(_get(hf, "max_position_embeddings", required=True))
+    if window is not None and int(window) < max_len:
+      raise ConversionError(
+        f"config.json sliding_window={window} is below max_position_embeddings={max_len}: "
+        "Loom's attention is full causal"
+      )
+    d, heads = int(_get(hf, "hidden_size", required=True)), int(_get(hf, "num_attention_heads"))
+    return {
+      "vocab_size": int(_get(hf, "vocab_size", required=True)),
+      "d_model": d,
+      "num_layers": int(_get(hf, "num_hidden_layers", required=True)),
+      "num_heads": heads,
+      "num_kv_heads": int(_get(hf, "num_key_value_heads", heads)),
+      "head_dim": int(_get(hf, "head_dim", d // heads)),
+      "mlp_dim": int(_get(hf, "intermediate_size", required=True)),
+      "max_seq_len": max_len,
+      "mlp": "swiglu",
+      "norm": "rms",
+      "norm_eps": float(_get(hf, "rms_norm_eps", 1e-6)),
+      "positions": "rope",
+      "qk_norm": qk_norm,
+      "tie_embeddings": bool(_get(hf, "tie_word_embeddings", False)),
+      "use_bias": False,
+      "qkv_bias": qkv_bias or bool(_get(hf, "attention_bias", False)),
+      **_rope(hf),
+    }
+
+  return from_hf
+
+
+def _llama_config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+  return {
+    "vocab_size": cfg.vocab_size,
+    "hidden_size": cfg.d_model,
+    "num_hidden_layers": cfg.num_layers,
+    "num_attention_heads": cfg.num_heads,
+    "num_key_value_heads": cfg.num_kv_heads,
+    "head_dim": cfg.head_dim,
+    "intermediate_size": cfg.mlp_dim,
+    "max_position_embeddings": cfg.max_seq_len,
+    "hidden_act": "silu",
+    "rms_norm_eps": cfg.norm_eps,
+    "tie_word_embeddings": cfg.tie_embeddings,
+    "attention_bias": False,
+    "mlp_bias": False,
+    **_rope_to_hf(cfg),
+  }
+
+
+def _linear_in(shape: tuple[int, ...]) -> Callable[[np.ndarray], np.ndarray]:
+  """nn.Linear [out, in] -> Loom [in, *out split] (q/k/v kernels, MLP in-projections)."""
+  return lambda w: w.T.reshape(shape)
+
+
+def _llama_block_rules(qkv_bias: bool, qk_norm: bool):
+  def rules(cfg: ModelConfig) -> dict[str, Rule]:
+    d, n, k, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    table: dict[str, Rule] = {
+      "attn_norm.scale": (("input_layernorm.weight",), lambda w: w),
+      "attn.q_kernel": (("self_attn.q_proj.weight",), _linear_in((d, n, h))),
+      "attn.k_kernel": (("self_attn.k_proj.weight",), _linear_in((d, k, h))),
+      "attn.v_kernel": (("self_attn.v_proj.weight",), _linear_in((d, k, h))),
+      "attn.out_kernel": (("self_attn.o_proj.weight",), lambda w: w.T.reshape(n, h, d)),
+      "mlp_norm.scale": (("post_attention_layernorm.weight",), lambda w: w),
+      "mlp.gate_kernel": (("mlp.gate_proj.weight",), lambda w: w.T),
+      "mlp.up_kernel": (("mlp.up_proj.weight",), lambda w: w.T),
+      "mlp.down_kernel": (("mlp.down_proj.weight",), lambda w: w.T),
+    }
+    if qkv_bias or cfg.qkv_bias:
+      table["attn.q_bias"] = (("self_attn.q_proj.bias",), lambda b: b.reshape(n, h))
+      table["attn.k_bias"] = (("self_attn.k_proj.bias",), lambda b: b.reshape(k, h))
+      table["attn.v_bias"] = (("self_attn.v_proj.bias",), lambda b: b.reshape(k, h))
+    if qk_norm:
+      table["attn.q_norm.scale"] = (("self_attn.q_norm.weight",), lambda w: w)
+      table["attn.k_norm.scale"] = (("self_attn.k_norm.weight",), lambda w: w)
+    return table
+
+  return rules
+
+
+def _llama_block_export(qkv_bias: bool, qk_norm: bool):
+  def rules(cfg: ModelConfig) -> dict[str, Rule]:
+    d, n, k, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    table: dict[str, Rule] = {
+      "input_layernorm.weight": (("attn_norm.scale",), lambda w: w),
+      "self_attn.q_proj.weight": (("attn.q_kernel",), lambda w: w.reshape(d, n * h).T),
+      "self_attn.k_proj.weight": (("attn.k_kernel",), lambda w: w.reshape(d, k * h).T),
+      "self_attn.v_proj.weight": (("attn.v_kernel",), lambda w: w.reshape(d, k * h).T),
+      "self_attn.o_proj.weight": (("attn.out_kernel",), lambda w: w.reshape(n * h, d).T),
+      "post_attention_layernorm.weight": (("mlp_norm.scale",), lambda w: w),
+      "mlp.gate_proj.weight": (("mlp.gate_kernel",), lambda w: w.T),
+      "mlp.up_proj.weight": (("mlp.up_kernel",), lambda w: w.T),
+      "mlp.down_proj.weight": (("mlp.down_kernel",), lambda w: w.T),
+    }
+    if qkv_bias or cfg.qkv_bias:
+      for name in ("q", "k", "v"):
+        table[f"self_attn.{name}_proj.bias"] = ((f"attn.{name}_bias",), lambda b: b.reshape(-1))
+    if qk_norm:
+      table["self_attn.q_norm.weight"] = (("attn.q_norm.scale",), lambda w: w)
+      table["self_attn.k_norm.weight"] = (("attn.k_norm.scale",), lambda w: w)
+    return table
+
+  return rules
+
+
+def _llama_top_rules(cfg: ModelConfig) -> dict[str, Rule]:
+  table: dict[str, Rule] = {
+    "embed.table": (("model.embed_tokens.weight",), lambda w: w),
+    "final_norm.scale": (("model.norm.weight",), lambda w: w),
+  }
+  if not cfg.tie_embeddings:
+    table["unembed"] = (("lm_head.weight",), lambda w: w.T)
+  return table
+
+
+def _llama_top_export(cfg: ModelConfig) -> dict[str, Rule]:
+  table: dict[str, Rule] = {
+    "model.embed_tokens.weight": (("embed.table",), lambda w: w),
+    "model.norm.weight": (("final_norm.scale",), lambda w: w),
+  }
+  if not cfg.tie_embeddings:
+    table["lm_head.weight"] = (("unembed",), lambda w: w.T)
+  return table
+
+
+def _llama_like(model_type: str, architecture: str, *, qkv_bias=False, qk_norm=False) -> Family:
+  def to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    out = _llama_config_to_hf(cfg)
+    if model_type == "qwen2":
+      out.pop("attention_bias"), out.pop("mlp_bias")
+      out.update(use_sliding_window=False, sliding_window=None)
+    if model_type == "mistral":
+      out.update(sliding_window=None)
+    return out
+
+  return Family(
+    model_type=model_type,
+    architecture=architecture,
+    block_prefix="model.layers.{i}.",
+    config_from_hf=_llama_config(qkv_bias, qk_norm),
+    config_to_hf=to_hf,
+    block_rules=_llama_block_rules(qkv_bias, qk_norm),
+    top_rules=_llama_top_rules,
+    block_export=_llama_block_export(qkv_bias, qk_norm),
+    top_export=_llama_top_export,
+  )
+
+
+# --- GPT-2: Conv1D [in, out] weights, fused q/k/v, learned positions, LayerNorm with biases ---
+
+
+def _gpt2_config(hf: dict[str, Any]) -> dict[str, Any]:
+  act = _get(hf, "activation_function", "gelu_new")
+  if act not in ("gelu_new", "gelu_pytorch_tanh"):
+    raise ConversionError(
+      f"config.json activation_function={act!r}: Loom's GELU is the tanh approximation ('gelu_new')"
+    )
+  d = int(_get(hf, "n_embd", required=True))
+  return {
+    "vocab_size": int(_get(hf, "vocab_size", required=True)),
+    "d_model": d,
+    "num_layers": int(_get(hf, "n_layer", required=True)),
+    "num_heads": int(_get(hf, "n_head", required=True)),
+    "num_kv_heads": int(_get(hf, "n_head")),
+    "head_dim": d // int(_get(hf, "n_head")),
+    "mlp_dim": int(_get(hf, "n_inner", 4 * d)),
+    "max_seq_len": int(_get(hf, "n_positions", required=True)),
+    "mlp": "gelu",
+    "norm": "layer",
+    "norm_eps": float(_get(hf, "layer_norm_epsilon", 1e-5)),
+    "positions": "learned",
+    "qk_norm": False,
+    "tie_embeddings": bool(_get(hf, "tie_word_embeddings", True)),
+    "use_bias": True,
+    "qkv_bias": False,
+  }
+
+
+def _gpt2_config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+  return {
+    "vocab_size": cfg.vocab_size,
+    "n_embd": cfg.d_model,
+    "n_layer": cfg.num_layers,
+    "n_head": cfg.num_heads,
+    "n_inner": cfg.mlp_dim,
+    "n_positions": cfg.max_seq_len,
+    "n_ctx": cfg.max_seq_len,
+    "activation_function": "gelu_new",
+    "layer_norm_epsilon": cfg.norm_eps,
+    "tie_word_embeddings": cfg.tie_embeddings,
+  }
+
+
+def _gpt2_block_rules(cfg: ModelConfig) -> dict[str, Rule]:
+  d, n, h = cfg.d_model, cfg.num_heads, cfg.head_dim
+
+  def qkv(part: int, bias: bool) -> Callable[[np.ndarray], np.ndarray]:
+    if bias:
+      return lambda b: b[part * d : (part + 1) * d].reshape(n, h)
+    return lambda w: w[:, part * d : (part + 1) * d].reshape(d, n, h)
+
+  table: dict[str, Rule] = {
+    "attn_norm.scale": (("ln_1.weight",), lambda w: w),
+    "attn_norm.bias": (("ln_1.bias",), lambda w: w),
+    "attn.out_kernel": (("attn.c_proj.weight",), lambda w: w.reshape(n, h, d)),
+    "attn.out_bias": (("attn.c_proj.bias",), lambda b: b),
+    "mlp_norm.scale": (("ln_2.weight",), lambda w: w),
+    "mlp_norm.bias": (("ln_2.bias",), lambda w: w),
+    "mlp.up_kernel": (("mlp.c_fc.weight",), lambda w: w),
+    "mlp.up_bias": (("mlp.c_fc.bias",), lambda b: b),
+    "mlp.down_kernel": (("mlp.c_proj.weight",), lambda w: w),
+    "mlp.down_bias": (("mlp.c_proj.bias",), lambda b: b),
+  }
+  for part, name in enumerate(("q", "k", "v")):
+    table[f"attn.{name}_kernel"] = (("attn.c_attn.weight",), qkv(part, bias=False))
+    table[f"attn.{name}_bias"] = (("attn.c_attn.bias",), qkv(part, bias=True))
+  return table
+
+
+def _gpt2_block_export(cfg: ModelConfig) -> dict[str, Rule]:
+  d = cfg.d_model
+
+  def fuse(q, k, v):
+    return np.concatenate([x.reshape(d, -1) for x in (q, k, v)], axis=1)
+
+  return {
+    "ln_1.weight": (("attn_norm.scale",), lambda w: w),
+    "ln_1.bias": (("attn_norm.bias",), lambda w: w),
+    "attn.c_attn.weight": (("attn.q_kernel", "attn.k_kernel", "attn.v_kernel"), fuse),
+    "attn.c_attn.bias": (
+      ("attn.q_bias", "attn.k_bias", "attn.v_bias"),
+      lambda q, k, v: np.concatenate([q.reshape(-1), k.reshape(-1), v.reshape(-1)]),
+    ),
+    "attn.c_proj.weight": (("attn.out_kernel",), lambda w: w.reshape(-1, d)),
+    "attn.c_proj.bias": (("attn.out_bias",), lambda b: b),
+    "ln_2.weight": (("mlp_norm.scale",), lambda w: w),
+    "ln_2.bias": (("mlp_norm.bias",), lambda w: w),
+    "mlp.c_fc.weight": (("mlp.up_kernel",), lambda w: w),
+    "mlp.c_fc.bias": (("mlp.up_bias",), lambda b: b),
+    "mlp.c_proj.weight": (("mlp.down_kernel",), lambda w: w),
+    "mlp.c_proj.bias": (("mlp.down_bias",), lambda b: b),
+  }
+
+
+def _gpt2_top_rules(cfg: ModelConfig) -> dict[str, Rule]:
+  table: dict[str, Rule] = {
+    "embed.table": (("transformer.wte.weight",), lambda w: w),
+    "pos_embed.table": (("transformer.wpe.weight",), lambda w: w),
+    "final_norm.scale": (("transformer.ln_f.weight",), lambda w: w),
+    "final_norm.bias": (("transformer.ln_f.bias",), lambda w: w),
+  }
+  if not cfg.tie_embeddings:
+    table["unembed"] = (("lm_head.weight",), lambda w: w.T)
+  return table
+
+
+def _gpt2_top_export(cfg: ModelConfig) -> dict[str, Rule]:
+  table: dict[str, Rule] = {
+    "transformer.wte.weight": (("embed.table",), lambda w: w),
+    "transformer.wpe.weight": (("pos_embed.table",), lambda w: w),
+    "transformer.ln_f.weight": (("final_norm.scale",), lambda w: w),
+    "transformer.ln_f.bias": (("final_norm.bias",), lambda w: w),
+  }
+  if not cfg.tie_embeddings:
+    table["lm_head.weight"] = (("unembed",), lambda w: w.T)
+  return table
+
+
+GPT2 = Family(
+  model_type="gpt2",
+  architecture="GPT2LMHeadModel",
+  block_prefix="transformer.h.{i}.",
+  config_from_hf=_gpt2_config,
+  config_to_hf=_gpt2_config_to_hf,
+  block_rules=_gpt2_block_rules,
+  top_rules=_gpt2_top_rules,
+  block_export=_gpt2_block_export,
+  top_export=_gpt2_top_export,
+)
+
+FAMILIES: dict[str, Family] = {
+  "gpt2": GPT2,
+  "llama": _llama_like("llama", "LlamaForCausalLM"),
+  "mistral": _llama_like("mistral", "MistralForCausalLM"),
+  "qwen2": _llama_like("qwen2", "Qwen2ForCausalLM", qkv_bias=True),
+  "qwen3": _llama_like("qwen3", "Qwen3ForCausalLM", qk_norm=True),
+}
+
+
+def family_of(hf_config: dict[str, Any], path: str) -> Family:
+  model_type = hf_config.get("model_type")
+  if model_type not in FAMILIES:
+    raise ConversionError(
+      f"{path}: model_type={model_type!r} is not supported; Loom converts "
+      f"{', '.join(sorted(FAMILIES))}"
+    )
+  return FAMILIES[model_type]
+
+
+def model_config_from_hf(hf_config: dict[str, Any], path: str, **overrides: Any) -> ModelConfig:
+  """Loom's ModelConfig for an HF config.json (``overrides``: dtype, scan_layers, remat, ...)."""
+  family = family_of(hf_config, path)
+  values = family.config_from_hf(hf_config)
+  values.update(overrides)
+  try:
+    return ModelConfig(**values)
+  except ValueError as e:
+    raise ConversionError(f"{path}: {e}") from e
+
+
+def hf_config_from_model(cfg: ModelConfig, family: Family, extra: dict[str, Any]) -> dict:
+  """config.json for ``cfg`` in ``family``'s form (``extra``: token ids, dtype)."""
+  out = {"architectures": [family.architecture], "model_type": family.model_type}
+  out.update(family.config_to_hf(cfg))
+  out.update(extra)
+  return out

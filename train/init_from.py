@@ -1,0 +1,133 @@
+"""Starting a new run from weights: ``checkpoint.init_from = "hf:DIR" | "loom:WORKDIR[@STEP]"``.
+
+The parameters come from a Hugging Face model directory or another Loom run; the optimizer is
+fresh and the run starts at step 0 (continued pretraining or fine-tuning on any data source).
+
+``adopt(config)`` runs before validation: the source decides the architecture (every model field
+but the numerics and layout: dtype, param_dtype, scan_layers, remat, init_std), and its tokenizer
+when the config keeps the default one. A model field the config sets to something other than
+the default and other than the source's value is a conflict, named field by field.
+``load_params`` then builds the parameters in the run's shardings.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import ml_collections
+import orbax.checkpoint as ocp
+
+from configs import default
+from models.config import ModelConfig
+from train import state as state_lib
+from train.checkpoint import integrity, manager
+from train.config import ConfigError
+from train.hf import families
+from train.hf.importing import MODEL_KEYS
+from train.hf.importing import load_params as load_hf_params
+from train.hf.safetensors_io import HFCheckpoint
+
+
+def _parse(spec: str) -> tuple[str, str, int | None]:
+  """("hf" | "loom", path, step or None)."""
+  kind, _, rest = spec.partition(":")
+  if kind == "hf" and rest:
+    return kind, os.path.abspath(os.path.expanduser(rest)), None
+  if kind == "loom" and rest:
+    path, _, step = rest.partition("@")
+    if step and not step.isdigit():
+      raise ConfigError(f"checkpoint.init_from={spec!r}: the step after '@' must be a number")
+    return kind, os.path.abspath(os.path.expanduser(path)), int(step) if step else None
+  raise ConfigError(
+    f"checkpoint.init_from={spec!r} must be 'hf:<HF model dir>' or 'loom:<work dir>[@step]' "
+    "(or '' to start from random weights)"
+  )
+
+
+def _loom_source(path: str, step: int | None) -> tuple[Any, int, dict[str, Any]]:
+  """(read-only manager, step, metadata) of another Loom run's checkpoint."""
+  try:
+    ckpt, steps = manager.open_read_only(path)
+  except FileNotFoundError as e:
+    raise ConfigError(f"checkpoint.init_from: {e}") from e
+  step = steps[-1] if step is None else step
+  if step not in steps:
+    raise ConfigError(f"checkpoint.init_from: {path} has no step {step}; it has {steps}")
+  restored = ckpt.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))
+  return ckpt, step, restored["metadata"]
+
+
+def _source_model(config, kind: str, path: str, step: int | None) -> tuple[dict, str | None]:
+  """The source's model fields and tokenizer (``data.tokenizer`` form, or None: no opinion)."""
+  numerics = {key: config.model[key] for key in MODEL_KEYS}
+  if kind == "hf":
+    checkpoint = HFCheckpoint(path)
+    model = families.model_config_from_hf(checkpoint.config, checkpoint.path, **numerics)
+    has_tokenizer = os.path.isfile(os.path.join(path, "tokenizer.json"))
+    return model.to_dict(), f"hf:{path}" if has_tokenizer else None
+  ckpt, step, metadata = _loom_source(path, step)
+  ckpt.close()
+  data = metadata["config"]["data"]
+  tokenizer = data["tokenizer"]
+  if tokenizer == "sentencepiece" and not data.get("spm_model"):
+    tokenizer = None  # trained on that run's data: the config must bring the same model
+  return {**metadata["model_config"], **numerics}, tokenizer
+
+
+def adopt(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """``config`` with the source's architecture and tokenizer (unchanged without init_from)."""
+  spec = config.checkpoint.init_from
+  if not spec:
+    return config
+  kind, path, step = _parse(spec)
+  source, tokenizer = _source_model(config, kind, path, step)
+  defaults = default.get_config()
+  adopted = ml_collections.ConfigDict(config.to_dict())
+  conflicts = []
+  for key, theirs in source.items():
+    ours = config.model[key]
+    if key in MODEL_KEYS or ours == theirs:
+      continue
+    if ours != defaults.model[key]:
+      conflicts.append(f"model.{key}={ours!r} in the config, {theirs!r} in the source")
+    adopted.model[key] = theirs
+  ours = config.data.tokenizer
+  if tokenizer is not None and ours != tokenizer:
+    if ours != defaults.data.tokenizer:
+      conflicts.append(f"data.tokenizer={ours!r} in the config, {tokenizer!r} in the source")
+    adopted.data.tokenizer = tokenizer
+  if conflicts:
+    raise ConfigError(
+      f"checkpoint.init_from={spec!r} does not match the config: {'; '.join(conflicts)}. "
+      "Drop these overrides (the source decides the architecture) or start from another source"
+    )
+  return adopted
+
+
+def load_params(
+  config: ml_collections.ConfigDict, spec: state_lib.StateSpec, model_cfg: ModelConfig
+) -> Any:
+  """The source's parameters in the shardings of ``spec`` (a fresh run's state spec)."""
+  kind, path, step = _parse(config.checkpoint.init_from)
+  if kind == "hf":
+    checkpoint = HFCheckpoint(path)
+    family = families.family_of(checkpoint.config, checkpoint.path)
+    return load_hf_params(checkpoint, family, spec, model_cfg)
+  ckpt, step, _ = _loom_source(path, step)
+  problems = integrity.verify(os.path.join(ckpt.directory, str(step)))
+  if problems:
+    raise ConfigError(f"checkpoint.init_from: {path} step {step} fails its checksums: {problems}")
+  abstract = {"params": spec.abstract["params"]}
+  restored = ckpt.restore(
+    step,
+    args=ocp.args.Composite(
+      state=ocp.args.PyTreeRestore(
+        abstract,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+        partial_restore=True,
+      )
+    ),
+  )
+  ckpt.close()
+  return restored["state"]["params"]
