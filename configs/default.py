@@ -57,6 +57,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.scan_layers = False  # stack layers on a "layers" axis and scan (faster compiles)
   c.model.remat = "none"  # "none" | "full" | "save_dots": activation rematerialisation per block
   c.model.init_std = 0.02  # std of the normal initialiser of dense and embedding weights
+  c.model.lora_rank = 0  # > 0: train low-rank adapters of this rank only, the rest frozen
+  c.model.lora_alpha = 16.0  # adapter scale: the update is A·B·lora_alpha/lora_rank
+  c.model.lora_targets = ("q", "k", "v", "out")  # adapted kernels: q k v out gate up down
 
   # --- mesh: device mesh sizes and the one table from logical axis names to mesh axes.
   c.mesh = ml_collections.ConfigDict()

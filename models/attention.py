@@ -13,8 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from models import lora
 from models.config import ModelConfig
-from models.layers import Norm, apply_rope, make_param, normal, out_proj_std, rope_frequencies
+from models.layers import Norm, apply_rope, out_proj_std, rope_frequencies
+from models.params import make_param, normal
 from models.sharding import constrain
 
 KVCache = dict[str, jax.Array]  # {"k": [B, S, K, H], "v": [B, S, K, H]} for one layer
@@ -57,6 +59,11 @@ class Attention(nnx.Module):
     self.out_kernel = make_param(
       rngs, normal(out_proj_std(cfg)), (n, h, d), ("heads", "head_dim", "embed"), cfg
     )
+    kv_names = ("embed", "kv_heads", "head_dim")
+    self.q_lora = lora.adapter(cfg, "q", (d, n, h), ("embed", "heads", "head_dim"), 1, rngs)
+    self.k_lora = lora.adapter(cfg, "k", (d, k, h), kv_names, 1, rngs)
+    self.v_lora = lora.adapter(cfg, "v", (d, k, h), kv_names, 1, rngs)
+    self.out_lora = lora.adapter(cfg, "out", (n, h, d), ("heads", "head_dim", "embed"), 2, rngs)
     zeros = nnx.initializers.zeros
     if cfg.use_bias or cfg.qkv_bias:
       self.q_bias = make_param(rngs, zeros, (n, h), ("heads", "head_dim"), cfg)
@@ -72,8 +79,10 @@ class Attention(nnx.Module):
     else:
       self.q_norm = self.k_norm = None
 
-  def _project(self, x_BLD: jax.Array, kernel: nnx.Param, bias: nnx.Param | None) -> jax.Array:
+  def _project(self, x_BLD: jax.Array, kernel: nnx.Param, bias, adapter) -> jax.Array:
     y_BLnH = jnp.einsum("BLD,DnH->BLnH", x_BLD, kernel[...].astype(self.dtype))
+    if adapter is not None:
+      y_BLnH = y_BLnH + adapter(x_BLD)
     return y_BLnH if bias is None else y_BLnH + bias[...].astype(self.dtype)
 
   def __call__(
@@ -89,9 +98,9 @@ class Attention(nnx.Module):
     mask_BLS: bool, broadcastable to [B, L, S]; True where query L may attend to key S.
     Returns the output [B, L, D] and the updated cache (None without one).
     """
-    q_BLNH = self._project(x_BLD, self.q_kernel, self.q_bias)
-    k_BLKH = self._project(x_BLD, self.k_kernel, self.k_bias)
-    v_BLKH = self._project(x_BLD, self.v_kernel, self.v_bias)
+    q_BLNH = self._project(x_BLD, self.q_kernel, self.q_bias, self.q_lora)
+    k_BLKH = self._project(x_BLD, self.k_kernel, self.k_bias, self.k_lora)
+    v_BLKH = self._project(x_BLD, self.v_kernel, self.v_bias, self.v_lora)
     if self.q_norm is not None:
       # QK-norm acts on the raw projections, before RoPE (as in OLMo 2 / Qwen 3).
       q_BLNH, k_BLKH = self.q_norm(q_BLNH), self.k_norm(k_BLKH)
@@ -126,6 +135,8 @@ class Attention(nnx.Module):
     out_BLKGH = jnp.einsum("BKGLS,BSKH->BLKGH", probs_BKGLS, v_BSKH)
     out_BLNH = out_BLKGH.reshape(b, length, n, h)
     y_BLD = jnp.einsum("BLNH,NHD->BLD", out_BLNH, self.out_kernel[...].astype(self.dtype))
+    if self.out_lora is not None:
+      y_BLD = y_BLD + self.out_lora(out_BLNH)
     if self.out_bias is not None:
       y_BLD = y_BLD + self.out_bias[...].astype(self.dtype)
     return y_BLD, cache

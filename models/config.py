@@ -46,8 +46,15 @@ class ModelConfig:
   scan_layers: bool = True
   remat: str = "none"
   init_std: float = 0.02
+  # Low-rank adapters: rank > 0 adds A·B·alpha/rank beside each targeted kernel; only adapters
+  # train (models/lora.py). Targets: q, k, v, out (attention), gate, up, down (MLP).
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
+  lora_targets: tuple[str, ...] = ("q", "k", "v", "out")
 
   def __post_init__(self):
+    # JSON (checkpoint metadata) turns the tuple into a list; the config must stay hashable.
+    object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
     self.validate()
 
   def validate(self) -> None:
@@ -82,6 +89,13 @@ class ModelConfig:
         f"model.num_heads={self.num_heads} is not divisible by model.num_kv_heads="
         f"{self.num_kv_heads}; use a divisor of {self.num_heads} (1 = multi-query, "
         f"{self.num_heads} = multi-head)"
+      )
+    targets = ("q", "k", "v", "out", "gate", "up", "down")
+    unknown = [t for t in self.lora_targets if t not in targets]
+    if self.lora_rank < 0 or unknown or (self.lora_rank and not self.lora_targets):
+      raise ValueError(
+        f"model.lora_rank={self.lora_rank} / model.lora_targets={self.lora_targets}: the rank "
+        f"must be >= 0 (0 = off) and the targets a non-empty subset of {targets}"
       )
     if self.positions == "rope" and self.head_dim % 2:
       raise ValueError(f"model.head_dim={self.head_dim} must be even for RoPE")

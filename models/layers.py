@@ -13,24 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from models import lora
 from models.config import ModelConfig
-from models.sharding import LogicalNames, constrain, partitioned
-
-
-def make_param(
-  rngs: nnx.Rngs,
-  initializer: nnx.Initializer,
-  shape: tuple[int, ...],
-  names: LogicalNames,
-  cfg: ModelConfig,
-) -> nnx.Param:
-  """Creates an ``nnx.Param`` of ``shape`` in ``cfg.param_dtype`` named by logical axes."""
-  init = partitioned(initializer, names)
-  return nnx.Param(init(rngs.params(), shape, jnp.dtype(cfg.param_dtype)))
-
-
-def normal(std: float) -> nnx.Initializer:
-  return nnx.initializers.normal(stddev=std)
+from models.params import make_param, normal
+from models.sharding import LogicalNames, constrain
 
 
 def out_proj_std(cfg: ModelConfig) -> float:
@@ -150,19 +136,28 @@ class MLP(nnx.Module):
       make_param(rngs, zeros, (f,), ("mlp",), cfg) if cfg.use_bias and cfg.mlp == "swiglu" else None
     )
     self.down_bias = make_param(rngs, zeros, (d,), ("embed",), cfg) if cfg.use_bias else None
+    self.up_lora = lora.adapter(cfg, "up", (d, f), ("embed", "mlp"), 1, rngs)
+    self.gate_lora = (
+      lora.adapter(cfg, "gate", (d, f), ("embed", "mlp"), 1, rngs) if cfg.mlp == "swiglu" else None
+    )
+    self.down_lora = lora.adapter(cfg, "down", (f, d), ("mlp", "embed"), 1, rngs)
 
-  def _in(self, x_BLD: jax.Array, kernel: nnx.Param, bias: nnx.Param | None) -> jax.Array:
+  def _in(self, x_BLD: jax.Array, kernel: nnx.Param, bias, adapter) -> jax.Array:
     h_BLF = jnp.einsum("BLD,DF->BLF", x_BLD, kernel[...].astype(self.dtype))
+    if adapter is not None:
+      h_BLF = h_BLF + adapter(x_BLD)
     return h_BLF if bias is None else h_BLF + bias[...].astype(self.dtype)
 
   def __call__(self, x_BLD: jax.Array) -> jax.Array:
-    h_BLF = self._in(x_BLD, self.up_kernel, self.up_bias)
+    h_BLF = self._in(x_BLD, self.up_kernel, self.up_bias, self.up_lora)
     if self.gate_kernel is not None:
-      h_BLF = jax.nn.silu(self._in(x_BLD, self.gate_kernel, self.gate_bias)) * h_BLF
+      h_BLF = jax.nn.silu(self._in(x_BLD, self.gate_kernel, self.gate_bias, self.gate_lora)) * h_BLF
     else:
       h_BLF = jax.nn.gelu(h_BLF, approximate=True)
     h_BLF = constrain(h_BLF, ("batch", "length", "mlp"))
     y_BLD = jnp.einsum("BLF,FD->BLD", h_BLF, self.down_kernel[...].astype(self.dtype))
+    if self.down_lora is not None:
+      y_BLD = y_BLD + self.down_lora(h_BLF)
     if self.down_bias is not None:
       y_BLD = y_BLD + self.down_bias[...].astype(self.dtype)
     return y_BLD

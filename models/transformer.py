@@ -33,7 +33,8 @@ from flax import nnx
 
 from models.attention import Attention, KVCache, causal_segment_mask, decode_mask
 from models.config import ModelConfig
-from models.layers import MLP, Embed, Norm, make_param, normal
+from models.layers import MLP, Embed, Norm
+from models.params import make_param, normal
 from models.sharding import constrain
 
 # Logical axes of init_cache()'s arrays, for the trainer's shardings of a generation loop.

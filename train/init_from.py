@@ -4,9 +4,10 @@ The parameters come from a Hugging Face model directory or another Loom run; the
 fresh and the run starts at step 0 (continued pretraining or fine-tuning on any data source).
 
 ``adopt(config)`` runs before validation: the source decides the architecture (every model field
-but the numerics and layout: dtype, param_dtype, scan_layers, remat, init_std), and its tokenizer
-when the config keeps the default one. A model field the config sets to something other than
-the default and other than the source's value is a conflict, named field by field.
+but the numerics, layout and adapters: dtype, param_dtype, scan_layers, remat, init_std,
+lora_*), and its tokenizer when the config keeps the default one. A model field the config sets
+to something other than the default and other than the source's value is a conflict, named
+field by field.
 ``load_params`` then builds the parameters in the run's shardings.
 """
 
@@ -15,16 +16,18 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
 from configs import default
+from models import lora
 from models.config import ModelConfig
 from train import state as state_lib
 from train.checkpoint import integrity, manager
 from train.config import ConfigError
 from train.hf import families
-from train.hf.importing import MODEL_KEYS
+from train.hf.importing import LORA_KEYS, MODEL_KEYS
 from train.hf.importing import load_params as load_hf_params
 from train.hf.safetensors_io import HFCheckpoint
 
@@ -60,7 +63,7 @@ def _loom_source(path: str, step: int | None) -> tuple[Any, int, dict[str, Any]]
 
 def _source_model(config, kind: str, path: str, step: int | None) -> tuple[dict, str | None]:
   """The source's model fields and tokenizer (``data.tokenizer`` form, or None: no opinion)."""
-  numerics = {key: config.model[key] for key in MODEL_KEYS}
+  numerics = {key: config.model[key] for key in MODEL_KEYS + LORA_KEYS}
   if kind == "hf":
     checkpoint = HFCheckpoint(path)
     model = families.model_config_from_hf(checkpoint.config, checkpoint.path, **numerics)
@@ -87,7 +90,7 @@ def adopt(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   conflicts = []
   for key, theirs in source.items():
     ours = config.model[key]
-    if key in MODEL_KEYS or ours == theirs:
+    if key in MODEL_KEYS + LORA_KEYS or ours == theirs:
       continue
     if ours != defaults.model[key]:
       conflicts.append(f"model.{key}={ours!r} in the config, {theirs!r} in the source")
@@ -108,7 +111,8 @@ def adopt(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 def load_params(
   config: ml_collections.ConfigDict, spec: state_lib.StateSpec, model_cfg: ModelConfig
 ) -> Any:
-  """The source's parameters in the shardings of ``spec`` (a fresh run's state spec)."""
+  """The source's parameters in the shardings of ``spec`` (a fresh run's state spec); LoRA
+  adapters, which no source holds, come back as None for the caller to initialise."""
   kind, path, step = _parse(config.checkpoint.init_from)
   if kind == "hf":
     checkpoint = HFCheckpoint(path)
@@ -118,7 +122,7 @@ def load_params(
   problems = integrity.verify(os.path.join(ckpt.directory, str(step)))
   if problems:
     raise ConfigError(f"checkpoint.init_from: {path} step {step} fails its checksums: {problems}")
-  abstract = {"params": spec.abstract["params"]}
+  abstract = {"params": _without_adapters(spec.abstract["params"])}
   restored = ckpt.restore(
     step,
     args=ocp.args.Composite(
@@ -130,4 +134,32 @@ def load_params(
     ),
   )
   ckpt.close()
-  return restored["state"]["params"]
+  loaded = restored["state"]["params"]
+  return jax.tree_util.tree_map_with_path(
+    lambda path, _: _get(loaded, _names(path)), spec.abstract["params"]
+  )
+
+
+def _names(path) -> list[str]:
+  return [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
+
+
+def _without_adapters(tree: Any) -> Any:
+  if not isinstance(tree, dict):
+    return tree
+  return {k: _without_adapters(v) for k, v in tree.items() if not lora.is_adapter([k])}
+
+
+def _get(tree: Any, names: list[str]) -> Any:
+  """The leaf at ``names``, or None where the tree has none (an adapter)."""
+  for name in names:
+    if not isinstance(tree, dict) or name not in tree:
+      return None
+    tree = tree[name]
+  return tree
+
+
+def with_fresh_adapters(loaded: Any, initial: Any) -> Any:
+  """``loaded`` parameters, with ``initial``'s values where ``loaded`` has None (adapters)."""
+  return jax.tree.map(lambda init, got: init if got is None else got, initial, loaded,
+                      is_leaf=lambda x: x is None)  # fmt: skip

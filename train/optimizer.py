@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import optax
+
+from models import lora
 
 SCHEDULES = ("cosine", "linear", "constant")
 
@@ -66,8 +70,34 @@ def weight_decay_mask(params, optim_config):
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make_optimizer(optim_config, total_steps: int) -> optax.GradientTransformation:
-  """AdamW (decoupled decay under the mask) after global-norm clipping."""
+def is_frozen(path) -> bool:
+  """With LoRA, every parameter but the adapters is frozen (models/lora.py)."""
+  return not lora.is_adapter(_path_names(path))
+
+
+def frozen_mask(params) -> Any:
+  """True for the leaves that LoRA freezes (the same structure as ``params``)."""
+  return jax.tree_util.tree_map_with_path(lambda path, _: is_frozen(path), params)
+
+
+def make_optimizer(
+  optim_config, total_steps: int, *, lora_only: bool = False
+) -> optax.GradientTransformation:
+  """AdamW (decoupled decay under the mask) after global-norm clipping.
+
+  ``lora_only``: the adapters get that chain; every other parameter gets a zero update and no
+  optimizer state at all (``optax.set_to_zero`` keeps none), so frozen weights cost nothing.
+  """
+  chain = _adamw(optim_config, total_steps)
+  if not lora_only:
+    return chain
+  labels = lambda params: jax.tree_util.tree_map_with_path(  # noqa: E731
+    lambda path, _: "frozen" if is_frozen(path) else "train", params
+  )
+  return optax.multi_transform({"train": chain, "frozen": optax.set_to_zero()}, labels)
+
+
+def _adamw(optim_config, total_steps: int) -> optax.GradientTransformation:
   schedule = learning_rate_schedule(optim_config, total_steps)
   parts = []
   if optim_config.grad_clip_norm > 0:

@@ -63,7 +63,8 @@ def jit_programs(
   """The jitted steps of a validated config (``train/config.py``). Compile with
   ``programs.compile()``, or ``train_step.lower(spec.abstract, abstract_batch).compile()`` under
   ``jax.set_mesh(mesh)`` and ``nnx.logical_axis_rules(rules)`` for other devices."""
-  tx = optimizer.make_optimizer(config.optim, config.train.steps)
+  lora_only = model_cfg.lora_rank > 0
+  tx = optimizer.make_optimizer(config.optim, config.train.steps, lora_only=lora_only)
   schedule = optimizer.learning_rate_schedule(config.optim, config.train.steps)
   spec = state_lib.state_spec(model_cfg, tx, mesh, rules, seed=config.seed)
   batch_sharding = mesh_lib.batch_sharding(mesh, rules)
@@ -77,6 +78,7 @@ def jit_programs(
       schedule=schedule,
       microbatches=config.train.microbatches,
       spike_factor=spike_factor,
+      frozen=optimizer.frozen_mask(spec.abstract["params"]) if lora_only else None,
     ),
     in_shardings=(spec.shardings, batch_sharding),
     out_shardings=(spec.shardings, replicated),

@@ -74,12 +74,14 @@ def state_spec(
     return NamedSharding(mesh, spec)
 
   param_shardings = jax.tree.map(named, param_specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+  masked = optax.transforms.MaskedNode  # frozen parameters' places in a LoRA optimizer state
   opt_shardings = optax.tree_utils.tree_map_params(
     tx,
-    lambda _, sharding: sharding,
+    lambda leaf, sharding: leaf if isinstance(leaf, masked) else sharding,
     abstract["opt_state"],
     param_shardings,
     transform_non_params=lambda _: named(PartitionSpec()),
+    is_leaf=lambda x: isinstance(x, masked),
   )
   shardings = {key: named(PartitionSpec()) for key in abstract}  # scalars: replicated
   shardings.update(params=param_shardings, opt_state=opt_shardings)

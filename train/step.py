@@ -84,6 +84,7 @@ def train_step(
   schedule: optax.Schedule,
   microbatches: int = 1,
   spike_factor: float = 0.0,
+  frozen: Any = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on one global batch.
 
@@ -91,7 +92,10 @@ def train_step(
   state: it is skipped and counted. With ``spike_factor > 0`` a loss above ``spike_factor`` × the
   running mean of accepted losses is skipped too (a loss spike). The data position still advances.
   """
-  loss, tokens, grads = gradients(state["params"], graphdef, batch, microbatches)
+  params_in = state["params"]
+  if frozen is not None:  # LoRA: no gradient flows into (or is computed for) frozen weights
+    params_in = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params_in, frozen)
+  loss, tokens, grads = gradients(params_in, graphdef, batch, microbatches)
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   ema = state["loss_ema"]

@@ -158,6 +158,11 @@ def restore_or_init(run: Run, ckpt: checkpoint_lib.Checkpointer) -> tuple[Any, i
     with run.meter.phase("checkpoint"):
       params = init_from.load_params(run.config, run.spec, run.model_cfg)
     log.info("initialised the parameters from %s", run.config.checkpoint.init_from)
+    if run.model_cfg.lora_rank > 0:  # the adapters start fresh: A random, B zero
+      initial = state_lib.init_state(
+        run.spec, run.model_cfg, run.tx, run.mesh, run.rules, run.config.seed
+      )["params"]
+      params = init_from.with_fresh_adapters(params, initial)
     return state_lib.state_from_params(run.spec, run.tx, params), 0
   if restored is None:
     state = state_lib.init_state(

@@ -189,8 +189,12 @@ def check_compatible(
   defaults = {f.name: f.default for f in fields if f.default is not dataclasses.MISSING}
   saved_model = {**defaults, **saved.get("model_config", {})}
   current_model = current["model_config"]
+
+  def same(a: Any, b: Any) -> bool:  # JSON gives lists where the config holds tuples
+    return (tuple(a) if isinstance(a, list) else a) == (tuple(b) if isinstance(b, list) else b)
+
   for key in sorted(set(saved_model) | set(current_model)):
-    if saved_model.get(key) != current_model.get(key):
+    if not same(saved_model.get(key), current_model.get(key)):
       problems.append(
         f"model.{key}={saved_model.get(key)!r} in the checkpoint, {current_model.get(key)!r} now"
       )

@@ -4,12 +4,14 @@
 mesh, gathers one HF tensor at a time to the host, and writes them in shards of at most
 ``max_shard_bytes`` (with ``model.safetensors.index.json`` when there are several), then
 ``config.json`` and ``generation_config.json`` in the family's form and the run's tokenizer files.
+LoRA adapters are merged into their kernels first.
 Everything is written to ``OUT_DIR.partial`` and renamed at the end: a failed export leaves
 nothing in OUT_DIR.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -21,6 +23,7 @@ import ml_dtypes
 import numpy as np
 from jax.experimental import multihost_utils
 
+from models import lora
 from models.config import ModelConfig
 from train.hf import families
 from train.hf.families import ConversionError, Family
@@ -99,14 +102,17 @@ def export_checkpoint(
   if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
     raise ConversionError(f"{out_dir} exists and is not an empty directory; choose a new one")
   model = loading.load(workdir, step)
-  cfg, config = model.model_cfg, model.config
+  cfg, config, params = model.model_cfg, model.config, model.params
+  if cfg.lora_rank > 0:  # adapters folded into their kernels: a plain model for transformers
+    params = lora.merge(params, cfg)
+    cfg = dataclasses.replace(cfg, lora_rank=0)
   family = family_for(cfg, model.metadata.get("source"))
   partial = out_dir + ".partial"
   is_main = jax.process_index() == 0
   if is_main:
     shutil.rmtree(partial, ignore_errors=True)
     os.makedirs(partial)
-  tensors = hf_tensors(model.params, cfg, family, DTYPES[dtype])
+  tensors = hf_tensors(params, cfg, family, DTYPES[dtype])
   if is_main:
     files = write_shards(tensors, partial, max_shard_bytes=max_shard_bytes)
   else:

@@ -22,6 +22,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from models import lora
 from models.config import ModelConfig
 from train import state as state_lib
 from train.hf import families
@@ -41,6 +42,7 @@ TOKENIZER_FILES = (
   "chat_template.jinja",
 )
 MODEL_KEYS = ("dtype", "param_dtype", "scan_layers", "remat", "init_std")  # from the run config
+LORA_KEYS = ("lora_rank", "lora_alpha", "lora_targets")  # a run's, never a checkpoint's
 
 
 def _path_names(path) -> list[str]:
@@ -48,11 +50,16 @@ def _path_names(path) -> list[str]:
 
 
 def load_params(checkpoint: HFCheckpoint, family: Family, spec: state_lib.StateSpec, cfg) -> Any:
-  """The Loom parameters of ``spec`` built from ``checkpoint``'s tensors, sharded like ``spec``."""
+  """The Loom parameters of ``spec`` built from ``checkpoint``'s tensors, sharded like ``spec``.
+
+  LoRA adapters (none in an HF checkpoint) come back as None, to be initialised by the caller.
+  """
   block_rules, top_rules = family.block_rules(cfg), family.top_rules(cfg)
 
   def build(path, abstract):
     names = _path_names(path)
+    if lora.is_adapter(names):
+      return None
     if names[0] != "blocks":
       leaf = ".".join(names)
       return _leaf(abstract, lambda _: _value(checkpoint, "", top_rules, leaf, abstract), None)
@@ -135,7 +142,8 @@ def run_config(
 def model_config(checkpoint: HFCheckpoint, base: ml_collections.ConfigDict) -> ModelConfig:
   """The HF model's config with the run config's numerics and layout (dtype, scan, remat)."""
   overrides = {key: base.model[key] for key in MODEL_KEYS}
-  return families.model_config_from_hf(checkpoint.config, checkpoint.path, **overrides)
+  # An import holds the checkpoint's weights alone: adapters belong to the run that trains them.
+  return families.model_config_from_hf(checkpoint.config, checkpoint.path, lora_rank=0, **overrides)
 
 
 def check_tokenizer(checkpoint: HFCheckpoint, model_cfg: ModelConfig) -> str | None:
