@@ -122,19 +122,8 @@ def load_params(
   problems = integrity.verify(os.path.join(ckpt.directory, str(step)))
   if problems:
     raise ConfigError(f"checkpoint.init_from: {path} step {step} fails its checksums: {problems}")
-  abstract = {"params": _without_adapters(spec.abstract["params"])}
-  restored = ckpt.restore(
-    step,
-    args=ocp.args.Composite(
-      state=ocp.args.PyTreeRestore(
-        abstract,
-        restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
-        partial_restore=True,
-      )
-    ),
-  )
+  loaded = manager.restore_params(ckpt, step, _without_adapters(spec.abstract["params"]))
   ckpt.close()
-  loaded = restored["state"]["params"]
   return jax.tree_util.tree_map_with_path(
     lambda path, _: _get(loaded, _names(path)), spec.abstract["params"]
   )

@@ -225,3 +225,19 @@ def open_read_only(workdir: str) -> tuple[ocp.CheckpointManager, list[int]]:
   if not steps:
     raise FileNotFoundError(f"--workdir {workdir} has no complete checkpoint in {directory}")
   return manager, steps
+
+
+def restore_params(manager: ocp.CheckpointManager, step: int, abstract_params: Any) -> Any:
+  """Only the parameters of ``step`` (any subset of them), in ``abstract_params``' shardings."""
+  abstract = {"params": abstract_params}
+  restored = manager.restore(
+    step,
+    args=ocp.args.Composite(
+      state=ocp.args.PyTreeRestore(
+        abstract,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+        partial_restore=True,
+      )
+    ),
+  )
+  return restored["state"]["params"]

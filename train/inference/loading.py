@@ -77,21 +77,11 @@ def load(workdir: str, step: int | None = None, *, mesh_config: Any = None) -> M
   mesh, rules = _mesh_for(config.mesh if mesh_config is None else mesh_config)
   # Only the params are restored: the optimizer's shape is irrelevant, identity has no state.
   spec = state_lib.state_spec(model_cfg, optax.identity(), mesh, rules, seed=config.seed)
-  abstract = {"params": spec.abstract["params"]}
-  restored = ckpt_manager.restore(
-    step,
-    args=ocp.args.Composite(
-      state=ocp.args.PyTreeRestore(
-        abstract,
-        restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
-        partial_restore=True,
-      )
-    ),
-  )
+  params = manager.restore_params(ckpt_manager, step, spec.abstract["params"])
   ckpt_manager.close()
   engine = Engine(spec.graphdef, model_cfg, mesh, rules)
   return Model(
-    restored["state"]["params"],
+    params,
     spec.graphdef,
     model_cfg,
     tokenizer,
