@@ -22,7 +22,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.text_feature = "text"  # feature holding the text, for "tfds:" sources
   c.data.tfds_data_dir = ""  # TFDS data dir for "tfds:" sources ("" = TFDS default)
   c.data.cache_dir = "~/.cache/loom"  # prepared stores and locally built TFDS datasets live here
-  c.data.validation_percent = 5  # share of local files (by file-name hash) held out for eval
+  c.data.validation_percent = 5  # eval share: of files (by name hash), a lone file's lines, chats
   c.data.tokenizer = "byte"  # "byte" | "sentencepiece" | "hf:<dir with tokenizer.json>"
   c.data.spm_model = ""  # existing SentencePiece .model file; "" trains one on the train split
   c.data.spm_vocab_size = 8000  # vocabulary size when training a SentencePiece model

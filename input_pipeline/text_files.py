@@ -14,6 +14,8 @@ from pathlib import Path
 import tensorflow_datasets as tfds
 from etils import epath
 
+from input_pipeline import errors
+
 DATASET_VERSION = "1.0.0"
 
 _log = logging.getLogger(__name__)
@@ -62,6 +64,19 @@ def assign_splits(root: Path, files: list[Path], validation_percent: int) -> dic
   return {"train": train, "validation": val}
 
 
+def split_by_position(path: Path, validation_percent: int) -> tuple[str, str]:
+  """(train, validation) text of one file: the last validation_percent of its lines held out."""
+  lines = path.read_bytes().decode("utf-8", errors="replace").splitlines(keepends=True)
+  held = len(lines) * validation_percent // 100
+  if held == 0 or held == len(lines):
+    raise errors.DataError(
+      f"{path} has {len(lines)} lines: {validation_percent}% of them for validation leaves "
+      f"{'validation' if held == 0 else 'train'} empty; use a longer file, another "
+      "data.validation_percent, or several files"
+    )
+  return "".join(lines[: len(lines) - held]), "".join(lines[len(lines) - held :])
+
+
 @dataclasses.dataclass(eq=False)
 class TextFilesConfig(tfds.core.BuilderConfig):
   """The corpus: a root directory, the files under it and the validation share."""
@@ -70,20 +85,34 @@ class TextFilesConfig(tfds.core.BuilderConfig):
   # Out of the repr: TFDS logs the whole config, and 1,800 paths would flood the log.
   files: tuple[str, ...] = dataclasses.field(default=(), repr=False)
   validation_percent: int = 5
+  by_position: bool = False  # one file: its last validation_percent of lines is validation
 
 
 def make_config(
   root: Path, files: list[Path], validation_percent: int, digest: str
 ) -> TextFilesConfig:
-  """The builder config for UTF-8 `files` whose `scan` digest is `digest`."""
+  """The builder config for UTF-8 `files` whose `scan` digest is `digest`.
+
+  A single file (nanoGPT's input.txt) cannot be split by file name: it is split by position,
+  its last validation_percent of lines going to validation.
+  """
+  by_position = len(files) == 1 and validation_percent > 0
+  if by_position:
+    split_by_position(files[0], validation_percent)  # refuses a file too short to split, now
+    _log.info(
+      "%s is a single file: split by position, its last %d%% of lines for validation",
+      files[0],
+      validation_percent,
+    )
   return TextFilesConfig(
-    name=f"files_{digest[:20]}",
+    name=f"files_{digest[:20]}" + ("_by_position" if by_position else ""),
     version=DATASET_VERSION,
     release_notes=LoomTextFiles.RELEASE_NOTES,
     description=f"{len(files)} text files under {root}",
     root=str(root),
     files=tuple(str(p) for p in files),
     validation_percent=validation_percent,
+    by_position=by_position,
   )
 
 
@@ -110,6 +139,13 @@ class LoomTextFiles(tfds.core.GeneratorBasedBuilder):
     del dl_manager  # the files are local: nothing to download
     cfg = self.builder_config
     root = Path(cfg.root)
+    if cfg.by_position:
+      train, validation = split_by_position(Path(cfg.files[0]), cfg.validation_percent)
+      name = Path(cfg.files[0]).name
+      return {
+        "train": iter([(f"{name}#train", {"text": train})]),
+        "validation": iter([(f"{name}#validation", {"text": validation})]),
+      }
     splits = assign_splits(root, [Path(p) for p in cfg.files], cfg.validation_percent)
     # TFDS cannot write an empty split; a one-file corpus simply has no validation split.
     return {name: self._generate_examples(root, fs) for name, fs in splits.items() if fs}

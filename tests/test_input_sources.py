@@ -140,3 +140,41 @@ def test_empty_corpus_is_a_clear_error(tmp_path):
   (tmp_path / "binary" / "x.bin").write_bytes(b"\xff\xfe\xfd")
   with pytest.raises(ValueError, match="no UTF-8 text .*empty corpus"):
     input_pipeline.build(_config(tmp_path, source=f"files:{tmp_path / 'binary'}"))
+
+
+def _single_file(tmp_path, lines: int) -> Path:
+  path = tmp_path / "input.txt"
+  path.write_text("".join(f"line {i}: {'so it goes ' * (i % 7)}\n" for i in range(lines)))
+  return path
+
+
+def test_a_single_text_file_is_split_by_position(tmp_path, caplog):
+  path = _single_file(tmp_path, 2000)
+  with caplog.at_level(logging.INFO):
+    pipeline = input_pipeline.build(
+      _config(tmp_path / "cache", source=f"files:{path}", validation_percent=10)
+    )
+  assert "split by position" in caplog.text
+  assert pipeline.store.num_rows("train") > 0 and pipeline.store.num_rows("validation") > 0
+  tokens, segments = pipeline.store.read_rows("validation", np.arange(3))[:2]
+  text = pipeline.tokenizer.decode(tokens[segments > 0].tolist())
+  numbers = [int(part.split(":")[0]) for part in text.split("line ")[1:-1]]
+  assert numbers and min(numbers) >= 1800  # the last 10% of the lines
+  too_short = tmp_path / "short" / "input.txt"
+  too_short.parent.mkdir()
+  too_short.write_text("one line only\n")
+  with pytest.raises(ValueError, match="has 1 lines: 10% of them for validation leaves validation"):
+    input_pipeline.build(
+      _config(tmp_path / "cache", source=f"files:{too_short}", validation_percent=10)
+    )
+
+
+def test_one_text_file_trains_and_evaluates(tmp_path):
+  from cli_helpers import run_train
+
+  path = _single_file(tmp_path, 3000)
+  result = run_train(
+    str(tmp_path / "w"), f"--config.data.source=files:{path}", cache_dir=str(tmp_path / "cache")
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "eval at step 20" in result.stderr
