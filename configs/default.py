@@ -123,6 +123,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.log.progress = True  # show a progress line on process 0
   c.log.sample_prompt = "def "  # prompt of the greedy sample shown at each eval
   c.log.sample_tokens = 64  # tokens in that sample (0 = off)
+  c.log.profile_steps = ()  # (start, stop): jax.profiler trace of those steps in WORKDIR/profile
 
   # --- meter: the energy estimate in report.json (power table: train/meter/hardware.py).
   c.meter = ml_collections.ConfigDict()

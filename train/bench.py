@@ -26,6 +26,9 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WHAT = flags.DEFINE_enum("what", "step", ["step", "input"], "What to measure.")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps (after warm-up).")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
+_PROFILE = flags.DEFINE_string(
+  "profile", None, "Trace the timed steps into this directory (timings then include the profiler)."
+)
 
 
 def synthetic_batch(config, vocab_size: int, sharding, seed: int = 0):
@@ -48,12 +51,12 @@ def synthetic_batch(config, vocab_size: int, sharding, seed: int = 0):
   }
 
 
-def bench_step(config, steps: int, warmup: int) -> dict:
+def bench_step(config, steps: int, warmup: int, profile_dir: str | None = None) -> dict:
   import jax
 
   from train import config as config_lib
+  from train import profiling, trainer
   from train import state as state_lib
-  from train import trainer
   from train.cluster import mesh as mesh_lib
   from train.meter import flops
 
@@ -69,10 +72,12 @@ def bench_step(config, steps: int, warmup: int) -> dict:
     state, metrics = built.train_step(state, batch)
   jax.block_until_ready(state)
   times = []
-  for _ in range(steps):
+  profiler = profiling.StepProfiler(profile_dir or "", 1 if profile_dir else None, steps)
+  for i in range(1, steps + 1):
     start = time.perf_counter()
-    state, metrics = built.train_step(state, batch)
-    jax.block_until_ready((state, metrics))
+    with profiler.step(i):
+      state, metrics = built.train_step(state, batch)
+      jax.block_until_ready((state, metrics))
     times.append(time.perf_counter() - start)
   step_time = statistics.median(times)
   tokens_per_second = config.train.batch_size * config.data.seq_len / step_time
@@ -109,7 +114,7 @@ def main(argv):
     result = benchmark.measure_input(config, steps=_STEPS.value)
     result["config"] = json.loads(config.to_json_best_effort())
   else:
-    result = bench_step(config, _STEPS.value, _WARMUP.value)
+    result = bench_step(config, _STEPS.value, _WARMUP.value, _PROFILE.value)
   print(json.dumps(result), flush=True)
 
 

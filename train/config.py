@@ -120,6 +120,15 @@ def _check_train(config) -> None:
       f"train.spike_factor={train.spike_factor!r} must be > 1 (a loss that many times "
       f"the running mean is a spike), or set train.spike_policy='off'"
     )
+  window = tuple(config.log.profile_steps)
+  if window and (
+    len(window) != 2
+    or not all(isinstance(s, int) for s in window)
+    or not 1 <= window[0] <= window[1]
+  ):
+    raise ConfigError(
+      f"log.profile_steps={window} must be () or (start, stop) with 1 <= start <= stop"
+    )
   for key in ("nan_steps", "spike_steps"):
     steps = tuple(config.debug[key])
     if any(not isinstance(s, int) or s < 1 for s in steps):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from typing import Any
 
@@ -14,7 +15,7 @@ import jax
 import numpy as np
 
 import input_pipeline
-from train import metrics_writer
+from train import metrics_writer, profiling
 from train.checkpoint.manager import Checkpointer
 from train.inference import generation
 
@@ -85,6 +86,8 @@ class _Loop:
     self.rolled_back = False
     self.pending = None  # (step number, metrics on device) awaiting a fetch
     self.window_start, self.window_steps = time.perf_counter(), 0
+    window = tuple(self.config.log.profile_steps) or (None, None)
+    self.profiler = profiling.StepProfiler(os.path.join(run.workdir, "profile"), *window)
     self.open_batches()
     self.eval_batches = [
       input_pipeline.to_global(batch, run.batch_sharding)
@@ -134,6 +137,7 @@ class _Loop:
         self.summary["preempted"] = True
         break
     self.flush()
+    self.profiler.close(self.state)  # a run that stopped inside the traced steps
     self.summary["steps"] = float(self.step_index)
     return self.summary
 
@@ -147,7 +151,7 @@ class _Loop:
       if position in self.spike_steps:
         host_batch = _spike(host_batch, self.run.model_cfg.vocab_size)
       batch = input_pipeline.to_global(host_batch, self.run.batch_sharding)
-    with self.meter.phase("train"):
+    with self.meter.phase("train"), self.profiler.step(step_number, lambda: self.state):
       self.state, step_metrics = self.run.train_step(self.state, batch)
       if self.block_each_step:
         step_metrics["train/loss"].block_until_ready()
