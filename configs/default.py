@@ -94,12 +94,14 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim.decay_embeddings = False  # also decay embedding tables
   c.optim.decay_norms_and_biases = False  # also decay norm scales and biases
   c.optim.grad_clip_norm = 1.0  # clip gradients to this global norm (0 = off)
+  c.optim.z_loss = 0.0  # weight of logsumexp(logits)^2 in the loss (PaLM uses 1e-4; 0 = off)
 
   # --- train: the loop.
   c.train = ml_collections.ConfigDict()
   c.train.steps = 250  # optimizer steps
   c.train.batch_size = 16  # global batch, in rows of data.seq_len tokens
   c.train.microbatches = 1  # gradient accumulation: split each batch into this many parts
+  c.train.loss_chunk = 0  # positions per chunk of the output layer + loss (0 = all at once)
   c.train.eval_every = 125  # run eval every N steps (and at the end; 0 = only at the end)
   c.train.eval_batches = 8  # validation batches per eval (a fixed set)
   c.train.spike_policy = "skip"  # loss spikes: "off" | "skip" (the step) | "rollback" (see README)

@@ -121,10 +121,31 @@ class Transformer(nnx.Module):
     segment_ids_BL: packing ids; a token attends to earlier-or-same positions of its own segment.
     None means one segment per row.
     """
+    return self._logits(self._hidden(tokens_BL, positions_BL, segment_ids_BL))
+
+  def features(
+    self,
+    tokens_BL: jax.Array,
+    positions_BL: jax.Array,
+    segment_ids_BL: jax.Array | None = None,
+  ) -> jax.Array:
+    """The final-normed hidden states [B, L, D]: logits are ``features · output_kernel()``.
+
+    For a loss computed in chunks of positions, so that [B, L, V] logits never exist whole.
+    """
+    return self.final_norm(self._hidden(tokens_BL, positions_BL, segment_ids_BL))
+
+  def output_kernel(self) -> jax.Array:
+    """The output projection [D, V] in the compute dtype (the embedding's transpose if tied)."""
+    if self.unembed is None:
+      return self.embed.table[...].astype(self.embed.dtype).T
+    return self.unembed[...].astype(jnp.dtype(self.cfg.dtype))
+
+  def _hidden(self, tokens_BL, positions_BL, segment_ids_BL) -> jax.Array:
     mask_BLL = causal_segment_mask(segment_ids_BL, tokens_BL.shape[1])
     x_BLD = self._embed(tokens_BL, positions_BL)
     x_BLD, _ = self._run_blocks(x_BLD, positions_BL, mask_BLL, None, None, remat=self.cfg.remat)
-    return self._logits(x_BLD)
+    return x_BLD
 
   def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> dict[str, jax.Array]:
     """An empty KV cache {"k", "v"}: [num_layers, batch, max_len, K, H] each (axes CACHE_AXES).

@@ -110,8 +110,15 @@ def _check_train(config) -> None:
     "checkpoint.every",
     "train.max_rollbacks",
     "log.sample_tokens",
+    "train.loss_chunk",
   ]
   _integers(config, non_negative, 0, "a non-negative integer (0 = off)")
+  chunk, seq_len = config.train.loss_chunk, config.data.seq_len
+  if chunk > 0 and seq_len % chunk:
+    raise ConfigError(
+      f"train.loss_chunk={chunk} does not divide data.seq_len={seq_len}; use a divisor of it "
+      "(or 0: the whole sequence at once)"
+    )
   train = config.train
   if train.spike_policy not in SPIKE_POLICIES:
     raise ConfigError(f"train.spike_policy={train.spike_policy!r} is not one of {SPIKE_POLICIES}")
@@ -144,6 +151,7 @@ _OPTIM_RANGES = {
   "eps": ("> 0", lambda v: v > 0),
   "weight_decay": (">= 0", lambda v: v >= 0),
   "grad_clip_norm": (">= 0 (0 = off)", lambda v: v >= 0),
+  "z_loss": (">= 0 (0 = off)", lambda v: v >= 0),
 }
 
 

@@ -79,13 +79,15 @@ def jit_programs(
       microbatches=config.train.microbatches,
       spike_factor=spike_factor,
       frozen=optimizer.frozen_mask(spec.abstract["params"]) if lora_only else None,
+      loss_chunk=config.train.loss_chunk,
+      z_loss=config.optim.z_loss,
     ),
     in_shardings=(spec.shardings, batch_sharding),
     out_shardings=(spec.shardings, replicated),
     donate_argnums=0,
   )
   eval_step = jax.jit(
-    functools.partial(step.eval_step, graphdef=spec.graphdef),
+    functools.partial(step.eval_step, graphdef=spec.graphdef, loss_chunk=config.train.loss_chunk),
     in_shardings=(spec.shardings["params"], batch_sharding),
     out_shardings=replicated,
   )

@@ -23,16 +23,65 @@ TrainState = dict[str, Any]
 
 
 def loss_sums(
-  params: nnx.State, graphdef: nnx.GraphDef, batch: Batch
+  params: nnx.State, graphdef: nnx.GraphDef, batch: Batch, *, chunk: int = 0
 ) -> tuple[jax.Array, jax.Array]:
   """Summed next-token cross-entropy over real tokens, and the number of real tokens."""
+  ce_sum, _, weight_sum = loss_terms(params, graphdef, batch, chunk=chunk)
+  return ce_sum, weight_sum
+
+
+def loss_terms(
+  params: nnx.State, graphdef: nnx.GraphDef, batch: Batch, *, chunk: int = 0, z: bool = False
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(cross-entropy sum, sum of logsumexp², weight sum) over the batch's weighted targets.
+
+  ``chunk`` > 0: the output projection and the cross-entropy run over ``chunk`` positions at a
+  time under ``jax.checkpoint``, so the fp32 [B, L, V] logits never exist whole (the backward
+  pass recomputes each chunk's logits). Same values and gradients as ``chunk=0``. The
+  logsumexp² sum (for the z-loss) is computed only with ``z``; it is zero otherwise.
+  """
   model = nnx.merge(graphdef, params)
-  logits_BLV = model(batch["inputs"], batch["positions"], batch["segment_ids"])
-  losses_BL = optax.softmax_cross_entropy_with_integer_labels(
-    logits_BLV.astype(jnp.float32), batch["targets"]
-  )
   weights_BL = batch["weights"].astype(jnp.float32)
-  return jnp.sum(losses_BL * weights_BL), jnp.sum(weights_BL)
+  if not chunk:
+    logits_BLV = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+    ce_sum, lse2_sum = _cross_entropy(logits_BLV, batch["targets"], weights_BL, z)
+    return ce_sum, lse2_sum, jnp.sum(weights_BL)
+  h_BLD = model.features(batch["inputs"], batch["positions"], batch["segment_ids"])
+  kernel_DV = model.output_kernel()
+  b, length, d = h_BLD.shape
+
+  def in_chunks(x):  # [B, L, ...] -> [L / chunk, B, chunk, ...]
+    return jnp.swapaxes(x.reshape(b, length // chunk, chunk, *x.shape[2:]), 0, 1)
+
+  @jax.checkpoint
+  def one(h_BCD, targets_BC, weights_BC):
+    logits_BCV = jnp.einsum("BCD,DV->BCV", h_BCD, kernel_DV, preferred_element_type=jnp.float32)
+    return _cross_entropy(logits_BCV, targets_BC, weights_BC, z)
+
+  def body(carry, chunk_inputs):
+    ce, lse2 = one(*chunk_inputs)
+    return (carry[0] + ce, carry[1] + lse2), None
+
+  zero = jnp.zeros((), jnp.float32)
+  xs = (in_chunks(h_BLD), in_chunks(batch["targets"]), in_chunks(weights_BL))
+  (ce_sum, lse2_sum), _ = jax.lax.scan(body, (zero, zero), xs)
+  return ce_sum, lse2_sum, jnp.sum(weights_BL)
+
+
+def _cross_entropy(logits_BLV, targets_BL, weights_BL, z: bool) -> tuple[jax.Array, jax.Array]:
+  """Weighted sums of -log p(target) and (with ``z``) of logsumexp², the z-loss term."""
+  logits_BLV = logits_BLV.astype(jnp.float32)
+  losses_BL = optax.softmax_cross_entropy_with_integer_labels(logits_BLV, targets_BL)
+  lse2 = jnp.zeros((), jnp.float32)
+  if z:
+    lse2 = jnp.sum(jnp.square(jax.nn.logsumexp(logits_BLV, axis=-1)) * weights_BL)
+  return jnp.sum(losses_BL * weights_BL), lse2
+
+
+def _objective(params, graphdef, batch: Batch, chunk: int, z_loss: float):
+  """What the gradient is of: cross-entropy plus z_loss × logsumexp² (PaLM's z-loss)."""
+  ce_sum, lse2_sum, weight_sum = loss_terms(params, graphdef, batch, chunk=chunk, z=z_loss > 0)
+  return ce_sum + z_loss * lse2_sum, (ce_sum, weight_sum)
 
 
 def _split_microbatches(batch: Batch, microbatches: int) -> Batch:
@@ -45,19 +94,20 @@ def _split_microbatches(batch: Batch, microbatches: int) -> Batch:
   return jax.tree.map(split, batch)
 
 
-def gradients(params, graphdef, batch: Batch, microbatches: int):
+def gradients(params, graphdef, batch: Batch, microbatches: int, chunk: int = 0, z_loss=0.0):
   """Gradient of the mean token loss over the whole batch, accumulated over micro-batches.
 
   Sums (not means) are accumulated and divided by the total token count once at the end, so k
-  micro-batches give the same update as one full batch, up to float summation order.
+  micro-batches give the same update as one full batch, up to float summation order. Returns
+  the mean cross-entropy (z-loss excluded), the token count and the gradients.
   """
-  grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
+  grad_fn = jax.value_and_grad(_objective, has_aux=True)
   if microbatches == 1:
-    (loss_sum, weight_sum), grad_sums = grad_fn(params, graphdef, batch)
+    (_, (loss_sum, weight_sum)), grad_sums = grad_fn(params, graphdef, batch, chunk, z_loss)
   else:
 
     def accumulate(carry, micro):
-      (loss_sum, weight_sum), grads = grad_fn(params, graphdef, micro)
+      (_, (loss_sum, weight_sum)), grads = grad_fn(params, graphdef, micro, chunk, z_loss)
       acc_loss, acc_weight, acc_grads = carry
       return (
         acc_loss + loss_sum,
@@ -85,6 +135,8 @@ def train_step(
   microbatches: int = 1,
   spike_factor: float = 0.0,
   frozen: Any = None,
+  loss_chunk: int = 0,
+  z_loss: float = 0.0,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on one global batch.
 
@@ -95,7 +147,7 @@ def train_step(
   params_in = state["params"]
   if frozen is not None:  # LoRA: no gradient flows into (or is computed for) frozen weights
     params_in = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params_in, frozen)
-  loss, tokens, grads = gradients(params_in, graphdef, batch, microbatches)
+  loss, tokens, grads = gradients(params_in, graphdef, batch, microbatches, loss_chunk, z_loss)
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   ema = state["loss_ema"]
@@ -131,7 +183,9 @@ def train_step(
   return new_state, metrics
 
 
-def eval_step(params: nnx.State, batch: Batch, *, graphdef: nnx.GraphDef) -> dict[str, jax.Array]:
+def eval_step(
+  params: nnx.State, batch: Batch, *, graphdef: nnx.GraphDef, loss_chunk: int = 0
+) -> dict[str, jax.Array]:
   """Summed loss and token count of one eval batch (the caller sums over the eval set)."""
-  loss_sum, weight_sum = loss_sums(params, graphdef, batch)
+  loss_sum, weight_sum = loss_sums(params, graphdef, batch, chunk=loss_chunk)
   return {"loss_sum": loss_sum, "tokens": weight_sum}
