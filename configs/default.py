@@ -56,6 +56,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.param_dtype = "float32"  # parameter (and optimizer state) dtype
   c.model.scan_layers = False  # stack layers on a "layers" axis and scan (faster compiles)
   c.model.remat = "none"  # "none" | "full" | "save_dots": activation rematerialisation per block
+  c.model.attention_block = 64  # causal attention by blocks of this many queries (0 = whole rows)
   c.model.init_std = 0.02  # std of the normal initialiser of dense and embedding weights
   c.model.lora_rank = 0  # > 0: train low-rank adapters of this rank only, the rest frozen
   c.model.lora_alpha = 16.0  # adapter scale: the update is A·B·lora_alpha/lora_rank

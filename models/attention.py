@@ -51,6 +51,7 @@ class Attention(nnx.Module):
     # A tuple, not an array: an NNX module keeps arrays only inside Variables.
     self.rope = tuple(rope_frequencies(cfg).tolist()) if cfg.positions == "rope" else None
     self.scale = 1.0 / math.sqrt(cfg.head_dim)
+    self.block = cfg.attention_block
     d, n, k, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     init = normal(cfg.init_std)
     self.q_kernel = make_param(rngs, init, (d, n, h), ("embed", "heads", "head_dim"), cfg)
@@ -122,6 +123,20 @@ class Attention(nnx.Module):
     else:
       k_BSKH, v_BSKH = k_BLKH, v_BLKH
 
+    length = q_BLNH.shape[1]
+    if cache is None and 0 < self.block < length:
+      out_BLNH = self._attend_blocked(q_BLNH, k_BSKH, v_BSKH, mask_BLS)
+    else:
+      out_BLNH = self._attend(q_BLNH, k_BSKH, v_BSKH, mask_BLS)
+    y_BLD = jnp.einsum("BLNH,NHD->BLD", out_BLNH, self.out_kernel[...].astype(self.dtype))
+    if self.out_lora is not None:
+      y_BLD = y_BLD + self.out_lora(out_BLNH)
+    if self.out_bias is not None:
+      y_BLD = y_BLD + self.out_bias[...].astype(self.dtype)
+    return y_BLD, cache
+
+  def _attend(self, q_BLNH, k_BSKH, v_BSKH, mask_BLS) -> jax.Array:
+    """Softmax attention of every query row over all S keys (masked): [B, L, N, H]."""
     b, length, n, h = q_BLNH.shape
     kv = self.num_kv_heads
     # Grouped-query attention without repeating k/v: split the query heads into [K, G].
@@ -133,10 +148,16 @@ class Attention(nnx.Module):
     logits_BKGLS = jnp.where(mask_B11LS, logits_BKGLS, jnp.finfo(jnp.float32).min)
     probs_BKGLS = jax.nn.softmax(logits_BKGLS, axis=-1).astype(self.dtype)
     out_BLKGH = jnp.einsum("BKGLS,BSKH->BLKGH", probs_BKGLS, v_BSKH)
-    out_BLNH = out_BLKGH.reshape(b, length, n, h)
-    y_BLD = jnp.einsum("BLNH,NHD->BLD", out_BLNH, self.out_kernel[...].astype(self.dtype))
-    if self.out_lora is not None:
-      y_BLD = y_BLD + self.out_lora(out_BLNH)
-    if self.out_bias is not None:
-      y_BLD = y_BLD + self.out_bias[...].astype(self.dtype)
-    return y_BLD, cache
+    return out_BLKGH.reshape(b, length, n, h)
+
+  def _attend_blocked(self, q_BLNH, k_BSKH, v_BSKH, mask_BLS) -> jax.Array:
+    """Causal attention by blocks of ``attention_block`` queries, each over the keys up to its
+    own end: the key blocks above the diagonal, masked anyway, are never computed (about half
+    the score and value FLOPs and memory at long rows). Exact: the same softmax per row."""
+    length = q_BLNH.shape[1]
+    outs = []
+    for lo in range(0, length, self.block):
+      hi = min(lo + self.block, length)
+      mask = mask_BLS[:, lo:hi, :hi]
+      outs.append(self._attend(q_BLNH[:, lo:hi], k_BSKH[:, :hi], v_BSKH[:, :hi], mask))
+    return jnp.concatenate(outs, axis=1)

@@ -45,6 +45,9 @@ class ModelConfig:
   param_dtype: str = "float32"
   scan_layers: bool = True
   remat: str = "none"
+  # Causal attention by blocks of this many queries, skipping the key blocks above the diagonal
+  # (0 = whole rows). Exact; on a 2-core CPU at R's shape 2.4x faster per layer at 64.
+  attention_block: int = 0
   init_std: float = 0.02
   # Low-rank adapters: rank > 0 adds A·B·alpha/rank beside each targeted kernel; only adapters
   # train (models/lora.py). Targets: q, k, v, out (attention), gate, up, down (MLP).
@@ -89,6 +92,10 @@ class ModelConfig:
         f"model.num_heads={self.num_heads} is not divisible by model.num_kv_heads="
         f"{self.num_kv_heads}; use a divisor of {self.num_heads} (1 = multi-query, "
         f"{self.num_heads} = multi-head)"
+      )
+    if not isinstance(self.attention_block, int) or self.attention_block < 0:
+      raise ValueError(
+        f"model.attention_block={self.attention_block!r} must be an integer >= 0 (0 = whole rows)"
       )
     targets = ("q", "k", "v", "out", "gate", "up", "down")
     unknown = [t for t in self.lora_targets if t not in targets]
