@@ -21,6 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.source = "stdlib"  # "stdlib" | "files:<dir|glob>" | "tfds:<name>[:<ver>]" | "chat:<jsonl>"
   c.data.text_feature = "text"  # feature holding the text, for "tfds:" sources
   c.data.tfds_data_dir = ""  # TFDS data dir for "tfds:" sources ("" = TFDS default)
+  c.data.tfds_download = True  # download a "tfds:" dataset not prepared there (False: refuse)
   c.data.cache_dir = "~/.cache/loom"  # prepared stores and locally built TFDS datasets live here
   c.data.validation_percent = 5  # eval share: of files (by name hash), a lone file's lines, chats
   c.data.tokenizer = "byte"  # "byte" | "sentencepiece" | "hf:<dir with tokenizer.json>"

@@ -148,6 +148,30 @@ def _local_source(spec: str, root: Path, files: list[Path], data_config, cache_d
   return Source(spec, identity, builder, "text", {"train": "train", "validation": "validation"})
 
 
+def _prepare_named(builder, spec: str, name: str, data_dir: str | None, download: bool) -> None:
+  """A named dataset, prepared in data.tfds_data_dir (downloaded first if allowed and needed)."""
+  if builder.is_prepared():
+    return
+  where = data_dir or "TFDS's default data dir"
+  remedy = (
+    f"where there is network, run `tfds build {name.split(':')[0]} --data_dir DIR` and set "
+    "data.tfds_data_dir=DIR"
+  )
+  if not download:
+    raise errors.DataError(
+      f"data.source={spec!r}: {name} is not prepared in {where} and data.tfds_download=False; "
+      + remedy
+    )
+  try:
+    builder.download_and_prepare()
+  except Exception as e:  # noqa: BLE001 - no network, a moved URL, a missing extra: all mean this
+    first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+    raise errors.DataError(
+      f"data.source={spec!r}: {name} is not prepared in {where} and could not be downloaded "
+      f"({type(e).__name__}: {first}); {remedy}"
+    ) from e
+
+
 def _tfds_source(spec: str, data_config) -> Source:
   name = spec[len("tfds:") :]
   if not name:
@@ -162,7 +186,7 @@ def _tfds_source(spec: str, data_config) -> Source:
       f"unknown TFDS dataset in data.source={spec!r} ({hint}); see "
       "`python -c 'import tensorflow_datasets as tfds; print(tfds.list_builders())'`"
     ) from e
-  builder.download_and_prepare()
+  _prepare_named(builder, spec, name, data_dir, bool(data_config.tfds_download))
   available = list(builder.info.splits.keys())
   if "train" not in available:
     raise errors.DataError(f"data.source={spec!r} has no 'train' split; it has {available}")

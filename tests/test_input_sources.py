@@ -178,3 +178,22 @@ def test_one_text_file_trains_and_evaluates(tmp_path):
   )
   assert result.returncode == 0, result.stderr[-3000:]
   assert "eval at step 20" in result.stderr
+
+
+def test_a_named_dataset_that_is_not_prepared_fails_in_one_line(tmp_path):
+  from cli_helpers import run_train
+
+  data_dir = tmp_path / "tfds"
+  config = _config(tmp_path / "cache", source="tfds:lm1b", tfds_data_dir=str(data_dir))
+  config.data.tfds_download = False
+  with pytest.raises(ValueError, match=r"lm1b is not prepared in .*tfds build lm1b --data_dir"):
+    input_pipeline.build(config)
+  result = run_train(
+    str(tmp_path / "w"),
+    "--config.data.source=tfds:lm1b",
+    f"--config.data.tfds_data_dir={data_dir}",
+    "--config.data.tfds_download=False",
+    cache_dir=str(tmp_path / "cache"),
+  )
+  assert result.returncode == 2 and "Traceback" not in result.stderr
+  assert "tfds build lm1b --data_dir DIR" in result.stderr
