@@ -81,12 +81,13 @@ class Peak:
 def run_peak(dtype: str, *, repeats: int = 5) -> Peak:
   """The peak for MFU of this process's devices at compute ``dtype``."""
   devices = jax.devices()
-  measured = measure_matmul_peak(dtype=jnp.dtype(dtype), repeats=repeats)
+  # The better of two medians: a shared or throttling machine reads low now and then.
+  measured = max(measure_matmul_peak(dtype=jnp.dtype(dtype), repeats=repeats) for _ in range(2))
   if devices[0].platform == "cpu":
     # Fake CPU devices share their machine's cores: count each process's machine once. (Several
     # processes on one machine, as in the tests, then over-count the peak and under-state MFU.)
     total = measured * jax.process_count()
-    return Peak(total, f"measured ({dtype} 2048² matmul, per machine)", total)
+    return Peak(total, f"measured ({dtype} 2048² matmul, best of two medians, per machine)", total)
   per_device = hardware.datasheet_peak(devices[0], dtype)
   count = len(devices)
   if per_device is None:
