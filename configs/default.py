@@ -22,7 +22,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.text_feature = "text"  # feature holding the text, for "tfds:" sources
   c.data.tfds_data_dir = ""  # TFDS data dir for "tfds:" sources ("" = TFDS default)
   c.data.tfds_download = True  # download a "tfds:" dataset not prepared there (False: refuse)
-  c.data.cache_dir = "~/.cache/loom"  # prepared stores and locally built TFDS datasets live here
+  # Processes other than 0 wait this long for process 0 to prepare the data (multi-process runs).
+  c.data.prepare_timeout_s = 3600.0
+  # Re-hash every array of the prepared store at start-up (False: check its manifest, sizes and
+  # shapes only; `python -m input_pipeline.prepare --verify` does the full check on demand).
+  c.data.verify_store = False
+  # Prepared stores (and locally built TFDS datasets) live here; may be gs://... (shared by hosts).
+  c.data.cache_dir = "~/.cache/loom"
   c.data.validation_percent = 5  # eval share: of files (by name hash), a lone file's lines, chats
   c.data.tokenizer = "byte"  # "byte" | "sentencepiece" | "hf:<dir with tokenizer.json>"
   c.data.spm_model = ""  # existing SentencePiece .model file; "" trains one on the train split

@@ -19,6 +19,7 @@ document, 0 on padding and across document boundaries).
 """
 
 from input_pipeline.device import to_global
+from input_pipeline.errors import DataError
 from input_pipeline.pipeline import Pipeline, build
 
-__all__ = ["Pipeline", "build", "to_global"]
+__all__ = ["DataError", "Pipeline", "build", "to_global"]

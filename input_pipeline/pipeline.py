@@ -15,6 +15,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from input_pipeline import chat, errors, sampler, sources, store, tokenizers
+from train import storage
 
 _log = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ def build(config: ml_collections.ConfigDict) -> Pipeline:
     )
   if int(data.seq_len) < 1:
     raise errors.DataError(f"data.seq_len must be >= 1, got {data.seq_len}")
-  cache_dir = Path(data.cache_dir).expanduser()
+  cache_dir = storage.cache_path(data.cache_dir)
   if data.source.startswith("chat:"):
     return _build_chat(config, cache_dir)
   source = sources.resolve(data.source, data, cache_dir)
@@ -113,7 +114,9 @@ def build(config: ml_collections.ConfigDict) -> Pipeline:
     train_documents=lambda: source.documents("train"),
     cache_dir=cache_dir,
   )
-  prepared = store.prepare(source, tokenizer, int(data.seq_len), cache_dir)
+  prepared = store.prepare(
+    source, tokenizer, int(data.seq_len), cache_dir, verify=bool(data.verify_store)
+  )
   return _ready(config, tokenizer, prepared)
 
 
@@ -132,7 +135,14 @@ def _build_chat(config: ml_collections.ConfigDict, cache_dir: Path) -> Pipeline:
   renderer = chat.Renderer(template)
   template_hash = hashlib.sha256((template or chat.FALLBACK_TEMPLATE).encode()).hexdigest()
   source = dataclasses.replace(source, identity={**source.identity, "template": template_hash})
-  prepared = store.prepare(source, tokenizer, int(data.seq_len), cache_dir, renderer=renderer)
+  prepared = store.prepare(
+    source,
+    tokenizer,
+    int(data.seq_len),
+    cache_dir,
+    renderer=renderer,
+    verify=bool(data.verify_store),
+  )
   return _ready(config, tokenizer, prepared)
 
 

@@ -13,16 +13,18 @@ import contextlib
 import dataclasses
 import difflib
 import fcntl
+import functools
 import glob
 import logging
 import os
 import sysconfig
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import tensorflow_datasets as tfds
 
 from input_pipeline import errors, text_files
+from train import storage
 
 _log = logging.getLogger(__name__)
 
@@ -38,9 +40,15 @@ class Source:
 
   spec: str  # data.source as given
   identity: dict  # what the data fingerprint hashes: kind, name or file digest, splits, feature
-  builder: tfds.core.DatasetBuilder
+  prepared: Callable[[], tfds.core.DatasetBuilder]
   text_feature: str
   splits: dict  # Loom split ("train" / "validation") -> the dataset's split name
+
+  @property
+  def builder(self) -> tfds.core.DatasetBuilder:
+    """The prepared dataset: prepared when its documents are first needed (once), so that a
+    run whose packed store already exists never prepares, locks or downloads it."""
+    return self.prepared()
 
   def documents(self, split: str) -> Iterator[str]:
     """The split's documents as str, in the dataset's stored (deterministic) order."""
@@ -130,22 +138,30 @@ def _local_source(spec: str, root: Path, files: list[Path], data_config, cache_d
       f"data.source={spec!r}: no UTF-8 text in the {len(files)} files (empty corpus)"
     )
   config = text_files.make_config(root, text, percent, digest)
-  data_dir = Path(cache_dir) / "tfds"
-  builder = text_files.LoomTextFiles(config=config, data_dir=str(data_dir))
-  with _file_lock(data_dir / f"{config.name}.lock"):
-    # Re-create after the lock: another process may have prepared it while we waited.
-    builder = text_files.LoomTextFiles(config=config, data_dir=str(data_dir))
-    if not builder.is_prepared():
-      _log.info("Preparing %d local text files as TFDS dataset %s", len(files), builder.data_dir)
-      builder.download_and_prepare()
+  # TFDS writes TFRecords through TensorFlow's own file system, which cannot reach every object
+  # store (train/storage.py): with a remote cache the dataset is a local intermediate; only the
+  # packed store, which every host reads, goes to the shared cache.
+  base = storage.local_scratch(cache_dir) if storage.is_remote(cache_dir) else Path(cache_dir)
+  data_dir = Path(base) / "tfds"
+
+  def prepare() -> tfds.core.DatasetBuilder:
+    with _file_lock(data_dir / f"{config.name}.lock"):
+      # Made after the lock: another process may have prepared it while we waited.
+      ready = text_files.LoomTextFiles(config=config, data_dir=str(data_dir))
+      if not ready.is_prepared():
+        _log.info("Preparing %d local text files as TFDS dataset %s", len(files), ready.data_dir)
+        ready.download_and_prepare()
+    return ready
+
   identity = {
     "kind": "local_files",
-    "dataset": f"{builder.name}/{config.name}:{text_files.DATASET_VERSION}",
+    "dataset": f"{text_files.LoomTextFiles.name}/{config.name}:{text_files.DATASET_VERSION}",
     "files_sha256": digest,
     "num_files": len(text),
     "validation_percent": percent,
   }
-  return Source(spec, identity, builder, "text", {"train": "train", "validation": "validation"})
+  splits = {"train": "train", "validation": "validation"}
+  return Source(spec, identity, functools.cache(prepare), "text", splits)
 
 
 def _prepare_named(builder, spec: str, name: str, data_dir: str | None, download: bool) -> None:
@@ -211,4 +227,4 @@ def _tfds_source(spec: str, data_config) -> Source:
     "text_feature": feature,
     "splits": {"train": "train", "validation": val},
   }
-  return Source(spec, identity, builder, feature, {"train": "train", "validation": val})
+  return Source(spec, identity, lambda: builder, feature, {"train": "train", "validation": val})

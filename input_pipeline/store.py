@@ -22,6 +22,7 @@ their temporary directory. An existing store that fails verification is refused,
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import socket
@@ -33,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from input_pipeline import errors, packing
+from train import storage
 
 _log = logging.getLogger(__name__)
 
@@ -94,6 +96,7 @@ def prepare(
   cache_dir: Path,
   splits: Iterable[str] = ("train", "validation"),
   renderer=None,
+  verify: bool = False,
 ) -> Store:
   """Returns the store for these inputs, packing it first unless a verified one already exists.
 
@@ -103,13 +106,17 @@ def prepare(
   if seq_len < 1:
     raise errors.DataError(f"data.seq_len must be >= 1, got {seq_len}")
   fp = fingerprint(source.identity, tokenizer.identity, seq_len)
-  stores = Path(cache_dir) / "stores"
+  remote = storage.is_remote(cache_dir)
+  stores = storage.resolve(cache_dir) / "stores"
   final = stores / fp
-  if final.exists():
-    return load(final, fp)
-  stores.mkdir(parents=True, exist_ok=True)
-  _remove_dead_temporaries(stores)
-  tmp = stores / f".tmp.{os.getpid()}.{uuid.uuid4().hex[:8]}.{socket.gethostname()}"
+  if (final / "manifest.json").exists() if remote else final.exists():
+    return load(final, fp, verify=verify)
+  # Built on local disk first: in the cache's own stores/ directory (renamed into place), or for
+  # an object store in local scratch space (uploaded, manifest last).
+  work = storage.local_scratch(cache_dir) / "stores" if remote else Path(stores)
+  work.mkdir(parents=True, exist_ok=True)
+  _remove_dead_temporaries(work)
+  tmp = work / f".tmp.{os.getpid()}.{uuid.uuid4().hex[:8]}.{socket.gethostname()}"
   tmp.mkdir()
   try:
     start = time.time()
@@ -137,21 +144,40 @@ def prepare(
     manifest["packing_efficiency"] = manifest["splits"]["train"]["packing_efficiency"]
     manifest["prepare_seconds"] = round(time.time() - start, 3)
     _write_json(tmp / "manifest.json", manifest)
-    try:
-      os.rename(tmp, final)
+    if remote:
+      _upload(tmp, final)
       _log.info("Prepared store %s in %.1f s: %s", final, time.time() - start, _summary(manifest))
-    except OSError:
-      if not final.exists():
-        raise
-      _log.info("Another process prepared %s first; discarding this copy", final)
+    else:
+      try:
+        os.rename(tmp, final)
+        _log.info("Prepared store %s in %.1f s: %s", final, time.time() - start, _summary(manifest))
+      except OSError:
+        if not final.exists():
+          raise
+        _log.info("Another process prepared %s first; discarding this copy", final)
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
   return load(final, fp)
 
 
-def load(path: Path, expected_fingerprint: str | None = None) -> Store:
-  """Opens and verifies a store (manifest, fingerprint, array shapes, dtypes and checksums)."""
-  path = Path(path)
+def _upload(local: Path, remote) -> None:
+  """Copies a finished store to an object store, the manifest last: a store whose manifest is
+  there is complete (each object write is atomic; two processes upload identical bytes)."""
+  remote.mkdir(parents=True, exist_ok=True)
+  for file in sorted(local.iterdir(), key=lambda f: f.name == "manifest.json"):
+    with open(file, "rb") as src, (remote / file.name).open("wb") as dst:
+      shutil.copyfileobj(src, dst, 1 << 24)
+
+
+def load(path, expected_fingerprint: str | None = None, *, verify: bool = False) -> Store:
+  """Opens a store and checks it against its manifest: format, fingerprint, every array's dtype,
+  shape and byte size. ``verify`` also re-hashes every array (sha256): the full check of
+  ``python -m input_pipeline.prepare --verify``, too slow to repeat on every host at every start.
+
+  A store on an object store is copied once into this host's local scratch space (checked the
+  same way) and memory-mapped from there.
+  """
+  path = storage.resolve(path)
   hint = "delete that directory to prepare it again"
   try:
     manifest = json.loads((path / "manifest.json").read_text())
@@ -167,17 +193,42 @@ def load(path: Path, expected_fingerprint: str | None = None) -> Store:
     raise StoreError(
       f"store {path} holds fingerprint {manifest.get('fingerprint')!r}, expected {want!r}; {hint}"
     )
+  local = _local_copy(path, manifest, hint) if storage.is_remote(path) else Path(path)
   arrays: dict[str, dict[str, np.ndarray]] = {}
   for split, stats in manifest["splits"].items():
     arrays[split] = {}
     for name in manifest.get("array_names", ARRAYS):
-      arrays[split][name] = _open_array(path, f"{split}_{name}.npy", manifest, stats["rows"], hint)
-  return Store(path, manifest, arrays)
+      file = local / f"{split}_{name}.npy"
+      arrays[split][name] = _open_array(file, manifest, stats["rows"], hint, verify)
+  return Store(path if storage.is_remote(path) else local, manifest, arrays)
 
 
-def _open_array(path: Path, filename: str, manifest: dict, rows: int, hint: str) -> np.ndarray:
-  file = path / filename
-  meta = manifest["arrays"].get(filename)
+def _local_copy(remote, manifest: dict, hint: str) -> Path:
+  """This host's copy of a remote store (made once; each file checked by size on arrival)."""
+  local = Path(storage.local_scratch(remote.parent.parent)) / "stores" / manifest["fingerprint"]
+  done = local / "manifest.json"
+  if done.exists() and json.loads(done.read_text()) == manifest:
+    return local
+  local.mkdir(parents=True, exist_ok=True)
+  start = time.time()
+  for filename, meta in manifest["arrays"].items():
+    tmp = local / f".{filename}.{os.getpid()}.tmp"
+    with (remote / filename).open("rb") as src, open(tmp, "wb") as dst:
+      shutil.copyfileobj(src, dst, 1 << 24)
+    expected = _HEADER_BYTES + math.prod(meta["shape"]) * np.dtype(meta["dtype"]).itemsize
+    if tmp.stat().st_size != expected:
+      raise StoreError(
+        f"store array {remote / filename} holds {tmp.stat().st_size} bytes, the manifest says "
+        f"{expected}; {hint}"
+      )
+    os.replace(tmp, local / filename)
+  _write_json(done, manifest)
+  _log.info("Copied store %s to %s in %.1f s", remote, local, time.time() - start)
+  return local
+
+
+def _open_array(file: Path, manifest: dict, rows: int, hint: str, verify: bool) -> np.ndarray:
+  meta = manifest["arrays"].get(file.name)
   want_shape = (rows, manifest["row_width"])
   try:
     array = np.load(file, mmap_mode="r", allow_pickle=False)  # data only, never code
@@ -188,7 +239,10 @@ def _open_array(path: Path, filename: str, manifest: dict, rows: int, hint: str)
       f"store array {file} is {array.dtype}{list(array.shape)}, the manifest says "
       f"{meta and meta['dtype']}{list(want_shape)}; {hint}"
     )
-  if _sha256(file) != meta["sha256"]:
+  size, expected = file.stat().st_size, _HEADER_BYTES + array.nbytes
+  if size != expected:
+    raise StoreError(f"store array {file} holds {size} bytes, expected {expected}; {hint}")
+  if verify and _sha256(file) != meta["sha256"]:
     raise StoreError(f"store array {file} fails its sha256 check (corrupt); {hint}")
   return array
 

@@ -17,7 +17,6 @@ import io
 import json
 import logging
 import os
-import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Protocol
@@ -26,6 +25,7 @@ import numpy as np
 import sentencepiece as spm
 
 from input_pipeline import errors
+from train import storage
 
 _log = logging.getLogger(__name__)
 
@@ -71,8 +71,8 @@ class ByteTokenizer:
 class SentencePieceTokenizer:
   """A SentencePiece model; eod is its eos id, padding its pad id (eod if it has none)."""
 
-  def __init__(self, model_path: Path):
-    self.model_path = Path(model_path)
+  def __init__(self, model_path):
+    self.model_path = storage.resolve(model_path)
     proto = self.model_path.read_bytes()
     self._sp = spm.SentencePieceProcessor(model_proto=proto)
     self.vocab_size = int(self._sp.get_piece_size())
@@ -213,9 +213,7 @@ def train_sentencepiece(
       f"(a vocabulary must exceed 256 byte pieces + 3 specials and fit the text): {e}"
     ) from e
   model_path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = model_path.with_name(f".{model_path.name}.{uuid.uuid4().hex}.tmp")
-  tmp.write_bytes(proto.getvalue())
-  os.replace(tmp, model_path)  # atomic: concurrent trainers each write a whole file
+  storage.write_atomic(model_path, proto.getvalue())  # concurrent trainers each write a whole file
   return model_path
 
 
@@ -250,12 +248,12 @@ def load_tokenizer(data_config) -> Tokenizer:
     spm_vocab_size=int(data_config.spm_vocab_size),
     source_identity={},
     train_documents=lambda: iter(()),
-    cache_dir=Path(data_config.cache_dir).expanduser(),
+    cache_dir=storage.cache_path(data_config.cache_dir),
   )
 
 
 def _load_spm_model(spm_model: str) -> SentencePieceTokenizer:
-  path = Path(spm_model).expanduser()
+  path = storage.resolve(spm_model)
   if not path.is_file():
     raise errors.DataNotFoundError(f"data.spm_model={spm_model!r}: no such file {path}")
   return SentencePieceTokenizer(path)
@@ -294,7 +292,7 @@ def build_tokenizer(
   _check_spm_vocab_size(spm_vocab_size)
   recipe = {"source": source_identity, "vocab_size": spm_vocab_size, "chars": SPM_TRAIN_CHARS}
   digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
-  path = Path(cache_dir) / "tokenizers" / f"spm-{spm_vocab_size}-{digest}.model"
+  path = storage.resolve(cache_dir) / "tokenizers" / f"spm-{spm_vocab_size}-{digest}.model"
   if not path.is_file():
     _log.info("Training a SentencePiece model (vocab %d) -> %s", spm_vocab_size, path)
     train_sentencepiece(train_documents(), spm_vocab_size, path)

@@ -87,6 +87,27 @@ def test_changed_model_is_refused_unless_allowed(full_run, cache_dir, tmp_path):
   )
 
 
+def test_a_checkpoint_that_does_not_fit_is_not_quarantined(full_run, cache_dir, tmp_path):
+  # Allowed past the metadata check, the restore itself fails on shapes: that is the model's
+  # problem, not the checkpoint's, so the error is raised and the checkpoint stays put.
+  workdir, _ = full_run
+  copy = str(tmp_path / "wider")
+  shutil.copytree(workdir, copy)
+  result = run_train(
+    copy,
+    "--config.model.mlp_dim=96",
+    "--config.checkpoint.allow_mismatch=True",
+    cache_dir=cache_dir,
+  )
+  assert result.returncode != 0
+  assert "shape" in result.stderr.lower()
+  assert "is corrupt" not in result.stderr
+  assert not os.path.exists(os.path.join(copy, "checkpoints_corrupt"))
+  assert sorted(os.listdir(os.path.join(copy, "checkpoints"))) == sorted(
+    os.listdir(os.path.join(workdir, "checkpoints"))
+  )
+
+
 @pytest.mark.parametrize(
   "overrides, message",
   [

@@ -333,3 +333,68 @@ def test_one_process_resumes_a_two_process_checkpoint(
   one = losses(workdir)
   difference = max_difference(one, reference, range(SAVED_AT + 1, STEPS + 1))
   assert difference < LOSS_TOLERANCE, (one, reference)
+
+
+def run_command(module_args: list[str], processes: int, devices: int, timeout: float = 240):
+  """``python -m MODULE ARGS`` as a jax.distributed cluster; (returncode, stdout, stderr) each."""
+  port = free_port()
+  env = dict(
+    os.environ,
+    JAX_PLATFORMS="cpu",
+    TF_CPP_MIN_LOG_LEVEL="2",
+    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+  )
+  procs = []
+  for i in range(processes):
+    cluster = [
+      f"--coordinator_address=127.0.0.1:{port}",
+      f"--num_processes={processes}",
+      f"--process_id={i}",
+    ]
+    procs.append(
+      subprocess.Popen(
+        [sys.executable, "-m", *module_args, *cluster],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+      )
+    )
+  results = []
+  try:
+    for p in procs:
+      out, err = p.communicate(timeout=timeout)
+      results.append((p.returncode, out, err))
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+  return results
+
+
+def json_lines(text: str) -> list[dict]:
+  return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_generate_and_bench_run_as_two_processes(two_process_run):
+  workdir, _ = two_process_run
+  generate = ["train.generate", f"--workdir={workdir}", "--prompt=def ", "--greedy", "--json"]
+  generate += ["--max_new_tokens=8"]
+  (one,) = run_command(generate, processes=1, devices=8)
+  assert one[0] == 0, one[2][-2000:]
+  two = run_command(generate, processes=2, devices=4)
+  assert [code for code, _, _ in two] == [0, 0], two[0][2][-2000:] + two[1][2][-2000:]
+  assert json_lines(two[1][1]) == []  # process 0 alone prints
+  assert json_lines(two[0][1])[-1]["texts"] == json_lines(one[1])[-1]["texts"]
+
+  bench = ["train.bench", "--config=configs/tiny.py", "--steps=2", "--warmup=1"]
+  two = run_command(bench, processes=2, devices=4)
+  assert [code for code, _, _ in two] == [0, 0], two[0][2][-2000:] + two[1][2][-2000:]
+  assert json_lines(two[1][1]) == []
+  result = json_lines(two[0][1])[-1]
+  assert result["processes"] == 2 and result["devices"] == 8 and result["tokens_per_second"] > 0

@@ -9,3 +9,10 @@ the run report, pod planning). The thin commands: ``python -m train``, ``train.g
 
 Library use: ``from train import trainer; trainer.train_and_evaluate(config, workdir)``.
 """
+
+from train import storage as _storage
+
+# Object-store settings (gcsfs for gs://, an emulator from STORAGE_EMULATOR_HOST) must be in the
+# environment before gcsfs is imported or TensorStore opens a gs:// path: every command imports
+# this package first.
+_storage.configure_object_store()

@@ -16,17 +16,12 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 import configs
+from train.cluster import distributed as distributed_flags
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(configs.__file__), "default.py")
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, report.")
-_COORDINATOR = flags.DEFINE_string(
-  "coordinator_address",
-  None,
-  "HOST:PORT of process 0, for multi-process runs JAX cannot detect by itself.",
-)
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+distributed_flags.define_flags()  # --coordinator_address, --num_processes, --process_id
 flags.mark_flag_as_required("workdir")
 
 # Exit codes scripts can rely on (README, "Exit codes"); 75 = preempted (cluster/preemption.py).
@@ -82,7 +77,7 @@ def _run() -> tuple[int, bool]:
   try:
     config = _load_config()
     try:
-      multi = distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+      multi = distributed.initialize_from_flags()
     except ValueError as e:  # a malformed or partial set of the cluster flags
       raise ConfigError(str(e)) from e
     _setup_logging(is_main=jax.process_index() == 0)

@@ -16,14 +16,17 @@ import os
 import statistics
 import time
 
+import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
 import configs
+from train.cluster import distributed
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", os.path.join(os.path.dirname(configs.__file__), "bench_r.py"), "Config file."
 )
+distributed.define_flags()
 _WHAT = flags.DEFINE_enum("what", "step", ["step", "input"], "What to measure.")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps (after warm-up).")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
@@ -35,21 +38,27 @@ _PROFILE = flags.DEFINE_string(
 def synthetic_batch(config, vocab_size: int, sharding, seed: int = 0):
   """Random tokens in one segment per row: the shapes and dtypes of a real batch."""
   import jax
-  import jax.numpy as jnp
 
+  import input_pipeline
+
+  # Every process draws the same global batch and hands over only its own rows, as the input
+  # pipeline does (input_pipeline.to_global: make_array_from_process_local_data).
   shape = (config.train.batch_size, config.data.seq_len)
-  tokens = jax.random.randint(jax.random.key(seed), (shape[0], shape[1] + 1), 0, vocab_size)
+  tokens = np.asarray(
+    jax.random.randint(jax.random.key(seed), (shape[0], shape[1] + 1), 0, vocab_size), np.int32
+  )
   batch = {
     "inputs": tokens[:, :-1],
     "targets": tokens[:, 1:],
-    "positions": jnp.broadcast_to(jnp.arange(shape[1], dtype=jnp.int32), shape),
-    "segment_ids": jnp.ones(shape, jnp.int32),
-    "weights": jnp.ones(shape, jnp.float32),
+    "positions": np.broadcast_to(np.arange(shape[1], dtype=np.int32), shape),
+    "segment_ids": np.ones(shape, np.int32),
+    "weights": np.ones(shape, np.float32),
   }
-  return {
-    k: jax.device_put(v.astype(jnp.float32 if k == "weights" else jnp.int32), sharding)
-    for k, v in batch.items()
-  }
+  rows = shape[0] // jax.process_count()
+  mine = slice(jax.process_index() * rows, (jax.process_index() + 1) * rows)
+  return input_pipeline.to_global(
+    {k: np.ascontiguousarray(v[mine]) for k, v in batch.items()}, sharding
+  )
 
 
 def bench_step(config, steps: int, warmup: int, profile_dir: str | None = None) -> dict:
@@ -122,6 +131,9 @@ def bench_step(config, steps: int, warmup: int, profile_dir: str | None = None) 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  started = distributed.initialize_from_flags()
+  import jax
+
   config = _CONFIG.value
   if _WHAT.value == "input":
     from input_pipeline import benchmark
@@ -130,7 +142,10 @@ def main(argv):
     result["config"] = json.loads(config.to_json_best_effort())
   else:
     result = bench_step(config, _STEPS.value, _WARMUP.value, _PROFILE.value)
-  print(json.dumps(result), flush=True)
+  result["processes"] = jax.process_count()
+  if jax.process_index() == 0:
+    print(json.dumps(result), flush=True)
+  distributed.end(started, 0)
 
 
 if __name__ == "__main__":

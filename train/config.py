@@ -15,12 +15,13 @@ import os
 
 import jax
 import ml_collections
+import numpy as np
 import optax
 from jax.sharding import Mesh
 
 from input_pipeline import tokenizers
 from models.config import ModelConfig
-from train import optimizer
+from train import optimizer, storage
 from train import state as state_lib
 from train.cluster import mesh as mesh_lib
 
@@ -67,6 +68,7 @@ def validate(
     raise ConfigError(str(e)) from e
   process_count = jax.process_count() if process_count is None else process_count
   _check_batch(config, mesh, rules, process_count)
+  _check_tensor_within_hosts(mesh.devices, mesh.axis_names)
   _check_model_on_mesh(model_cfg, mesh, rules)
   if workdir is not None:
     check_workdir(workdir)
@@ -202,6 +204,23 @@ def _check_batch(config, mesh: Mesh, rules, process_count: int) -> None:
     )
 
 
+def _check_tensor_within_hosts(devices: np.ndarray, axis_names: tuple[str, ...]) -> None:
+  """Tensor parallelism exchanges activations at every layer: its axis must stay on one host's
+  fast links, never cross the data-centre network between processes."""
+  if mesh_lib.TENSOR not in axis_names:
+    return
+  groups = np.moveaxis(devices, axis_names.index(mesh_lib.TENSOR), -1)
+  groups = groups.reshape(-1, groups.shape[-1])
+  for group in groups:
+    owners = sorted({device.process_index for device in group})
+    if len(owners) > 1:
+      raise ConfigError(
+        f"mesh.tensor={groups.shape[-1]} would span processes {owners} (devices "
+        f"{[d.id for d in group]}): tensor parallelism must stay within one host; use "
+        f"mesh.tensor <= the devices per process and put the other devices on data or fsdp"
+      )
+
+
 def _check_model_on_mesh(model_cfg: ModelConfig, mesh: Mesh, rules) -> None:
   """Head counts against the mesh axes that split heads, then every parameter's shape."""
   for name, logical in (("num_heads", "heads"), ("num_kv_heads", "kv_heads")):
@@ -235,7 +254,20 @@ def _check_divisible(path, leaf, mesh: Mesh) -> None:
 
 
 def check_workdir(workdir: str) -> str:
-  """The absolute work directory; refuses files and unwritable places. Creates nothing."""
+  """The absolute work directory (an object-store URI stays as given); refuses files and
+  unwritable local places. Creates nothing."""
+  if storage.is_remote(workdir):
+    path = storage.resolve(workdir)
+    try:
+      is_file = path.is_file()
+    except Exception as e:  # noqa: BLE001 - every store library raises its own kinds
+      raise ConfigError(
+        f"--workdir {workdir} cannot be reached: {type(e).__name__}: {str(e)[:300]} (for an "
+        f"emulator or another GCS-compatible endpoint set {storage.EMULATOR_VARIABLE})"
+      ) from e
+    if is_file:
+      raise ConfigError(f"--workdir {workdir} is an object, not a directory; pass a prefix")
+    return os.fspath(path)
   path = os.path.abspath(os.path.expanduser(workdir))
   if os.path.exists(path) and not os.path.isdir(path):
     raise ConfigError(f"--workdir {path} is a file, not a directory; pass a directory path")
@@ -250,10 +282,10 @@ def check_workdir(workdir: str) -> str:
 
 
 def create_workdir(workdir: str) -> str:
-  """Creates the (validated) work directory; returns its absolute path."""
+  """Creates the (validated) work directory; returns its absolute path or URI."""
   path = check_workdir(workdir)
   try:
-    os.makedirs(path, exist_ok=True)
+    storage.resolve(path).mkdir(parents=True, exist_ok=True)
   except OSError as e:
-    raise ConfigError(f"--workdir {path} cannot be created: {e.strerror}") from e
+    raise ConfigError(f"--workdir {path} cannot be created: {e.strerror or e}") from e
   return path

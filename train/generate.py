@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from train.cluster import distributed
 from train.inference import generation, loading
 from train.inference.sampling import Sampling
 
@@ -38,8 +39,13 @@ def main(argv: Sequence[str]) -> None:
     raise ValueError(f"unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
   absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax/TFDS chatter would bury the text
-  code = 0
+  code, started = 0, False
   try:
+    started = distributed.initialize_from_flags()
+    import jax
+
+    if jax.process_index() != 0:  # every process computes; process 0 alone prints
+      sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
     prompts = _read_prompts(f.prompt or [], f.prompts_file)
     sampling = Sampling(0.0 if f.greedy else f.temperature, f.top_k, f.top_p)
     model = loading.load(f.workdir, f.step)
@@ -72,12 +78,12 @@ def main(argv: Sequence[str]) -> None:
           {"texts": result.texts, "prompts": prompts, "stop_reasons": result.stop_reasons, **stats}
         )
       )
-    else:
+    elif jax.process_index() == 0:
       print(_summary(stats), file=sys.stderr)
   except (ValueError, FileNotFoundError) as e:
     print(f"loom: error: {e}", file=sys.stderr, flush=True)
     code = 2
-  sys.exit(code)
+  distributed.end(started, code)
 
 
 def _summary(stats: dict[str, Any]) -> str:
@@ -108,6 +114,7 @@ def _define_flags() -> None:
   flags.DEFINE_float("top_p", 1.0, "Sample within the nucleus of this probability mass (1 = off).")
   flags.DEFINE_integer("seed", 0, "Sampling seed.")
   flags.DEFINE_boolean("json", False, "Print one JSON object last (texts and the meter).")
+  distributed.define_flags()
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from configs import default
 from models import lora
 from models.config import ModelConfig
 from train import state as state_lib
+from train import storage
 from train.checkpoint import integrity, manager
 from train.config import ConfigError
 from train.hf import families
@@ -41,7 +42,7 @@ def _parse(spec: str) -> tuple[str, str, int | None]:
     path, _, step = rest.partition("@")
     if step and not step.isdigit():
       raise ConfigError(f"checkpoint.init_from={spec!r}: the step after '@' must be a number")
-    return kind, os.path.abspath(os.path.expanduser(path)), int(step) if step else None
+    return kind, os.fspath(storage.resolve(path)), int(step) if step else None
   raise ConfigError(
     f"checkpoint.init_from={spec!r} must be 'hf:<HF model dir>' or 'loom:<work dir>[@step]' "
     "(or '' to start from random weights)"

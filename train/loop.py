@@ -124,6 +124,7 @@ class _Loop:
         self.evaluate(step_number)
       if save_due:
         with self.meter.phase("checkpoint"):
+          self.writer.flush()  # every line up to this checkpoint is durable before it exists
           self.ckpt.save(step_number, self.state, self.metadata)
       if stop:
         with self.meter.phase("checkpoint"):

@@ -10,6 +10,8 @@ import sys
 import time
 from typing import Any
 
+from train import storage
+
 log = logging.getLogger("loom")
 
 
@@ -24,47 +26,33 @@ class MetricsWriter:
   """Appends one JSON object per logged step and mirrors scalars to TensorBoard.
 
   On resume from step S, lines for steps after S (written before a crash, and about to be redone)
-  are dropped first, so the file never holds duplicates; a torn last line is dropped too.
+  are dropped first, so the file never holds duplicates; a torn last line is dropped too. The
+  work directory may be an object store (``train/storage.py``): the file is then rewritten whole
+  (``flush()`` before every checkpoint save), and TensorBoard writes to a local mirror that is
+  copied up at the same moments.
   """
 
-  def __init__(self, workdir: str, *, resume_step: int, tensorboard: bool, enabled: bool):
+  def __init__(self, workdir, *, resume_step: int, tensorboard: bool, enabled: bool):
     self.enabled = enabled
-    self.path = os.path.join(workdir, "metrics.jsonl")
-    self._tb = None
+    self.path = storage.resolve(workdir) / "metrics.jsonl"
+    self._tb = self._tb_mirror = None
     if not enabled:
       return
-    self._truncate_after(resume_step)
-    self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+    self._log = storage.AppendOnlyLog(self.path, _lines_up_to(self.path, resume_step))
     if tensorboard:
       import tensorflow as tf  # deferred: TensorFlow is slow to import
 
-      self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
-
-  def _truncate_after(self, step: int) -> None:
-    if not os.path.exists(self.path):
-      return
-    kept = []
-    with open(self.path, encoding="utf-8") as f:
-      for line in f:
-        try:
-          record = json.loads(line)
-        except json.JSONDecodeError:
-          continue  # a line torn by a crash
-        if record.get("step", 0) <= step:
-          kept.append(json.dumps(record))
-    tmp = self.path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-      f.write("".join(line + "\n" for line in kept))
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, self.path)
+      tb_dir = self.path.parent / "tensorboard"
+      if storage.is_remote(tb_dir):
+        self._tb_mirror = storage.LocalMirror(tb_dir, prefix="loom-tensorboard-")
+        tb_dir = self._tb_mirror.local
+      self._tb = tf.summary.create_file_writer(os.fspath(tb_dir))
 
   def write(self, step: int, scalars: dict[str, Any]) -> None:
     if not self.enabled:
       return
     record = {"step": int(step), **{k: _clean(v) for k, v in scalars.items()}}
-    self._file.write(json.dumps(record) + "\n")
-    self._file.flush()
+    self._log.append(json.dumps(record))
     if self._tb is not None:
       import tensorflow as tf
 
@@ -73,13 +61,40 @@ class MetricsWriter:
           if key != "step" and isinstance(value, (int, float)):
             tf.summary.scalar(key, value)
 
+  def flush(self) -> None:
+    """Makes everything written so far durable (called before each checkpoint save)."""
+    if not self.enabled:
+      return
+    self._log.flush(force=True)
+    if self._tb is not None:
+      self._tb.flush()
+      if self._tb_mirror is not None:
+        self._tb_mirror.sync()
+
   def close(self) -> None:
     if not self.enabled:
       return
-    self._file.close()
+    self._log.close()
     if self._tb is not None:
       self._tb.flush()
       self._tb.close()
+      if self._tb_mirror is not None:
+        self._tb_mirror.sync()
+
+
+def _lines_up_to(path, step: int) -> list[str]:
+  """The records of ``path`` for steps <= ``step``, re-serialised; torn lines left out."""
+  if not path.exists():
+    return []
+  kept = []
+  for line in path.read_text(encoding="utf-8").splitlines():
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:
+      continue  # a line torn by a crash
+    if record.get("step", 0) <= step:
+      kept.append(json.dumps(record))
+  return kept
 
 
 def _duration(seconds: float) -> str:

@@ -15,21 +15,30 @@ from typing import Any
 
 import jax
 
+from train import storage
+
 log = logging.getLogger("loom")
 
 
 class StepProfiler:
   """Traces steps ``start`` .. ``stop`` (inclusive) into ``directory``; off when start is None."""
 
-  def __init__(self, directory: str, start: int | None, stop: int | None):
+  def __init__(self, directory, start: int | None, stop: int | None):
     self.directory, self.start, self.stop = directory, start, stop
     self.active = False
+    self._mirror = None  # the profiler writes local files only; a remote directory gets a copy
+
+  def _trace_dir(self) -> str:
+    if storage.is_remote(self.directory):
+      self._mirror = storage.LocalMirror(self.directory, prefix="loom-profile-")
+      return str(self._mirror.local)
+    return str(self.directory)
 
   @contextlib.contextmanager
   def step(self, step_number: int, result: Any = None) -> Iterator[None]:
     """Wraps the dispatch of one step; ``result()`` gives what to wait for before stopping."""
     if self.start is not None and step_number == self.start and not self.active:
-      jax.profiler.start_trace(self.directory, create_perfetto_trace=True)
+      jax.profiler.start_trace(self._trace_dir(), create_perfetto_trace=True)
       self.active = True
     with jax.profiler.StepTraceAnnotation("train", step_num=step_number):
       yield
@@ -43,4 +52,6 @@ class StepProfiler:
     jax.block_until_ready(wait_for)
     jax.profiler.stop_trace()
     self.active = False
+    if self._mirror is not None:
+      self._mirror.sync()
     log.info("profile of steps %d-%d written to %s", self.start, self.stop, self.directory)

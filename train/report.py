@@ -6,12 +6,15 @@ run has finished, ``DIR/report.json`` (the meter). Drawn with matplotlib's Agg b
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
 import sys
 from collections.abc import Sequence
 from typing import Any
+
+from train import storage
 
 CURVES = (  # (panel title, y label, [(metrics key, legend label)])
   ("Loss", "nats / token", [("train/loss", "train"), ("eval/loss", "eval")]),
@@ -20,15 +23,14 @@ CURVES = (  # (panel title, y label, [(metrics key, legend label)])
 )
 
 
-def read_metrics(path: str) -> list[dict[str, Any]]:
+def read_metrics(path) -> list[dict[str, Any]]:
   """The JSON records of metrics.jsonl; a line torn by a crash is skipped."""
   records = []
-  with open(path, encoding="utf-8") as f:
-    for line in f:
-      try:
-        records.append(json.loads(line))
-      except json.JSONDecodeError:
-        continue
+  for line in storage.resolve(path).read_text(encoding="utf-8").splitlines():
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError:
+      continue
   return records
 
 
@@ -63,8 +65,9 @@ def summary_text(report: dict[str, Any] | None) -> str:
 
 def render(workdir: str, out_path: str | None = None) -> str:
   """Draws the curves and the meter summary; returns the PNG's path."""
-  metrics_path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.isfile(metrics_path):
+  root = storage.resolve(workdir)
+  metrics_path = root / "metrics.jsonl"
+  if not metrics_path.is_file():
     raise FileNotFoundError(
       f"{workdir} has no metrics.jsonl ({metrics_path}); pass the --workdir of a training run "
       "(python -m train --workdir DIR writes it)"
@@ -72,11 +75,8 @@ def render(workdir: str, out_path: str | None = None) -> str:
   records = read_metrics(metrics_path)
   if not records:
     raise ValueError(f"{metrics_path} holds no metrics yet; run at least log.every steps")
-  report_path = os.path.join(workdir, "report.json")
-  report = None
-  if os.path.isfile(report_path):
-    with open(report_path, encoding="utf-8") as f:
-      report = json.load(f)
+  report_path = root / "report.json"
+  report = json.loads(report_path.read_text()) if report_path.is_file() else None
 
   import matplotlib
 
@@ -107,11 +107,13 @@ def render(workdir: str, out_path: str | None = None) -> str:
     transform=meter_ax.transAxes,
     wrap=True,
   )
-  fig.suptitle(os.path.abspath(workdir))
+  fig.suptitle(os.fspath(root))
   fig.tight_layout()
-  out_path = out_path or os.path.join(workdir, "report.png")
-  fig.savefig(out_path, dpi=100)
+  png = io.BytesIO()
+  fig.savefig(png, format="png", dpi=100)
   plt.close(fig)
+  out_path = out_path or os.fspath(root / "report.png")
+  storage.write_atomic(storage.resolve(out_path), png.getvalue())
   return out_path
 
 

@@ -20,9 +20,10 @@ import input_pipeline
 import models
 from models.config import ModelConfig
 from train import config as config_lib
-from train import init_from, loop, metrics_writer
+from train import init_from, loop, metrics_writer, storage
 from train import state as state_lib
 from train.checkpoint import manager as checkpoint_lib
+from train.cluster import agreement
 from train.cluster import mesh as mesh_lib
 from train.cluster.preemption import PreemptionWatcher
 from train.meter import flops
@@ -82,7 +83,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
   config = init_from.adopt(config)  # the source's architecture, when starting from weights
   resolved = config_lib.validate(config, workdir=workdir)
   workdir = config_lib.create_workdir(workdir)
-  pipeline = input_pipeline.build(config)
+  pipeline = build_data(config)
   if pipeline.tokenizer.vocab_size > resolved.model_cfg.vocab_size:
     raise RuntimeError(  # validation predicted the vocabulary from the config: a bug if it differs
       f"the tokenizer has {pipeline.tokenizer.vocab_size} ids, more than the model's "
@@ -100,6 +101,26 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
     train_step=compiled.train_step,
     meter=compiled.meter,
   )
+
+
+def build_data(config: ml_collections.ConfigDict) -> input_pipeline.Pipeline:
+  """The data, prepared once: process 0 prepares the store (or finds it) while the others wait,
+  then they open what it prepared (with a shared data cache they prepare nothing). A failure on
+  process 0 is reported to every process."""
+  timeout = float(config.data.prepare_timeout_s)
+  if jax.process_index() == 0:
+    try:
+      pipeline = input_pipeline.build(config)
+    except Exception as e:
+      agreement.from_main("data-prepared", f"{type(e).__name__}: {e}", timeout)
+      raise
+    agreement.from_main("data-prepared", "ok", timeout)
+    return pipeline
+  log.info("waiting up to %.0f s for process 0 to prepare the data", timeout)
+  outcome = agreement.from_main("data-prepared", None, timeout)
+  if outcome != "ok":
+    raise input_pipeline.DataError(f"process 0 could not prepare the data: {outcome}")
+  return input_pipeline.build(config)
 
 
 def build_steps(
@@ -213,10 +234,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   )
   watcher = PreemptionWatcher()
   try:
-    state, start_step = restore_or_init(run, ckpt)  # may refuse a checkpoint of another run
+    with run.meter.phase("restore_or_init"):  # checksum verification included
+      state, start_step = restore_or_init(run, ckpt)  # may refuse a checkpoint of another run
     if run.is_main:
-      _write_atomically(
-        os.path.join(run.workdir, "config.json"), run.config.to_json_best_effort(indent=2)
+      storage.write_atomic(
+        storage.resolve(run.workdir) / "config.json", run.config.to_json_best_effort(indent=2)
       )
     log_startup(run, start_step)
     writer = metrics_writer.MetricsWriter(
@@ -231,14 +253,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   finally:
     ckpt.close()
     watcher.close()
+  # Hashing the checkpoints ran on the sealing thread, beside the steps (not in "checkpoint").
+  summary["checkpoint_seal_s"] = round(ckpt.seal_seconds, 3)
   return write_report(run, summary)
-
-
-def _write_atomically(path: str, text: str) -> None:
-  tmp = f"{path}.tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(text)
-  os.replace(tmp, path)
 
 
 def write_report(run: Run, summary: dict[str, Any]) -> dict[str, Any]:
@@ -253,7 +270,7 @@ def write_report(run: Run, summary: dict[str, Any]) -> dict[str, Any]:
   )
   report.update(summary)
   if run.is_main:
-    _write_atomically(os.path.join(run.workdir, "report.json"), json.dumps(report, indent=2))
+    storage.write_atomic(storage.resolve(run.workdir) / "report.json", json.dumps(report, indent=2))
     log.info(
       "done: %s", ", ".join(f"{k} {v:.4g}" for k, v in summary.items() if isinstance(v, float))
     )

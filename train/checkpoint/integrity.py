@@ -1,100 +1,153 @@
 """Checkpoint integrity: a sha256 seal over every file of a finished save, checked before use.
 
-Each finished save gets ``loom_checksums.json`` (size and sha256 of each file), written atomically
-after Orbax has renamed the save into place. ``verify`` compares a step directory with its seal;
-``verify_all`` checks every checkpoint of a run (``python -m train.checkpoint verify DIR``).
+A checkpoint written by N processes is sealed in N parts. Part ``p`` lists the files process ``p``
+wrote: its own ``ocdbt.process_<p>/`` array shards, and for process 0 every other file (Orbax's
+metadata, written by process 0 alone). Each process hashes only its part, into
+``loom_checksums.<p>-of-<N>.json``, so no host reads back what another wrote and the work is
+spread over the hosts. A checkpoint is sealed when all N parts exist.
+
+``verify(step_dir, parts=...)`` compares the named parts with the files (a restoring process
+checks the parts it is responsible for); ``verify_all`` checks everything (``python -m
+train.checkpoint verify DIR``). Paths may be local or object-store URIs (``train/storage.py``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
+import re
+from collections.abc import Iterable
 
-CHECKSUMS = "loom_checksums.json"  # written into each step directory once its save is complete
+from etils import epath
+
+from train import storage
+
+CHECKSUMS_PREFIX = "loom_checksums"
+_PART = re.compile(r"^loom_checksums\.(\d+)-of-(\d+)\.json$")
+_SHARD_DIR = re.compile(r"(?:^|/)ocdbt\.process_(\d+)(?:/|$)")
+LEGACY_CHECKSUMS = "loom_checksums.json"  # one part for the whole checkpoint (earlier versions)
 
 
-def _sha256(path: str) -> str:
+def _sha256(path: epath.Path) -> str:
   digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
+  with path.open("rb") as f:
+    for block in iter(lambda: f.read(1 << 22), b""):
       digest.update(block)
   return digest.hexdigest()
 
 
-def _files(step_dir: str) -> list[str]:
-  found = []
-  for root, _, names in os.walk(step_dir):
+def _files(step_dir: epath.Path) -> dict[str, epath.Path]:
+  """Every file of the checkpoint (relative name -> path), seals left out."""
+  found = {}
+  base = str(step_dir).split("://", 1)[-1].rstrip("/")  # fsspec walks without the scheme
+  for root, _, names in step_dir.walk():
+    sub = str(root).split("://", 1)[-1].rstrip("/")[len(base) :].lstrip("/")
     for name in names:
-      rel = os.path.relpath(os.path.join(root, name), step_dir)
-      if rel != CHECKSUMS:
-        found.append(rel)
-  return sorted(found)
+      rel = f"{sub}/{name}" if sub else name
+      if not rel.startswith(CHECKSUMS_PREFIX):
+        found[rel] = step_dir / rel
+  return found
 
 
-def seal(step_dir: str) -> None:
-  """Records size and sha256 of every file of a complete checkpoint (atomically)."""
-  table = {
-    rel: {
-      "bytes": os.path.getsize(os.path.join(step_dir, rel)),
-      "sha256": _sha256(os.path.join(step_dir, rel)),
-    }
-    for rel in _files(step_dir)
-  }
-  tmp = os.path.join(step_dir, CHECKSUMS + ".tmp")
-  with open(tmp, "w") as f:
-    json.dump(table, f, indent=1)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, os.path.join(step_dir, CHECKSUMS))
+def writer_of(rel: str, num_processes: int) -> int:
+  """Which process wrote ``rel``: the owner of its ``ocdbt.process_<p>`` directory, else 0."""
+  match = _SHARD_DIR.search(rel)
+  owner = int(match.group(1)) if match else 0
+  return owner if owner < num_processes else 0
 
 
-def verify(step_dir: str) -> list[str]:
-  """Problems found in a checkpoint directory (empty = it matches its checksums).
+def part_name(process: int, num_processes: int) -> str:
+  return f"{CHECKSUMS_PREFIX}.{process}-of-{num_processes}.json"
 
-  A checkpoint that Orbax finished but that was never sealed (the process died in between) has no
-  checksum file; it is reported as ``unsealed`` and is not treated as corrupt.
+
+def seal(step_dir, process: int = 0, num_processes: int = 1) -> int:
+  """Records size and sha256 of the files ``process`` wrote; returns the bytes hashed."""
+  step_dir = storage.resolve(step_dir)
+  table = {}
+  for rel, path in sorted(_files(step_dir).items()):
+    if writer_of(rel, num_processes) == process:
+      table[rel] = {"bytes": path.stat().length, "sha256": _sha256(path)}
+  storage.write_atomic(step_dir / part_name(process, num_processes), json.dumps(table, indent=1))
+  return sum(entry["bytes"] for entry in table.values())
+
+
+def _parts(step_dir: epath.Path) -> tuple[dict[int, epath.Path], int | None]:
+  """The seal parts present (process -> path) and N, or ({}, None) when unsealed."""
+  parts, total = {}, None
+  for path in step_dir.glob(f"{CHECKSUMS_PREFIX}*.json"):
+    if path.name == LEGACY_CHECKSUMS:
+      return {0: path}, 1
+    match = _PART.match(path.name)
+    if match:
+      parts[int(match.group(1))] = path
+      total = int(match.group(2))
+  return parts, total
+
+
+def is_sealed(step_dir) -> bool:
+  parts, total = _parts(storage.resolve(step_dir))
+  return total is not None and len(parts) == total
+
+
+def parts_for(process: int, num_processes: int, written_by: int) -> list[int]:
+  """The seal parts a restoring process checks: every part exactly once over all processes."""
+  return list(range(process, written_by, num_processes))
+
+
+def num_parts(step_dir) -> int | None:
+  return _parts(storage.resolve(step_dir))[1]
+
+
+def verify(step_dir, parts: Iterable[int] | None = None) -> list[str]:
+  """Problems found in the named seal parts of a checkpoint (all when ``parts`` is None).
+
+  A checkpoint that Orbax finished but that was never sealed (the processes died in between) has
+  no parts; it is not treated as corrupt. A partly sealed one is checked on the parts it has.
   """
-  path = os.path.join(step_dir, CHECKSUMS)
-  if not os.path.exists(path):
+  step_dir = storage.resolve(step_dir)
+  present, total = _parts(step_dir)
+  if total is None:
     return []
-  try:
-    with open(path) as f:
-      table = json.load(f)
-  except (OSError, json.JSONDecodeError) as e:
-    return [f"{path}: unreadable checksum file ({e})"]
-  problems = []
-  for rel, expected in table.items():
-    full = os.path.join(step_dir, rel)
-    if not os.path.exists(full):
-      problems.append(f"{full}: missing")
-    elif os.path.getsize(full) != expected["bytes"]:
-      problems.append(f"{full}: {os.path.getsize(full)} bytes, expected {expected['bytes']}")
-    elif _sha256(full) != expected["sha256"]:
-      problems.append(f"{full}: contents changed (sha256 mismatch)")
-  extra = sorted(set(_files(step_dir)) - set(table))
-  problems.extend(
-    f"{os.path.join(step_dir, rel)}: not part of the saved checkpoint" for rel in extra
-  )
+  wanted = sorted(present) if parts is None else [p for p in parts if p in present]
+  files = _files(step_dir)
+  problems, listed = [], set()
+  for process in wanted:
+    path = present[process]
+    try:
+      table = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+      problems.append(f"{path}: unreadable checksum file ({e})")
+      continue
+    listed |= set(table)
+    for rel, expected in table.items():
+      full = files.get(rel)
+      if full is None:
+        problems.append(f"{step_dir / rel}: missing")
+        continue
+      size = full.stat().length
+      if size != expected["bytes"]:
+        problems.append(f"{full}: {size} bytes, expected {expected['bytes']}")
+      elif _sha256(full) != expected["sha256"]:
+        problems.append(f"{full}: contents changed (sha256 mismatch)")
+  if len(present) == total:  # extra files are only knowable from the whole seal
+    owned = {rel for rel in files if writer_of(rel, total) in wanted}
+    extra = sorted(owned - listed)
+    problems.extend(f"{step_dir / rel}: not part of the saved checkpoint" for rel in extra)
   return problems
 
 
-def is_sealed(step_dir: str) -> bool:
-  return os.path.exists(os.path.join(step_dir, CHECKSUMS))
+def checkpoint_root(path: str) -> epath.Path:
+  root = storage.resolve(path)
+  if not root.is_dir():
+    raise FileNotFoundError(f"{root} is not a directory; pass a work directory or its checkpoints/")
+  nested = root / "checkpoints"
+  return nested if nested.is_dir() else root
 
 
-def checkpoint_root(path: str) -> str:
-  path = os.path.abspath(os.path.expanduser(path))
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f"{path} is not a directory; pass a work directory or its checkpoints/")
-  nested = os.path.join(path, "checkpoints")
-  return nested if os.path.isdir(nested) else path
-
-
-def step_dirs(root: str) -> list[tuple[int, str]]:
+def step_dirs(root) -> list[tuple[int, epath.Path]]:
   """Complete step directories (Orbax's in-progress saves carry a tmp suffix and are skipped)."""
-  steps = [(int(name), os.path.join(root, name)) for name in os.listdir(root) if name.isdigit()]
-  return sorted(steps)
+  root = storage.resolve(root)
+  return sorted((int(p.name), p) for p in root.iterdir() if p.name.isdigit())
 
 
 def verify_all(path: str) -> tuple[list[str], int]:
@@ -113,6 +166,6 @@ def verify_all(path: str) -> tuple[list[str], int]:
       lines.append(f"step {step}: unsealed (complete, no checksums recorded)")
     else:
       lines.append(f"step {step}: ok")
-  in_progress = [n for n in os.listdir(root) if "tmp" in n]
-  lines.extend(f"ignored incomplete save: {os.path.join(root, n)}" for n in sorted(in_progress))
+  in_progress = [p.name for p in root.iterdir() if "tmp" in p.name]
+  lines.extend(f"ignored incomplete save: {root / n}" for n in sorted(in_progress))
   return lines, corrupt

@@ -9,9 +9,10 @@ with the current shardings, so a checkpoint saved on one mesh restores onto anot
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
-import shutil
+import threading
 import time
 from typing import Any
 
@@ -19,7 +20,9 @@ import jax
 import orbax.checkpoint as ocp
 
 from models.config import ModelConfig
-from train.checkpoint.integrity import is_sealed, seal, verify
+from train import storage
+from train.checkpoint.integrity import is_sealed, num_parts, parts_for, seal, verify
+from train.cluster import agreement
 
 log = logging.getLogger("loom")
 
@@ -37,10 +40,16 @@ class CheckpointCorruptError(ValueError):
 
 
 class Checkpointer:
-  """The run's CheckpointManager under ``WORKDIR/checkpoints``, with checksums and fallback."""
+  """The run's CheckpointManager under ``WORKDIR/checkpoints``, with checksums and fallback.
+
+  Sealing runs off the training thread: after each save a thread waits for Orbax to finish and
+  then hashes the files this process wrote (``integrity.py``); the next save, a restore or
+  ``wait()`` joins it. Which checkpoint to restore and whether to quarantine one are decided by
+  process 0 and agreed by all (``train/cluster/agreement.py``); only process 0 moves files.
+  """
 
   def __init__(self, directory: str, *, max_to_keep: int, async_save: bool):
-    self.directory = os.path.abspath(directory)
+    self.directory = os.fspath(storage.resolve(directory))
     options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep,
       enable_async_checkpointing=async_save,
@@ -50,8 +59,13 @@ class Checkpointer:
     self._manager = ocp.CheckpointManager(
       self.directory, item_names=("state", "metadata"), options=options
     )
-    self._unsealed: list[int] = []
-    self.is_main = jax.process_index() == 0
+    self._sealer: threading.Thread | None = None
+    self._sealer_error: BaseException | None = None
+    self._sealing_step: int | None = None
+    self.process, self.num_processes = jax.process_index(), jax.process_count()
+    self.is_main = self.process == 0
+    self.seal_seconds = 0.0  # hashing time, spent on the sealing thread
+    self._failed = False
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -60,12 +74,12 @@ class Checkpointer:
     return list(self._manager.all_steps())
 
   def step_dir(self, step: int) -> str:
-    return os.path.join(self.directory, str(step))
+    return f"{self.directory}/{step}"
 
   def save(self, step: int, state: Any, metadata: dict[str, Any]) -> bool:
     """Starts saving (in the background when async); returns whether a save was started.
 
-    The previous save is finished and sealed with its checksums first.
+    The previous save is finished and sealed first.
     """
     self.wait()
     started = self._manager.save(
@@ -76,14 +90,22 @@ class Checkpointer:
       force=True,
     )
     if started:
-      self._unsealed.append(step)
+      self._sealing_step = step
+      self._sealer = threading.Thread(
+        target=self._finish_and_seal, args=(step,), name=f"loom-seal-{step}", daemon=True
+      )
+      self._sealer.start()
     return started
 
-  def _seal_finished(self) -> None:
-    for step in self._unsealed:
-      if self.is_main and os.path.isdir(self.step_dir(step)):
-        seal(self.step_dir(step))
-    self._unsealed = []
+  def _finish_and_seal(self, step: int) -> None:
+    try:
+      self._manager.wait_until_finished()
+      start = time.perf_counter()
+      hashed = seal(self.step_dir(step), self.process, self.num_processes)
+      self.seal_seconds += time.perf_counter() - start
+      log.debug("sealed part %d of step %d: %d bytes hashed", self.process, step, hashed)
+    except BaseException as e:  # noqa: BLE001 - re-raised on the training thread by wait()
+      self._sealer_error = e
 
   def metadata(self, step: int) -> dict[str, Any]:
     restored = self._manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))
@@ -91,56 +113,79 @@ class Checkpointer:
 
   def restore(self, step: int, abstract_state: Any) -> Any:
     """Restores ``state`` at ``step`` into the shardings of ``abstract_state``."""
+    self.wait()
     restored = self._manager.restore(
       step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
     )
     return restored["state"]
 
   def wait(self) -> None:
-    """Blocks until a background save has finished, then seals it."""
-    try:
-      self._manager.wait_until_finished()
-    except Exception as e:  # noqa: BLE001 - Orbax re-raises whatever its writer threads hit
-      steps, self._unsealed = self._unsealed, []
-      good = [step for step in self.all_steps() if step not in steps]
+    """Blocks until a background save has finished and this process's part of it is sealed."""
+    if self._sealer is not None:
+      self._sealer.join()
+    self._sealer = None
+    error, self._sealer_error = self._sealer_error, None
+    step, self._sealing_step = self._sealing_step, None
+    if error is not None:
+      self._failed = True
+      good = [s for s in self.all_steps() if s != step]
       raise CheckpointSaveError(
-        f"saving the checkpoint of step {steps} under {self.directory} failed: "
-        f"{type(e).__name__}: {str(e)[:400]}. Older checkpoints are intact (latest: "
+        f"saving the checkpoint of step {step} under {self.directory} failed: "
+        f"{type(error).__name__}: {str(error)[:400]}. Older checkpoints are intact (latest: "
         f"{max(good) if good else 'none'}); fix the cause (free disk space?) and rerun the "
         f"same command to resume."
-      ) from e
-    self._seal_finished()
+      ) from error
 
   def quarantine(self, step: int, reason: str) -> str:
-    """Moves a bad checkpoint aside (never deletes it) so the run can go on without it."""
-    target = os.path.join(
-      os.path.dirname(self.directory),
-      "checkpoints_corrupt",
-      f"{step}-{time.strftime('%Y%m%d-%H%M%S')}",
-    )
+    """Moves a bad checkpoint aside (never deletes it) so the run can go on without it.
+
+    Process 0 moves it; every process waits for the move, then re-reads the step list."""
+    stamp = agreement.from_main("quarantine-stamp", time.strftime("%Y%m%d-%H%M%S"))
+    target = storage.resolve(self.directory).parent / "checkpoints_corrupt" / f"{step}-{stamp}"
     if self.is_main:
-      os.makedirs(os.path.dirname(target), exist_ok=True)
-      shutil.move(self.step_dir(step), target)
-      with open(os.path.join(target, "REASON.txt"), "w") as f:
-        f.write(reason + "\n")
+      target.parent.mkdir(parents=True, exist_ok=True)
+      storage.resolve(self.step_dir(step)).rename(target)
+      storage.write_atomic(target / "REASON.txt", reason + "\n")
+    agreement.barrier(f"quarantined-{step}")
     self._manager.reload()
-    return target
+    return os.fspath(target)
+
+  def _problems(self, step: int, verify_checksums: bool) -> list[str]:
+    """Checks this process's share of the seal, then agrees: every process gets all problems."""
+    problems = []
+    if verify_checksums:
+      written_by = num_parts(self.step_dir(step)) or 1
+      parts = parts_for(self.process, self.num_processes, written_by)
+      problems = verify(self.step_dir(step), parts)
+    if self.num_processes == 1:
+      return problems
+    everyone = agreement.gather(f"verified-{step}", json.dumps(problems))
+    return [problem for answer in everyone for problem in json.loads(answer)]
 
   def restore_latest_good(
     self, abstract_state: Any, *, verify_checksums: bool, check_metadata
   ) -> tuple[int, Any] | None:
     """Restores the newest checkpoint that verifies and loads; None if there is none at all.
 
-    A corrupt checkpoint is reported by path, moved to ``checkpoints_corrupt/`` and the next older
-    one is tried. ``check_metadata(metadata)`` may raise to refuse a checkpoint of another run.
+    A checkpoint whose checksums fail, or whose files cannot be decoded, is reported by path,
+    moved to ``checkpoints_corrupt/`` and the next older one is tried. Anything else that stops
+    a restore (a shape that does not fit the model, memory, a timeout of the store) is raised
+    with its cause and the checkpoint stays where it is. ``check_metadata(metadata)`` may raise
+    to refuse a checkpoint of another run. Process 0 names each candidate step; all agree.
     """
-    steps = sorted(self.all_steps(), reverse=True)
-    if not steps:
-      return None
     failures = []
-    for step in steps:
+    while True:
+      mine = self.all_steps()
+      step = int(agreement.from_main("restore-step", str(max(mine) if mine else -1)))
+      if step < 0:
+        if failures:
+          raise CheckpointCorruptError(
+            f"no checkpoint in {self.directory} could be restored; all were moved to "
+            f"checkpoints_corrupt/: " + " | ".join(failures)
+          )
+        return None
       step_dir = self.step_dir(step)
-      problems = verify(step_dir) if verify_checksums else []
+      problems = self._problems(step, verify_checksums)
       if not problems:
         try:
           metadata = self.metadata(step)
@@ -150,24 +195,42 @@ class Checkpointer:
         check_metadata(metadata)  # a mismatch is the user's decision, not corruption: raise
         try:
           state = self.restore(step, abstract_state)
-        except Exception as e:  # noqa: BLE001 - a truncated or garbled array file
+        except Exception as e:
+          if not _is_format_failure(e):
+            raise
           problems = [f"{step_dir}: restore failed ({type(e).__name__}: {str(e)[:300]})"]
       if not problems:
-        if self.is_main and not is_sealed(step_dir):
-          seal(step_dir)  # complete in Orbax's eyes, but the process died before sealing it
+        if not is_sealed(step_dir):
+          # Complete in Orbax's eyes, but the processes died before sealing it.
+          seal(step_dir, self.process, self.num_processes)
         return step, state
       reason = "; ".join(problems)
       log.error("checkpoint at step %d is corrupt, falling back to an older one: %s", step, reason)
       moved = self.quarantine(step, reason)
       log.error("moved the corrupt checkpoint to %s", moved)
       failures.append(reason)
-    raise CheckpointCorruptError(
-      f"no checkpoint in {self.directory} could be restored; all were moved to "
-      f"checkpoints_corrupt/: " + " | ".join(failures)
-    )
 
   def close(self) -> None:
-    self._manager.close()
+    try:
+      self.wait()
+    finally:
+      try:
+        self._manager.close()
+      except Exception:
+        if not self._failed:
+          raise
+        # Orbax reports a failed background save again at close; it was raised already.
+        log.debug("checkpoint manager close after a failed save", exc_info=True)
+
+
+def _is_format_failure(error: Exception) -> bool:
+  """Whether a restore failed because the files are not a readable checkpoint (quarantine), as
+  opposed to a target that does not fit, memory, or a store that timed out (raise)."""
+  if isinstance(error, (MemoryError, TimeoutError, ConnectionError)):
+    return False
+  text = str(error).lower()
+  not_the_files = ("shape", "out of memory", "resource_exhausted", "deadline", "timed out")
+  return not any(word in text for word in not_the_files)
 
 
 def check_compatible(
@@ -209,8 +272,8 @@ def check_compatible(
 
 def open_read_only(workdir: str) -> tuple[ocp.CheckpointManager, list[int]]:
   """A read-only view of ``workdir/checkpoints`` and its complete steps (error if none)."""
-  directory = os.path.join(os.path.abspath(os.path.expanduser(workdir)), "checkpoints")
-  if not os.path.isdir(directory):
+  directory = os.fspath(storage.resolve(workdir) / "checkpoints")
+  if not storage.resolve(directory).is_dir():
     raise FileNotFoundError(
       f"--workdir {workdir} has no checkpoints ({directory} does not exist); train first with "
       f"python -m train --workdir {workdir}"

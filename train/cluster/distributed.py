@@ -167,3 +167,37 @@ def initialize(
   except Exception as e:  # re-raised with context: a lone process must never train by itself
     raise RuntimeError(f"jax.distributed.initialize failed ({how}): {e}") from e
   return True
+
+
+def define_flags() -> None:
+  """The multi-process flags every command takes (``python -m train``'s own)."""
+  from absl import flags
+
+  flags.DEFINE_string(
+    "coordinator_address",
+    None,
+    "HOST:PORT of process 0, for multi-process runs JAX cannot detect by itself.",
+  )
+  flags.DEFINE_integer("num_processes", None, "Processes in the run.")
+  flags.DEFINE_integer("process_id", None, "This process's index.")
+
+
+def initialize_from_flags() -> bool:
+  """``initialize`` with the values of ``define_flags``' flags."""
+  from absl import flags
+
+  f = flags.FLAGS
+  return initialize(f.coordinator_address, f.num_processes, f.process_id)
+
+
+def end(started: bool, code: int) -> None:
+  """Leaves a command: a started cluster is shut down and the process exits at once (a CPU
+  client destructor can hang at interpreter exit, NOTES.md); otherwise a normal exit."""
+  import sys
+
+  if started:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    jax.distributed.shutdown()
+    os._exit(code)
+  sys.exit(code)

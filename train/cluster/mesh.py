@@ -6,6 +6,7 @@ This is the only module that names mesh axes. Everything else speaks logical axi
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 
@@ -17,6 +18,9 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from models import sharding
 
 MESH_AXES = ("data", "fsdp", "tensor")
+TENSOR = MESH_AXES[2]  # the axis that must stay within a host (train/config.py checks it)
+
+log = logging.getLogger("loom")
 
 Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 
@@ -98,8 +102,20 @@ def _single_slice_mesh(shape: tuple[int, ...], devices: Sequence[jax.Device]) ->
   try:
     # Lets the runtime order devices for the physical topology (ICI rings on TPU).
     return mesh_utils.create_device_mesh(shape, devices=devices)
-  except (ValueError, NotImplementedError, AssertionError):
-    return np.asarray(devices).reshape(shape)
+  except (ValueError, NotImplementedError, AssertionError) as e:
+    fallback = np.asarray(devices).reshape(shape)
+    if devices and devices[0].platform != "cpu":  # CPUs have no topology to miss
+      log.warning(
+        "the mesh %s cannot be laid out on the physical topology of %d %s devices (%s), "
+        "physical coordinates %s; using enumeration order instead, device ids by mesh row %s",
+        dict(zip(MESH_AXES, shape, strict=True)),
+        len(devices),
+        devices[0].device_kind,
+        e,
+        [getattr(d, "coords", d.id) for d in devices],
+        [[d.id for d in row] for row in fallback.reshape(-1, shape[-1])],
+      )
+    return fallback
 
 
 def _hybrid_device_array(

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
 import models
@@ -314,6 +315,13 @@ class _Layout:
     return cls(lengths, new, batch, last_slot, cache_len, prompts_BS, lengths_B)
 
 
+def _to_host(array: jax.Array) -> np.ndarray:
+  """The whole array on this host; with several processes, every process's shards gathered."""
+  if array.is_fully_addressable:
+    return np.asarray(array)
+  return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+
+
 class _Collector:
   """Takes each decode step's tokens on the host: per-row stops, streaming, recorded logits."""
 
@@ -328,8 +336,8 @@ class _Collector:
 
   def take(self, slot: int, token_dev, logits_dev) -> bool:
     """Reads the tokens chosen for ``slot``; returns True once every row has stopped."""
-    token_host = np.asarray(token_dev)
-    logits_host = np.asarray(logits_dev) if self.record_logits else None
+    token_host = _to_host(token_dev)
+    logits_host = _to_host(logits_dev) if self.record_logits else None
     new = self.layout.new
     for row, length in enumerate(self.layout.lengths):
       if self.reasons[row] or slot < length:

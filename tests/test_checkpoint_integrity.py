@@ -1,0 +1,95 @@
+"""The checkpoint seal in per-process parts, and the mesh check that keeps tensor axes on a host."""
+
+import json
+import types
+
+import numpy as np
+import pytest
+
+from train.checkpoint import integrity
+from train.config import ConfigError, _check_tensor_within_hosts
+
+FILES = {  # a two-process OCDBT checkpoint's layout (what Orbax writes), contents made up
+  "_CHECKPOINT_METADATA": b"meta",
+  "state/_METADATA": b"tree",
+  "state/manifest.ocdbt": b"root manifest",
+  "state/ocdbt.process_0/manifest.ocdbt": b"p0 manifest",
+  "state/ocdbt.process_0/d/aaa": b"p0 shard" * 100,
+  "state/ocdbt.process_1/manifest.ocdbt": b"p1 manifest",
+  "state/ocdbt.process_1/d/bbb": b"p1 shard" * 100,
+  "metadata/metadata": b"{}",
+}
+
+
+@pytest.fixture
+def step_dir(tmp_path):
+  step = tmp_path / "checkpoints" / "5"
+  for rel, data in FILES.items():
+    (step / rel).parent.mkdir(parents=True, exist_ok=True)
+    (step / rel).write_bytes(data)
+  return step
+
+
+def test_each_process_seals_only_what_it_wrote(step_dir):
+  assert integrity.writer_of("state/ocdbt.process_1/d/bbb", 2) == 1
+  assert integrity.writer_of("state/_METADATA", 2) == 0
+  assert integrity.writer_of("state/ocdbt.process_1/d/bbb", 1) == 0  # no such process now
+  hashed_1 = integrity.seal(step_dir, process=1, num_processes=2)
+  assert not integrity.is_sealed(step_dir)  # one part of two
+  part_1 = json.loads((step_dir / "loom_checksums.1-of-2.json").read_text())
+  assert sorted(part_1) == ["state/ocdbt.process_1/d/bbb", "state/ocdbt.process_1/manifest.ocdbt"]
+  assert hashed_1 == len(FILES["state/ocdbt.process_1/d/bbb"]) + len(b"p1 manifest")
+  integrity.seal(step_dir, process=0, num_processes=2)
+  assert integrity.is_sealed(step_dir)
+  assert integrity.num_parts(step_dir) == 2
+  assert integrity.verify(step_dir) == []
+  lines, corrupt = integrity.verify_all(str(step_dir.parent.parent))  # the work directory
+  assert (lines, corrupt) == (["step 5: ok"], 0)
+
+
+def test_a_restoring_process_checks_its_parts_and_finds_damage_there(step_dir):
+  for process in (0, 1):
+    integrity.seal(step_dir, process=process, num_processes=2)
+  (step_dir / "state/ocdbt.process_1/d/bbb").write_bytes(b"p1 shard" * 99 + b"p1 shbrd")
+  assert integrity.verify(step_dir, parts=[0]) == []  # process 0's part is intact
+  problems = integrity.verify(step_dir, parts=[1])
+  assert len(problems) == 1 and "bbb: contents changed" in problems[0]
+  (step_dir / "state/ocdbt.process_0/d/extra").write_bytes(b"?")
+  assert any("extra: not part of the saved checkpoint" in p for p in integrity.verify(step_dir))
+
+
+def test_every_part_is_checked_exactly_once_on_any_process_count():
+  for written_by in (1, 2, 3, 8):
+    for now in (1, 2, 4, 5):
+      parts = [p for process in range(now) for p in integrity.parts_for(process, now, written_by)]
+      assert sorted(parts) == list(range(written_by)), (written_by, now)
+
+
+def test_an_unsealed_checkpoint_is_not_corrupt(step_dir):
+  assert integrity.verify(step_dir) == []
+  assert not integrity.is_sealed(step_dir)
+
+
+def _devices(process_of_id):
+  return [types.SimpleNamespace(id=i, process_index=p) for i, p in enumerate(process_of_id)]
+
+
+def test_a_tensor_axis_across_hosts_is_refused():
+  # 2 processes × 4 devices: data=1, fsdp=2, tensor=4 keeps each tensor group on one host ...
+  devices = np.array(_devices([0, 0, 0, 0, 1, 1, 1, 1]), dtype=object).reshape(1, 2, 4)
+  _check_tensor_within_hosts(devices, ("data", "fsdp", "tensor"))
+  # ... tensor=8 cannot.
+  with pytest.raises(ConfigError, match=r"mesh.tensor=8 would span processes \[0, 1\]"):
+    _check_tensor_within_hosts(devices.reshape(1, 1, 8), ("data", "fsdp", "tensor"))
+  # Enumeration orders that interleave hosts are caught too.
+  mixed = np.array(_devices([0, 1, 0, 1, 0, 1, 0, 1]), dtype=object).reshape(1, 4, 2)
+  with pytest.raises(ConfigError, match="tensor parallelism must stay within one host"):
+    _check_tensor_within_hosts(mixed, ("data", "fsdp", "tensor"))
+
+
+def test_agreement_with_one_process_is_immediate():
+  from train.cluster import agreement
+
+  assert agreement.from_main("x", "7") == "7"
+  assert agreement.gather("y", "a") == ["a"]
+  agreement.barrier("z", timeout_s=0.001)

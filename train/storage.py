@@ -1,0 +1,158 @@
+"""Where a run's files live: local paths or object-store URIs (``gs://``, whatever epath serves).
+
+Every file the project reads or writes goes through ``etils.epath``. Two backends serve ``gs://``:
+TensorFlow's ``tf.io.gfile`` (epath's default when TensorFlow is installed) and fsspec's
+``gcsfs``. Loom selects gcsfs (``EPATH_USE_TF=false``, unless the user set it): gfile's GCS client
+has its endpoint compiled in (``https://www.googleapis.com/storage/v1/``), so it can never reach
+an emulator or another GCS-compatible service, while gcsfs honours the standard
+``STORAGE_EMULATOR_HOST``. Orbax writes its arrays through TensorStore, which has its own
+settings; ``configure_object_store`` translates ``STORAGE_EMULATOR_HOST`` for it:
+
+  TensorStore   TENSORSTORE_GCS_HTTP_URL (the endpoint) and GOOGLE_AUTH_TOKEN_FOR_TESTING (any
+                token: an emulator checks none, and without it TensorStore asks the GCE metadata
+                server for credentials)
+  gcsfs         STORAGE_EMULATOR_HOST itself; GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false, because its
+                bucket-type probe calls the Storage Control API, which emulators do not serve
+  tf.io.gfile   cannot be pointed anywhere else (see above): Loom keeps TensorFlow's own file
+                writes (TensorBoard events, TFDS's TFRecords) on local disk and copies them up
+
+Object stores have no rename: a single object write is atomic (readers see the old object or the
+new one, never a part), so ``write_atomic`` writes in place there and renames on local disks.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import tempfile
+import time
+from collections.abc import MutableMapping
+
+from etils import epath
+
+EMULATOR_VARIABLE = "STORAGE_EMULATOR_HOST"
+
+
+def configure_object_store(environ: MutableMapping[str, str] = os.environ) -> dict[str, str]:
+  """Sets what each storage library needs (never overriding the user's own settings); returns
+  the variables it set. Must run before gcsfs is imported and before TensorStore opens ``gs://``.
+  """
+  wanted = {"EPATH_USE_TF": "false"}
+  host = environ.get(EMULATOR_VARIABLE, "").strip()
+  if host:
+    url = host if "://" in host else f"http://{host}"
+    wanted.update(
+      TENSORSTORE_GCS_HTTP_URL=url,
+      GOOGLE_AUTH_TOKEN_FOR_TESTING="emulator",
+      GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false",
+    )
+  set_now = {}
+  for name, value in wanted.items():
+    if name not in environ:
+      environ[name] = value
+      set_now[name] = value
+  return set_now
+
+
+def is_remote(path: str | os.PathLike) -> bool:
+  """Whether ``path`` is an object-store URI (``scheme://...``) rather than a local path."""
+  return "://" in os.fspath(path)
+
+
+def resolve(path: str | os.PathLike) -> epath.Path:
+  """The absolute path: ``~`` expanded and made absolute locally; URIs unchanged."""
+  text = os.fspath(path)
+  if is_remote(text):
+    return epath.Path(text.rstrip("/"))
+  return epath.Path(os.path.abspath(os.path.expanduser(text)))
+
+
+def cache_path(path: str | os.PathLike) -> str | os.PathLike:
+  """A cache directory as given: a URI unchanged, a local path with ``~`` expanded."""
+  text = os.fspath(path)
+  return text.rstrip("/") if is_remote(text) else os.path.expanduser(text)
+
+
+def write_atomic(path: epath.Path, data: str | bytes) -> None:
+  """Writes the whole file so that a reader (or a crash) never sees a part of it."""
+  path = epath.Path(path)
+  if is_remote(path):
+    (path.write_bytes if isinstance(data, bytes) else path.write_text)(data)
+    return
+  tmp = path.parent / f".{path.name}.tmp.{os.getpid()}"
+  mode = "wb" if isinstance(data, bytes) else "w"
+  with open(tmp, mode) as f:
+    f.write(data)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def local_scratch(path: str | os.PathLike) -> epath.Path:
+  """This host's local working space for ``path`` (an object-store cache): where files that
+  must be local (memory-mapped stores, TFDS's TFRecords, built before upload) are kept."""
+  import hashlib
+
+  key = hashlib.sha256(os.fspath(path).rstrip("/").encode()).hexdigest()[:16]
+  root = os.environ.get("LOOM_LOCAL_SCRATCH") or os.path.expanduser("~/.cache/loom/scratch")
+  return epath.Path(root) / key
+
+
+class AppendOnlyLog:
+  """A JSON-lines file that grows: appended to on local disks; on object stores (which cannot
+  append) the whole object is rewritten from memory at most every ``upload_every`` seconds and at
+  every ``flush(force=True)`` (the loop forces one before each checkpoint save, so no line of a
+  checkpointed step is ever lost)."""
+
+  def __init__(self, path: epath.Path, lines: list[str], *, upload_every: float = 30.0):
+    self.path = epath.Path(path)
+    self.remote = is_remote(self.path)
+    self._lines = list(lines)
+    self._upload_every = upload_every
+    self._uploaded_at = 0.0
+    self._dirty = False
+    write_atomic(self.path, "".join(line + "\n" for line in self._lines))
+    self._file = None
+    if not self.remote:
+      self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+
+  def append(self, line: str) -> None:
+    if self._file is not None:
+      self._file.write(line + "\n")
+      self._file.flush()
+      return
+    self._lines.append(line)
+    self._dirty = True
+    self.flush(force=False)
+
+  def flush(self, *, force: bool = True) -> None:
+    if self._file is not None or not self._dirty:
+      return
+    if force or time.monotonic() - self._uploaded_at >= self._upload_every:
+      write_atomic(self.path, "".join(line + "\n" for line in self._lines))
+      self._uploaded_at = time.monotonic()
+      self._dirty = False
+
+  def close(self) -> None:
+    if self._file is not None:
+      self._file.close()
+    else:
+      self.flush(force=True)
+
+
+class LocalMirror:
+  """A local scratch directory whose files are copied to ``remote`` on ``sync()``: for writers
+  that only speak to local disks (TensorFlow's summary writer when the work directory is remote).
+  Files are copied whole (event files only grow, so the copy is always a consistent prefix)."""
+
+  def __init__(self, remote: epath.Path, prefix: str):
+    self.remote = epath.Path(remote)
+    self.local = pathlib.Path(tempfile.mkdtemp(prefix=prefix))
+
+  def sync(self) -> None:
+    self.remote.mkdir(parents=True, exist_ok=True)
+    for file in sorted(self.local.rglob("*")):
+      if file.is_file():
+        target = self.remote / file.relative_to(self.local).as_posix()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(file.read_bytes())
