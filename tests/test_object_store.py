@@ -183,6 +183,20 @@ def test_paths_and_atomic_writes_on_the_emulator(emulator):
   assert len(events) == 1 and events[0].stat().length > 0
 
 
+def test_checkpoint_checksums_on_gcs_are_the_stores_own(emulator, tmp_path):
+  from train import storage
+  from train.checkpoint import integrity
+
+  data = os.urandom(3 << 20)
+  (tmp_path / "shard").write_bytes(data)
+  remote = storage.resolve("gs://loom/unit/shard")
+  remote.write_bytes(data)
+  # Read from the object's metadata (the CRC32C GCS computed on upload), equal to the bytes'.
+  assert integrity.checksum(remote) == integrity.checksum(storage.resolve(tmp_path / "shard"))
+  remote.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+  assert integrity.checksum(remote)[1] != integrity.checksum(storage.resolve(tmp_path / "shard"))[1]
+
+
 @pytest.mark.multiprocess
 @pytest.mark.slow
 def test_two_processes_train_kill_and_resume_on_gcs(emulator, tmp_path, cache_dir):

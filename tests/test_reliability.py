@@ -293,14 +293,23 @@ def test_chaos_sigkill_at_random_moments(tmp_path, cache_dir):
   assert train_losses(records) == train_losses(read_metrics(reference))
   assert integrity.verify_all(workdir)[1] == 0
   # Final parameters equal, bit for bit: compare the last checkpoints' arrays.
+  import jax
   import orbax.checkpoint as ocp
 
   def final_params(run_dir):
+    # Restored onto one device with an explicit target (Orbax warns, rightly, without one).
     path = os.path.join(run_dir, "checkpoints", str(total_steps), "state")
-    return ocp.PyTreeCheckpointer().restore(path)["params"]
+    checkpointer = ocp.PyTreeCheckpointer()
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one),
+      checkpointer.metadata(path).item_metadata.tree,
+    )
+    restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+    args = ocp.args.PyTreeRestore(target, restore_args=restore_args)
+    return checkpointer.restore(path, args=args)["params"]
 
   a, b = final_params(workdir), final_params(reference)
-  import jax
 
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

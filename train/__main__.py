@@ -121,7 +121,11 @@ def main(argv):
         traceback.print_exc()
       sys.stdout.flush()
       sys.stderr.flush()
-      jax.distributed.shutdown()
+      if code in (EXIT_OK, 75):
+        jax.distributed.shutdown()
+      # After a failure the others may be waiting in a collective for this process: an orderly
+      # shutdown would wait 5 minutes at its barrier for them. Leaving at once lets the
+      # coordination service's heartbeats end them instead.
       os._exit(code)
   sys.exit(code)
 

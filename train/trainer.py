@@ -231,6 +231,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     os.path.join(run.workdir, "checkpoints"),
     max_to_keep=config.checkpoint.max_to_keep,
     async_save=config.checkpoint.async_save,
+    compress=config.checkpoint.compress,
   )
   watcher = PreemptionWatcher()
   try:

@@ -1,8 +1,9 @@
-"""Checkpoint integrity: a sha256 seal over every file of a finished save, checked before use.
+"""Checkpoint integrity: a checksum seal over every file of a finished save, checked before use.
 
 A checkpoint written by N processes is sealed in N parts. Part ``p`` lists the files process ``p``
 wrote: its own ``ocdbt.process_<p>/`` array shards, and for process 0 every other file (Orbax's
-metadata, written by process 0 alone). Each process hashes only its part, into
+metadata, written by process 0 alone). Each entry is the file's size and CRC32C (``checksum``:
+on GCS the store's own, so sealing reads nothing back). Each process seals only its part, into
 ``loom_checksums.<p>-of-<N>.json``, so no host reads back what another wrote and the work is
 spread over the hosts. A checkpoint is sealed when all N parts exist.
 
@@ -13,11 +14,15 @@ train.checkpoint verify DIR``). Paths may be local or object-store URIs (``train
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
+import os
 import re
 from collections.abc import Iterable
 
+import fsspec
+import google_crc32c
 from etils import epath
 
 from train import storage
@@ -28,12 +33,32 @@ _SHARD_DIR = re.compile(r"(?:^|/)ocdbt\.process_(\d+)(?:/|$)")
 LEGACY_CHECKSUMS = "loom_checksums.json"  # one part for the whole checkpoint (earlier versions)
 
 
-def _sha256(path: epath.Path) -> str:
+def _sha256(path: epath.Path) -> str:  # seals written before crc32c
   digest = hashlib.sha256()
   with path.open("rb") as f:
     for block in iter(lambda: f.read(1 << 22), b""):
       digest.update(block)
   return digest.hexdigest()
+
+
+def checksum(path: epath.Path) -> tuple[int, str]:
+  """(bytes, CRC32C as GCS writes it: base64 of the big-endian value) of a file.
+
+  On an object store that keeps a CRC32C per object (GCS computes and validates it on upload),
+  the store's own value is taken and nothing is read back; elsewhere the bytes are hashed
+  (hardware CRC32C: ~13 GB/s here, against ~1.8 GB/s for SHA-256).
+  """
+  if storage.is_remote(path):
+    fs, inner = fsspec.core.url_to_fs(os.fspath(path))
+    info = fs.info(inner)
+    if info.get("crc32c"):
+      return int(info["size"]), info["crc32c"]
+  crc, size = 0, 0
+  with path.open("rb") as f:
+    for block in iter(lambda: f.read(1 << 24), b""):
+      crc = google_crc32c.extend(crc, block)
+      size += len(block)
+  return size, base64.b64encode(crc.to_bytes(4, "big")).decode()
 
 
 def _files(step_dir: epath.Path) -> dict[str, epath.Path]:
@@ -66,7 +91,8 @@ def seal(step_dir, process: int = 0, num_processes: int = 1) -> int:
   table = {}
   for rel, path in sorted(_files(step_dir).items()):
     if writer_of(rel, num_processes) == process:
-      table[rel] = {"bytes": path.stat().length, "sha256": _sha256(path)}
+      size, crc = checksum(path)
+      table[rel] = {"bytes": size, "crc32c": crc}
   storage.write_atomic(step_dir / part_name(process, num_processes), json.dumps(table, indent=1))
   return sum(entry["bytes"] for entry in table.values())
 
@@ -124,11 +150,17 @@ def verify(step_dir, parts: Iterable[int] | None = None) -> list[str]:
       if full is None:
         problems.append(f"{step_dir / rel}: missing")
         continue
-      size = full.stat().length
+      if "sha256" in expected:  # a seal of an earlier version
+        size, same = full.stat().length, None
+        if size == expected["bytes"]:
+          same = _sha256(full) == expected["sha256"]
+      else:
+        size, crc = checksum(full)
+        same = crc == expected["crc32c"]
       if size != expected["bytes"]:
         problems.append(f"{full}: {size} bytes, expected {expected['bytes']}")
-      elif _sha256(full) != expected["sha256"]:
-        problems.append(f"{full}: contents changed (sha256 mismatch)")
+      elif not same:
+        problems.append(f"{full}: contents changed (checksum mismatch)")
   if len(present) == total:  # extra files are only knowable from the whole seal
     owned = {rel for rel in files if writer_of(rel, total) in wanted}
     extra = sorted(owned - listed)

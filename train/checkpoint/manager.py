@@ -48,7 +48,7 @@ class Checkpointer:
   process 0 and agreed by all (``train/cluster/agreement.py``); only process 0 moves files.
   """
 
-  def __init__(self, directory: str, *, max_to_keep: int, async_save: bool):
+  def __init__(self, directory: str, *, max_to_keep: int, async_save: bool, compress: bool = False):
     self.directory = os.fspath(storage.resolve(directory))
     options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep,
@@ -56,8 +56,11 @@ class Checkpointer:
       cleanup_tmp_directories=True,  # removes saves that were interrupted by a crash
       create=True,
     )
+    # zstd on float weights and moments saves ~8% of the bytes and costs ~3x the CPU time of the
+    # write (1.36 GB: 3.1 against 1.0 CPU-seconds here), which a CPU host takes from its steps.
+    handlers = {"state": ocp.PyTreeCheckpointHandler(use_compression=compress)}
     self._manager = ocp.CheckpointManager(
-      self.directory, item_names=("state", "metadata"), options=options
+      self.directory, item_names=("state", "metadata"), item_handlers=handlers, options=options
     )
     self._sealer: threading.Thread | None = None
     self._sealer_error: BaseException | None = None
@@ -85,7 +88,7 @@ class Checkpointer:
     started = self._manager.save(
       step,
       args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), metadata=ocp.args.JsonSave(metadata)
+        state=ocp.args.PyTreeSave(state), metadata=ocp.args.JsonSave(metadata)
       ),
       force=True,
     )
@@ -100,6 +103,7 @@ class Checkpointer:
   def _finish_and_seal(self, step: int) -> None:
     try:
       self._manager.wait_until_finished()
+      _await_finalized(storage.resolve(self.step_dir(step)))
       start = time.perf_counter()
       hashed = seal(self.step_dir(step), self.process, self.num_processes)
       self.seal_seconds += time.perf_counter() - start
@@ -115,7 +119,13 @@ class Checkpointer:
     """Restores ``state`` at ``step`` into the shardings of ``abstract_state``."""
     self.wait()
     restored = self._manager.restore(
-      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(
+          abstract_state,
+          restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state),
+        )
+      ),
     )
     return restored["state"]
 
@@ -221,6 +231,17 @@ class Checkpointer:
           raise
         # Orbax reports a failed background save again at close; it was raised already.
         log.debug("checkpoint manager close after a failed save", exc_info=True)
+
+
+def _await_finalized(step_dir, timeout_s: float = 600.0) -> None:
+  """Waits until process 0 has finalised a save (renamed it into place; on object stores, which
+  cannot rename, written its commit marker): other processes finish their own part earlier."""
+  deadline = time.monotonic() + timeout_s
+  marker = step_dir / "commit_success.txt" if storage.is_remote(step_dir) else step_dir
+  while not marker.exists():
+    if time.monotonic() > deadline:
+      raise TimeoutError(f"{step_dir} was not finalised by process 0 within {timeout_s:.0f} s")
+    time.sleep(0.05)
 
 
 def _is_format_failure(error: Exception) -> bool:

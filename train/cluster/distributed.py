@@ -198,6 +198,7 @@ def end(started: bool, code: int) -> None:
   if started:
     sys.stdout.flush()
     sys.stderr.flush()
-    jax.distributed.shutdown()
+    if code == 0:  # after a failure, peers may wait for this process: leave at once
+      jax.distributed.shutdown()
     os._exit(code)
   sys.exit(code)
