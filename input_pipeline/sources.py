@@ -196,7 +196,10 @@ def _tfds_source(spec: str, data_config) -> Source:
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError as e:
-    close = difflib.get_close_matches(name.split(":")[0], tfds.list_builders(), n=5, cutoff=0.6)
+    # Registered builders only: the community index lives on gs://, a network round trip (gcsfs
+    # retries for two minutes where there is no network).
+    known = tfds.list_builders(with_community_datasets=False)
+    close = difflib.get_close_matches(name.split(":")[0], known, n=5, cutoff=0.6)
     hint = f"close matches: {', '.join(close)}" if close else "no close matches"
     raise errors.DataError(
       f"unknown TFDS dataset in data.source={spec!r} ({hint}); see "

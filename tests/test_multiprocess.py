@@ -398,3 +398,24 @@ def test_generate_and_bench_run_as_two_processes(two_process_run):
   assert json_lines(two[1][1]) == []
   result = json_lines(two[0][1])[-1]
   assert result["processes"] == 2 and result["devices"] == 8 and result["tokens_per_second"] > 0
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_checkpoint_verify_shares_the_parts_between_processes(two_process_run, tmp_path):
+  workdir = copy_at_saved_step(two_process_run[0], str(tmp_path / "run"))
+  verify = ["train.checkpoint", "verify", workdir]
+  results = run_command(verify, processes=2, devices=1, timeout=120)
+  assert [code for code, _, _ in results] == [0, 0], results[0][2][-2000:]
+  assert f"step {SAVED_AT}: ok" in results[0][1] and "step" not in results[1][1]
+  # Damage a shard that process 1 wrote: its part of the seal catches it, process 0 reports it.
+  shard_dir = os.path.join(workdir, "checkpoints", str(SAVED_AT), "state", "ocdbt.process_1", "d")
+  shard = os.path.join(shard_dir, sorted(os.listdir(shard_dir))[0])
+  with open(shard, "r+b") as f:
+    f.seek(0)
+    byte = f.read(1)
+    f.seek(0)
+    f.write(bytes([byte[0] ^ 0xFF]))
+  results = run_command(verify, processes=2, devices=1, timeout=120)
+  assert [code for code, _, _ in results] == [1, 1]
+  assert f"step {SAVED_AT}: CORRUPT" in results[0][1] and "checksum mismatch" in results[0][1]

@@ -182,18 +182,31 @@ def step_dirs(root) -> list[tuple[int, epath.Path]]:
   return sorted((int(p.name), p) for p in root.iterdir() if p.name.isdigit())
 
 
-def verify_all(path: str) -> tuple[list[str], int]:
+def verify_all(path: str, process: int = 0, num_processes: int = 1) -> tuple[list[str], int]:
+  """One line per checkpoint (ok / unsealed / CORRUPT and its problems) and the corrupt count.
+
+  With several processes each checks its share of every checkpoint's parts (``parts_for``) and
+  the problems are gathered, so every process returns the same answer.
+  """
   root = checkpoint_root(path)
-  lines, corrupt = [], 0
   steps = step_dirs(root)
   if not steps:
     raise FileNotFoundError(f"no checkpoints under {root}")
+  mine = {}
   for step, step_dir in steps:
-    problems = verify(step_dir)
-    if problems:
+    parts = parts_for(process, num_processes, num_parts(step_dir) or 1)
+    mine[step] = verify(step_dir, parts)
+  if num_processes > 1:
+    from train.cluster import agreement
+
+    answers = agreement.gather("verify-all", json.dumps(mine))
+    mine = {step: [p for answer in answers for p in json.loads(answer)[str(step)]] for step in mine}
+  lines, corrupt = [], 0
+  for step, step_dir in steps:
+    if mine[step]:
       corrupt += 1
       lines.append(f"step {step}: CORRUPT")
-      lines.extend(f"  {problem}" for problem in problems)
+      lines.extend(f"  {problem}" for problem in mine[step])
     elif not is_sealed(step_dir):
       lines.append(f"step {step}: unsealed (complete, no checksums recorded)")
     else:

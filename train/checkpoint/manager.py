@@ -103,9 +103,18 @@ class Checkpointer:
   def _finish_and_seal(self, step: int) -> None:
     try:
       self._manager.wait_until_finished()
-      _await_finalized(storage.resolve(self.step_dir(step)))
+      step_dir = storage.resolve(self.step_dir(step))
+      _await_finalized(step_dir)
       start = time.perf_counter()
-      hashed = seal(self.step_dir(step), self.process, self.num_processes)
+      try:
+        hashed = seal(step_dir, self.process, self.num_processes)
+      except FileNotFoundError as e:
+        # Seen once in ~20 runs of 4 processes on one disk: the step directory missing right
+        # after it was seen finalised. Wait for it again, once, and say so.
+        log.warning("sealing step %d: %s; waiting for %s again", step, e, step_dir)
+        time.sleep(1.0)
+        _await_finalized(step_dir, timeout_s=120.0)
+        hashed = seal(step_dir, self.process, self.num_processes)
       self.seal_seconds += time.perf_counter() - start
       log.debug("sealed part %d of step %d: %d bytes hashed", self.process, step, hashed)
     except BaseException as e:  # noqa: BLE001 - re-raised on the training thread by wait()
