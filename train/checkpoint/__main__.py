@@ -40,18 +40,19 @@ def main(argv: list[str] | None = None) -> int:
       print(f"loom: error: {e}", file=sys.stderr)
       return 2
     process, count = jax.process_index(), jax.process_count()
+  agreed = True  # every process reached the same answer (gathered in verify_all)
   try:
     lines, corrupt = integrity.verify_all(args.dir, process, count)
     code = 1 if corrupt else 0
   except FileNotFoundError as e:
-    lines, code = [], 2
+    lines, code, agreed = [], 2, False
     print(f"loom: error: {e}", file=sys.stderr)
   if process == 0 and lines:
     print("\n".join(lines), flush=True)
   if started:
     from train.cluster import distributed
 
-    distributed.end(True, code)
+    distributed.end(True, code, orderly=agreed)
   return code
 
 

@@ -190,7 +190,7 @@ def initialize_from_flags() -> bool:
   return initialize(f.coordinator_address, f.num_processes, f.process_id)
 
 
-def end(started: bool, code: int) -> None:
+def end(started: bool, code: int, *, orderly: bool | None = None) -> None:
   """Leaves a command: a started cluster is shut down and the process exits at once (a CPU
   client destructor can hang at interpreter exit, NOTES.md); otherwise a normal exit."""
   import sys
@@ -198,7 +198,10 @@ def end(started: bool, code: int) -> None:
   if started:
     sys.stdout.flush()
     sys.stderr.flush()
-    if code == 0:  # after a failure, peers may wait for this process: leave at once
+    # After a failure peers may be waiting for this process in a collective: leave at once (the
+    # coordination service's heartbeats end them). A result every process agreed on (orderly)
+    # ends the cluster properly.
+    if code == 0 if orderly is None else orderly:
       jax.distributed.shutdown()
     os._exit(code)
   sys.exit(code)
