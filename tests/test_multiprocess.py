@@ -169,13 +169,9 @@ def overrides(cache_dir: str) -> list[str]:
   return [f"--config.{key}={value}" for key, value in settings(cache_dir).items()]
 
 
-def launch(workdir: str, processes: int, devices: int, cache_dir: str, timeout: float = 240):
-  """Runs ``python -m train`` as ``processes`` processes of ``devices`` fake CPU devices each.
-
-  Returns each process's combined output. Kills every process (and its children) on a failure
-  or when ``timeout`` runs out, so that a hung collective cannot hold the test suite.
-  """
-  port = free_port()
+def process_env(devices: int) -> dict:
+  """The environment of one process of a test cluster: CPU, ``devices`` fake devices, no
+  cluster settings inherited (the flags give them)."""
   env = dict(
     os.environ,
     JAX_PLATFORMS="cpu",
@@ -184,6 +180,17 @@ def launch(workdir: str, processes: int, devices: int, cache_dir: str, timeout: 
   )
   for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
     env.pop(name, None)
+  return env
+
+
+def launch(workdir: str, processes: int, devices: int, cache_dir: str, timeout: float = 240):
+  """Runs ``python -m train`` as ``processes`` processes of ``devices`` fake CPU devices each.
+
+  Returns each process's combined output. Kills every process (and its children) on a failure
+  or when ``timeout`` runs out, so that a hung collective cannot hold the test suite.
+  """
+  port = free_port()
+  env = process_env(devices)
   paths, procs = [], []
   try:
     for i in range(processes):
@@ -338,12 +345,7 @@ def test_one_process_resumes_a_two_process_checkpoint(
 def run_command(module_args: list[str], processes: int, devices: int, timeout: float = 240):
   """``python -m MODULE ARGS`` as a jax.distributed cluster; (returncode, stdout, stderr) each."""
   port = free_port()
-  env = dict(
-    os.environ,
-    JAX_PLATFORMS="cpu",
-    TF_CPP_MIN_LOG_LEVEL="2",
-    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-  )
+  env = process_env(devices)
   procs = []
   for i in range(processes):
     cluster = [
