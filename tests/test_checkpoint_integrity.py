@@ -39,7 +39,13 @@ def test_each_process_seals_only_what_it_wrote(step_dir):
   part_1 = json.loads((step_dir / "loom_checksums.1-of-2.json").read_text())
   assert sorted(part_1) == ["state/ocdbt.process_1/d/bbb", "state/ocdbt.process_1/manifest.ocdbt"]
   assert hashed_1 == len(FILES["state/ocdbt.process_1/d/bbb"]) + len(b"p1 manifest")
+  # Process 0 lists the directory while another process's seal is still in its temporary file.
+  in_flight = step_dir / ".loom_checksums.1-of-2.json.tmp.4242"
+  in_flight.write_text("{")
   integrity.seal(step_dir, process=0, num_processes=2)
+  in_flight.unlink()  # renamed into place by its writer
+  part_0 = json.loads((step_dir / "loom_checksums.0-of-2.json").read_text())
+  assert not any("loom_checksums" in rel for rel in part_0)
   assert integrity.is_sealed(step_dir)
   assert integrity.num_parts(step_dir) == 2
   assert integrity.verify(step_dir) == []

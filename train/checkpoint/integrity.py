@@ -62,14 +62,15 @@ def checksum(path: epath.Path) -> tuple[int, str]:
 
 
 def _files(step_dir: epath.Path) -> dict[str, epath.Path]:
-  """Every file of the checkpoint (relative name -> path), seals left out."""
+  """Every file of the checkpoint (relative name -> path), seals left out, and with them the
+  temporary files other processes' seals pass through while this one lists the directory."""
   found = {}
   base = str(step_dir).split("://", 1)[-1].rstrip("/")  # fsspec walks without the scheme
   for root, _, names in step_dir.walk():
     sub = str(root).split("://", 1)[-1].rstrip("/")[len(base) :].lstrip("/")
     for name in names:
       rel = f"{sub}/{name}" if sub else name
-      if not rel.startswith(CHECKSUMS_PREFIX):
+      if not rel.lstrip(".").startswith(CHECKSUMS_PREFIX):
         found[rel] = step_dir / rel
   return found
 
