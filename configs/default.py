@@ -62,7 +62,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"  # compute dtype ("bfloat16" for TPU/GPU)
   c.model.param_dtype = "float32"  # parameter (and optimizer state) dtype
   c.model.scan_layers = False  # stack layers on a "layers" axis and scan (faster compiles)
-  c.model.remat = "none"  # "none" | "full" | "save_dots": activation rematerialisation per block
+  # Activation rematerialisation per block: "none" | "full" (keep nothing) | "save_dots" (matmul
+  # outputs) | "save_attention" (the attention kernel's output) | "save_mlp" (the MLP's input
+  # projections) | "save_attention_mlp" (both).
+  c.model.remat = "none"
+  # Attention kernel: "auto" (cuDNN flash attention on GPUs in bf16/fp16, Pallas splash attention
+  # on TPUs, the XLA einsum elsewhere) | "xla" | "cudnn" | "splash" (interpreted off TPUs: slow).
+  c.model.attention = "auto"
   c.model.attention_block = 64  # causal attention by blocks of this many queries (0 = whole rows)
   c.model.init_std = 0.02  # std of the normal initialiser of dense and embedding weights
   c.model.lora_rank = 0  # > 0: train low-rank adapters of this rank only, the rest frozen

@@ -6,18 +6,21 @@ G = N // K query heads per kv head, H head_dim.
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from models import lora
 from models.config import ModelConfig
 from models.layers import Norm, apply_rope, out_proj_std, rope_frequencies
 from models.params import make_param, normal
-from models.sharding import constrain
+from models.sharding import constrain, is_active, logical_to_spec
 
 KVCache = dict[str, jax.Array]  # {"k": [B, S, K, H], "v": [B, S, K, H]} for one layer
 
@@ -30,6 +33,165 @@ def causal_segment_mask(segment_ids_BL: jax.Array | None, length: int) -> jax.Ar
     return causal_LL[None]
   same_BLL = segment_ids_BL[:, :, None] == segment_ids_BL[:, None, :]
   return causal_LL[None] & same_BLL
+
+
+def platform() -> str:
+  """The platform the program being traced is for: the active mesh's (an ahead-of-time plan for
+  a TPU slice traces on a CPU host), else the default backend's."""
+  mesh = jax.sharding.get_abstract_mesh()
+  device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+  found = getattr(device, "platform", None)
+  return found or jax.default_backend()
+
+
+SPLASH_BLOCKS = (512, 256, 128)  # splash block sizes tried, largest first (multiples of 128 lanes)
+
+
+def implementation(choice: str, dtype, length: int, where: str | None = None) -> str:
+  """The kernel that computes training attention: ``model.attention`` resolved for this program.
+
+  ``auto``: cuDNN flash attention on GPUs in bf16/fp16, Pallas splash attention on TPUs when the
+  row length is a multiple of 128, the XLA einsum (the reference) otherwise. An explicit choice
+  the platform cannot run is an error; ``splash`` off TPUs runs in Pallas interpret mode (exact,
+  slow: for checking, as the tests do).
+  """
+  where = where or platform()
+  half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+  splash_fits = length % SPLASH_BLOCKS[-1] == 0
+  if choice == "auto":
+    if where == "gpu" and half:
+      return "cudnn"
+    if where == "tpu" and splash_fits:
+      return "splash"
+    return "xla"
+  if choice == "cudnn" and (where != "gpu" or not half):
+    raise ValueError(
+      f"model.attention='cudnn' needs a GPU and model.dtype bfloat16 or float16 (here: {where}, "
+      f"{jnp.dtype(dtype).name}); use 'auto' or 'xla'"
+    )
+  if choice == "splash" and not splash_fits:
+    raise ValueError(
+      f"model.attention='splash' needs rows of a multiple of {SPLASH_BLOCKS[-1]} tokens "
+      f"(data.seq_len={length}); use 'auto' or 'xla', or such a data.seq_len"
+    )
+  return choice
+
+
+def segment_runs(segment_ids_BL: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Packed rows in cuDNN's ragged form: (lengths [B, L], offsets [B, L + 1]), int32.
+
+  Each run of equal segment ids (padding's 0s included, so every token is in some run) is one
+  sequence: offsets[b, m] is where run m starts, lengths[b, m] how long it is; -1 past the last
+  run. L runs is the most a row can hold, so no row is ever cut short (the trap of a fixed
+  "max segments" smaller than the data's).
+  """
+  b, length = segment_ids_BL.shape
+  starts_BL = jnp.concatenate(
+    [jnp.ones((b, 1), bool), segment_ids_BL[:, 1:] != segment_ids_BL[:, :-1]], axis=1
+  )
+  run_BL = jnp.cumsum(starts_BL, axis=1) - 1  # which run each token is in
+  rows_B1 = jnp.arange(b)[:, None]
+  lengths = jnp.zeros((b, length), jnp.int32).at[rows_B1, run_BL].add(1)
+  runs_B1 = run_BL[:, -1:] + 1
+  lengths = jnp.where(jnp.arange(length)[None] < runs_B1, lengths, -1)
+  target_BL = jnp.where(starts_BL, run_BL, length + 1)  # past the end: dropped
+  offsets = jnp.full((b, length + 1), -1, jnp.int32)
+  index_BL = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
+  offsets = offsets.at[rows_B1, target_BL].set(index_BL, mode="drop")
+  return lengths, offsets
+
+
+def cudnn_attention(q_BLNH, k_BSKH, v_BSKH, segment_ids_BL, scale: float) -> jax.Array:
+  """cuDNN flash attention, causal, with packed rows as ragged sequences (GPU only).
+
+  ``jax.nn.dot_product_attention`` cannot express segments except as a materialised [B, 1, L, L]
+  mask (or one length per row, which ignores packing, the trap of MaxText #4476), so this uses
+  the cuDNN binding under it, which takes each row's runs as offsets and lengths.
+  """
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn  # noqa: PLC0415 (GPU only)
+
+  if segment_ids_BL is None:
+    return cudnn.dot_product_attention(
+      q_BLNH, k_BSKH, v_BSKH, scale=scale, mask_type=cudnn.MaskType.CAUSAL, qkv_layout="BTNH"
+    )
+  lengths, offsets = segment_runs(segment_ids_BL)
+  return cudnn.dot_product_attention(
+    q_BLNH,
+    k_BSKH,
+    v_BSKH,
+    q_seqlen=lengths,
+    kv_seqlen=lengths,
+    q_offsets=offsets,
+    kv_offsets=offsets,
+    scale=scale,
+    mask_type=cudnn.MaskType.PADDING_CAUSAL,
+    qkv_layout="BTNH",
+  )
+
+
+def _splash_kernel(heads: int, length: int, interpret: bool):
+  """The kernel for ``heads`` heads of rows of ``length``: built inside each trace (its mask
+  tables become constants of that program; kept across traces they would leak tracers)."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import (  # noqa: PLC0415
+    splash_attention_kernel as splash,
+  )
+  from jax.experimental.pallas.ops.tpu.splash_attention import (  # noqa: PLC0415
+    splash_attention_mask as masks,
+  )
+
+  block = next(b for b in SPLASH_BLOCKS if length % b == 0)
+  sizes = splash.BlockSizes(
+    block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+    block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block,
+  )  # fmt: skip
+  mask = masks.MultiHeadMask([masks.CausalMask((length, length))] * heads)
+  kernel = splash.make_splash_mha(
+    mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret
+  )
+  return kernel, splash.SegmentIds
+
+
+_warned_interpret = False
+
+
+def splash_attention(q_BLNH, k_BSKH, v_BSKH, segment_ids_BL, scale: float) -> jax.Array:
+  """Pallas splash attention (causal, segment ids), sharded over batch and heads by shard_map.
+
+  Each device runs the kernel on its rows and heads; the row length is never split (a query
+  needs every key of its row). When query heads are split over devices but key/value heads are
+  not, k and v are repeated to one per query head first, so every shard's groups line up.
+  """
+  global _warned_interpret
+  interpret = platform() != "tpu"
+  if interpret and not _warned_interpret:
+    _warned_interpret = True
+    logging.warning("model.attention='splash' off a TPU runs in Pallas interpret mode (slow)")
+  n, kv = q_BLNH.shape[2], k_BSKH.shape[2]
+  q_BLNH = q_BLNH * jnp.asarray(scale, q_BLNH.dtype)
+
+  def attend(q_BLNH, k_BSKH, v_BSKH, segment_ids_BL):
+    kernel, segment_ids = _splash_kernel(q_BLNH.shape[2], q_BLNH.shape[1], interpret)
+
+    def one_row(q_NLH, k_KSH, v_KSH, ids_L):
+      ids = None if ids_L is None else segment_ids(q=ids_L, kv=ids_L)
+      return kernel(q_NLH, k_KSH, v_KSH, segment_ids=ids)
+
+    heads_first = functools.partial(jnp.swapaxes, axis1=1, axis2=2)
+    args = (heads_first(q_BLNH), heads_first(k_BSKH), heads_first(v_BSKH), segment_ids_BL)
+    out_BNLH = jax.vmap(one_row, in_axes=(0, 0, 0, None if segment_ids_BL is None else 0))(*args)
+    return heads_first(out_BNLH)
+
+  if not is_active():
+    return attend(q_BLNH, k_BSKH, v_BSKH, segment_ids_BL)
+  q_spec = logical_to_spec(("batch", None, "heads", None))
+  kv_spec = logical_to_spec(("batch", None, "kv_heads", None))
+  if q_spec[2] is not None and kv_spec[2] != q_spec[2]:
+    k_BSKH, v_BSKH = (jnp.repeat(x, n // kv, axis=2) for x in (k_BSKH, v_BSKH))
+    kv_spec = q_spec
+  ids_spec = None if segment_ids_BL is None else jax.sharding.PartitionSpec(q_spec[0], None)
+  return jax.shard_map(
+    attend, in_specs=(q_spec, kv_spec, kv_spec, ids_spec), out_specs=q_spec, check_vma=False
+  )(q_BLNH, k_BSKH, v_BSKH, segment_ids_BL)
 
 
 def decode_mask(cache_index: jax.Array | int, length: int, cache_len: int) -> jax.Array:
@@ -52,6 +214,7 @@ class Attention(nnx.Module):
     self.rope = tuple(rope_frequencies(cfg).tolist()) if cfg.positions == "rope" else None
     self.scale = 1.0 / math.sqrt(cfg.head_dim)
     self.block = cfg.attention_block
+    self.attention = cfg.attention
     d, n, k, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     init = normal(cfg.init_std)
     self.q_kernel = make_param(rngs, init, (d, n, h), ("embed", "heads", "head_dim"), cfg)
@@ -90,13 +253,16 @@ class Attention(nnx.Module):
     self,
     x_BLD: jax.Array,
     positions_BL: jax.Array,
-    mask_BLS: jax.Array,
+    mask_BLS: jax.Array | None,
     cache: KVCache | None = None,
     cache_index: jax.Array | int | None = None,
+    segment_ids_BL: jax.Array | None = None,
   ) -> tuple[jax.Array, KVCache | None]:
     """Attends x to itself (cache None) or to the cache after writing x's keys at cache_index.
 
-    mask_BLS: bool, broadcastable to [B, L, S]; True where query L may attend to key S.
+    mask_BLS: bool, broadcastable to [B, L, S]; True where query L may attend to key S. None
+    (training without a cache only) means causal within the segments of ``segment_ids_BL``
+    (None: one per row), computed by the kernel ``model.attention`` names; no mask is built.
     Returns the output [B, L, D] and the updated cache (None without one).
     """
     q_BLNH = self._project(x_BLD, self.q_kernel, self.q_bias, self.q_lora)
@@ -124,10 +290,17 @@ class Attention(nnx.Module):
       k_BSKH, v_BSKH = k_BLKH, v_BLKH
 
     length = q_BLNH.shape[1]
-    if cache is None and 0 < self.block < length:
+    kernel = "xla" if mask_BLS is not None else implementation(self.attention, self.dtype, length)
+    if kernel == "xla" and mask_BLS is None:  # the reference, for a caller that built no mask
+      mask_BLS = causal_segment_mask(segment_ids_BL, length)
+    if kernel != "xla":
+      attend = cudnn_attention if kernel == "cudnn" else splash_attention
+      out_BLNH = attend(q_BLNH, k_BSKH, v_BSKH, segment_ids_BL, self.scale)
+    elif cache is None and 0 < self.block < length:
       out_BLNH = self._attend_blocked(q_BLNH, k_BSKH, v_BSKH, mask_BLS)
     else:
       out_BLNH = self._attend(q_BLNH, k_BSKH, v_BSKH, mask_BLS)
+    out_BLNH = checkpoint_name(out_BLNH, "attention")
     y_BLD = jnp.einsum("BLNH,NHD->BLD", out_BLNH, self.out_kernel[...].astype(self.dtype))
     if self.out_lora is not None:
       y_BLD = y_BLD + self.out_lora(out_BLNH)

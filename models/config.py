@@ -8,7 +8,11 @@ from typing import Any
 NORMS = ("rms", "layer")
 MLPS = ("swiglu", "gelu")
 POSITIONS = ("rope", "learned")
-REMATS = ("none", "full", "save_dots")
+# What a rematerialised block keeps for the backward pass: nothing ("full"), the outputs of
+# matmuls with weights ("save_dots"), or the named outputs of attention and/or the MLP.
+REMATS = ("none", "full", "save_dots", "save_attention", "save_mlp", "save_attention_mlp")
+# Attention kernels (models/attention.py): "auto" picks per backend and dtype when traced.
+ATTENTIONS = ("auto", "xla", "cudnn", "splash")
 DTYPES = ("float32", "bfloat16", "float16")
 ROPE_SCALINGS = ("none", "llama3")
 
@@ -48,6 +52,7 @@ class ModelConfig:
   # Causal attention by blocks of this many queries, skipping the key blocks above the diagonal
   # (0 = whole rows). Exact; on a 2-core CPU at R's shape 2.4x faster per layer at 64.
   attention_block: int = 0
+  attention: str = "auto"
   init_std: float = 0.02
   # Low-rank adapters: rank > 0 adds A·B·alpha/rank beside each targeted kernel; only adapters
   # train (models/lora.py). Targets: q, k, v, out (attention), gate, up, down (MLP).
@@ -80,6 +85,7 @@ class ModelConfig:
       "norm": NORMS,
       "positions": POSITIONS,
       "remat": REMATS,
+      "attention": ATTENTIONS,
       "dtype": DTYPES,
       "param_dtype": DTYPES,
       "rope_scaling": ROPE_SCALINGS,

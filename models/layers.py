@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from models import lora
 from models.config import ModelConfig
@@ -149,9 +150,12 @@ class MLP(nnx.Module):
     return h_BLF if bias is None else h_BLF + bias[...].astype(self.dtype)
 
   def __call__(self, x_BLD: jax.Array) -> jax.Array:
-    h_BLF = self._in(x_BLD, self.up_kernel, self.up_bias, self.up_lora)
+    # "mlp" names the input projections' outputs for the remat policies that keep them
+    # (models/transformer.py): the backward pass then reruns only the elementwise activation.
+    h_BLF = checkpoint_name(self._in(x_BLD, self.up_kernel, self.up_bias, self.up_lora), "mlp")
     if self.gate_kernel is not None:
-      h_BLF = jax.nn.silu(self._in(x_BLD, self.gate_kernel, self.gate_bias, self.gate_lora)) * h_BLF
+      gate_BLF = self._in(x_BLD, self.gate_kernel, self.gate_bias, self.gate_lora)
+      h_BLF = jax.nn.silu(checkpoint_name(gate_BLF, "mlp")) * h_BLF
     else:
       h_BLF = jax.nn.gelu(h_BLF, approximate=True)
     h_BLF = constrain(h_BLF, ("batch", "length", "mlp"))

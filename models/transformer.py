@@ -31,7 +31,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.attention import Attention, KVCache, causal_segment_mask, decode_mask
+from models.attention import (
+  Attention,
+  KVCache,
+  causal_segment_mask,
+  decode_mask,
+  implementation,
+)
 from models.config import ModelConfig
 from models.layers import MLP, Embed, Norm
 from models.params import make_param, normal
@@ -45,6 +51,12 @@ _REMAT_POLICIES = {
   # Save the outputs of matmuls with weights, recompute the rest. Attention's score matmuls
   # have batch dims and are L^2 in size, so they are recomputed rather than stored.
   "save_dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+  # Save named values: "attention", the attention kernel's output (models/attention.py), and
+  # "mlp", the MLP's input projections (models/layers.py); the backward pass does not run the
+  # attention kernel, or those matmuls, again.
+  "save_attention": jax.checkpoint_policies.save_only_these_names("attention"),
+  "save_mlp": jax.checkpoint_policies.save_only_these_names("mlp"),
+  "save_attention_mlp": jax.checkpoint_policies.save_only_these_names("attention", "mlp"),
 }
 
 
@@ -62,11 +74,14 @@ class Block(nnx.Module):
     self,
     x_BLD: jax.Array,
     positions_BL: jax.Array,
-    mask_BLS: jax.Array,
+    mask_BLS: jax.Array | None,
     cache: KVCache | None = None,
     cache_index: jax.Array | int | None = None,
+    segment_ids_BL: jax.Array | None = None,
   ) -> tuple[jax.Array, KVCache | None]:
-    h_BLD, cache = self.attn(self.attn_norm(x_BLD), positions_BL, mask_BLS, cache, cache_index)
+    h_BLD, cache = self.attn(
+      self.attn_norm(x_BLD), positions_BL, mask_BLS, cache, cache_index, segment_ids_BL
+    )
     x_BLD = x_BLD + h_BLD
     x_BLD = x_BLD + self.mlp(self.mlp_norm(x_BLD))
     return constrain(x_BLD, ("batch", "length", "embed")), cache
@@ -142,9 +157,15 @@ class Transformer(nnx.Module):
     return self.unembed[...].astype(jnp.dtype(self.cfg.dtype))
 
   def _hidden(self, tokens_BL, positions_BL, segment_ids_BL) -> jax.Array:
-    mask_BLL = causal_segment_mask(segment_ids_BL, tokens_BL.shape[1])
+    length = tokens_BL.shape[1]
+    # The einsum reference takes one [B, L, L] mask, built once for all layers; the kernels take
+    # the segment ids themselves and never see a mask.
+    kernel = implementation(self.cfg.attention, self.cfg.dtype, length)
+    mask_BLL = causal_segment_mask(segment_ids_BL, length) if kernel == "xla" else None
     x_BLD = self._embed(tokens_BL, positions_BL)
-    x_BLD, _ = self._run_blocks(x_BLD, positions_BL, mask_BLL, None, None, remat=self.cfg.remat)
+    x_BLD, _ = self._run_blocks(
+      x_BLD, positions_BL, mask_BLL, None, None, self.cfg.remat, segment_ids_BL
+    )
     return x_BLD
 
   def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> dict[str, jax.Array]:
@@ -195,17 +216,18 @@ class Transformer(nnx.Module):
     self,
     x_BLD: jax.Array,
     positions_BL: jax.Array,
-    mask_BLS: jax.Array,
+    mask_BLS: jax.Array | None,
     cache: dict[str, jax.Array] | None,
     cache_index: jax.Array | int | None,
     remat: str,
+    segment_ids_BL: jax.Array | None = None,
   ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
     """Applies the blocks as pure functions of their split state (scan or python loop)."""
 
     def block_fn(graphdef: nnx.GraphDef, prevent_cse: bool) -> Callable:
       def apply(state: nnx.State, x_BLD: jax.Array, layer_cache: KVCache | None):
         block = nnx.merge(graphdef, state)
-        return block(x_BLD, positions_BL, mask_BLS, layer_cache, cache_index)
+        return block(x_BLD, positions_BL, mask_BLS, layer_cache, cache_index, segment_ids_BL)
 
       return _maybe_remat(apply, remat, prevent_cse=prevent_cse)
 

@@ -129,7 +129,15 @@ def _loss(graphdef, params, tokens, positions):
 
 
 @pytest.mark.parametrize(
-  "remat, scan_layers", [("full", True), ("save_dots", True), ("save_dots", False)]
+  "remat, scan_layers",
+  [
+    ("full", True),
+    ("save_dots", True),
+    ("save_dots", False),
+    ("save_attention", True),
+    ("save_mlp", False),
+    ("save_attention_mlp", True),
+  ],
 )
 def test_remat_matches_none(remat, scan_layers):
   tokens, positions = _inputs()
@@ -199,3 +207,22 @@ def test_llama_param_counts():
   )  # fmt: skip
   assert models.param_count(llama32_1b) == 1_235_814_400
   assert models.param_count(llama2_7b) == 6_738_415_616
+
+
+@pytest.mark.parametrize(
+  "remat, kept",
+  [
+    ("full", set()),
+    ("save_attention", {"attention"}),
+    ("save_mlp", {"mlp"}),
+    ("save_attention_mlp", {"attention", "mlp"}),
+  ],
+)
+def test_named_remat_policies_keep_exactly_the_named_outputs(remat, kept):
+  from jax._src.ad_checkpoint import saved_residuals
+
+  tokens, positions = _inputs()
+  graphdef, state = _forward(LLAMA_LIKE, scan_layers=False, remat=remat)
+  saved = saved_residuals(lambda p: _loss(graphdef, p, tokens, positions), state)
+  names = {n for _, where in saved for n in ("attention", "mlp") if f"named '{n}'" in where}
+  assert names == kept

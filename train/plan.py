@@ -32,6 +32,10 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
     f"memory per chip: {_gib(result['memory_per_chip_bytes'])} of "
     f"{_gib(result['hbm_per_chip_bytes'])} HBM: {'fits' if result['fits'] else 'DOES NOT FIT'}"
     f" (analytic estimate {_gib(result['analytic_memory_per_chip_bytes']['total'])})",
+    f"attention: {result['attention']} (keeps ~"
+    f"{_gib(result['analytic_memory_per_chip_bytes']['saved_by_attention_kernel'])} of scores "
+    f"out of memory); loss in chunks of {result['loss_chunk'] or 'all'} positions (keeps ~"
+    f"{_gib(result['analytic_memory_per_chip_bytes']['saved_by_loss_chunks'])} of logits out)",
     f"FLOPs per step: {result['flops_per_step']:.4g} (analytic)"
     + (
       f", {result['flops_per_step_compiled']:.4g} (compiled)"

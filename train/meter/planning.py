@@ -22,6 +22,7 @@ import ml_collections
 from flax import nnx
 
 import models
+from models.attention import implementation
 from models.config import ModelConfig
 from train import config as config_lib
 from train.cluster import mesh as mesh_lib
@@ -64,16 +65,24 @@ def analytic_memory(
   d, mlp, layers = model_cfg.d_model, model_cfg.mlp_dim, model_cfg.num_layers
   kv = 2 * model_cfg.num_kv_heads * model_cfg.head_dim
   heads_ways = _ways(sizes, rules, "heads")
-  scores = 2 * 4 * model_cfg.num_heads * config.data.seq_len // heads_ways  # fp32 scores, probs
+  # fp32 scores and probabilities of one layer, unless a kernel streams them (kept: O(L) stats)
+  scores_full = 2 * 4 * model_cfg.num_heads * config.data.seq_len // heads_ways
+  kernel = attention_kernel(model_cfg, config.data.seq_len)
+  scores = scores_full if kernel == "xla" else 0
   # One layer's full working set per token: norms, q/k/v/o, residuals, MLP in and out.
   layer_live = act_bytes * (8 * d + kv + 4 * mlp) + scores
   saved = {
     "full": act_bytes * d,  # the block input only; the rest is recomputed
     "save_dots": act_bytes * (4 * d + kv + 3 * mlp),  # matmul outputs
+    "save_attention": act_bytes * 2 * d,  # block input and attention output
+    "save_mlp": act_bytes * (d + 2 * mlp),  # block input and the MLP's input projections
+    "save_attention_mlp": act_bytes * (2 * d + 2 * mlp),
     "none": layer_live,
   }[model_cfg.remat]
   activations = tokens * (layers * saved + layer_live)
-  logits = tokens * model_cfg.vocab_size * 4 * 2 // _ways(sizes, rules, "vocab")  # fp32 + grad
+  logits_full = tokens * model_cfg.vocab_size * 4 * 2 // _ways(sizes, rules, "vocab")  # + grad
+  chunk = config.train.loss_chunk
+  logits = logits_full * chunk // config.data.seq_len if chunk else logits_full
   total = state + gradients + activations + logits
   return {
     "state": state,
@@ -81,7 +90,15 @@ def analytic_memory(
     "activations": activations,
     "logits": logits,
     "total": total,
+    # What the attention kernel and the chunked loss keep out of memory (by this formula).
+    "saved_by_attention_kernel": tokens * (scores_full - scores),
+    "saved_by_loss_chunks": logits_full - logits,
   }
+
+
+def attention_kernel(model_cfg: ModelConfig, seq_len: int) -> str:
+  """The attention kernel the train step uses on a TPU slice (``model.attention`` resolved)."""
+  return implementation(model_cfg.attention, model_cfg.dtype, seq_len, where="tpu")
 
 
 # --- ahead-of-time compilation for the slice ---
@@ -175,14 +192,21 @@ def plan(
     "tokens_per_step": config.train.batch_size * config.data.seq_len,
     "hbm_per_chip_bytes": chip.hbm_bytes,
     "analytic_memory_per_chip_bytes": estimate,
+    "attention": attention_kernel(model_cfg, config.data.seq_len),
+    "loss_chunk": config.train.loss_chunk,
   }
   result.update(_memory(config, model_cfg, topology, estimate, use_compiler))
   result.setdefault("fits", result["memory_per_chip_bytes"] <= chip.hbm_bytes)
-  if "flops_per_step_compiled" in result and model_cfg.scan_layers:
-    result["flops_note"] = (
-      "XLA's cost analysis counts a scanned layer stack's body once; "
-      "flops_per_step_compiled undercounts with model.scan_layers=True"
-    )
+  if "flops_per_step_compiled" in result:
+    undercounts = []
+    if model_cfg.scan_layers:
+      undercounts.append("counts a scanned layer stack's body once (model.scan_layers=True)")
+    if result["attention"] != "xla":
+      undercounts.append(f"cannot see inside the {result['attention']} attention kernel")
+    if undercounts:
+      result["flops_note"] = (
+        f"XLA's cost analysis {' and '.join(undercounts)}: flops_per_step_compiled undercounts"
+      )
   result.update(_time_and_energy(config, model_cfg, topology, tokens, mfu))
   return result
 
