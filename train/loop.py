@@ -1,10 +1,15 @@
-"""The training loop: dispatch, fetch one step late, log, eval, checkpoint, survive failures.
+"""The training loop: dispatch ahead, fetch on log steps, eval, checkpoint, survive failures.
+
+The host never waits for the device between log steps: a step's metrics stay on the device
+unless it is a log step, whose metrics are fetched once RUN_AHEAD more steps are queued behind
+it, and skipped steps are recorded on the device (``step.track_health``) and read with them.
 
 Called by ``trainer.train_and_evaluate`` with everything built; it owns no set-up of its own.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import os
@@ -16,10 +21,14 @@ import numpy as np
 
 import input_pipeline
 from train import metrics_writer, profiling
+from train import step as step_lib
 from train.checkpoint.manager import Checkpointer
 from train.inference import generation
 
 log = logging.getLogger("loom")
+
+RUN_AHEAD = 2  # steps dispatched after a log step before its metrics are fetched
+RECORD_FIELDS = ("step", "spike", "loss", "grad_norm", "in_a_row")  # step.track_health's ring
 
 
 class DivergenceError(RuntimeError):
@@ -82,9 +91,15 @@ class _Loop:
       self.total, start_step, enabled=run.is_main and self.config.log.progress
     )
     self.summary: dict[str, Any] = {"preempted": False, "rollbacks": 0}
-    self.consecutive_skips = 0
     self.rolled_back = False
-    self.pending = None  # (step number, metrics on device) awaiting a fetch
+    # Log steps' (step number, metrics, health) on the device, awaiting a fetch; and the latest
+    # step's, for the summary at the end.
+    self.pending: collections.deque = collections.deque()
+    self.latest = None
+    replicated = jax.sharding.NamedSharding(run.mesh, jax.sharding.PartitionSpec())
+    self.new_health = jax.jit(step_lib.init_health, out_shardings=replicated)
+    self.track_health = jax.jit(step_lib.track_health)  # not donated: log steps keep theirs
+    self.health, self.skips_seen = self.new_health(), 0
     self.window_start, self.window_steps = time.perf_counter(), 0
     window = tuple(self.config.log.profile_steps) or (None, None)
     self.profiler = profiling.StepProfiler(os.path.join(run.workdir, "profile"), *window)
@@ -154,69 +169,94 @@ class _Loop:
       batch = input_pipeline.to_global(host_batch, self.run.batch_sharding)
     with self.meter.phase("train"), self.profiler.step(step_number, lambda: self.state):
       self.state, step_metrics = self.run.train_step(self.state, batch)
+      self.health = self.track_health(self.health, step_metrics, np.int32(step_number))
       if self.block_each_step:
         step_metrics["train/loss"].block_until_ready()
-      previous, self.pending = self.pending, (step_number, step_metrics)
-      if previous is not None:
-        self.handle(*previous)
-    self.meter.tokens += self.tokens_per_step
-    self.window_steps += 1
+      self.latest = (step_number, step_metrics)
+      if _due(step_number, self.config.log.every, self.total):
+        self.pending.append((step_number, step_metrics, self.health))
+      self.meter.tokens += self.tokens_per_step
+      self.window_steps += 1
+      while self.pending and self.pending[0][0] <= step_number - RUN_AHEAD:
+        self.handle(*self.pending.popleft())
+        if self.rolled_back:
+          return
 
   def flush(self) -> None:
-    if self.pending is not None:
-      previous, self.pending = self.pending, None
-      with self.meter.phase("train"):
-        self.handle(*previous)
+    """Everything up to the last dispatched step: log steps, skips, the summary's values."""
+    with self.meter.phase("train"):
+      while self.pending and not self.rolled_back:
+        self.handle(*self.pending.popleft())
+      if not self.rolled_back:
+        self.check_health(self.health)
+      if not self.rolled_back and self.latest is not None:
+        self.summarise({k: float(v) for k, v in jax.device_get(self.latest[1]).items()})
 
-  def handle(self, step_number: int, device_metrics) -> None:
-    """Step N's metrics, fetched after step N+1 was dispatched: health checks, then logging."""
-    values = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
-    if values["train/skipped"]:
-      self.on_skipped(step_number, values)
-    else:
-      self.consecutive_skips = 0
-    if _due(step_number, self.config.log.every, self.total):
-      now = time.perf_counter()
-      tokens_per_second, mfu = self.meter.record_window(
-        self.window_steps * self.tokens_per_step, now - self.window_start
-      )
-      self.window_start, self.window_steps = now, 0
-      values.update({"perf/tokens_per_second": tokens_per_second, "perf/mfu": mfu})
-      self.writer.write(step_number, values)
-      self.progress.update(step_number, values["train/loss"], tokens_per_second, mfu)
+  def check_health(self, health) -> None:
+    """Reports the steps skipped since the last check, in order, and acts on them."""
+    health = jax.device_get(health)
+    count = int(health["count"])
+    if count == self.skips_seen:
+      return
+    first = max(self.skips_seen, count - step_lib.HEALTH_RING)
+    if first > self.skips_seen:
+      log.warning("%d more steps were skipped before these (not listed)", first - self.skips_seen)
+    self.skips_seen = count
+    for index in range(first, count):
+      slot = index % step_lib.HEALTH_RING
+      record = {name: health[name][slot].item() for name in RECORD_FIELDS}
+      self.on_skipped(record)
+      if self.rolled_back:
+        return
+
+  def summarise(self, values: dict[str, float]) -> None:
     self.summary["train/loss"] = values["train/loss"]
     self.summary["skipped_nonfinite"] = int(values["train/skipped_nonfinite_total"])
     self.summary["skipped_spikes"] = int(values["train/skipped_spikes_total"])
 
-  def on_skipped(self, step_number: int, values: dict[str, float]) -> None:
-    self.consecutive_skips += 1
-    kind = "loss spike" if values["train/spike"] else "non-finite loss or gradients"
+  def handle(self, step_number: int, device_metrics, health) -> None:
+    """A log step's metrics, fetched RUN_AHEAD steps late: health checks, then the log line."""
+    self.check_health(health)
+    if self.rolled_back:
+      return
+    values = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+    now = time.perf_counter()
+    tokens_per_second, mfu = self.meter.record_window(
+      self.window_steps * self.tokens_per_step, now - self.window_start
+    )
+    self.window_start, self.window_steps = now, 0
+    values.update({"perf/tokens_per_second": tokens_per_second, "perf/mfu": mfu})
+    self.writer.write(step_number, values)
+    self.progress.update(step_number, values["train/loss"], tokens_per_second, mfu)
+    self.summarise(values)
+
+  def on_skipped(self, record: dict[str, Any]) -> None:
+    """One skipped step, as recorded on the device: log, count in a row, roll back on spikes."""
+    step_number, in_a_row = int(record["step"]), int(record["in_a_row"])
+    loss, grad_norm = float(record["loss"]), float(record["grad_norm"])
+    kind = "loss spike" if record["spike"] else "non-finite loss or gradients"
     log.warning(
       "step %d skipped (%s): loss %s, grad norm %s; %d in a row",
       step_number,
       kind,
-      values["train/loss"],
-      values["train/grad_norm"],
-      self.consecutive_skips,
+      loss,
+      grad_norm,
+      in_a_row,
     )
     self.writer.write(
       step_number,
-      {
-        "event": f"skipped: {kind}",
-        "train/loss": values["train/loss"],
-        "train/grad_norm": values["train/grad_norm"],
-      },
+      {"event": f"skipped: {kind}", "train/loss": loss, "train/grad_norm": grad_norm},
     )
     limit = self.config.train.max_consecutive_skips
-    if self.consecutive_skips >= limit:
+    if in_a_row >= limit:
       raise DivergenceError(
-        f"training diverged: {self.consecutive_skips} consecutive steps skipped up to step "
-        f"{step_number} (last loss {values['train/loss']}, grad norm "
-        f"{values['train/grad_norm']}; train.max_consecutive_skips={limit}). Lower "
+        f"training diverged: {in_a_row} consecutive steps skipped up to step "
+        f"{step_number} (last loss {loss}, grad norm "
+        f"{grad_norm}; train.max_consecutive_skips={limit}). Lower "
         f"optim.learning_rate, raise optim.warmup_steps, or check the data; the last good "
         f"checkpoint is in {self.ckpt.directory}"
       )
-    if values["train/spike"] and self.config.train.spike_policy == "rollback":
+    if record["spike"] and self.config.train.spike_policy == "rollback":
       self.rollback(step_number)
 
   def rollback(self, spike_step: int) -> None:
@@ -234,7 +274,9 @@ class _Loop:
         "loss spike at step %d: no checkpoint to roll back to yet; step skipped", spike_step
       )
       return
-    self.pending = None  # steps after the checkpoint are discarded
+    self.pending.clear()  # steps after the checkpoint are discarded, and what they recorded
+    self.latest = None
+    self.health, self.skips_seen = self.new_health(), 0
     self.state = self.ckpt.restore(latest, self.run.spec.abstract)
     skipped = spike_step - latest  # data positions of steps latest+1 .. spike_step
     offset = int(jax.device_get(self.state["data_offset"])) + skipped
@@ -245,7 +287,6 @@ class _Loop:
     self.step_index = latest
     self.open_batches()
     self.summary["rollbacks"] += 1
-    self.consecutive_skips = 0
     self.rolled_back = True
     log.warning(
       "rolled back to step %d after a loss spike at step %d; skipping %d batches of "

@@ -189,3 +189,45 @@ def eval_step(
   """Summed loss and token count of one eval batch (the caller sums over the eval set)."""
   loss_sum, weight_sum = loss_sums(params, graphdef, batch, chunk=loss_chunk)
   return {"loss_sum": loss_sum, "tokens": weight_sum}
+
+
+# --- health on the device: the loop fetches it on log steps only --------------------------------
+
+HEALTH_RING = 16  # skipped steps remembered between two fetches (more are counted, not listed)
+
+
+def init_health() -> dict[str, jax.Array]:
+  """Skip records kept on the device between fetches: ``count`` skips so far, the last
+  HEALTH_RING of them in a ring (step, spike or not, loss, grad norm, skips in a row)."""
+  ring = (HEALTH_RING,)
+  return {
+    "count": jnp.zeros((), jnp.int32),
+    "consecutive": jnp.zeros((), jnp.int32),
+    "step": jnp.zeros(ring, jnp.int32),
+    "spike": jnp.zeros(ring, jnp.int32),
+    "loss": jnp.zeros(ring, jnp.float32),
+    "grad_norm": jnp.zeros(ring, jnp.float32),
+    "in_a_row": jnp.zeros(ring, jnp.int32),
+  }
+
+
+def track_health(
+  health: dict[str, jax.Array], metrics: dict[str, jax.Array], step_number: jax.Array
+) -> dict[str, jax.Array]:
+  """Adds one step's outcome to ``health`` (a few scalars: no host round trip per step)."""
+  skipped = metrics["train/skipped"] > 0
+  consecutive = jnp.where(skipped, health["consecutive"] + 1, 0)
+  slot = health["count"] % HEALTH_RING
+
+  def put(ring, value):
+    return ring.at[slot].set(jnp.where(skipped, value.astype(ring.dtype), ring[slot]))
+
+  return {
+    "count": health["count"] + skipped.astype(jnp.int32),
+    "consecutive": consecutive,
+    "step": put(health["step"], step_number),
+    "spike": put(health["spike"], metrics["train/spike"]),
+    "loss": put(health["loss"], metrics["train/loss"]),
+    "grad_norm": put(health["grad_norm"], metrics["train/grad_norm"]),
+    "in_a_row": put(health["in_a_row"], consecutive),
+  }

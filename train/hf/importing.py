@@ -41,7 +41,16 @@ TOKENIZER_FILES = (
   "tokenizer.model",
   "chat_template.jinja",
 )
-MODEL_KEYS = ("dtype", "param_dtype", "scan_layers", "remat", "init_std")  # from the run config
+# From the run config: numerics and layout, not the architecture.
+MODEL_KEYS = (
+  "dtype",
+  "param_dtype",
+  "scan_layers",
+  "remat",
+  "init_std",
+  "attention",
+  "attention_block",
+)
 LORA_KEYS = ("lora_rank", "lora_alpha", "lora_targets")  # a run's, never a checkpoint's
 
 
