@@ -124,6 +124,15 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.max_rollbacks = 3  # stop the run after this many rollbacks ("rollback" policy)
 
   # --- checkpoint: Orbax checkpoints under WORKDIR/checkpoints.
+  # --- harness: EleutherAI lm-eval tasks at each eval (python -m train.evaluate runs them on
+  # any checkpoint). Off by default; needs the [eval] extra.
+  c.harness = ml_collections.ConfigDict()
+  c.harness.tasks = ()  # lm-eval task names run at each eval, e.g. ("hellaswag",); () = off
+  c.harness.include_path = ""  # a folder of task YAML files with local data (offline tasks)
+  c.harness.limit = 50  # documents per task at each in-training eval (0 = all)
+  c.harness.num_fewshot = -1  # few-shot examples (-1 = the task's own)
+  c.harness.batch_size = 16  # requests scored per batch
+
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every = 125  # save every N steps (and at the end; 0 = only at the end)
   c.checkpoint.max_to_keep = 3  # keep the newest N checkpoints

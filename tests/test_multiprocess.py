@@ -421,3 +421,23 @@ def test_checkpoint_verify_shares_the_parts_between_processes(two_process_run, t
   results = run_command(verify, processes=2, devices=1, timeout=120)
   assert [code for code, _, _ in results] == [1, 1]
   assert f"step {SAVED_AT}: CORRUPT" in results[0][1] and "checksum mismatch" in results[0][1]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_the_harness_runs_as_two_processes_with_one_result(two_process_run):
+  """Each process scores its rows of every batch; the result equals one process's."""
+  workdir, _ = two_process_run
+  tasks = os.path.join(os.path.dirname(os.path.abspath(__file__)), "harness_tasks")
+  evaluate = ["train.evaluate", f"--workdir={workdir}", f"--include_path={tasks}", "--limit=8"]
+  evaluate += ["--tasks=loom_python_mc,loom_python_text", "--batch_size=4"]
+  (one,) = run_command(evaluate, processes=1, devices=8)
+  assert one[0] == 0, one[2][-2000:]
+  two = run_command(evaluate, processes=2, devices=4)
+  assert [code for code, _, _ in two] == [0, 0], two[0][2][-2000:] + two[1][2][-2000:]
+  assert json_lines(two[1][1]) == []  # process 0 alone prints (and writes)
+  got, expected = json_lines(two[0][1])[-1], json_lines(one[1])[-1]
+  assert got["processes"] == 2 and got["requests"] == expected["requests"]
+  assert got["metrics"].keys() == expected["metrics"].keys()
+  for name, value in expected["metrics"].items():
+    assert got["metrics"][name] == pytest.approx(value, rel=1e-5), name

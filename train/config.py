@@ -60,6 +60,7 @@ def validate(
   _check_optim(config.optim)
   _check_data(config.data)
   _check_meter(config.meter)
+  _check_harness(config.harness)
   model_cfg = model_config(config, with_tokenizer=with_tokenizer)
   try:
     mesh = mesh_lib.make_mesh(config.mesh, devices)
@@ -176,6 +177,35 @@ def _check_data(data) -> None:
   percent = data.validation_percent
   if not isinstance(percent, (int, float)) or not 0 <= percent < 100:
     raise ConfigError(f"data.validation_percent={percent!r} must be in [0, 100)")
+
+
+def _check_harness(harness) -> None:
+  """In-training lm-eval tasks: well-formed, the harness installed, every task known."""
+  tasks = harness.tasks
+  if isinstance(tasks, str) or not all(isinstance(t, str) and t for t in tasks):
+    raise ConfigError(f"harness.tasks={tasks!r} must be a tuple of lm-eval task names")
+  for key in ("limit", "batch_size"):
+    value = harness[key]
+    if not isinstance(value, int) or isinstance(value, bool) or value < (key == "batch_size"):
+      raise ConfigError(f"harness.{key}={value!r} must be an integer >= {int(key == 'batch_size')}")
+  if not tasks:
+    return
+  if harness.include_path and not os.path.isdir(harness.include_path):
+    raise ConfigError(f"harness.include_path={harness.include_path!r} is not a directory")
+  try:
+    from lm_eval.tasks import TaskManager  # noqa: PLC0415 (the [eval] extra)
+  except ImportError as e:
+    raise ConfigError(
+      f"harness.tasks={tuple(tasks)} needs EleutherAI's lm-eval: pip install -e '.[eval]'"
+    ) from e
+  include = harness.include_path or None
+  known = TaskManager(include_path=include).all_tasks
+  unknown = [t for t in tasks if t not in known]
+  if unknown:
+    raise ConfigError(
+      f"harness.tasks: unknown task(s) {unknown}; offline, define them by YAML files with local "
+      f"data in a folder and set harness.include_path to it"
+    )
 
 
 def _check_meter(meter) -> None:

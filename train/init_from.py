@@ -5,9 +5,9 @@ fresh and the run starts at step 0 (continued pretraining or fine-tuning on any 
 
 ``adopt(config)`` runs before validation: the source decides the architecture (every model field
 but the numerics, layout and adapters: dtype, param_dtype, scan_layers, remat, init_std,
-attention, attention_block, lora_*), and its tokenizer when the config keeps the default one. A model field the config sets
-to something other than the default and other than the source's value is a conflict, named
-field by field.
+attention, attention_block, lora_*), and its tokenizer when the config keeps the default one. A
+model field the config sets to something other than the default and other than the source's
+value is a conflict, named field by field.
 ``load_params`` then builds the parameters in the run's shardings.
 """
 

@@ -302,6 +302,10 @@ class _Loop:
     with self.meter.phase("eval"):
       eval_metrics = evaluate(self.run, self.state["params"], self.eval_batches)
       sample = generation.sample_for_eval(self.run, self.state["params"])
+      if self.config.harness.tasks:
+        from train.inference import harness  # noqa: PLC0415 (lm-eval: only when asked for)
+
+        eval_metrics.update(harness.evaluate_run(self.run, self.state["params"], step_number))
     self.writer.write(step_number, eval_metrics)
     self.summary.update(eval_metrics)
     if self.run.is_main:

@@ -98,6 +98,19 @@ def local_scratch(path: str | os.PathLike) -> epath.Path:
   return epath.Path(root) / key
 
 
+def append_lines(path, lines: list[str]) -> None:
+  """Adds lines to a JSON-lines file another writer may hold open (a training run's metrics):
+  appended in place on local disks; on object stores, read and rewritten whole (atomically)."""
+  path = epath.Path(path)
+  text = "".join(line + "\n" for line in lines)
+  if not is_remote(path):
+    with open(path, "a", encoding="utf-8") as f:
+      f.write(text)
+    return
+  old = path.read_text() if path.exists() else ""
+  write_atomic(path, old + ("" if not old or old.endswith("\n") else "\n") + text)
+
+
 class AppendOnlyLog:
   """A JSON-lines file that grows: appended to on local disks; on object stores (which cannot
   append) the whole object is rewritten from memory at most every ``upload_every`` seconds and at

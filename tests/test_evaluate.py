@@ -1,0 +1,197 @@
+"""The lm-eval harness on Loom checkpoints: scores equal a hand computation from the forward pass,
+do not move with the batch size or the mesh, equal the harness's own ``hf`` model on imported
+weights; the command writes DIR/eval/<step>.json and metrics lines, offline, from local tasks."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from cli_helpers import REPO, train_env
+from flax import nnx
+
+from configs import tiny
+from train import trainer
+from train.inference import harness, loading
+
+TASKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "harness_tasks")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # the shipped tasks read local files only
+
+PAIRS = [  # (context, continuation): uneven lengths, a trailing space, an empty context
+  ("def __init__(self", "):"),
+  ("import os\nimport ", "sys"),
+  ("for i in range(", "10):\n    print(i)"),
+  ("x = ", "1"),
+  ("", "class A:"),
+  ("while True:\n    ", "break"),
+  ("return self.", "name"),
+]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, cache_dir) -> str:
+  config = tiny.get_config()
+  config.data.cache_dir = cache_dir
+  config.train.steps = 10
+  config.checkpoint.async_save = False
+  config.log.progress = False
+  root = str(tmp_path_factory.mktemp("harness") / "run")
+  trainer.train_and_evaluate(config, root)
+  return root
+
+
+class _Request:
+  def __init__(self, *args):
+    self.args = args
+
+
+def _by_hand(model, context: str, continuation: str) -> tuple[float, bool]:
+  """Sum of log p(continuation | context) from one unpadded forward pass on one device."""
+  ctx, cont = harness.encode_pair(model.tokenizer, context, continuation)
+  tokens = np.array(ctx + cont, np.int32)[None]
+  params = jax.device_put(model.params, jax.devices()[0])
+  logits = nnx.merge(model.graphdef, params)(
+    jnp.asarray(tokens[:, :-1]), jnp.arange(tokens.shape[1] - 1)[None]
+  )
+  logprobs = np.asarray(jax.nn.log_softmax(logits[0], axis=-1), np.float64)
+  rows = np.arange(len(ctx) - 1, tokens.shape[1] - 1)
+  targets = tokens[0, len(ctx) :]
+  greedy = bool((logprobs[rows].argmax(-1) == targets).all())
+  return float(logprobs[rows, targets].sum()), greedy
+
+
+def test_loglikelihoods_equal_a_hand_computation_at_any_batch_size(workdir):
+  model = loading.load(workdir)
+  expected = [_by_hand(model, *pair) for pair in PAIRS]
+  for batch_size in (1, 3, 16):
+    got = harness.loom_lm(model, batch_size).loglikelihood([_Request(*p) for p in PAIRS])
+    for (value, greedy), (want, want_greedy) in zip(got, expected, strict=True):
+      assert value == pytest.approx(want, abs=1e-4) and greedy == want_greedy
+  assert len({round(v, 3) for v, _ in expected}) == len(PAIRS)  # distinct scores: no mix-ups
+
+
+@pytest.mark.parametrize("mesh", [(8, 1, 1), (2, 2, 2), (1, 8, 1)])
+def test_loglikelihoods_do_not_depend_on_the_mesh(workdir, mesh):
+  import ml_collections
+
+  reference = harness.loom_lm(loading.load(workdir), 4).loglikelihood([_Request(*p) for p in PAIRS])
+  config = ml_collections.ConfigDict(dict(data=mesh[0], fsdp=mesh[1], tensor=mesh[2]))
+  config.rules = loading.load(workdir).config.mesh.rules
+  model = loading.load(workdir, mesh_config=config)
+  got = harness.loom_lm(model, 4).loglikelihood([_Request(*p) for p in PAIRS])
+  np.testing.assert_allclose([v for v, _ in got], [v for v, _ in reference], atol=1e-4)
+
+
+def test_rolling_loglikelihood_covers_every_token_once(workdir):
+  model = loading.load(workdir)
+  lm = harness.loom_lm(model, 4)
+  short = "def f(x):\n    return x\n"
+  # A text shorter than the context: every token given the end-of-document token and the rest.
+  (rolling,) = lm.loglikelihood_rolling([_Request(short)])
+  assert rolling == pytest.approx(_by_hand(model, "", short)[0], abs=1e-4)
+  # A text several contexts long is scored in windows whose log-likelihoods add up.
+  long_text = open(os.__file__).read()[:3000]
+  assert len(model.tokenizer.encode(long_text)) > 2 * model.model_cfg.max_seq_len
+  (total,) = lm.loglikelihood_rolling([_Request(long_text)])
+  assert np.isfinite(total) and total < rolling
+
+
+def test_generate_until_stops_at_the_stop_string(workdir):
+  from train.inference import generation
+
+  model = loading.load(workdir)
+  lm = harness.loom_lm(model, 4)
+  kwargs = {"until": ["\n"], "max_gen_toks": 12, "do_sample": False}
+  prompts = ["import ", "def ", "class "]
+  got = lm.generate_until([_Request(p, kwargs) for p in prompts])
+  greedy = generation.generate(model, prompts, max_new_tokens=12, temperature=0.0).texts
+  assert got == [text.split("\n")[0] for text in greedy]
+
+
+def _evaluate(workdir, *args):
+  command = [sys.executable, "-m", "train.evaluate", f"--workdir={workdir}", *args]
+  env = dict(train_env(), HF_DATASETS_OFFLINE="1")
+  return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_the_command_runs_local_tasks_and_writes_results(workdir):
+  tasks = "--tasks=loom_python_mc,loom_python_gen,loom_python_text"
+  result = _evaluate(workdir, tasks, f"--include_path={TASKS}", "--limit=6")
+  assert result.returncode == 0, result.stderr[-3000:]
+  last = json.loads(result.stdout.strip().splitlines()[-1])
+  step = loading.load(workdir).step
+  assert last["step"] == step and last["requests"] > 0 and last["requests_per_second"] > 0
+  metrics = last["metrics"]
+  assert 0 <= metrics["harness/loom_python_mc/acc"] <= 1
+  assert 0 <= metrics["harness/loom_python_gen/exact_match"] <= 1
+  assert metrics["harness/loom_python_text/bits_per_byte"] > 0
+  saved = json.load(open(os.path.join(workdir, "eval", f"{step}.json")))
+  assert saved["metrics"] == metrics and saved["n-samples"]["loom_python_mc"]["effective"] == 6
+  lines = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  assert {"step": step, **metrics} in lines
+  # An unknown task names itself and the remedy; nothing is written.
+  before = open(os.path.join(workdir, "metrics.jsonl")).read()
+  bad = _evaluate(workdir, "--tasks=no_such_task", f"--include_path={TASKS}")
+  assert bad.returncode == 2
+  assert "unknown harness task(s) ['no_such_task']" in bad.stderr and "--include_path" in bad.stderr
+  assert open(os.path.join(workdir, "metrics.jsonl")).read() == before
+
+
+@pytest.mark.slow
+def test_scores_equal_the_harness_hf_model_on_imported_weights(tmp_path):
+  """The same requests through lm-eval's own ``hf`` model (transformers on CPU torch) and
+  through Loom's adapter on the imported weights: equal within 1e-4."""
+  from lm_eval.models.huggingface import HFLM
+  from test_hf import _base, _hf_model, _tokenizer
+
+  from train.hf import importing
+
+  hf_dir, loom_dir = str(tmp_path / "hf"), str(tmp_path / "loom")
+  _hf_model("llama", hf_dir)
+  _tokenizer(hf_dir)
+  importing.import_checkpoint(hf_dir, loom_dir, _base(scan=False))
+  requests = [_Request(*pair) for pair in PAIRS]
+  ours = harness.loom_lm(loading.load(loom_dir), 4).loglikelihood(requests)
+  theirs = HFLM(pretrained=hf_dir, device="cpu", batch_size=1, dtype="float32")
+  expected = theirs.loglikelihood(requests)
+  np.testing.assert_allclose([v for v, _ in ours], [v for v, _ in expected], atol=1e-4, rtol=0)
+  assert [g for _, g in ours] == [g for _, g in expected]
+  rolling = [_Request(open(json.__file__).read()[:1500])]
+  np.testing.assert_allclose(
+    harness.loom_lm(loading.load(loom_dir), 4).loglikelihood_rolling(rolling),
+    theirs.loglikelihood_rolling(rolling),
+    atol=1e-3,
+  )
+
+
+def test_harness_tasks_run_at_each_eval_during_training(tmp_path, cache_dir):
+  config = tiny.get_config()
+  config.data.cache_dir = cache_dir
+  config.train.steps, config.train.eval_every = 10, 5
+  config.log.progress = False
+  config.harness.tasks = ("loom_python_mc",)
+  config.harness.include_path = TASKS
+  config.harness.limit = 4
+  workdir = str(tmp_path / "run")
+  report = trainer.train_and_evaluate(config, workdir)
+  assert sorted(os.listdir(os.path.join(workdir, "eval"))) == ["10.json", "5.json"]
+  lines = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  harness_steps = [line["step"] for line in lines if "harness/loom_python_mc/acc" in line]
+  assert harness_steps == [5, 10]
+  assert 0 <= report["harness/loom_python_mc/acc"] <= 1
+
+
+def test_unknown_in_training_tasks_are_refused_before_any_work(tmp_path):
+  from train import config as config_lib
+
+  config = tiny.get_config()
+  config.harness.tasks = ("loom_python_mc", "not_a_task")
+  config.harness.include_path = TASKS
+  with pytest.raises(config_lib.ConfigError, match=r"unknown task\(s\) \['not_a_task'\]"):
+    config_lib.validate(config, workdir=str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run")
