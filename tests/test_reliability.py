@@ -114,6 +114,36 @@ def test_nonfinite_steps_are_skipped_counted_and_bounded(tmp_path, cache_dir):
   assert "training diverged: 3 consecutive steps skipped up to step 5" in result.stderr
 
 
+def test_health_in_the_logs_applied_rate_layer_norms_tokens_and_goodput(
+  reference, tmp_path, cache_dir
+):
+  workdir = str(tmp_path / "w")
+  result = run_train(
+    workdir, "--config.debug.nan_steps=(3,)", "--config.log.every=1", cache_dir=cache_dir
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  lines = {r["step"]: r for r in read_metrics(workdir) if "train/loss" in r and "event" not in r}
+  expected = {r["step"]: r for r in read_metrics(reference) if "train/learning_rate" in r}
+  # The skipped step applies no update; the optimizer's schedule does not advance past it.
+  assert lines[3]["train/learning_rate"] == 0.0
+  assert lines[4]["train/learning_rate"] == pytest.approx(expected[3]["train/learning_rate"])
+  assert lines[2]["train/learning_rate"] == pytest.approx(expected[2]["train/learning_rate"])
+  assert lines[20]["train/tokens_seen"] == 20 * 8 * 32  # steps × batch × seq_len
+  # Per-layer norms (two layers, embedding, final norm) add up to the global gradient norm.
+  grads = {k: v for k, v in lines[5].items() if k.startswith("grad_norm/")}
+  assert {"grad_norm/layer_0", "grad_norm/layer_1", "grad_norm/embed"} <= grads.keys()
+  total = np.sqrt(sum(v**2 for v in grads.values()))
+  assert total == pytest.approx(lines[5]["train/grad_norm"], rel=1e-4)
+  assert lines[3]["update_norm/layer_0"] == 0.0 and lines[5]["update_norm/layer_0"] > 0
+  goodput = json.load(open(os.path.join(workdir, "report.json")))["goodput"]
+  assert 0 < goodput["goodput"] <= 1 and goodput["redone_steps"] == 0
+  accounted = goodput["productive_s"] + sum(goodput["lost_s"].values())
+  assert accounted == pytest.approx(goodput["wall_s"], rel=0.02)
+  assert {"compile", "checkpoint", "input_wait", "eval", "restore_or_init"} <= goodput[
+    "lost_s"
+  ].keys()
+
+
 def test_loss_spike_rolls_back_and_skips_the_data_window(tmp_path, cache_dir):
   workdir = str(tmp_path / "w")
   result = run_train(
@@ -129,6 +159,8 @@ def test_loss_spike_rolls_back_and_skips_the_data_window(tmp_path, cache_dir):
   assert "rolled back to step 10 after a loss spike at step 14" in result.stderr
   report = json.load(open(os.path.join(workdir, "report.json")))
   assert report["rollbacks"] == 1
+  # Steps 11 .. (at least) 14 were thrown away with the rollback: their time is not productive.
+  assert report["redone_steps"] >= 4 and report["goodput"]["redone_steps"] >= 4
   events = [r["event"] for r in read_metrics(workdir) if "event" in r]
   assert events == ["skipped: loss spike", "rollback"]
 
@@ -159,6 +191,10 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(reference, tmp_pat
   assert "checkpoint at step 20 is corrupt" in result.stderr and victim in result.stderr
   assert "resumed" in result.stderr and "at step 10" in result.stderr
   assert train_losses(read_metrics(workdir)) == train_losses(read_metrics(reference))
+  # Steps 11-20 ran before (their lines were in metrics.jsonl) and ran again: goodput lost.
+  goodput = json.load(open(os.path.join(workdir, "report.json")))["goodput"]
+  assert goodput["restarted_from_step"] == 10 and goodput["redone_steps"] == 10
+  assert goodput["lost_s"]["redone_steps"] > 0 and goodput["productive_s"] >= 0
   moved = glob.glob(os.path.join(workdir, "checkpoints_corrupt", "20-*", "REASON.txt"))
   assert len(moved) == 1  # kept for inspection, not deleted
   assert integrity.verify_all(workdir)[1] == 0
@@ -230,6 +266,7 @@ def test_metrics_file_drops_torn_and_future_lines_on_resume(tmp_path):
     '{"step": 15, "train/loss": 0.8}\n{"step": 20, "tr'
   )
   writer = metrics.MetricsWriter(str(tmp_path), resume_step=10, tensorboard=False, enabled=True)
+  assert writer.last_logged_step == 15  # the torn line 20 says nothing
   writer.write(15, {"train/loss": 0.7})
   writer.close()
   assert [json.loads(line) for line in path.read_text().splitlines()] == [

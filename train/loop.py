@@ -90,7 +90,7 @@ class _Loop:
     self.progress = metrics_writer.Progress(
       self.total, start_step, enabled=run.is_main and self.config.log.progress
     )
-    self.summary: dict[str, Any] = {"preempted": False, "rollbacks": 0}
+    self.summary: dict[str, Any] = {"preempted": False, "rollbacks": 0, "redone_steps": 0}
     self.rolled_back = False
     # Log steps' (step number, metrics, health) on the device, awaiting a fetch; and the latest
     # step's, for the summary at the end.
@@ -226,6 +226,7 @@ class _Loop:
     )
     self.window_start, self.window_steps = now, 0
     values.update({"perf/tokens_per_second": tokens_per_second, "perf/mfu": mfu})
+    values["train/tokens_seen"] = float(step_number * self.tokens_per_step)
     self.writer.write(step_number, values)
     self.progress.update(step_number, values["train/loss"], tokens_per_second, mfu)
     self.summarise(values)
@@ -284,6 +285,8 @@ class _Loop:
       self.state,
       data_offset=jax.device_put(np.int32(offset), self.run.spec.shardings["data_offset"]),
     )
+    # The steps after the checkpoint ran and are thrown away: goodput lost (report.json).
+    self.summary["redone_steps"] += max(self.step_index + 1, spike_step) - latest
     self.step_index = latest
     self.open_batches()
     self.summary["rollbacks"] += 1

@@ -36,9 +36,11 @@ class MetricsWriter:
     self.enabled = enabled
     self.path = storage.resolve(workdir) / "metrics.jsonl"
     self._tb = self._tb_mirror = None
+    self.last_logged_step = 0  # the highest step the file held before (a crash's last log)
     if not enabled:
       return
-    self._log = storage.AppendOnlyLog(self.path, _lines_up_to(self.path, resume_step))
+    kept, self.last_logged_step = _lines_up_to(self.path, resume_step)
+    self._log = storage.AppendOnlyLog(self.path, kept)
     if tensorboard:
       import tensorflow as tf  # deferred: TensorFlow is slow to import
 
@@ -82,19 +84,21 @@ class MetricsWriter:
         self._tb_mirror.sync()
 
 
-def _lines_up_to(path, step: int) -> list[str]:
-  """The records of ``path`` for steps <= ``step``, re-serialised; torn lines left out."""
+def _lines_up_to(path, step: int) -> tuple[list[str], int]:
+  """The records of ``path`` for steps <= ``step``, re-serialised (torn lines left out), and
+  the highest step the file held."""
   if not path.exists():
-    return []
-  kept = []
+    return [], 0
+  kept, highest = [], 0
   for line in path.read_text(encoding="utf-8").splitlines():
     try:
       record = json.loads(line)
     except json.JSONDecodeError:
       continue  # a line torn by a crash
+    highest = max(highest, int(record.get("step", 0)))
     if record.get("step", 0) <= step:
       kept.append(json.dumps(record))
-  return kept
+  return kept, highest
 
 
 def _duration(seconds: float) -> str:

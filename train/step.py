@@ -155,6 +155,10 @@ def train_step(
   accept = finite & ~spike
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
   params = optax.apply_updates(state["params"], updates)
+  # The learning rate this step applies: the schedule at the optimizer's own count, which skipped
+  # steps do not advance; 0 when this step is skipped.
+  counts = optax.tree_utils.tree_get_all_with_path(state["opt_state"], "count")
+  applied_count = counts[0][1] if counts else state["step"]
 
   def choose(new, old):
     return jax.tree.map(lambda n, o: jnp.where(accept, n, o), new, old)
@@ -173,14 +177,39 @@ def train_step(
     "train/loss": loss,
     "train/grad_norm": grad_norm,
     "train/param_norm": optax.tree.norm(new_state["params"]),
-    "train/learning_rate": schedule(state["step"]),
+    "train/learning_rate": jnp.where(accept, schedule(applied_count), 0.0),
     "train/tokens": tokens,
     "train/skipped": (~accept).astype(jnp.int32),
     "train/spike": spike.astype(jnp.int32),
     "train/skipped_nonfinite_total": new_state["skipped_nonfinite"],
     "train/skipped_spikes_total": new_state["skipped_spikes"],
   }
+  metrics.update(layer_norms("grad_norm", grads))
+  metrics.update(layer_norms("update_norm", updates, scale=accept.astype(jnp.float32)))
   return new_state, metrics
+
+
+def layer_norms(prefix: str, tree: Any, scale: jax.Array | float = 1.0) -> dict[str, jax.Array]:
+  """L2 norms per layer (``<prefix>/layer_<i>``) and per other top-level part (``embed``,
+  ``final_norm``, ...). Layers are ``blocks/<i>`` (unrolled) or the leading axis of ``blocks``
+  (scanned): the same names either way."""
+  squares: dict[str, jax.Array] = {}
+
+  def add(name: str, value: jax.Array) -> None:
+    squares[name] = squares.get(name, 0.0) + value
+
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    keys = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
+    leaf = leaf.astype(jnp.float32)
+    if keys[0] != "blocks":
+      add(keys[0], jnp.sum(jnp.square(leaf)))
+    elif keys[1].isdigit():
+      add(f"layer_{keys[1]}", jnp.sum(jnp.square(leaf)))
+    else:  # stacked on a leading layers axis
+      per_layer = jnp.sum(jnp.square(leaf), axis=tuple(range(1, leaf.ndim)))
+      for i in range(leaf.shape[0]):
+        add(f"layer_{i}", per_layer[i])
+  return {f"{prefix}/{name}": jnp.sqrt(value) * scale for name, value in sorted(squares.items())}
 
 
 def eval_step(

@@ -247,6 +247,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     )
     try:
       summary = loop.train_loop(run, state, start_step, ckpt, writer, watcher, run_metadata(run))
+      # Steps a crash ran past the checkpoint this attempt resumed from (seen in metrics.jsonl):
+      # this attempt ran them again.
+      summary["redone_steps_after_restart"] = max(writer.last_logged_step - start_step, 0)
+      summary["restarted_from_step"] = start_step
     finally:
       with run.meter.phase("checkpoint"):
         ckpt.wait()
@@ -270,6 +274,8 @@ def write_report(run: Run, summary: dict[str, Any]) -> dict[str, Any]:
     power_override=config.meter.power_watts,
   )
   report.update(summary)
+  tokens_per_step = config.train.batch_size * config.data.seq_len
+  report["goodput"] = meter_lib.goodput(report, tokens_per_step)
   if run.is_main:
     storage.write_atomic(storage.resolve(run.workdir) / "report.json", json.dumps(report, indent=2))
     log.info(

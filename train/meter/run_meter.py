@@ -141,6 +141,29 @@ _UNITS = {
 }
 
 
+def goodput(report: dict[str, Any], tokens_per_step: int) -> dict[str, Any]:
+  """Productive step time over wall time, and where the rest went (seconds, measured; the steps
+  run twice are valued at this attempt's mean step time). Productive: the train phase, less the
+  steps thrown away by rollbacks and the steps redone after a restart."""
+  phases = report["time_breakdown"]
+  wall = report["wall_time_s"]
+  steps_run = report["tokens"] / tokens_per_step if tokens_per_step else 0
+  mean_step = phases["train_s"] / steps_run if steps_run else 0.0
+  redone = report.get("redone_steps", 0) + report.get("redone_steps_after_restart", 0)
+  redone_s = min(redone * mean_step, phases["train_s"])
+  productive = phases["train_s"] - redone_s
+  lost = {name[:-2]: value for name, value in phases.items() if name != "train_s"}
+  lost["redone_steps"] = round(redone_s, 3)
+  return {
+    "goodput": productive / wall if wall else 0.0,
+    "productive_s": round(productive, 3),
+    "wall_s": wall,
+    "lost_s": lost,
+    "redone_steps": redone,
+    "restarted_from_step": report.get("restarted_from_step", 0),
+  }
+
+
 def _figures(report: dict[str, Any], *, peak_source: str) -> dict[str, dict[str, Any]]:
   """Every figure of the report with its value, unit and source."""
   sources = {"peak_flops_per_second": peak_source, "energy_kwh": report["energy_source"]}
@@ -160,7 +183,7 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     return "n/a" if value is None else f"{value:.1%}"
 
   breakdown = ", ".join(f"{k[:-2]} {v:.1f}" for k, v in report["time_breakdown"].items())
-  return [
+  lines = [
     f"meter: {report['params']:,} params ({report['params_nonembedding']:,} without "
     f"embeddings); {report['flops_per_token']:,} FLOPs/token (estimated: "
     f"{report['assumptions']['flops_formula']})",
@@ -174,3 +197,13 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     f"{report['co2e_kg']:.3g} kg CO2e (estimated at "
     f"{report['assumptions']['grid_kg_co2e_per_kwh']} kg/kWh)",
   ]
+  if "goodput" in report:
+    g = report["goodput"]
+    worst = sorted(g["lost_s"].items(), key=lambda item: -item[1])[:3]
+    lines.append(
+      f"meter: goodput {g['goodput']:.1%} (productive steps {g['productive_s']:.1f} s of "
+      f"{g['wall_s']:.1f} s wall; most lost to "
+      + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in worst)
+      + f"; {g['redone_steps']} steps redone)"
+    )
+  return lines
