@@ -149,6 +149,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.log = ml_collections.ConfigDict()
   c.log.every = 10  # log train metrics every N steps
   c.log.tensorboard = True  # also write TensorBoard event files
+  c.log.wandb_project = ""  # Weights & Biases project ("" = off; the [wandb] extra)
   c.log.progress = True  # show a progress line on process 0
   c.log.sample_prompt = "def "  # prompt of the greedy sample shown at each eval
   c.log.sample_tokens = 64  # tokens in that sample (0 = off)

@@ -6,6 +6,8 @@ import json
 import logging
 import math
 import os
+import pathlib
+import secrets
 import sys
 import time
 from typing import Any
@@ -32,13 +34,24 @@ class MetricsWriter:
   copied up at the same moments.
   """
 
-  def __init__(self, workdir, *, resume_step: int, tensorboard: bool, enabled: bool):
+  def __init__(
+    self,
+    workdir,
+    *,
+    resume_step: int,
+    tensorboard: bool,
+    enabled: bool,
+    wandb_project: str = "",
+    config: dict[str, Any] | None = None,
+  ):
     self.enabled = enabled
     self.path = storage.resolve(workdir) / "metrics.jsonl"
-    self._tb = self._tb_mirror = None
+    self._tb = self._tb_mirror = self._wandb = None
     self.last_logged_step = 0  # the highest step the file held before (a crash's last log)
     if not enabled:
       return
+    if wandb_project:
+      self._wandb = WandbRun(workdir, wandb_project, config or {})
     kept, self.last_logged_step = _lines_up_to(self.path, resume_step)
     self._log = storage.AppendOnlyLog(self.path, kept)
     if tensorboard:
@@ -55,6 +68,8 @@ class MetricsWriter:
       return
     record = {"step": int(step), **{k: _clean(v) for k, v in scalars.items()}}
     self._log.append(json.dumps(record))
+    if self._wandb is not None:
+      self._wandb.log(record)
     if self._tb is not None:
       import tensorflow as tf
 
@@ -82,6 +97,65 @@ class MetricsWriter:
       self._tb.close()
       if self._tb_mirror is not None:
         self._tb_mirror.sync()
+
+  def finish(self, report: dict[str, Any] | None = None) -> None:
+    """Ends the W&B run (if any), with ``report`` (report.json) as its summary and a file; a
+    run that failed passes None and is marked failed."""
+    if self._wandb is not None:
+      self._wandb.finish(report)
+      self._wandb = None
+
+
+class WandbRun:
+  """The run in Weights & Biases (``log.wandb_project``; the [wandb] extra): the same scalars as
+  TensorBoard, the resolved config, report.json at the end. The run id is kept in
+  ``WORKDIR/wandb_run_id``, so a resumed run continues the same W&B run. W&B keeps only steps
+  above the last one it has: the steps a resume redoes reach metrics.jsonl, not W&B, again.
+  ``WANDB_MODE=offline`` writes the run under ``WORKDIR/wandb`` for ``wandb sync`` later."""
+
+  def __init__(self, workdir, project: str, config: dict[str, Any]):
+    try:
+      import wandb  # noqa: PLC0415 (the [wandb] extra)
+    except ImportError as e:
+      raise ImportError(
+        f"log.wandb_project={project!r} needs Weights & Biases: pip install -e '.[wandb]'"
+      ) from e
+    root = storage.resolve(workdir)
+    id_path = root / "wandb_run_id"
+    run_id = id_path.read_text().strip() if id_path.exists() else secrets.token_hex(4)
+    local = storage.local_scratch(root) if storage.is_remote(root) else pathlib.Path(root)
+    local.mkdir(parents=True, exist_ok=True)
+    self._run = wandb.init(
+      project=project,
+      id=run_id,
+      resume="allow",
+      name=root.name,
+      config=config,
+      dir=os.fspath(local),
+    )
+    if not id_path.exists():
+      storage.write_atomic(id_path, run_id)
+    self.id = run_id
+
+  def log(self, record: dict[str, Any]) -> None:
+    scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, int | float)}
+    if "event" in record:
+      scalars["events"] = 1  # a skip or a rollback, marked on the step
+    if scalars:
+      self._run.log(scalars, step=int(record["step"]))
+
+  def finish(self, report: dict[str, Any] | None) -> None:
+    if report is not None:
+      flat = {
+        k: v for k, v in report.items() if isinstance(v, int | float) and not isinstance(v, bool)
+      }
+      flat.update({f"goodput/{k}": v for k, v in report.get("goodput", {}).items()
+                   if isinstance(v, int | float)})  # fmt: skip
+      self._run.summary.update(flat)
+      path = pathlib.Path(self._run.dir) / "report.json"
+      path.write_text(json.dumps(report, indent=2, default=str))
+      self._run.save(os.fspath(path), base_path=self._run.dir, policy="now")
+    self._run.finish(exit_code=0 if report is not None else 1)
 
 
 def _lines_up_to(path, step: int) -> tuple[list[str], int]:

@@ -243,7 +243,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       )
     log_startup(run, start_step)
     writer = metrics_writer.MetricsWriter(
-      run.workdir, resume_step=start_step, tensorboard=config.log.tensorboard, enabled=run.is_main
+      run.workdir,
+      resume_step=start_step,
+      tensorboard=config.log.tensorboard,
+      enabled=run.is_main,
+      wandb_project=config.log.wandb_project,
+      config=json.loads(run.config.to_json_best_effort()),
     )
     try:
       summary = loop.train_loop(run, state, start_step, ckpt, writer, watcher, run_metadata(run))
@@ -251,6 +256,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       # this attempt ran them again.
       summary["redone_steps_after_restart"] = max(writer.last_logged_step - start_step, 0)
       summary["restarted_from_step"] = start_step
+    except BaseException:
+      writer.finish(None)  # the W&B run is marked failed; metrics.jsonl keeps every line
+      raise
     finally:
       with run.meter.phase("checkpoint"):
         ckpt.wait()
@@ -260,7 +268,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     watcher.close()
   # Hashing the checkpoints ran on the sealing thread, beside the steps (not in "checkpoint").
   summary["checkpoint_seal_s"] = round(ckpt.seal_seconds, 3)
-  return write_report(run, summary)
+  report = write_report(run, summary)
+  writer.finish(report)
+  return report
 
 
 def write_report(run: Run, summary: dict[str, Any]) -> dict[str, Any]:
