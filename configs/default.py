@@ -19,6 +19,10 @@ def get_config() -> ml_collections.ConfigDict:
   # --- data: where text comes from and how it becomes fixed-length training rows.
   c.data = ml_collections.ConfigDict()
   c.data.source = "stdlib"  # "stdlib" | "files:<dir|glob>" | "tfds:<name>[:<ver>]" | "chat:<jsonl>"
+  # Weighted mixture instead of data.source: ((source, weight), ...), each row's source drawn
+  # from the weights (input_pipeline/mixture.py); () = off.
+  c.data.mixture = ()
+  c.data.mixture_stages = ()  # ((start step, (w1, w2, ...)), ...): weights from that step on
   c.data.text_feature = "text"  # feature holding the text, for "tfds:" sources
   c.data.tfds_data_dir = ""  # TFDS data dir for "tfds:" sources ("" = TFDS default)
   c.data.tfds_download = True  # download a "tfds:" dataset not prepared there (False: refuse)

@@ -14,7 +14,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from input_pipeline import chat, errors, sampler, sources, store, tokenizers
+from input_pipeline import chat, errors, mixture, sampler, sources, store, tokenizers
 from train import storage
 
 _log = logging.getLogger(__name__)
@@ -103,6 +103,8 @@ def build(config: ml_collections.ConfigDict) -> Pipeline:
   if int(data.seq_len) < 1:
     raise errors.DataError(f"data.seq_len must be >= 1, got {data.seq_len}")
   cache_dir = storage.cache_path(data.cache_dir)
+  if tuple(data.get("mixture", ())):
+    return _build_mixture(config, cache_dir)
   if data.source.startswith("chat:"):
     return _build_chat(config, cache_dir)
   source = sources.resolve(data.source, data, cache_dir)
@@ -118,6 +120,66 @@ def build(config: ml_collections.ConfigDict) -> Pipeline:
     source, tokenizer, int(data.seq_len), cache_dir, verify=bool(data.verify_store)
   )
   return _ready(config, tokenizer, prepared)
+
+
+class MixturePipeline(Pipeline):
+  """Several prepared stores read as one weighted mixture (input_pipeline/mixture.py)."""
+
+  def __init__(self, tokenizer, mix: mixture.Mixture, seed: int):
+    super().__init__(tokenizer, mix.stores[0], seed)
+    self.mixture = mix
+
+  @property
+  def fingerprint(self) -> str:
+    return self.mixture.fingerprint
+
+  @functools.cached_property
+  def bytes_per_token(self) -> float:
+    weights = self.mixture.table[-1][1]
+    stores = self.mixture.stores
+    per_store = [Pipeline(self.tokenizer, s, self.seed).bytes_per_token for s in stores]
+    return float(np.dot(weights, per_store))
+
+  def train_batches(
+    self, *, global_batch_size, start_step=0, process_index=None, process_count=None
+  ):
+    p, n = _process(process_index, process_count)
+    return self.mixture.train_batches(global_batch_size, start_step, p, n)
+
+  def eval_batches(self, *, global_batch_size, num_batches, process_index=None, process_count=None):
+    p, n = _process(process_index, process_count)
+    return self.mixture.eval_batches(global_batch_size, num_batches, p, n)
+
+
+def _build_mixture(config: ml_collections.ConfigDict, cache_dir: Path) -> Pipeline:
+  data = config.data
+  specs, _, table = mixture.parse(tuple(data.mixture), tuple(data.get("mixture_stages", ())))
+  if any(spec.startswith("chat:") for spec in specs):
+    raise errors.DataError(f"data.mixture {specs}: chat sources cannot be mixed (yet); use one")
+  resolved = [sources.resolve(spec, data, cache_dir) for spec in specs]
+  tokenizer = tokenizers.build_tokenizer(
+    data.tokenizer,
+    spm_model=data.spm_model,
+    spm_vocab_size=int(data.spm_vocab_size),
+    source_identity={"mixture": [source.identity for source in resolved]},
+    train_documents=lambda: mixture.tokenizer_documents(resolved),
+    cache_dir=cache_dir,
+  )
+  stores = [
+    store.prepare(source, tokenizer, int(data.seq_len), cache_dir, verify=bool(data.verify_store))
+    for source in resolved
+  ]
+  mix = mixture.Mixture(stores, specs, table, int(config.seed))
+  for spec, prepared, weight in zip(specs, stores, table[0][1], strict=True):
+    _log.info(
+      "Mixture source %s: weight %.4f, store %s (train %d rows, validation %d rows)",
+      spec,
+      weight,
+      prepared.path,
+      prepared.num_rows("train"),
+      prepared.num_rows("validation"),
+    )
+  return MixturePipeline(tokenizer, mix, int(config.seed))
 
 
 def _build_chat(config: ml_collections.ConfigDict, cache_dir: Path) -> Pipeline:

@@ -169,11 +169,26 @@ def _check_optim(optim) -> None:
 
 
 def _check_data(data) -> None:
-  if not any(data.source == p or data.source.startswith(p) for p in SOURCE_PREFIXES):
+  if tuple(data.mixture):
+    from input_pipeline import mixture  # noqa: PLC0415
+
+    mixture.parse(tuple(data.mixture), tuple(data.mixture_stages))  # DataError names the key
+    for spec, _ in data.mixture:
+      _check_source(spec, "data.mixture source")
+  else:
+    _check_source(data.source, "data.source")
+  _check_percent(data)
+
+
+def _check_source(spec, key: str) -> None:
+  if not isinstance(spec, str) or not any(spec == p or spec.startswith(p) for p in SOURCE_PREFIXES):
     raise ConfigError(
-      f"data.source={data.source!r} is not one of the forms stdlib, files:<dir or glob>, "
+      f"{key}={spec!r} is not one of the forms stdlib, files:<dir or glob>, "
       f"tfds:<name>[:<version>], chat:<conversations.jsonl>"
     )
+
+
+def _check_percent(data) -> None:
   percent = data.validation_percent
   if not isinstance(percent, (int, float)) or not 0 <= percent < 100:
     raise ConfigError(f"data.validation_percent={percent!r} must be in [0, 100)")

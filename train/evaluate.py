@@ -55,7 +55,8 @@ def main(argv: Sequence[str]) -> None:
       harness.write(f.workdir, results)
       for name, value in sorted(results["metrics"].items()):
         print(f"{name}: {value:.4f}", file=sys.stderr)
-      print(json.dumps(results), flush=True)
+      # The tasks' full configs stay in the file; the printed line keeps the results.
+      print(json.dumps({k: v for k, v in results.items() if k != "configs"}), flush=True)
   except (ValueError, FileNotFoundError, ImportError) as e:
     print(f"loom: error: {e}", file=sys.stderr, flush=True)
     code = 2

@@ -13,6 +13,7 @@ import collections
 import logging
 import math
 import os
+import re
 import time
 from typing import Any
 
@@ -227,9 +228,26 @@ class _Loop:
     self.window_start, self.window_steps = now, 0
     values.update({"perf/tokens_per_second": tokens_per_second, "perf/mfu": mfu})
     values["train/tokens_seen"] = float(step_number * self.tokens_per_step)
+    values.update(self.mixture_shares())
     self.writer.write(step_number, values)
     self.progress.update(step_number, values["train/loss"], tokens_per_second, mfu)
     self.summarise(values)
+
+  def mixture_shares(self) -> dict[str, float]:
+    """data/share/<source>: the share of the target tokens this process has consumed from each
+    source of a mixture (data.mixture), since this attempt started; {} without a mixture."""
+    mix = getattr(self.run.pipeline, "mixture", None)
+    if mix is None:
+      return {}
+    weights = mix.weights_at(self.step_index)
+    self.summary["data_mixture"] = {
+      spec: dict(counts, weight=float(weight))
+      for (spec, counts), weight in zip(mix.realised().items(), weights, strict=True)
+    }
+    return {
+      f"data/share/{re.sub(r'[^A-Za-z0-9_.-]+', '_', spec)}": counts["share"]
+      for spec, counts in mix.realised().items()
+    }
 
   def on_skipped(self, record: dict[str, Any]) -> None:
     """One skipped step, as recorded on the device: log, count in a row, roll back on spikes."""

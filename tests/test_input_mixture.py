@@ -1,0 +1,132 @@
+"""Weighted mixtures (input_pipeline/mixture.py): proportions, process-count invariance, O(1)
+resume, stages, realised shares in the logs and the report, a changed mixture refused."""
+
+import itertools
+import json
+import os
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cli_helpers import read_metrics, run_train
+
+import input_pipeline
+from configs.default import get_config
+from input_pipeline import errors, mixture
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+SOURCES = [f"files:{STDLIB / name / '*.py'}" for name in ("json", "email", "asyncio")]
+WEIGHTS = (0.5, 0.3, 0.2)
+B = 20
+
+
+def _config(cache_dir, weights=WEIGHTS, stages=()):
+  c = get_config()
+  c.data.cache_dir = str(cache_dir)
+  c.data.mixture = tuple(zip(SOURCES, weights, strict=True))
+  c.data.mixture_stages = stages
+  c.data.seq_len = 32
+  c.data.validation_percent = 20
+  return c
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory):
+  return input_pipeline.build(_config(tmp_path_factory.mktemp("cache"), stages=((100, (0, 0, 1)),)))
+
+
+def _plan(pipe, step, p=0, count=1):
+  mix = pipe.mixture
+  rows = [s.num_rows("train") for s in mix.stores]
+  return mixture.sample_plan(mix.seed, rows, mix.table, B, step, p, count)
+
+
+def test_realised_proportions_follow_the_weights_and_the_stages(pipe):
+  sources = np.concatenate([_plan(pipe, step)[0] for step in range(100)])  # 2,000 rows
+  shares = np.bincount(sources, minlength=3) / sources.size
+  np.testing.assert_allclose(shares, WEIGHTS, atol=0.01)
+  # Every step alone holds floor or ceil of weight × batch rows of each source.
+  for step in range(5):
+    counts = np.bincount(_plan(pipe, step)[0], minlength=3)
+    assert all(abs(c - w * B) < 1 for c, w in zip(counts, WEIGHTS, strict=True))
+  # From step 100 on, the second stage: the third source only.
+  assert set(np.concatenate([_plan(pipe, step)[0] for step in range(100, 110)])) == {2}
+
+
+def test_batches_are_the_same_for_any_process_count(pipe):
+  def batch(p, count, step=3):
+    it = pipe.train_batches(global_batch_size=B, start_step=step, process_index=p,
+                            process_count=count)  # fmt: skip
+    return next(it)
+
+  whole = batch(0, 1)
+  for count in (2, 4):
+    parts = [batch(p, count) for p in range(count)]
+    for key, value in whole.items():
+      np.testing.assert_array_equal(np.concatenate([part[key] for part in parts]), value)
+  # And the rows come from the sources the plan says, in batch order.
+  sources, rows = _plan(pipe, 3)
+  for i in (0, 7, 19):
+    tokens = pipe.mixture.stores[sources[i]].read_rows("train", rows[i : i + 1])[0][0]
+    np.testing.assert_array_equal(whole["inputs"][i], tokens[:-1])
+
+
+def test_resume_reads_the_same_rows_as_an_uninterrupted_run(pipe):
+  it = pipe.train_batches(global_batch_size=B, start_step=0, process_index=0, process_count=1)
+  uninterrupted = list(itertools.islice(it, 8))
+  resumed = pipe.train_batches(global_batch_size=B, start_step=5, process_index=0, process_count=1)
+  for expected in uninterrupted[5:]:
+    got = next(resumed)
+    for key in expected:
+      np.testing.assert_array_equal(got[key], expected[key])
+
+
+def test_tokens_consumed_are_counted_per_source(pipe):
+  pipe.mixture.tokens[:] = 0
+  it = pipe.train_batches(global_batch_size=B, start_step=0, process_index=0, process_count=1)
+  batches = list(itertools.islice(it, 10))
+  realised = pipe.mixture.realised()
+  assert sum(r["tokens"] for r in realised.values()) == sum(b["weights"].sum() for b in batches)
+  shares = [realised[s]["share"] for s in SOURCES]
+  np.testing.assert_allclose(shares, WEIGHTS, atol=0.03)
+  evals = pipe.eval_batches(global_batch_size=B, num_batches=2, process_index=0, process_count=1)
+  assert len(evals) == 2 and evals[0]["inputs"].shape == (B, 32)
+
+
+@pytest.mark.parametrize(
+  "mixture_value, stages, message",
+  [
+    ((("stdlib", 1.0),), (), "two or more distinct sources"),
+    ((("stdlib", 1.0), ("stdlib", 2.0)), (), "two or more distinct sources"),
+    ((("stdlib", 1.0), (SOURCES[0], -1.0)), (), "must be 2 numbers >= 0"),
+    ((("stdlib", 0.0), (SOURCES[0], 0.0)), (), "sum to 0"),
+    ((("stdlib", 1.0), (SOURCES[0], 1.0)), ((0, (1, 1)),), "start step 0 must be"),
+    ((("stdlib", 1.0), (SOURCES[0], 1.0)), ((10, (1,)),), "at step 10: weights"),
+    ("stdlib", (), "must be pairs (source, weight)"),
+  ],
+)
+def test_bad_mixtures_are_clear_errors(mixture_value, stages, message):
+  with pytest.raises(errors.DataError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    mixture.parse(mixture_value, stages)
+
+
+def test_a_run_logs_shares_reports_them_and_refuses_another_mixture(tmp_path, cache_dir):
+  workdir = str(tmp_path / "run")
+  mix = f"--config.data.mixture=(('stdlib', 0.75), ('files:{STDLIB / 'json' / '*.py'}', 0.25))"
+  result = run_train(workdir, mix, "--config.train.steps=10", cache_dir=cache_dir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  lines = [r for r in read_metrics(workdir) if "train/loss" in r and "event" not in r]
+  shares = {k: v for k, v in lines[-1].items() if k.startswith("data/share/")}
+  assert len(shares) == 2 and sum(shares.values()) == pytest.approx(1.0)
+  assert shares["data/share/stdlib"] == pytest.approx(0.75, abs=0.1)
+  report = json.load(open(os.path.join(workdir, "report.json")))
+  assert report["data_mixture"]["stdlib"]["weight"] == 0.75
+  assert report["data_mixture"]["stdlib"]["share"] == shares["data/share/stdlib"]
+  # Other weights on resume: a different data fingerprint, refused unless allowed.
+  other = mix.replace("0.75", "0.5").replace("0.25", "0.5")
+  refused = run_train(workdir, other, "--config.train.steps=20", cache_dir=cache_dir)
+  assert refused.returncode != 0 and "data fingerprint" in refused.stderr
+  allowed = run_train(workdir, other, "--config.train.steps=20",
+                      "--config.checkpoint.allow_mismatch=True", cache_dir=cache_dir)  # fmt: skip
+  assert allowed.returncode == 0, allowed.stderr[-3000:]
