@@ -23,7 +23,7 @@ def get_config() -> ml_collections.ConfigDict:
   # from the weights (input_pipeline/mixture.py); () = off.
   c.data.mixture = ()
   c.data.mixture_stages = ()  # ((start step, (w1, w2, ...)), ...): weights from that step on
-  c.data.text_feature = "text"  # feature holding the text, for "tfds:" sources
+  c.data.text_feature = "text"  # the text field of "tfds:" examples, *.jsonl records, *.parquet
   c.data.tfds_data_dir = ""  # TFDS data dir for "tfds:" sources ("" = TFDS default)
   c.data.tfds_download = True  # download a "tfds:" dataset not prepared there (False: refuse)
   # Processes other than 0 wait this long for process 0 to prepare the data (multi-process runs).

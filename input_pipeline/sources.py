@@ -132,12 +132,13 @@ def _local_source(spec: str, root: Path, files: list[Path], data_config, cache_d
   percent = int(data_config.validation_percent)
   if not 0 <= percent < 100:
     raise errors.DataError(f"data.validation_percent={percent} must be in [0, 100)")
-  text, digest = text_files.scan(root, files, percent)
+  feature = str(data_config.text_feature)
+  text, digest = text_files.scan(root, files, percent, feature)
   if not text:
     raise errors.DataError(
       f"data.source={spec!r}: no UTF-8 text in the {len(files)} files (empty corpus)"
     )
-  config = text_files.make_config(root, text, percent, digest)
+  config = text_files.make_config(root, text, percent, digest, feature)
   # TFDS writes TFRecords through TensorFlow's own file system, which cannot reach every object
   # store (train/storage.py): with a remote cache the dataset is a local intermediate; only the
   # packed store, which every host reads, goes to the shared cache.

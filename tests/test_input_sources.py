@@ -197,3 +197,66 @@ def test_a_named_dataset_that_is_not_prepared_fails_in_one_line(tmp_path):
   )
   assert result.returncode == 2 and "Traceback" not in result.stderr
   assert "tfds build lm1b --data_dir DIR" in result.stderr
+
+
+def _records(source) -> dict[str, list[str]]:
+  return {split: list(source.documents(split)) for split in ("train", "validation")}
+
+
+def test_json_lines_records_are_documents_and_bad_ones_are_reported(tmp_path, caplog):
+  import json
+
+  corpus = tmp_path / "corpus"
+  corpus.mkdir()
+  good = [{"text": f"document {i}: " + "words " * (i % 5 + 1), "id": i} for i in range(40)]
+  lines = [json.dumps(r) for r in good]
+  lines.insert(3, "{not json")  # line 4
+  lines.insert(10, json.dumps({"body": "no text field"}))  # line 11
+  lines.insert(20, json.dumps({"text": 7}))  # line 21
+  lines.insert(25, json.dumps({"text": "   "}))  # line 26
+  (corpus / "a.jsonl").write_text("\n".join(lines) + "\n\n")
+  (corpus / "b.jsonl").write_text("\n".join(json.dumps(r) for r in good[:5]) + "\n")
+  with caplog.at_level(logging.WARNING):
+    source = sources.resolve(f"files:{corpus}", _config(tmp_path).data, tmp_path / "cache")
+  report = [r.getMessage() for r in caplog.records if "bad records" in r.getMessage()]
+  assert len(report) == 1 and "a.jsonl: 4 bad records skipped" in report[0]
+  assert "1 not valid JSON (lines 4)" in report[0] and "no 'text' field (lines 11)" in report[0]
+  assert "(lines 21, 26)" in report[0]
+  # Each good record is one document (in whichever split its file's name falls).
+  docs = _records(source)
+  expected = [r["text"] for r in good] + [r["text"] for r in good[:5]]
+  assert sorted(docs["train"] + docs["validation"]) == sorted(expected)
+
+
+def test_parquet_rows_and_a_named_text_field(tmp_path):
+  pa = pytest.importorskip("pyarrow")
+  import pyarrow.parquet as pq
+
+  rows = [f"row {i} " + "text " * (i % 3 + 1) for i in range(50)]
+  rows[7] = None  # a bad row: reported, not a document
+  path = tmp_path / "docs.parquet"
+  pq.write_table(pa.table({"content": rows, "n": list(range(50))}), path)
+  data = _config(tmp_path, text_feature="content", validation_percent=10).data
+  source = sources.resolve(f"files:{path}", data, tmp_path / "cache")
+  docs = _records(source)
+  # One file: split by position over its 49 good rows, the last 10% (4) for validation.
+  assert sorted(docs["validation"]) == sorted([r for r in rows if r][-4:])
+  assert sorted(docs["train"]) == sorted([r for r in rows if r][:-4])
+  missing = _config(tmp_path, validation_percent=10).data  # text_feature "text": no such column
+  with pytest.raises(ValueError, match=r"no column 'text' \(columns: \['content', 'n'\]\)"):
+    sources.resolve(f"files:{path}", missing, tmp_path / "cache2")
+
+
+def test_a_single_json_lines_file_is_split_by_records(tmp_path, caplog):
+  import json
+
+  path = tmp_path / "chats.jsonl"
+  path.write_text("".join(json.dumps({"text": f"record {i}"}) + "\n" for i in range(30)))
+  with caplog.at_level(logging.INFO):
+    source = sources.resolve(
+      f"files:{path}", _config(tmp_path, validation_percent=10).data, tmp_path / "cache"
+    )
+  assert "split by position, its last 10% of records" in caplog.text
+  docs = _records(source)
+  assert sorted(docs["validation"]) == ["record 27", "record 28", "record 29"]
+  assert sorted(docs["train"]) == sorted(f"record {i}" for i in range(27))
