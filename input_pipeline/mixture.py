@@ -208,9 +208,13 @@ class Mixture:
       self.seed, rows, self.table, global_batch_size, start_step, None, process_index,
       process_count,
     )  # fmt: skip
-    ds = ds.batch(local, drop_remainder=True).map(
-      load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
-    )
+    ds = ds.batch(local, drop_remainder=True)
+    if any(store.remote for store in self.stores):  # fetched on this thread (sampler.py)
+      pairs = ds.prefetch(2).as_numpy_iterator()
+      batches = (dict(zip((*sampler.BATCH_KEYS, "source"), read(*p), strict=True)) for p in pairs)
+    else:
+      ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+      batches = ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
     _log.info(
       "Train data: a mixture of %s, weights %s from step %d (global batch %d)",
       ", ".join(self.specs),
@@ -218,7 +222,7 @@ class Mixture:
       start_step,
       global_batch_size,
     )
-    for batch in ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator():
+    for batch in batches:
       sources = batch.pop("source")
       counts = batch["weights"].sum(axis=1)
       self.tokens += np.bincount(sources, weights=counts, minlength=len(self.stores)).astype(

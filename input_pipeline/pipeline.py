@@ -117,7 +117,12 @@ def build(config: ml_collections.ConfigDict) -> Pipeline:
     cache_dir=cache_dir,
   )
   prepared = store.prepare(
-    source, tokenizer, int(data.seq_len), cache_dir, verify=bool(data.verify_store)
+    source,
+    tokenizer,
+    int(data.seq_len),
+    cache_dir,
+    verify=bool(data.verify_store),
+    shard_mb=float(data.store_shard_mb),
   )
   return _ready(config, tokenizer, prepared)
 
@@ -166,7 +171,14 @@ def _build_mixture(config: ml_collections.ConfigDict, cache_dir: Path) -> Pipeli
     cache_dir=cache_dir,
   )
   stores = [
-    store.prepare(source, tokenizer, int(data.seq_len), cache_dir, verify=bool(data.verify_store))
+    store.prepare(
+      source,
+      tokenizer,
+      int(data.seq_len),
+      cache_dir,
+      verify=bool(data.verify_store),
+      shard_mb=float(data.store_shard_mb),
+    )
     for source in resolved
   ]
   mix = mixture.Mixture(stores, specs, table, int(config.seed))
@@ -204,6 +216,7 @@ def _build_chat(config: ml_collections.ConfigDict, cache_dir: Path) -> Pipeline:
     cache_dir,
     renderer=renderer,
     verify=bool(data.verify_store),
+    shard_mb=float(data.store_shard_mb),
   )
   return _ready(config, tokenizer, prepared)
 

@@ -136,8 +136,15 @@ def train_iterator(
   """
   if start_step < 0:
     raise ValueError(f"start_step must be >= 0, got {start_step}")
-  ds = train_dataset(store, seed, global_batch_size, start_step, process_index, process_count)
   rows = store.num_rows("train")
+  if store.remote:
+    return _log_epochs(
+      _remote_batches(store, seed, global_batch_size, start_step, process_index, process_count),
+      rows,
+      global_batch_size,
+      start_step,
+    )
+  ds = train_dataset(store, seed, global_batch_size, start_step, process_index, process_count)
   _log.info(
     "Train data: %d rows, global batch %d (%d per process x %d), starting at step %d in epoch %d",
     rows,
@@ -148,6 +155,21 @@ def train_iterator(
     start_step * global_batch_size // rows,
   )
   return _log_epochs(ds.as_numpy_iterator(), rows, global_batch_size, start_step)
+
+
+def _remote_batches(store, seed, global_batch_size, start_step, process_index, process_count):
+  """Batches of a store on an object store: tf.data computes the row indices, and the rows are
+  fetched on the caller's thread (range requests, all of a batch's at once). fsspec's client
+  inside tf.data's own threads deadlocked at interpreter exit; here the fetch overlaps the
+  device's step anyway, since the loop does not wait for the device between log steps."""
+  local = check_share(global_batch_size, process_index, process_count)
+  ds = _sample_dataset(
+    seed, store.num_rows("train"), global_batch_size, start_step, None, process_index,
+    process_count,
+  )  # fmt: skip
+  read = _reader(store, "train")
+  for rows_B in ds.batch(local, drop_remainder=True).prefetch(2).as_numpy_iterator():
+    yield dict(zip(BATCH_KEYS, read(rows_B), strict=True))
 
 
 def _log_epochs(batches, rows: int, global_batch_size: int, step: int):

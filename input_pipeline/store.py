@@ -2,16 +2,27 @@
 
 Layout: <data.cache_dir>/stores/<fingerprint>/
   manifest.json                     source, tokenizer identity, seq_len, rows and packing efficiency
-                                    per split, format version, fingerprint, sha256 of every array
-  {train,validation}_tokens.npy     [rows, seq_len + 1] token ids (uint16, int32 past 65535)
-  {train,validation}_segment_ids.npy  [rows, seq_len + 1] 1, 2, ... per document piece, 0 = padding
-  {train,validation}_positions.npy  [rows, seq_len + 1] position within the piece
+                                    per split, format version, fingerprint, the shard index (rows
+                                    per shard, per split) and size and sha256 of every file
+  {split}_tokens.<i>.npy            shard i: [rows_i, seq_len + 1] token ids (uint16; int32 past
+                                    65535), for split train and validation
+  {split}_segment_ids.<i>.npy       [rows_i, seq_len + 1] 1, 2, ... per document piece, 0 = padding
+  {split}_positions.<i>.npy         [rows_i, seq_len + 1] position within the piece
 
-Why plain .npy files rather than ArrayRecord or TFRecord: a memory-mapped .npy gives zero-copy
-random access to any row (the sampler reads rows in permuted order), handles corpora larger than
-host memory (pages come and go as the OS likes), needs no dependency beyond numpy, and is trivial to
-verify: the header states dtype and shape, and a sha256 covers the bytes. Rows are appended as
-they are packed, with the .npy header (whose shape is only known at the end) written last.
+Shards hold ~``data.store_shard_mb`` of tokens each (the same rows for every array of a split), so
+a store far larger than one host is many ordinary objects. A row is read where it lies: on local
+disks through a memory map (zero copy, pages come and go as the OS likes), on object stores by a
+byte-range request per row, all of a batch's requests in flight at once (fsspec's cat_ranges), so
+a host fetches only its own rows and never copies the store (tested: each of two processes reads
+no more than its share from the GCS emulator).
+
+Why .npy shards rather than ArrayRecord: a row of a .npy file is at a computable byte offset, so
+random access needs no index read and no dependency beyond numpy; local memory maps and remote
+range reads share one layout; and the header states dtype and shape, a sha256 covers the bytes.
+ArrayRecord's reader (TFDS's array_record format, Grain's sources) opens local files only here (its
+C++ file layer has no GCS client that an emulator can serve), so it would bring back the
+whole-store copy this layout removes. Rows are appended as they are packed; each shard's .npy
+header (whose shape is only known at the end) is written last.
 
 Atomicity: a store is built in a hidden temporary directory and renamed into place only when every
 array and the manifest are written, so a crash never leaves a store that looks complete. When
@@ -38,12 +49,13 @@ from train import storage
 
 _log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: arrays in shards with an index (1: one file per array)
 PACKING_SCHEME = "stream-overlap1"  # see packing.py
 ARRAYS = ("tokens", "segment_ids", "positions")
 MASK = "loss_mask"  # chat stores only: which tokens may be targets (assistant turns)
 _HEADER_BYTES = 128  # room reserved for the .npy header, which is written once the shape is known
 _ENCODE_CHUNK = 256  # documents tokenized per call (SentencePiece batches them over threads)
+DEFAULT_SHARD_MB = 256  # tokens per shard file, roughly
 
 
 class StoreError(errors.DataError):
@@ -66,14 +78,69 @@ def _fingerprint_inputs(source_identity: dict, tokenizer_identity: dict, seq_len
   }
 
 
-class Store:
-  """A verified store: memory-mapped arrays per split and the manifest."""
+class ShardedArray:
+  """One array of one split, in shards: rows read by memory map (local) or byte ranges (remote)."""
 
-  def __init__(self, path: Path, manifest: dict, arrays: dict[str, dict[str, np.ndarray]]):
+  def __init__(self, files: list, rows: list[int], dtype: np.dtype, width: int, maps=None):
+    self.files, self.dtype, self.width = files, np.dtype(dtype), width
+    self.starts = np.concatenate([[0], np.cumsum(rows)]).astype(np.int64)
+    self.maps = maps  # memory maps of local shards; None: ranges of remote objects
+    self.row_bytes = width * self.dtype.itemsize
+    self.bytes_read = 0
+    self._fs = None
+
+  def __len__(self) -> int:
+    return int(self.starts[-1])
+
+  def __getitem__(self, rows_B) -> np.ndarray:
+    rows_B = np.asarray(rows_B, np.int64)
+    shard_B = np.searchsorted(self.starts, rows_B, side="right") - 1
+    local_B = rows_B - self.starts[shard_B]
+    out = np.empty((len(rows_B), self.width), self.dtype)
+    if self.maps is not None:
+      for shard in np.unique(shard_B):
+        where = shard_B == shard
+        out[where] = self.maps[shard][local_B[where]]
+      self.bytes_read += out.nbytes
+      return out
+    if self._fs is None:
+      import fsspec  # noqa: PLC0415 (object stores only)
+
+      self._fs, _ = fsspec.core.url_to_fs(str(self.files[0]))
+    paths = [_fs_path(self.files[s]) for s in shard_B]
+    starts = [_HEADER_BYTES + int(r) * self.row_bytes for r in local_B]
+    blobs = self._fs.cat_ranges(paths, starts, [b + self.row_bytes for b in starts])
+    for i, blob in enumerate(blobs):
+      if isinstance(blob, Exception) or len(blob) != self.row_bytes:
+        raise StoreError(f"store shard {self.files[shard_B[i]]}: row {local_B[i]} unreadable")
+      out[i] = np.frombuffer(blob, self.dtype)
+    self.bytes_read += sum(len(b) for b in blobs)
+    return out
+
+
+def _fs_path(path) -> str:
+  return str(path).split("://", 1)[-1]
+
+
+class Store:
+  """A verified store: sharded arrays per split and the manifest."""
+
+  def __init__(self, path: Path, manifest: dict, arrays: dict[str, dict[str, ShardedArray]]):
     self.path = path
     self.manifest = manifest
     self.fingerprint: str = manifest["fingerprint"]
     self._arrays = arrays
+
+  @property
+  def remote(self) -> bool:
+    """On an object store: rows are fetched by range requests (input_pipeline/sampler.py reads
+    them on the calling thread, never inside tf.data's threads)."""
+    return storage.is_remote(self.path)
+
+  @property
+  def bytes_read(self) -> int:
+    """Bytes of rows this process has read from the store (its share, nothing more)."""
+    return sum(a.bytes_read for split in self._arrays.values() for a in split.values())
 
   def num_rows(self, split: str) -> int:
     return int(self.manifest["splits"][split]["rows"])
@@ -97,6 +164,7 @@ def prepare(
   splits: Iterable[str] = ("train", "validation"),
   renderer=None,
   verify: bool = False,
+  shard_mb: float = DEFAULT_SHARD_MB,
 ) -> Store:
   """Returns the store for these inputs, packing it first unless a verified one already exists.
 
@@ -131,12 +199,16 @@ def prepare(
       "array_names": list(ARRAYS) + ([MASK] if renderer else []),
       "splits": {},
       "arrays": {},
+      "shards": {},
     }
     for split in splits:
       documents = source.documents(split)
-      stats, arrays = _write_split(tmp, split, documents, tokenizer, seq_len, renderer)
+      stats, arrays, shards = _write_split(
+        tmp, split, documents, tokenizer, seq_len, renderer, shard_mb
+      )
       manifest["splits"][split] = stats
       manifest["arrays"].update(arrays)
+      manifest["shards"][split] = shards
     if manifest["splits"]["train"]["rows"] == 0:
       raise errors.DataError(
         f"data.source={source.spec!r}: the train split holds no text (empty corpus)"
@@ -174,8 +246,8 @@ def load(path, expected_fingerprint: str | None = None, *, verify: bool = False)
   shape and byte size. ``verify`` also re-hashes every array (sha256): the full check of
   ``python -m input_pipeline.prepare --verify``, too slow to repeat on every host at every start.
 
-  A store on an object store is copied once into this host's local scratch space (checked the
-  same way) and memory-mapped from there.
+  A store on an object store stays there: each shard's size is checked against the manifest
+  (one metadata request per file) and rows are read by byte ranges when asked for.
   """
   path = storage.resolve(path)
   hint = "delete that directory to prepare it again"
@@ -193,51 +265,71 @@ def load(path, expected_fingerprint: str | None = None, *, verify: bool = False)
     raise StoreError(
       f"store {path} holds fingerprint {manifest.get('fingerprint')!r}, expected {want!r}; {hint}"
     )
-  local = _local_copy(path, manifest, hint) if storage.is_remote(path) else Path(path)
-  arrays: dict[str, dict[str, np.ndarray]] = {}
+  remote = storage.is_remote(path)
+  arrays: dict[str, dict[str, ShardedArray]] = {}
   for split, stats in manifest["splits"].items():
+    rows = manifest["shards"][split]
+    if sum(rows) != stats["rows"]:
+      raise StoreError(f"store {path}: the {split} shard index does not add up; {hint}")
     arrays[split] = {}
     for name in manifest.get("array_names", ARRAYS):
-      file = local / f"{split}_{name}.npy"
-      arrays[split][name] = _open_array(file, manifest, stats["rows"], hint, verify)
-  return Store(path if storage.is_remote(path) else local, manifest, arrays)
+      base = path if remote else Path(path)
+      files = [base / shard_name(split, name, i) for i in range(len(rows))]
+      metas = [manifest["arrays"].get(f.name) for f in files]
+      if any(meta is None for meta in metas):
+        raise StoreError(f"store {path}: the manifest lacks shards of {split}_{name}; {hint}")
+      maps = None
+      if remote:
+        for file, meta in zip(files, metas, strict=True):
+          _check_remote(file, meta, hint, verify)
+      else:
+        maps = [
+          _open_array(f, meta, r, manifest["row_width"], hint, verify)
+          for f, meta, r in zip(files, metas, rows, strict=True)
+        ]
+      dtype = np.dtype(metas[0]["dtype"]) if metas else np.dtype(np.int32)
+      arrays[split][name] = ShardedArray(files, rows, dtype, manifest["row_width"], maps)
+  return Store(path if remote else Path(path), manifest, arrays)
 
 
-def _local_copy(remote, manifest: dict, hint: str) -> Path:
-  """This host's copy of a remote store (made once; each file checked by size on arrival)."""
-  local = Path(storage.local_scratch(remote.parent.parent)) / "stores" / manifest["fingerprint"]
-  done = local / "manifest.json"
-  if done.exists() and json.loads(done.read_text()) == manifest:
-    return local
-  local.mkdir(parents=True, exist_ok=True)
-  start = time.time()
-  for filename, meta in manifest["arrays"].items():
-    tmp = local / f".{filename}.{os.getpid()}.tmp"
-    with (remote / filename).open("rb") as src, open(tmp, "wb") as dst:
-      shutil.copyfileobj(src, dst, 1 << 24)
-    expected = _HEADER_BYTES + math.prod(meta["shape"]) * np.dtype(meta["dtype"]).itemsize
-    if tmp.stat().st_size != expected:
-      raise StoreError(
-        f"store array {remote / filename} holds {tmp.stat().st_size} bytes, the manifest says "
-        f"{expected}; {hint}"
-      )
-    os.replace(tmp, local / filename)
-  _write_json(done, manifest)
-  _log.info("Copied store %s to %s in %.1f s", remote, local, time.time() - start)
-  return local
+def shard_name(split: str, name: str, index: int) -> str:
+  return f"{split}_{name}.{index:05d}.npy"
 
 
-def _open_array(file: Path, manifest: dict, rows: int, hint: str, verify: bool) -> np.ndarray:
-  meta = manifest["arrays"].get(file.name)
-  want_shape = (rows, manifest["row_width"])
+def _file_bytes(meta: dict) -> int:
+  return _HEADER_BYTES + math.prod(meta["shape"]) * np.dtype(meta["dtype"]).itemsize
+
+
+def _check_remote(file, meta: dict, hint: str, verify: bool) -> None:
+  try:
+    size = file.stat().length
+  except OSError as e:
+    raise StoreError(f"store shard {file} cannot be read ({e}); {hint}") from e
+  if size != _file_bytes(meta):
+    raise StoreError(
+      f"store shard {file} holds {size} bytes, the manifest says {_file_bytes(meta)}; {hint}"
+    )
+  if verify:
+    h = hashlib.sha256()
+    with file.open("rb") as f:
+      while block := f.read(1 << 24):
+        h.update(block)
+    if h.hexdigest() != meta["sha256"]:
+      raise StoreError(f"store shard {file} fails its sha256 check (corrupt); {hint}")
+
+
+def _open_array(
+  file: Path, meta: dict, rows: int, width: int, hint: str, verify: bool
+) -> np.ndarray:
+  want_shape = (rows, width)
   try:
     array = np.load(file, mmap_mode="r", allow_pickle=False)  # data only, never code
   except (OSError, ValueError) as e:
     raise StoreError(f"store array {file} cannot be read ({e}); {hint}") from e
-  if meta is None or tuple(array.shape) != want_shape or str(array.dtype) != meta["dtype"]:
+  if tuple(array.shape) != want_shape or str(array.dtype) != meta["dtype"]:
     raise StoreError(
       f"store array {file} is {array.dtype}{list(array.shape)}, the manifest says "
-      f"{meta and meta['dtype']}{list(want_shape)}; {hint}"
+      f"{meta['dtype']}{list(want_shape)}; {hint}"
     )
   size, expected = file.stat().st_size, _HEADER_BYTES + array.nbytes
   if size != expected:
@@ -247,7 +339,15 @@ def _open_array(file: Path, manifest: dict, rows: int, hint: str, verify: bool) 
   return array
 
 
-def _write_split(tmp: Path, split: str, documents, tokenizer, seq_len: int, renderer=None):
+def _write_split(
+  tmp: Path,
+  split: str,
+  documents,
+  tokenizer,
+  seq_len: int,
+  renderer=None,
+  shard_mb: float = DEFAULT_SHARD_MB,
+):
   token_dtype = packing.row_dtype(tokenizer.vocab_size - 1)
   index_dtype = packing.row_dtype(seq_len + 1)
   packer = packing.Packer(
@@ -255,14 +355,27 @@ def _write_split(tmp: Path, split: str, documents, tokenizer, seq_len: int, rend
   )
   names = ARRAYS + ((MASK,) if renderer else ())
   dtypes = dict(zip(names, (token_dtype, index_dtype, index_dtype, np.uint8), strict=False))
-  writers = {
-    name: _NpyWriter(tmp / f"{split}_{name}.npy", dtypes[name], seq_len + 1) for name in names
-  }
+  # The same rows per shard for every array: sized by the token array's bytes.
+  shard_rows = max(1, int(shard_mb * (1 << 20)) // ((seq_len + 1) * np.dtype(token_dtype).itemsize))
+  writers: dict[str, list[_NpyWriter]] = {name: [] for name in names}
+  filled = [shard_rows]  # rows in the newest shard (full: open one at the next row)
 
   def write(blocks):
     for block in blocks:
-      for name, rows in zip(names, block, strict=True):
-        writers[name].append(rows)
+      start = 0
+      while start < len(block[0]):
+        if filled[0] == shard_rows:
+          for name in names:
+            index = len(writers[name])
+            writers[name].append(
+              _NpyWriter(tmp / shard_name(split, name, index), dtypes[name], seq_len + 1)
+            )
+          filled[0] = 0
+        take = min(shard_rows - filled[0], len(block[0]) - start)
+        for name, rows in zip(names, block, strict=True):
+          writers[name][-1].append(rows[start : start + take])
+        filled[0] += take
+        start += take
 
   if renderer is not None:
     for conversation in documents:
@@ -279,20 +392,22 @@ def _write_split(tmp: Path, split: str, documents, tokenizer, seq_len: int, rend
       write(packer.add(ids))
   write(packer.finish())
   arrays = {}
-  for writer in writers.values():
-    writer.close()
-    arrays[writer.path.name] = {
-      "dtype": str(writer.dtype),
-      "shape": [writer.rows, seq_len + 1],
-      "sha256": _sha256(writer.path),
-    }
+  for shards in writers.values():
+    for writer in shards:
+      writer.close()
+      arrays[writer.path.name] = {
+        "dtype": str(writer.dtype),
+        "shape": [writer.rows, seq_len + 1],
+        "sha256": _sha256(writer.path),
+      }
+  shard_rows_list = [writer.rows for writer in writers["tokens"]]
   stats = {
-    "rows": writers["tokens"].rows,
+    "rows": sum(shard_rows_list),
     "documents": packer.num_documents,
     "real_tokens": packer.real_slots,
     "packing_efficiency": round(packer.efficiency, 6),
   }
-  return stats, arrays
+  return stats, arrays, shard_rows_list
 
 
 def _masked_tokens(pieces: list[tuple[str, bool]], tokenizer) -> tuple[np.ndarray, np.ndarray]:

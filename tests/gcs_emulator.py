@@ -6,13 +6,15 @@ two documented behaviours that TensorStore's OCDBT format (Orbax's checkpoints) 
 commit its manifest safely: media downloads carry the object's ``x-goog-generation`` header, and
 the ``ifGenerationMatch`` / ``ifGenerationNotMatch`` preconditions are honoured (412 Precondition
 Failed, 304 Not Modified). Without them a revalidating read gets a body with no generation and
-TensorStore fails with "Malformed StorageGeneration" (seen on about one save in ten). This file
-adds exactly those behaviours around the emulator's own handlers, then starts its server.
+TensorStore fails with "Malformed StorageGeneration" (seen on about one save in ten). It also lets
+many clients connect at once, as GCS does (a deeper listen backlog: the store's parallel range
+reads). This file adds exactly those behaviours around the emulator's own server, then starts it.
 https://cloud.google.com/storage/docs/request-preconditions
 """
 
 import sys
 from http import HTTPStatus
+from http import server as http_server
 
 from gcp_storage_emulator.exceptions import NotFound
 from gcp_storage_emulator.handlers import objects
@@ -65,6 +67,10 @@ def _insert(original):
 
 
 def main(port: int) -> None:
+  # Concurrent clients: the emulator serves from one http.server.HTTPServer, whose listen backlog
+  # of 5 drops the 6th simultaneous connection until a SYN retransmit a second later; GCS takes
+  # many. A deeper backlog queues them instead (the store's parallel range reads need it).
+  http_server.HTTPServer.request_queue_size = 128
   # Patched before the server module builds its routing table from these functions.
   objects.download = _download(objects.download)
   objects.insert = _insert(objects.insert)

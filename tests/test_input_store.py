@@ -57,8 +57,9 @@ def test_manifest_describes_the_store(cache):
   for name, meta in m["arrays"].items():
     array = np.load(pipe.store.path / name, mmap_mode="r")
     assert list(array.shape) == meta["shape"] and str(array.dtype) == meta["dtype"]
-  tokens = np.load(pipe.store.path / "train_tokens.npy")
+  tokens = np.load(pipe.store.path / store.shard_name("train", "tokens", 0))
   assert tokens.dtype == np.uint16 and tokens.shape[1] == 33
+  assert m["shards"]["train"] == [m["splits"]["train"]["rows"]]  # a small store: one shard
 
 
 def test_second_build_reuses_the_store(cache, monkeypatch):
@@ -147,7 +148,7 @@ def test_concurrent_preparations_agree(tmp_path):
 def test_corrupt_store_is_refused_and_left_in_place(tmp_path, damage):
   cfg = _config(tmp_path)
   path = input_pipeline.build(cfg).store.path
-  tokens = path / "train_tokens.npy"
+  tokens = path / store.shard_name("train", "tokens", 0)
   if damage == "flip_byte":
     data = bytearray(tokens.read_bytes())
     data[-5] ^= 0xFF
@@ -199,3 +200,24 @@ def test_sentencepiece_trained_from_the_train_split_is_cached(tmp_path):
   assert pipe.tokenizer.decode(pipe.tokenizer.encode(text)) == text
   assert pipe.manifest["tokenizer"]["model_sha256"] == pipe.tokenizer.identity["model_sha256"]
   assert input_pipeline.build(cfg).fingerprint == pipe.fingerprint
+
+
+def test_a_store_in_many_shards_reads_the_same_rows(tmp_path):
+  """Shards are a layout, not data: the same fingerprint, the same batches as one shard."""
+  whole = input_pipeline.build(_config(tmp_path / "one"))
+  sharded = input_pipeline.build(_config(tmp_path / "many", store_shard_mb=0.01))
+  assert sharded.fingerprint == whole.fingerprint
+  shards = sharded.manifest["shards"]["train"]
+  assert len(shards) > 5 and sum(shards) == whole.store.num_rows("train")
+  files = sorted(p.name for p in sharded.store.path.glob("train_tokens.*.npy"))
+  assert files == [store.shard_name("train", "tokens", i) for i in range(len(shards))]
+  rows = np.random.default_rng(0).permutation(whole.store.num_rows("train"))[:300]
+  for a, b in zip(whole.store.read_rows("train", rows), sharded.store.read_rows("train", rows),
+                  strict=True):  # fmt: skip
+    np.testing.assert_array_equal(a, b)
+  first, second = (
+    next(p.train_batches(global_batch_size=8, start_step=3, process_index=0, process_count=1))
+    for p in (whole, sharded)
+  )
+  for key, value in first.items():
+    np.testing.assert_array_equal(second[key], value)

@@ -225,10 +225,12 @@ def test_two_processes_train_kill_and_resume_on_gcs(emulator, tmp_path, cache_di
     _kill(procs)
   first = [open(path).read() for path in paths]
   assert "Prepared store gs://loom/pod/cache/stores/" in first[0]
-  # Process 1 prepared nothing (no TFDS build in its scratch space): it waited, then copied.
-  (scratch1,) = os.listdir(f"{logs}.scratch1")
-  assert sorted(os.listdir(os.path.join(f"{logs}.scratch1", scratch1))) == ["stores"]
-  assert "tfds" in os.listdir(os.path.join(f"{logs}.scratch0", scratch1))
+  # Process 1 prepared nothing and copied nothing (no TFDS build, no store in its scratch
+  # space): it waited, then read its rows from the emulator. Process 0 built the TFDS dataset.
+  scratch1 = f"{logs}.scratch1"
+  assert not os.path.exists(scratch1) or not [f for _, _, fs in os.walk(scratch1) for f in fs]
+  (scratch0,) = os.listdir(f"{logs}.scratch0")
+  assert "tfds" in os.listdir(os.path.join(f"{logs}.scratch0", scratch0))
   done_before_kill = max(_losses(epath.Path(f"{workdir}/metrics.jsonl").read_text()))
   assert KILL_AFTER <= done_before_kill < STEPS, done_before_kill
 
@@ -275,3 +277,59 @@ def test_two_processes_train_kill_and_resume_on_gcs(emulator, tmp_path, cache_di
   )
   assert generated.returncode == 0, generated.stderr[-2000:]
   assert len(json.loads(generated.stdout.strip().splitlines()[-1])["texts"]) == 1
+
+
+READER = """
+import json, sys
+from configs.default import get_config
+import input_pipeline
+c = get_config()
+c.data.cache_dir, c.data.source, c.data.seq_len = sys.argv[1], sys.argv[2], 32
+c.data.store_shard_mb = 0.01
+pipe = input_pipeline.build(c)
+process, steps = int(sys.argv[3]), 6
+batches = pipe.train_batches(global_batch_size=16, start_step=0, process_index=process,
+                             process_count=2)
+rows = 0
+for _ in range(steps):
+  rows += len(next(batches)["inputs"])
+manifest = pipe.manifest
+import numpy as np
+firsts = [m for n, m in manifest["arrays"].items() if n.startswith("train_") and ".00000." in n]
+row_bytes = sum(m["shape"][1] * np.dtype(m["dtype"]).itemsize for m in firsts)
+print(json.dumps({"bytes_read": pipe.store.bytes_read, "rows": rows, "row_bytes": row_bytes,
+                  "shards": len(manifest["shards"]["train"])}))
+"""
+
+
+def test_two_processes_read_only_their_rows_of_a_sharded_store_on_gcs(emulator, tmp_path):
+  """A store written in shards to the emulator is read by 2 processes, each fetching its own
+  rows by byte ranges: no more than 2x its share of the bytes, and no copy of the store."""
+  import sysconfig
+
+  import input_pipeline
+  from configs.default import get_config
+
+  source = "files:" + os.path.join(sysconfig.get_paths()["stdlib"], "json", "*.py")
+  cache = "gs://loom/sharded-cache"
+  config = get_config()
+  config.data.cache_dir, config.data.source, config.data.seq_len = cache, source, 32
+  config.data.store_shard_mb = 0.01
+  prepared = input_pipeline.build(config)  # writes the shards and the manifest to the emulator
+  total = sum((prepared.store.path / name).stat().length for name in prepared.manifest["arrays"])
+  results = []
+  for process in (0, 1):
+    scratch = str(tmp_path / f"scratch{process}")
+    out = subprocess.run(
+      [sys.executable, "-c", READER, cache, source, str(process)],
+      cwd=REPO, env=_env(emulator, 1, scratch), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    # Nothing of the store was copied to this host.
+    assert not list((tmp_path / f"scratch{process}").glob("**/*.npy"))
+  for result in results:
+    share = result["rows"] * result["row_bytes"]
+    assert result["rows"] == 6 * 8 and result["shards"] > 5
+    assert 0 < result["bytes_read"] <= 2 * share, result
+  assert sum(r["bytes_read"] for r in results) < total / 4

@@ -177,7 +177,7 @@ def _check_data(data) -> None:
       _check_source(spec, "data.mixture source")
   else:
     _check_source(data.source, "data.source")
-  _check_percent(data)
+  _check_store_keys(data)
 
 
 def _check_source(spec, key: str) -> None:
@@ -188,7 +188,9 @@ def _check_source(spec, key: str) -> None:
     )
 
 
-def _check_percent(data) -> None:
+def _check_store_keys(data) -> None:
+  if not isinstance(data.store_shard_mb, int | float) or not data.store_shard_mb > 0:
+    raise ConfigError(f"data.store_shard_mb={data.store_shard_mb!r} must be > 0 (MB per shard)")
   percent = data.validation_percent
   if not isinstance(percent, (int, float)) or not 0 <= percent < 100:
     raise ConfigError(f"data.validation_percent={percent!r} must be in [0, 100)")
