@@ -94,14 +94,11 @@ def _sample_dataset(
   process_count: int,
 ) -> tf.data.Dataset:
   """(source, row) of this process's samples of steps [start_step, stop_step), in order."""
-  local = global_batch_size // process_count
-  offset = process_index * local
   starts = tf.constant([start for start, _ in table], tf.int64)
   cumulative = tf.constant(np.stack([np.cumsum(w) for _, w in table]), tf.float64)
   seed_t = tf.constant(seed, tf.int64)
 
-  def sample_of(k):
-    g = (k // local) * global_batch_size + offset + k % local
+  def sample_of(g):
     step = g // global_batch_size
     stage = tf.reduce_sum(tf.cast(starts <= step, tf.int32)) - 1
     # Stratified: the step's rows, in an order keyed on (seed, step), share one uniform offset,
@@ -126,8 +123,9 @@ def _sample_dataset(
       )
     return source, tf.gather(tf.stack(rows), source)
 
-  stop = np.iinfo(np.int64).max if stop_step is None else stop_step * local
-  ds = tf.data.Dataset.range(start_step * local, stop)
+  ds = sampler.global_samples(
+    global_batch_size, start_step, stop_step, process_index, process_count
+  )
   return ds.map(sample_of, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 

@@ -116,15 +116,20 @@ def build(config: ml_collections.ConfigDict) -> Pipeline:
     train_documents=lambda: source.documents("train"),
     cache_dir=cache_dir,
   )
-  prepared = store.prepare(
+  return _ready(config, tokenizer, _prepare(source, tokenizer, data, cache_dir))
+
+
+def _prepare(source, tokenizer, data, cache_dir: Path, renderer=None) -> store.Store:
+  """The packed store of one source with the data config's length, checks and shard size."""
+  return store.prepare(
     source,
     tokenizer,
     int(data.seq_len),
     cache_dir,
+    renderer=renderer,
     verify=bool(data.verify_store),
     shard_mb=float(data.store_shard_mb),
   )
-  return _ready(config, tokenizer, prepared)
 
 
 class MixturePipeline(Pipeline):
@@ -170,17 +175,7 @@ def _build_mixture(config: ml_collections.ConfigDict, cache_dir: Path) -> Pipeli
     train_documents=lambda: mixture.tokenizer_documents(resolved),
     cache_dir=cache_dir,
   )
-  stores = [
-    store.prepare(
-      source,
-      tokenizer,
-      int(data.seq_len),
-      cache_dir,
-      verify=bool(data.verify_store),
-      shard_mb=float(data.store_shard_mb),
-    )
-    for source in resolved
-  ]
+  stores = [_prepare(source, tokenizer, data, cache_dir) for source in resolved]
   mix = mixture.Mixture(stores, specs, table, int(config.seed))
   for spec, prepared, weight in zip(specs, stores, table[0][1], strict=True):
     _log.info(
@@ -209,15 +204,7 @@ def _build_chat(config: ml_collections.ConfigDict, cache_dir: Path) -> Pipeline:
   renderer = chat.Renderer(template)
   template_hash = hashlib.sha256((template or chat.FALLBACK_TEMPLATE).encode()).hexdigest()
   source = dataclasses.replace(source, identity={**source.identity, "template": template_hash})
-  prepared = store.prepare(
-    source,
-    tokenizer,
-    int(data.seq_len),
-    cache_dir,
-    renderer=renderer,
-    verify=bool(data.verify_store),
-    shard_mb=float(data.store_shard_mb),
-  )
+  prepared = _prepare(source, tokenizer, data, cache_dir, renderer=renderer)
   return _ready(config, tokenizer, prepared)
 
 

@@ -36,6 +36,25 @@ def check_share(global_batch_size: int, process_index: int, process_count: int) 
   return global_batch_size // process_count
 
 
+def global_samples(
+  global_batch_size: int,
+  start_step: int,
+  stop_step: int | None,
+  process_index: int,
+  process_count: int,
+) -> tf.data.Dataset:
+  """Global sample indices g = step * global_batch_size + i (int64) of this process's samples of
+  steps [start_step, stop_step), in order; stop_step None = endless."""
+  local = global_batch_size // process_count
+  offset = process_index * local
+
+  def global_index(k):  # k counts this process's samples
+    return (k // local) * global_batch_size + offset + k % local
+
+  stop = np.iinfo(np.int64).max if stop_step is None else stop_step * local
+  return tf.data.Dataset.range(start_step * local, stop).map(global_index)
+
+
 def _sample_dataset(
   seed: int,
   num_rows: int,
@@ -47,21 +66,16 @@ def _sample_dataset(
 ) -> tf.data.Dataset:
   """Row indices (int64 scalars) of this process's samples of steps [start_step, stop_step);
   stop_step None = endless."""
-  local = global_batch_size // process_count
-  offset = process_index * local
   rows = tf.constant(num_rows, tf.int64)
   seed_t = tf.constant(seed, tf.int64)
 
-  def row_of(k):
-    # k counts this process's samples; map it to the global sample index, then to a row.
-    g = (k // local) * global_batch_size + offset + k % local
+  def row_of(g):
     epoch = g // rows
     return tf.random.experimental.index_shuffle(
       g % rows, seed=tf.stack([seed_t, epoch]), max_index=rows - 1
     )
 
-  stop = np.iinfo(np.int64).max if stop_step is None else stop_step * local
-  ds = tf.data.Dataset.range(start_step * local, stop)
+  ds = global_samples(global_batch_size, start_step, stop_step, process_index, process_count)
   return ds.map(row_of, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
