@@ -12,3 +12,7 @@ class DataError(ValueError):
 
 class DataNotFoundError(DataError, FileNotFoundError):
   """A path a user named (a corpus, a tokenizer model) does not exist."""
+
+
+class StoreError(DataError):
+  """A prepared store on disk is incomplete, corrupt or not the one asked for."""

@@ -33,7 +33,6 @@ their temporary directory. An existing store that fails verification is refused,
 import hashlib
 import json
 import logging
-import math
 import os
 import shutil
 import socket
@@ -44,7 +43,9 @@ from pathlib import Path
 
 import numpy as np
 
-from input_pipeline import errors, packing
+from input_pipeline import errors, packing, shards
+from input_pipeline.errors import StoreError
+from input_pipeline.shards import shard_name
 from train import storage
 
 _log = logging.getLogger(__name__)
@@ -53,13 +54,9 @@ FORMAT_VERSION = 2  # 2: arrays in shards with an index (1: one file per array)
 PACKING_SCHEME = "stream-overlap1"  # see packing.py
 ARRAYS = ("tokens", "segment_ids", "positions")
 MASK = "loss_mask"  # chat stores only: which tokens may be targets (assistant turns)
-_HEADER_BYTES = 128  # room reserved for the .npy header, which is written once the shape is known
+_NpyWriter = shards.NpyWriter  # the writer of every shard (tests patch it)
 _ENCODE_CHUNK = 256  # documents tokenized per call (SentencePiece batches them over threads)
 DEFAULT_SHARD_MB = 256  # tokens per shard file, roughly
-
-
-class StoreError(errors.DataError):
-  """A store on disk is incomplete, corrupt or not the one asked for."""
 
 
 def fingerprint(source_identity: dict, tokenizer_identity: dict, seq_len: int) -> str:
@@ -78,54 +75,10 @@ def _fingerprint_inputs(source_identity: dict, tokenizer_identity: dict, seq_len
   }
 
 
-class ShardedArray:
-  """One array of one split, in shards: rows read by memory map (local) or byte ranges (remote)."""
-
-  def __init__(self, files: list, rows: list[int], dtype: np.dtype, width: int, maps=None):
-    self.files, self.dtype, self.width = files, np.dtype(dtype), width
-    self.starts = np.concatenate([[0], np.cumsum(rows)]).astype(np.int64)
-    self.maps = maps  # memory maps of local shards; None: ranges of remote objects
-    self.row_bytes = width * self.dtype.itemsize
-    self.bytes_read = 0
-    self._fs = None
-
-  def __len__(self) -> int:
-    return int(self.starts[-1])
-
-  def __getitem__(self, rows_B) -> np.ndarray:
-    rows_B = np.asarray(rows_B, np.int64)
-    shard_B = np.searchsorted(self.starts, rows_B, side="right") - 1
-    local_B = rows_B - self.starts[shard_B]
-    out = np.empty((len(rows_B), self.width), self.dtype)
-    if self.maps is not None:
-      for shard in np.unique(shard_B):
-        where = shard_B == shard
-        out[where] = self.maps[shard][local_B[where]]
-      self.bytes_read += out.nbytes
-      return out
-    if self._fs is None:
-      import fsspec  # noqa: PLC0415 (object stores only)
-
-      self._fs, _ = fsspec.core.url_to_fs(str(self.files[0]))
-    paths = [_fs_path(self.files[s]) for s in shard_B]
-    starts = [_HEADER_BYTES + int(r) * self.row_bytes for r in local_B]
-    blobs = self._fs.cat_ranges(paths, starts, [b + self.row_bytes for b in starts])
-    for i, blob in enumerate(blobs):
-      if isinstance(blob, Exception) or len(blob) != self.row_bytes:
-        raise StoreError(f"store shard {self.files[shard_B[i]]}: row {local_B[i]} unreadable")
-      out[i] = np.frombuffer(blob, self.dtype)
-    self.bytes_read += sum(len(b) for b in blobs)
-    return out
-
-
-def _fs_path(path) -> str:
-  return str(path).split("://", 1)[-1]
-
-
 class Store:
   """A verified store: sharded arrays per split and the manifest."""
 
-  def __init__(self, path: Path, manifest: dict, arrays: dict[str, dict[str, ShardedArray]]):
+  def __init__(self, path: Path, manifest: dict, arrays: dict[str, dict[str, shards.ShardedArray]]):
     self.path = path
     self.manifest = manifest
     self.fingerprint: str = manifest["fingerprint"]
@@ -266,7 +219,7 @@ def load(path, expected_fingerprint: str | None = None, *, verify: bool = False)
       f"store {path} holds fingerprint {manifest.get('fingerprint')!r}, expected {want!r}; {hint}"
     )
   remote = storage.is_remote(path)
-  arrays: dict[str, dict[str, ShardedArray]] = {}
+  arrays: dict[str, dict[str, shards.ShardedArray]] = {}
   for split, stats in manifest["splits"].items():
     rows = manifest["shards"][split]
     if sum(rows) != stats["rows"]:
@@ -281,62 +234,15 @@ def load(path, expected_fingerprint: str | None = None, *, verify: bool = False)
       maps = None
       if remote:
         for file, meta in zip(files, metas, strict=True):
-          _check_remote(file, meta, hint, verify)
+          shards.check_remote(file, meta, hint, verify)
       else:
         maps = [
-          _open_array(f, meta, r, manifest["row_width"], hint, verify)
+          shards.open_local(f, meta, r, manifest["row_width"], hint, verify)
           for f, meta, r in zip(files, metas, rows, strict=True)
         ]
       dtype = np.dtype(metas[0]["dtype"]) if metas else np.dtype(np.int32)
-      arrays[split][name] = ShardedArray(files, rows, dtype, manifest["row_width"], maps)
+      arrays[split][name] = shards.ShardedArray(files, rows, dtype, manifest["row_width"], maps)
   return Store(path if remote else Path(path), manifest, arrays)
-
-
-def shard_name(split: str, name: str, index: int) -> str:
-  return f"{split}_{name}.{index:05d}.npy"
-
-
-def _file_bytes(meta: dict) -> int:
-  return _HEADER_BYTES + math.prod(meta["shape"]) * np.dtype(meta["dtype"]).itemsize
-
-
-def _check_remote(file, meta: dict, hint: str, verify: bool) -> None:
-  try:
-    size = file.stat().length
-  except OSError as e:
-    raise StoreError(f"store shard {file} cannot be read ({e}); {hint}") from e
-  if size != _file_bytes(meta):
-    raise StoreError(
-      f"store shard {file} holds {size} bytes, the manifest says {_file_bytes(meta)}; {hint}"
-    )
-  if verify:
-    h = hashlib.sha256()
-    with file.open("rb") as f:
-      while block := f.read(1 << 24):
-        h.update(block)
-    if h.hexdigest() != meta["sha256"]:
-      raise StoreError(f"store shard {file} fails its sha256 check (corrupt); {hint}")
-
-
-def _open_array(
-  file: Path, meta: dict, rows: int, width: int, hint: str, verify: bool
-) -> np.ndarray:
-  want_shape = (rows, width)
-  try:
-    array = np.load(file, mmap_mode="r", allow_pickle=False)  # data only, never code
-  except (OSError, ValueError) as e:
-    raise StoreError(f"store array {file} cannot be read ({e}); {hint}") from e
-  if tuple(array.shape) != want_shape or str(array.dtype) != meta["dtype"]:
-    raise StoreError(
-      f"store array {file} is {array.dtype}{list(array.shape)}, the manifest says "
-      f"{meta['dtype']}{list(want_shape)}; {hint}"
-    )
-  size, expected = file.stat().st_size, _HEADER_BYTES + array.nbytes
-  if size != expected:
-    raise StoreError(f"store array {file} holds {size} bytes, expected {expected}; {hint}")
-  if verify and _sha256(file) != meta["sha256"]:
-    raise StoreError(f"store array {file} fails its sha256 check (corrupt); {hint}")
-  return array
 
 
 def _write_split(
@@ -357,7 +263,7 @@ def _write_split(
   dtypes = dict(zip(names, (token_dtype, index_dtype, index_dtype, np.uint8), strict=False))
   # The same rows per shard for every array: sized by the token array's bytes.
   shard_rows = max(1, int(shard_mb * (1 << 20)) // ((seq_len + 1) * np.dtype(token_dtype).itemsize))
-  writers: dict[str, list[_NpyWriter]] = {name: [] for name in names}
+  writers: dict[str, list[shards.NpyWriter]] = {name: [] for name in names}
   filled = [shard_rows]  # rows in the newest shard (full: open one at the next row)
 
   def write(blocks):
@@ -368,7 +274,7 @@ def _write_split(
           for name in names:
             index = len(writers[name])
             writers[name].append(
-              _NpyWriter(tmp / shard_name(split, name, index), dtypes[name], seq_len + 1)
+              shards.NpyWriter(tmp / shard_name(split, name, index), dtypes[name], seq_len + 1)
             )
           filled[0] = 0
         take = min(shard_rows - filled[0], len(block[0]) - start)
@@ -392,13 +298,13 @@ def _write_split(
       write(packer.add(ids))
   write(packer.finish())
   arrays = {}
-  for shards in writers.values():
-    for writer in shards:
+  for files in writers.values():
+    for writer in files:
       writer.close()
       arrays[writer.path.name] = {
         "dtype": str(writer.dtype),
         "shape": [writer.rows, seq_len + 1],
-        "sha256": _sha256(writer.path),
+        "sha256": shards.sha256(writer.path),
       }
   shard_rows_list = [writer.rows for writer in writers["tokens"]]
   stats = {
@@ -421,41 +327,6 @@ def _masked_tokens(pieces: list[tuple[str, bool]], tokenizer) -> tuple[np.ndarra
     mask += [int(trainable)] * len(piece)
   mask.append(int(pieces[-1][1]) if pieces else 0)
   return np.asarray(ids, np.int64), np.asarray(mask, np.uint8)
-
-
-class _NpyWriter:
-  """Appends rows to a .npy file; the header (with the final row count) is written on close."""
-
-  def __init__(self, path: Path, dtype: np.dtype, width: int):
-    self.path, self.dtype, self.width, self.rows = path, np.dtype(dtype), width, 0
-    self._file = open(path, "wb")  # noqa: SIM115 - closed in close()
-    self._file.write(b"\0" * _HEADER_BYTES)
-
-  def append(self, rows: np.ndarray) -> None:
-    self._file.write(np.ascontiguousarray(rows, self.dtype).tobytes())
-    self.rows += len(rows)
-
-  def close(self) -> None:
-    descr = np.lib.format.dtype_to_descr(self.dtype)
-    header = (
-      f"{{'descr': {descr!r}, 'fortran_order': False, 'shape': ({self.rows}, {self.width}), }}"
-    )
-    magic = b"\x93NUMPY\x01\x00"
-    body_len = _HEADER_BYTES - len(magic) - 2
-    header = header.ljust(body_len - 1) + "\n"  # NPY 1.0: space-padded, newline-terminated
-    self._file.seek(0)
-    self._file.write(magic + body_len.to_bytes(2, "little") + header.encode("latin1"))
-    self._file.flush()
-    os.fsync(self._file.fileno())
-    self._file.close()
-
-
-def _sha256(path: Path) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    while block := f.read(1 << 22):
-      h.update(block)
-  return h.hexdigest()
 
 
 def _write_json(path: Path, obj: dict) -> None:
