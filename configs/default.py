@@ -29,6 +29,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.tfds_download = True  # download a "tfds:" dataset not prepared there (False: refuse)
   # Processes other than 0 wait this long for process 0 to prepare the data (multi-process runs).
   c.data.prepare_timeout_s = 3600.0
+  # Several processes: each tokenizes its share of the documents into the shared data.cache_dir
+  # and process 0 packs them (the same store byte for byte); False: process 0 prepares alone.
+  c.data.parallel_prepare = False
   # Re-hash every array of the prepared store at start-up (False: check its manifest, sizes and
   # shapes only; `python -m input_pipeline.prepare --verify` does the full check on demand).
   c.data.verify_store = False

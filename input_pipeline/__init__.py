@@ -18,8 +18,9 @@ A batch is a dict of numpy arrays, each [rows, seq_len]: "inputs", "targets", "p
 document, 0 on padding and across document boundaries).
 """
 
+from input_pipeline import shares
 from input_pipeline.device import to_global
 from input_pipeline.errors import DataError
-from input_pipeline.pipeline import Pipeline, build
+from input_pipeline.pipeline import Pipeline, build, resolve, tokenize_share
 
-__all__ = ["DataError", "Pipeline", "build", "to_global"]
+__all__ = ["DataError", "Pipeline", "build", "resolve", "shares", "to_global", "tokenize_share"]

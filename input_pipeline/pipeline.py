@@ -15,6 +15,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from input_pipeline import chat, errors, mixture, sampler, sources, store, tokenizers
+from input_pipeline import shares as shares_lib
 from train import storage
 
 _log = logging.getLogger(__name__)
@@ -91,22 +92,52 @@ def _keep_tensorflow_off_accelerators() -> None:
       tf.config.set_visible_devices([], kind)
 
 
-def build(config: ml_collections.ConfigDict) -> Pipeline:
-  """Resolves data.source, builds the tokenizer and prepares (or reuses) the packed store."""
+def build(config: ml_collections.ConfigDict, *, shares: int = 1, resolved=None) -> Pipeline:
+  """Resolves data.source, builds the tokenizer and prepares (or reuses) the packed store.
+
+  ``shares > 1`` (``data.parallel_prepare``): the documents were tokenized by that many processes
+  into the shared cache (``input_pipeline/shares.py``); the store is packed from their shares.
+  ``resolved``: the (source, tokenizer) that ``resolve(config)`` already returned.
+  """
+  data = config.data
+  cache_dir = storage.cache_path(data.cache_dir)
+  if resolved is None:
+    _check(data)
+    if tuple(data.get("mixture", ())):
+      return _build_mixture(config, cache_dir)
+    if data.source.startswith("chat:"):
+      return _build_chat(config, cache_dir)
+    resolved = resolve(config)
+  source, tokenizer = resolved
+  tokenized = None
+  if shares > 1:
+    fp = store.fingerprint(source.identity, tokenizer.identity, int(data.seq_len))
+    if not store.exists(source, tokenizer, int(data.seq_len), cache_dir):
+      tokenized = shares_lib.reader(cache_dir, fp, shares)
+    prepared = _prepare(source, tokenizer, data, cache_dir, tokenized=tokenized)
+    shares_lib.remove(cache_dir, fp)
+  else:
+    prepared = _prepare(source, tokenizer, data, cache_dir)
+  return _ready(config, tokenizer, prepared)
+
+
+def _check(data) -> None:
   _keep_tensorflow_off_accelerators()
   tfds.disable_progress_bar()  # the log says what is being prepared; bars garble CI logs
-  data = config.data
   if data.tokenizer not in tokenizers.TOKENIZERS[:2] and not data.tokenizer.startswith("hf:"):
     raise errors.DataError(
       f"unknown data.tokenizer={data.tokenizer!r}; valid: {', '.join(tokenizers.TOKENIZERS)}"
     )
   if int(data.seq_len) < 1:
     raise errors.DataError(f"data.seq_len must be >= 1, got {data.seq_len}")
+
+
+def resolve(config: ml_collections.ConfigDict) -> tuple[sources.Source, tokenizers.Tokenizer]:
+  """data.source's Source (a local corpus becomes a TFDS dataset on the way) and the tokenizer
+  (a SentencePiece model is trained and cached when none is given). One text source only."""
+  data = config.data
+  _check(data)
   cache_dir = storage.cache_path(data.cache_dir)
-  if tuple(data.get("mixture", ())):
-    return _build_mixture(config, cache_dir)
-  if data.source.startswith("chat:"):
-    return _build_chat(config, cache_dir)
   source = sources.resolve(data.source, data, cache_dir)
   tokenizer = tokenizers.build_tokenizer(
     data.tokenizer,
@@ -116,10 +147,21 @@ def build(config: ml_collections.ConfigDict) -> Pipeline:
     train_documents=lambda: source.documents("train"),
     cache_dir=cache_dir,
   )
-  return _ready(config, tokenizer, _prepare(source, tokenizer, data, cache_dir))
+  return source, tokenizer
 
 
-def _prepare(source, tokenizer, data, cache_dir: Path, renderer=None) -> store.Store:
+def tokenize_share(config: ml_collections.ConfigDict, resolved, process: int, count: int) -> dict:
+  """data.parallel_prepare: this process's share of the documents, tokenized into the shared
+  cache (unless the store is already there); documents per split."""
+  source, tokenizer = resolved
+  data = config.data
+  cache_dir = storage.cache_path(data.cache_dir)
+  if store.exists(source, tokenizer, int(data.seq_len), cache_dir):
+    return {}
+  return shares_lib.write(source, tokenizer, int(data.seq_len), cache_dir, process, count)
+
+
+def _prepare(source, tokenizer, data, cache_dir: Path, renderer=None, tokenized=None):
   """The packed store of one source with the data config's length, checks and shard size."""
   return store.prepare(
     source,
@@ -129,6 +171,7 @@ def _prepare(source, tokenizer, data, cache_dir: Path, renderer=None) -> store.S
     renderer=renderer,
     verify=bool(data.verify_store),
     shard_mb=float(data.store_shard_mb),
+    tokenized=tokenized,
   )
 
 

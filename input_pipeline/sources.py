@@ -50,11 +50,22 @@ class Source:
     run whose packed store already exists never prepares, locks or downloads it."""
     return self.prepared()
 
-  def documents(self, split: str) -> Iterator[str]:
-    """The split's documents as str, in the dataset's stored (deterministic) order."""
+  def documents(self, split: str, share: tuple[int, int] = (0, 1)) -> Iterator[str]:
+    """The split's documents as str, in the dataset's stored (deterministic) order.
+
+    ``share=(p, n)``: only the p-th of n contiguous ranges of that order (a TFDS split slice);
+    the n shares read one after another are the whole split, in the same order.
+    """
     name = self.splits[split]
     if name not in self.builder.info.splits:
       return
+    p, n = share
+    if n > 1:
+      total = self.builder.info.splits[name].num_examples
+      start, stop = total * p // n, total * (p + 1) // n
+      if start == stop:
+        return
+      name = f"{name}[{start}:{stop}]"
     ds = self.builder.as_dataset(split=name, shuffle_files=False)
     feature = self.text_feature
     ds = ds.map(lambda ex: ex[feature]).batch(64).prefetch(2)

@@ -53,6 +53,7 @@ _log = logging.getLogger(__name__)
 FORMAT_VERSION = 2  # 2: arrays in shards with an index (1: one file per array)
 PACKING_SCHEME = "stream-overlap1"  # see packing.py
 ARRAYS = ("tokens", "segment_ids", "positions")
+SPLITS = ("train", "validation")
 MASK = "loss_mask"  # chat stores only: which tokens may be targets (assistant turns)
 _NpyWriter = shards.NpyWriter  # the writer of every shard (tests patch it)
 _ENCODE_CHUNK = 256  # documents tokenized per call (SentencePiece batches them over threads)
@@ -114,15 +115,19 @@ def prepare(
   tokenizer,
   seq_len: int,
   cache_dir: Path,
-  splits: Iterable[str] = ("train", "validation"),
+  splits: Iterable[str] = SPLITS,
   renderer=None,
   verify: bool = False,
   shard_mb: float = DEFAULT_SHARD_MB,
+  tokenized=None,
 ) -> Store:
   """Returns the store for these inputs, packing it first unless a verified one already exists.
 
   ``renderer`` (chat sources, ``input_pipeline/chat.py``) turns each conversation into pieces
   whose tokens carry a loss mask; the store then has a fourth array, ``loss_mask``.
+  ``tokenized(split)``: the split's documents already tokenized (an iterable of id arrays in the
+  source's order, e.g. every process's share read back: ``input_pipeline/shares.py``) instead of
+  tokenizing ``source.documents(split)`` here; the store is the same byte for byte.
   """
   if seq_len < 1:
     raise errors.DataError(f"data.seq_len must be >= 1, got {seq_len}")
@@ -155,9 +160,14 @@ def prepare(
       "shards": {},
     }
     for split in splits:
-      documents = source.documents(split)
+      if renderer is not None:
+        items = source.documents(split)
+      elif tokenized is not None:
+        items = tokenized(split)
+      else:
+        items = encode(source.documents(split), tokenizer)
       stats, arrays, shards = _write_split(
-        tmp, split, documents, tokenizer, seq_len, renderer, shard_mb
+        tmp, split, items, tokenizer, seq_len, renderer, shard_mb
       )
       manifest["splits"][split] = stats
       manifest["arrays"].update(arrays)
@@ -245,10 +255,28 @@ def load(path, expected_fingerprint: str | None = None, *, verify: bool = False)
   return Store(path if remote else Path(path), manifest, arrays)
 
 
+def exists(source, tokenizer, seq_len: int, cache_dir) -> bool:
+  """Whether the store for these inputs is already prepared in ``cache_dir``."""
+  fp = fingerprint(source.identity, tokenizer.identity, seq_len)
+  final = storage.resolve(cache_dir) / "stores" / fp
+  return (final / "manifest.json").exists() if storage.is_remote(cache_dir) else final.exists()
+
+
+def encode(documents: Iterable[str], tokenizer) -> Iterable[np.ndarray]:
+  """Each document's token ids (without eod), in order; encoded a chunk of documents at a time."""
+  chunk: list[str] = []
+  for doc in documents:
+    chunk.append(doc)
+    if len(chunk) == _ENCODE_CHUNK:
+      yield from tokenizer.encode_array(chunk)
+      chunk = []
+  yield from tokenizer.encode_array(chunk)
+
+
 def _write_split(
   tmp: Path,
   split: str,
-  documents,
+  items,
   tokenizer,
   seq_len: int,
   renderer=None,
@@ -283,19 +311,12 @@ def _write_split(
         filled[0] += take
         start += take
 
-  if renderer is not None:
-    for conversation in documents:
-      write(packer.add(*_masked_tokens(renderer.pieces(conversation), tokenizer)))
-  else:
-    chunk: list[str] = []
-    for doc in documents:
-      chunk.append(doc)
-      if len(chunk) == _ENCODE_CHUNK:
-        for ids in tokenizer.encode_array(chunk):
-          write(packer.add(ids))
-        chunk = []
-    for ids in tokenizer.encode_array(chunk):
-      write(packer.add(ids))
+  # items: conversations (with a renderer) or each document's token ids.
+  for item in items:
+    if renderer is not None:
+      write(packer.add(*_masked_tokens(renderer.pieces(item), tokenizer)))
+    else:
+      write(packer.add(item))
   write(packer.finish())
   arrays = {}
   for files in writers.values():

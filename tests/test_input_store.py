@@ -221,3 +221,28 @@ def test_a_store_in_many_shards_reads_the_same_rows(tmp_path):
   )
   for key, value in first.items():
     np.testing.assert_array_equal(second[key], value)
+
+
+def test_shares_tokenized_apart_pack_into_the_same_store(tmp_path, spm_model):
+  """data.parallel_prepare's parts, here three shares written one after another: packed, they
+  are the store one process prepares, array for array (SentencePiece ids, several shards)."""
+  configs = {
+    name: _config(tmp_path / name, tokenizer="sentencepiece", spm_model=str(spm_model))
+    for name in ("alone", "shared")
+  }
+  for c in configs.values():
+    c.data.store_shard_mb = 0.01
+  alone = input_pipeline.build(configs["alone"])
+  config = configs["shared"]
+  resolved = input_pipeline.resolve(config)
+  counts = [input_pipeline.tokenize_share(config, resolved, 0, 3)]
+  with pytest.raises(input_pipeline.DataError, match=r"process 1's share of the train split"):
+    input_pipeline.build(config, shares=3, resolved=resolved)  # a cache the others cannot see
+  counts += [input_pipeline.tokenize_share(config, resolved, p, 3) for p in (1, 2)]
+  assert sum(c["train"] for c in counts) == alone.manifest["splits"]["train"]["documents"]
+  assert all(c["train"] > 0 for c in counts)
+  shared = input_pipeline.build(config, shares=3, resolved=resolved)
+  assert shared.fingerprint == alone.fingerprint
+  assert shared.manifest["arrays"] == alone.manifest["arrays"]  # sizes and sha256 of every shard
+  assert len(shared.manifest["shards"]["train"]) > 1
+  assert os.listdir(tmp_path / "shared" / "stores") == [alone.fingerprint]  # shares removed

@@ -9,6 +9,7 @@ count and mesh) and by one.
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -441,3 +442,36 @@ def test_the_harness_runs_as_two_processes_with_one_result(two_process_run):
   assert got["metrics"].keys() == expected["metrics"].keys()
   for name, value in expected["metrics"].items():
     assert got["metrics"][name] == pytest.approx(value, rel=1e-5), name
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_two_processes_prepare_one_store_in_parallel_byte_for_byte(tmp_path):
+  """data.parallel_prepare: each process tokenizes its share of the documents, process 0 packs
+  the shares; the store equals the one a single process prepares, file for file."""
+  common = ["input_pipeline.prepare", "--config=configs/tiny.py"]
+  common += ["--config.data.store_shard_mb=0.004"]  # several shards per split
+  caches = {n: tmp_path / f"cache{n}" for n in (1, 2)}
+  (one,) = run_command([*common, f"--config.data.cache_dir={caches[1]}"], processes=1, devices=1)
+  assert one[0] == 0, one[2][-2000:]
+  parallel = [*common, f"--config.data.cache_dir={caches[2]}"]
+  parallel += ["--config.data.parallel_prepare=True"]
+  two = run_command(parallel, processes=2, devices=1)
+  assert [code for code, _, _ in two] == [0, 0], two[0][2][-2000:] + two[1][2][-2000:]
+  for _, _, err in two:  # both processes tokenized documents of both splits
+    (line,) = [x for x in err.splitlines() if "tokenized this process's share" in x]
+    counts = re.findall(r"(train|validation) (\d+) documents", line)
+    assert [split for split, _ in counts] == ["train", "validation"], line
+    assert all(int(n) > 0 for _, n in counts), line
+  assert json_lines(two[1][1]) == []  # process 0 alone prints
+  result, reference = json_lines(two[0][1])[-1], json_lines(one[1])[-1]
+  assert result["fingerprint"] == reference["fingerprint"] and result["processes"] == 2
+  stores = {n: caches[n] / "stores" / reference["fingerprint"] for n in (1, 2)}
+  names = sorted(os.listdir(stores[1]))
+  assert names == sorted(os.listdir(stores[2])) and len(names) > 7, names
+  for name in names:
+    a, b = ((stores[n] / name).read_bytes() for n in (1, 2))
+    if name == "manifest.json":
+      a, b = ({k: v for k, v in json.loads(x).items() if k != "prepare_seconds"} for x in (a, b))
+    assert a == b, name
+  assert os.listdir(caches[2] / "stores") == [reference["fingerprint"]]  # shares removed

@@ -106,21 +106,51 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
 def build_data(config: ml_collections.ConfigDict) -> input_pipeline.Pipeline:
   """The data, prepared once: process 0 prepares the store (or finds it) while the others wait,
   then they open what it prepared (with a shared data cache they prepare nothing). A failure on
-  process 0 is reported to every process."""
+  process 0 is reported to every process.
+
+  ``data.parallel_prepare`` (several processes, one text source): process 0 first resolves the
+  source and the tokenizer (a TFDS build, a SentencePiece model), then every process tokenizes
+  its share of the documents into the shared cache, then process 0 packs them into the store
+  (byte for byte the one it would prepare alone: ``input_pipeline/shares.py``).
+  """
   timeout = float(config.data.prepare_timeout_s)
+  if not (config.data.parallel_prepare and jax.process_count() > 1):
+    return _first_on_main("data-prepared", lambda: input_pipeline.build(config), timeout)
+  input_pipeline.shares.check_supported(config.data)
+  process, count = jax.process_index(), jax.process_count()
+  resolved = _first_on_main("data-resolved", lambda: input_pipeline.resolve(config), timeout)
+  try:
+    counts = input_pipeline.tokenize_share(config, resolved, process, count)
+    outcome = "ok"
+    shares = ", ".join(f"{split} {n} documents" for split, n in counts.items())
+    log.info("tokenized this process's share: %s", shares or "none needed (store ready)")
+  except Exception as e:  # noqa: BLE001 - every process learns of it below, then it is raised
+    outcome, error = f"{type(e).__name__}: {e}", e
+  outcomes = agreement.gather("data-shares", outcome, timeout)
+  for index, other in enumerate(outcomes):
+    if other != "ok":
+      if index == process:
+        raise error
+      raise input_pipeline.DataError(f"process {index} could not tokenize its share: {other}")
+  build = lambda: input_pipeline.build(config, shares=count, resolved=resolved)  # noqa: E731
+  return _first_on_main("data-prepared", build, timeout)
+
+
+def _first_on_main(name: str, make, timeout: float):
+  """``make()`` on process 0 first; the others wait for its outcome, then run ``make()``."""
   if jax.process_index() == 0:
     try:
-      pipeline = input_pipeline.build(config)
+      result = make()
     except Exception as e:
-      agreement.from_main("data-prepared", f"{type(e).__name__}: {e}", timeout)
+      agreement.from_main(name, f"{type(e).__name__}: {e}", timeout)
       raise
-    agreement.from_main("data-prepared", "ok", timeout)
-    return pipeline
-  log.info("waiting up to %.0f s for process 0 to prepare the data", timeout)
-  outcome = agreement.from_main("data-prepared", None, timeout)
+    agreement.from_main(name, "ok", timeout)
+    return result
+  log.info("waiting up to %.0f s for process 0 (%s)", timeout, name)
+  outcome = agreement.from_main(name, None, timeout)
   if outcome != "ok":
     raise input_pipeline.DataError(f"process 0 could not prepare the data: {outcome}")
-  return input_pipeline.build(config)
+  return make()
 
 
 def build_steps(
