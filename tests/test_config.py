@@ -195,3 +195,36 @@ def test_the_checkpoint_command_has_its_new_name(tmp_path):
     text=True,
   )
   assert result.returncode == 2 and "no checkpoints under" in result.stderr
+
+
+def test_measured_xla_cpu_defaults_are_set_unless_the_user_set_them():
+  from train.cluster import xla_flags
+
+  env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  assert xla_flags.configure(env) == ["--xla_cpu_experimental_ynn_fusion_type=dot"]
+  assert env["XLA_FLAGS"].split() == [
+    "--xla_force_host_platform_device_count=8",
+    "--xla_cpu_experimental_ynn_fusion_type=dot",
+  ]
+  mine = {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=dot,eltwise"}
+  assert xla_flags.configure(mine) == [] and mine["XLA_FLAGS"].endswith("dot,eltwise")
+  # In a fresh process that imports train: the dot goes to YNNPACK, the GELU after it stays an
+  # XLA loop fusion (with XLA's own default both would be one YNNPACK fusion).
+  code = (
+    "import train, jax, jax.numpy as jnp, re\n"
+    "f = jax.jit(lambda x, w: jax.nn.gelu(x @ w, approximate=True) * 2.0 + x.sum())\n"
+    "hlo = f.lower(jnp.ones((64, 32)), jnp.ones((32, 32))).compile().as_text()\n"
+    "print(sorted(set(re.findall(r'(\\w+_fusion)(?:\\.\\d+)? = ', hlo))))\n"
+  )
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  out = subprocess.run(
+    [sys.executable, "-c", code],
+    cwd=REPO,
+    env=dict(env, JAX_PLATFORMS="cpu"),
+    text=True,
+    capture_output=True,
+    timeout=120,
+  )
+  assert out.returncode == 0, out.stderr[-2000:]
+  fusions = ast.literal_eval(out.stdout.splitlines()[-1])
+  assert "ynn_fusion" in fusions and len(fusions) > 1, fusions

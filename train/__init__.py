@@ -11,8 +11,11 @@ Library use: ``from train import trainer; trainer.train_and_evaluate(config, wor
 """
 
 from train import storage as _storage
+from train.cluster import xla_flags as _xla_flags
 
 # Object-store settings (gcsfs for gs://, an emulator from STORAGE_EMULATOR_HOST) must be in the
 # environment before gcsfs is imported or TensorStore opens a gs:// path: every command imports
 # this package first.
 _storage.configure_object_store()
+# Measured XLA defaults (train/cluster/xla_flags.py), before any backend starts.
+_xla_flags.configure()
