@@ -18,7 +18,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from models import lora
 from models.config import ModelConfig
-from models.layers import Norm, apply_rope, out_proj_std, rope_frequencies
+from models.layers import Norm, apply_rope, dense, out_proj_std, rope_frequencies
 from models.params import make_param, normal
 from models.sharding import constrain, is_active, logical_to_spec
 
@@ -244,7 +244,7 @@ class Attention(nnx.Module):
       self.q_norm = self.k_norm = None
 
   def _project(self, x_BLD: jax.Array, kernel: nnx.Param, bias, adapter) -> jax.Array:
-    y_BLnH = jnp.einsum("BLD,DnH->BLnH", x_BLD, kernel[...].astype(self.dtype))
+    y_BLnH = dense(x_BLD, kernel[...].astype(self.dtype))
     if adapter is not None:
       y_BLnH = y_BLnH + adapter(x_BLD)
     return y_BLnH if bias is None else y_BLnH + bias[...].astype(self.dtype)
@@ -301,7 +301,7 @@ class Attention(nnx.Module):
     else:
       out_BLNH = self._attend(q_BLNH, k_BSKH, v_BSKH, mask_BLS)
     out_BLNH = checkpoint_name(out_BLNH, "attention")
-    y_BLD = jnp.einsum("BLNH,NHD->BLD", out_BLNH, self.out_kernel[...].astype(self.dtype))
+    y_BLD = dense(out_BLNH, self.out_kernel[...].astype(self.dtype), contract=2)
     if self.out_lora is not None:
       y_BLD = y_BLD + self.out_lora(out_BLNH)
     if self.out_bias is not None:

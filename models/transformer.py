@@ -39,7 +39,7 @@ from models.attention import (
   implementation,
 )
 from models.config import ModelConfig
-from models.layers import MLP, Embed, Norm
+from models.layers import MLP, Embed, Norm, dense
 from models.params import make_param, normal
 from models.sharding import constrain
 
@@ -209,7 +209,7 @@ class Transformer(nnx.Module):
       logits_BLV = self.embed.attend(x_BLD)
     else:
       kernel_DV = self.unembed[...].astype(x_BLD.dtype)
-      logits_BLV = jnp.einsum("BLD,DV->BLV", x_BLD, kernel_DV, preferred_element_type=jnp.float32)
+      logits_BLV = dense(x_BLD, kernel_DV, preferred_element_type=jnp.float32)
     return constrain(logits_BLV, ("batch", "length", "vocab"))
 
   def _run_blocks(

@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from models.layers import dense
+
 Batch = dict[str, jax.Array]
 # The train state is a plain dict pytree: {"step": int32[], "params": {...}, "opt_state": ...,
 # "data_offset": int32[] (data positions skipped by rollbacks), "loss_ema": float32[],
@@ -55,7 +57,7 @@ def loss_terms(
 
   @jax.checkpoint
   def one(h_BCD, targets_BC, weights_BC):
-    logits_BCV = jnp.einsum("BCD,DV->BCV", h_BCD, kernel_DV, preferred_element_type=jnp.float32)
+    logits_BCV = dense(h_BCD, kernel_DV, preferred_element_type=jnp.float32)
     return _cross_entropy(logits_BCV, targets_BC, weights_BC, z)
 
   def body(carry, chunk_inputs):
