@@ -1,10 +1,16 @@
-"""python -m train.bench on its own default config (R), as the README tells users to run it."""
+"""python -m train.bench on its own default config (R), as the README tells users to run it, and
+its matmul floor (``--what matmuls``)."""
 
+import dataclasses
 import json
 import subprocess
 import sys
 
+import numpy as np
+import pytest
 from cli_helpers import REPO, train_env
+
+from models.config import ModelConfig
 
 
 def test_bench_runs_config_r_and_prints_its_json():
@@ -17,3 +23,39 @@ def test_bench_runs_config_r_and_prints_its_json():
   report = json.loads(result.stdout.strip().splitlines()[-1])
   assert report["config"]["model"]["vocab_size"] == 256 and report["tokens_per_second"] > 0
   assert report["peak_source"].startswith("measured")
+
+
+@pytest.mark.parametrize("mlp", ["gelu", "swiglu"])
+def test_step_matmuls_are_the_flops_the_meter_counts(mlp):
+  from train.bench import step_matmuls
+  from train.meter import flops
+
+  cfg = ModelConfig(
+    vocab_size=96, d_model=64, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=16,
+    mlp_dim=160, mlp=mlp, max_seq_len=48, attention_block=0,
+  )  # fmt: skip
+  batch, length = 2, 48
+
+  def total(dots):
+    return sum(2 * int(np.prod(b, dtype=np.int64)) * m * k * n for b, m, k, n, *_ in dots)
+
+  counted = flops.train_flops_per_token(cfg, length) * batch * length
+  whole_rows = total(step_matmuls(cfg, batch, length))
+  # The meter counts norm scales as matmul weights too: a few per mille here.
+  assert counted * 0.99 < whole_rows <= counted
+  blocked = total(step_matmuls(dataclasses.replace(cfg, attention_block=16), batch, length))
+  attention = 3 * flops.attention_flops_per_token(cfg, length) * batch * length
+  # Query blocks of 16 over 48 keys skip the key blocks above the diagonal: (1+2+3)/9 remain.
+  assert blocked == whole_rows - attention + attention * 6 // 9
+
+
+def test_bench_matmuls_times_config_r_dots_alone():
+  result = subprocess.run(
+    [sys.executable, "-m", "train.bench", "--what=matmuls", "--steps=1"],
+    cwd=REPO, env=train_env(devices=1), capture_output=True, text=True, timeout=600,
+  )  # fmt: skip
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(result.stdout.strip().splitlines()[-1])
+  # Config R: 6 layers × 6 projections × 3 dots, the unembedding's 3, 4 query blocks × 6 × 6.
+  assert report["matmuls"] == 6 * 6 * 3 + 3 + 4 * 6 * 6
+  assert report["matmul_time_s"] > 0 and report["tokens_per_second_bound"] > 0

@@ -5,8 +5,12 @@ and runs it on synthetic tokens of the config's shapes: compile time, then ``--s
 warm-up timed end to end with one synchronisation (``step_time_s``; the spread of a few steps
 timed one by one beside it), tokens/s and MFU against the peak the trainer uses
 (``train/meter/flops.py``: the datasheet on TPUs and GPUs, a measured matmul on CPUs).
-``--what input`` measures the input pipeline alone from a prepared store. Either way the last line
-printed is one JSON object.
+``--what matmuls`` runs the same step's matmuls and nothing else (every projection's forward, input
+gradient and weight gradient, the unembedding, the attention scores and values by the config's
+query blocks) as one program of independent dots on random operands: the floor the step's time
+cannot go below on this backend's matmul library, to set beside ``step_time_s``.
+``--what input`` measures the input pipeline alone from a prepared store. The last line printed is
+one JSON object.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ _CONFIG = config_flags.DEFINE_config_file(
   "config", os.path.join(os.path.dirname(configs.__file__), "bench_r.py"), "Config file."
 )
 distributed.define_flags()
-_WHAT = flags.DEFINE_enum("what", "step", ["step", "input"], "What to measure.")
+_WHAT = flags.DEFINE_enum("what", "step", ["step", "matmuls", "input"], "What to measure.")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps (after warm-up).")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
 _PROFILE = flags.DEFINE_string(
@@ -128,6 +132,79 @@ def bench_step(config, steps: int, warmup: int, profile_dir: str | None = None) 
   }
 
 
+def step_matmuls(cfg, batch: int, length: int) -> list[tuple]:
+  """The train step's dots as (batch dims, m, k, n, lhs stored [k, m], rhs stored [n, k]), in
+  the layouts the step has them: y = x·W, dx = dy·Wᵀ and dW = xᵀ·dy of each projection over
+  all tokens, and per (row, head) the blocked attention's forward (q·kᵀ, p·v) and backward
+  (dp = do·vᵀ, dq = ds·k, dk = dsᵀ·q, dv = pᵀ·do)."""
+  tokens, d, f = batch * length, cfg.d_model, cfg.mlp_dim
+  n, kv, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  kernels = [(d, n * h), (d, kv * h), (d, kv * h), (n * h, d), (d, f), (f, d)]
+  if cfg.mlp == "swiglu":
+    kernels.append((d, f))
+  dots = []
+  for fan_in, fan_out in kernels * cfg.num_layers + [(d, cfg.vocab_size)]:
+    dots.append(((), tokens, fan_in, fan_out, False, False))
+    dots.append(((), tokens, fan_out, fan_in, False, True))
+    dots.append(((), fan_in, tokens, fan_out, True, False))
+  block = cfg.attention_block if 0 < cfg.attention_block < length else length
+  heads = (batch, n)
+  for lo in range(0, length, block):
+    q, keys = min(block, length - lo), min(lo + block, length)
+    per_layer = [
+      (heads, q, h, keys, False, True), (heads, q, keys, h, False, False),  # forward
+      (heads, q, h, keys, False, True), (heads, q, keys, h, False, False),  # dp, dq
+      (heads, keys, q, h, True, False), (heads, keys, q, h, True, False),  # dk, dv
+    ]  # fmt: skip
+    dots += per_layer * cfg.num_layers
+  return dots
+
+
+def bench_matmuls(config, repeats: int) -> dict:
+  """Times ``step_matmuls`` of the config as one jitted program (median of ``repeats``)."""
+  import jax
+
+  from train import config as config_lib
+
+  cfg = config_lib.validate(config, with_tokenizer=False).model_cfg
+  dots = step_matmuls(cfg, config.train.batch_size, config.data.seq_len)
+  rngs = iter(jax.random.split(jax.random.key(0), 2 * len(dots)))
+  operands = []
+  for batch_dims, m, k, n, lhs_t, rhs_t in dots:
+    for shape in ((k, m) if lhs_t else (m, k), (n, k) if rhs_t else (k, n)):
+      operands.append(jax.random.normal(next(rngs), (*batch_dims, *shape), cfg.dtype))
+
+  @jax.jit
+  def run(*operands):
+    outs = []
+    for i, (batch_dims, _, _, _, lhs_t, rhs_t) in enumerate(dots):
+      b = tuple(range(len(batch_dims)))
+      contract = ((len(b) + (0 if lhs_t else 1),), (len(b) + (1 if rhs_t else 0),))
+      outs.append(jax.lax.dot_general(operands[2 * i], operands[2 * i + 1], (contract, (b, b))))
+    return outs
+
+  def flop(batch_dims, m, k, n, *_):
+    return 2 * int(np.prod(batch_dims, dtype=np.int64)) * m * k * n
+
+  jax.block_until_ready(run(*operands))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(run(*operands))
+    times.append(time.perf_counter() - start)
+  total = sum(flop(*dot) for dot in dots)
+  seconds = statistics.median(times)
+  return {
+    "matmul_time_s": seconds,
+    "matmul_time_min_s": min(times),
+    "matmul_flops": total,
+    "matmuls": len(dots),
+    "flops_per_second": total / seconds,
+    "tokens_per_second_bound": config.train.batch_size * config.data.seq_len / seconds,
+    "device_kind": jax.devices()[0].device_kind,
+  }
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -139,6 +216,9 @@ def main(argv):
     from input_pipeline import benchmark
 
     result = benchmark.measure_input(config, steps=_STEPS.value)
+    result["config"] = json.loads(config.to_json_best_effort())
+  elif _WHAT.value == "matmuls":
+    result = bench_matmuls(config, _STEPS.value)
     result["config"] = json.loads(config.to_json_best_effort())
   else:
     result = bench_step(config, _STEPS.value, _WARMUP.value, _PROFILE.value)
