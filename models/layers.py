@@ -47,12 +47,12 @@ def dense(
   if len(lead) != 2 or (len(spec) > 1 and spec[1] is not None):
     axes = (tuple(range(len(lead), x.ndim)), kernel_axes)
     return jax.lax.dot_general(x, kernel, (axes, ((), ())), **dot_kwargs)
-  out = tuple(d for i, d in enumerate(kernel.shape) if i not in kernel_axes)
   if kernel_axes == tuple(range(contract)):
     # One [I, O] matrix (free reshapes; the rules shard only the major one of merged axes, as
     # heads before head_dim): the weight gradient is then x^T · dy straight into the kernel's
     # layout. With several out axes ([D, N, H]) XLA computed it transposed, as [N, H, D], and
     # first copied dy into a transposed [N·H, B·L] buffer (config R: 4% of the step on a CPU).
+    out = kernel.shape[contract:]
     x_TI = x.reshape(math.prod(lead), math.prod(inner))
     kernel = kernel.reshape(math.prod(inner), math.prod(out))
     y_TO = jax.lax.dot_general(x_TI, kernel, (((1,), (0,)), ((), ())), **dot_kwargs)
