@@ -13,14 +13,20 @@ from cli_helpers import REPO, train_env
 from models.config import ModelConfig
 
 
-def test_bench_runs_config_r_and_prints_its_json():
-  # One CPU device, as a user's plain run has; R's 256 ids are fed synthetic tokens.
+def _bench(*flags: str) -> dict:
+  """Runs ``python -m train.bench`` (config R) on one CPU device, as a user's plain run has;
+  returns the JSON line it prints last."""
   result = subprocess.run(
-    [sys.executable, "-m", "train.bench", "--steps=1", "--warmup=0"],
+    [sys.executable, "-m", "train.bench", *flags],
     cwd=REPO, env=train_env(devices=1), capture_output=True, text=True, timeout=600,
   )  # fmt: skip
   assert result.returncode == 0, result.stderr[-3000:]
-  report = json.loads(result.stdout.strip().splitlines()[-1])
+  return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_bench_runs_config_r_and_prints_its_json():
+  # R's 256 ids are fed synthetic tokens.
+  report = _bench("--steps=1", "--warmup=0")
   assert report["config"]["model"]["vocab_size"] == 256 and report["tokens_per_second"] > 0
   assert report["peak_source"].startswith("measured")
 
@@ -50,12 +56,7 @@ def test_step_matmuls_are_the_flops_the_meter_counts(mlp):
 
 
 def test_bench_matmuls_times_config_r_dots_alone():
-  result = subprocess.run(
-    [sys.executable, "-m", "train.bench", "--what=matmuls", "--steps=1"],
-    cwd=REPO, env=train_env(devices=1), capture_output=True, text=True, timeout=600,
-  )  # fmt: skip
-  assert result.returncode == 0, result.stderr[-3000:]
-  report = json.loads(result.stdout.strip().splitlines()[-1])
+  report = _bench("--what=matmuls", "--steps=1")
   # Config R: 6 layers × 6 projections × 3 dots, the unembedding's 3, 4 query blocks × 6 × 6.
   assert report["matmuls"] == 6 * 6 * 3 + 3 + 4 * 6 * 6
   assert report["matmul_time_s"] > 0 and report["tokens_per_second_bound"] > 0
