@@ -2,7 +2,7 @@
 
 Command:  python -m train.bench --config configs/bench_r.py
 Hardware: the 2-core x86-64 CPU of the dev machines (fp32), or any single device.
-Expected: side by side, alternated twice (README, Speed): on a 2-core AMD EPYC (AVX-512) Loom
+Expected: side by side, alternated twice (docs/speed.md): on a 2-core AMD EPYC (AVX-512) Loom
           2,414 / 2,299 tokens/s, nanoGPT 2,366 / 2,456 (0.98x); on a 2-core Intel Xeon
           (AVX-512/AMX) Loom 2,045 / 2,225, nanoGPT 3,250 / 3,338 (0.63-0.67x; there XLA's
           matmuls alone, `--what matmuls`, take longer than nanoGPT's whole step). The first

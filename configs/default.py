@@ -43,7 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.spm_vocab_size = 8000  # vocabulary size when training a SentencePiece model
   c.data.seq_len = 256  # tokens per training row seen by the model (rows are seq_len + 1 packed)
 
-  # --- model: a decoder-only transformer; see models/config.py for the meaning of each field.
+  # --- model: a decoder-only transformer (models/config.py reads this group, the one source).
   c.model = ml_collections.ConfigDict()
   c.model.vocab_size = -1  # -1 = the tokenizer's vocabulary size
   c.model.d_model = 256  # residual stream width
@@ -126,12 +126,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.loss_chunk = 0  # positions per chunk of the output layer + loss (0 = all at once)
   c.train.eval_every = 125  # run eval every N steps (and at the end; 0 = only at the end)
   c.train.eval_batches = 8  # validation batches per eval (a fixed set)
-  c.train.spike_policy = "skip"  # loss spikes: "off" | "skip" (the step) | "rollback" (see README)
+  # Loss spikes: "off" | "skip" (the step) | "rollback" (to the last checkpoint; docs/reliability)
+  c.train.spike_policy = "skip"
   c.train.spike_factor = 2.5  # a spike is a loss above this × the running mean of accepted losses
   c.train.max_consecutive_skips = 20  # stop the run after this many skipped steps in a row
   c.train.max_rollbacks = 3  # stop the run after this many rollbacks ("rollback" policy)
 
-  # --- checkpoint: Orbax checkpoints under WORKDIR/checkpoints.
   # --- harness: EleutherAI lm-eval tasks at each eval (python -m train.evaluate runs them on
   # any checkpoint). Off by default; needs the [eval] extra.
   c.harness = ml_collections.ConfigDict()
@@ -141,6 +141,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.harness.num_fewshot = -1  # few-shot examples (-1 = the task's own)
   c.harness.batch_size = 16  # requests scored per batch
 
+  # --- checkpoint: Orbax checkpoints under WORKDIR/checkpoints.
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every = 125  # save every N steps (and at the end; 0 = only at the end)
   c.checkpoint.max_to_keep = 3  # keep the newest N checkpoints
@@ -169,7 +170,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.meter.pue = 1.1  # data-centre power usage effectiveness (1.0 = count the devices only)
   c.meter.grid_kg_per_kwh = 0.4  # grid carbon intensity, kg CO2e per kWh (world mean ~0.45)
 
-  # --- debug: fault injection for tests of the failure paths; leave empty in real runs.
+  # --- debug: fault injection for tests of the failure paths (train/faults.py); leave empty.
   c.debug = ml_collections.ConfigDict()
   c.debug.nan_steps = ()  # poison the batches at these data positions (1-based) with NaN weights
   c.debug.spike_steps = ()  # at these data positions, targets become the last id: a loss spike

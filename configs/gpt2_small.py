@@ -6,7 +6,7 @@ Hardware: one TPU v5e-8 / v4-8 host or one or more A100/H100 GPUs (bf16 compute,
           it also compiles and steps on a CPU, slowly.
 Expected: not yet trained to the end by Loom: no loss or MFU is promised here. Measured once, the
           step alone on one H200 in bf16 (32 × 1024 tokens): 160k tokens/s, MFU ~0.14 of the
-          datasheet peak (README, "Speed").
+          datasheet peak (docs/speed.md).
 """
 
 from configs import default

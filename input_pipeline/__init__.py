@@ -3,6 +3,7 @@
 The interface the trainer uses (keep it small):
 
   pipeline = input_pipeline.build(config)       # prepares (or reuses) the store; cheap if prepared
+                                                # (once for all processes: preparation.py)
   pipeline.tokenizer                            # .encode(str) -> list[int], .decode(ids) -> str,
                                                 #  .vocab_size, .eod_id
   pipeline.fingerprint                          # hex string: source + tokenizer + seq_len + format
@@ -18,9 +19,9 @@ A batch is a dict of numpy arrays, each [rows, seq_len]: "inputs", "targets", "p
 document, 0 on padding and across document boundaries).
 """
 
-from input_pipeline import shares
 from input_pipeline.device import to_global
 from input_pipeline.errors import DataError
-from input_pipeline.pipeline import Pipeline, build, resolve, tokenize_share
+from input_pipeline.pipeline import Pipeline
+from input_pipeline.preparation import build
 
-__all__ = ["DataError", "Pipeline", "build", "resolve", "shares", "to_global", "tokenize_share"]
+__all__ = ["DataError", "Pipeline", "build", "to_global"]

@@ -18,7 +18,7 @@ def measure_input(config: ml_collections.ConfigDict, steps: int) -> dict:
   if steps < 1:
     raise ValueError(f"steps must be >= 1, got {steps}")
   start = time.perf_counter()
-  pipe = pipeline.build(config)
+  pipe = pipeline.build_local(config)
   build_s = time.perf_counter() - start
   batch_size = int(config.train.batch_size)
   batches = pipe.train_batches(global_batch_size=batch_size, process_index=0, process_count=1)

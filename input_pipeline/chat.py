@@ -26,6 +26,8 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
 from input_pipeline import errors
 
 _log = logging.getLogger(__name__)
@@ -124,8 +126,6 @@ class Renderer:
   """Renders conversations with a chat template into (text, trainable) pieces."""
 
   def __init__(self, template: str | None):
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
     def raise_exception(message):
       raise errors.DataError(f"the chat template refused a conversation: {message}")
 

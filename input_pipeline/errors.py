@@ -5,8 +5,10 @@ a user pointed at cannot be used as given; the trainer reports them in one line 
 Any other exception from the pipeline is a bug and keeps its traceback.
 """
 
+from input_pipeline.host.command import LoomError
 
-class DataError(ValueError):
+
+class DataError(LoomError, ValueError):
   """A data source, tokenizer or store a user named cannot be used; the message says why."""
 
 

@@ -22,6 +22,7 @@ import hashlib
 import itertools
 import json
 import logging
+import re
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -180,6 +181,22 @@ class Mixture:
       for spec, tokens in zip(self.specs, self.tokens, strict=True)
     }
 
+  def consumption(self, step: int) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """What this process has consumed since it started: ``data/share/<source>`` log values (the
+    share of the target tokens from each source) and, for the run's report, each source's
+    tokens, share and weight at ``step``."""
+    realised = self.realised()
+    weights = self.weights_at(step)
+    report = {
+      spec: dict(counts, weight=float(weight))
+      for (spec, counts), weight in zip(realised.items(), weights, strict=True)
+    }
+    values = {
+      f"data/share/{re.sub(r'[^A-Za-z0-9_.-]+', '_', spec)}": counts["share"]
+      for spec, counts in realised.items()
+    }
+    return values, report
+
   def train_batches(
     self, global_batch_size: int, start_step: int, process_index: int, process_count: int
   ) -> Iterator[dict[str, np.ndarray]]:
@@ -188,7 +205,7 @@ class Mixture:
     local = sampler.check_share(global_batch_size, process_index, process_count)
     seq_len = self.stores[0].manifest["seq_len"]
     rows = [store.num_rows("train") for store in self.stores]
-    dtypes = (*sampler._BATCH_DTYPES, tf.int32)
+    dtypes = (*sampler.BATCH_DTYPES, tf.int32)
 
     def read(sources_B, rows_B):
       return (*_read(self.stores, "train", sources_B, rows_B), sources_B.astype(np.int32))

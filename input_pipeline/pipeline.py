@@ -1,4 +1,6 @@
-"""`build(config)`: source -> tokenizer -> prepared store; the `Pipeline` the trainer reads from."""
+"""``build_local(config)``: source -> tokenizer -> prepared store, on this process alone; the
+``Pipeline`` the trainer reads from. ``input_pipeline.build`` (``preparation.py``) calls it once
+for all the processes of a run."""
 
 import contextlib
 import dataclasses
@@ -16,7 +18,7 @@ import tensorflow_datasets as tfds
 
 from input_pipeline import chat, errors, mixture, sampler, sources, store, tokenizers
 from input_pipeline import shares as shares_lib
-from train import storage
+from input_pipeline.host import storage
 
 _log = logging.getLogger(__name__)
 
@@ -75,6 +77,11 @@ class Pipeline:
     p, n = _process(process_index, process_count)
     return sampler.eval_batches(self.store, global_batch_size, num_batches, p, n)
 
+  def consumption(self, step: int) -> tuple[dict[str, float], dict | None]:
+    """Log values and a report entry on what this process consumed from each source of a
+    mixture (``Mixture.consumption``); nothing for a single source."""
+    return {}, None
+
 
 def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
   """Defaults to this JAX process's place in the cluster."""
@@ -92,12 +99,12 @@ def _keep_tensorflow_off_accelerators() -> None:
       tf.config.set_visible_devices([], kind)
 
 
-def build(config: ml_collections.ConfigDict, *, shares: int = 1, resolved=None) -> Pipeline:
+def build_local(config: ml_collections.ConfigDict, *, shares: int = 1, resolved=None) -> Pipeline:
   """Resolves data.source, builds the tokenizer and prepares (or reuses) the packed store.
 
   ``shares > 1`` (``data.parallel_prepare``): the documents were tokenized by that many processes
   into the shared cache (``input_pipeline/shares.py``); the store is packed from their shares.
-  ``resolved``: the (source, tokenizer) that ``resolve(config)`` already returned.
+  ``resolved``: the (source, tokenizer) that ``source_and_tokenizer(config)`` already returned.
   """
   data = config.data
   cache_dir = storage.cache_path(data.cache_dir)
@@ -107,7 +114,7 @@ def build(config: ml_collections.ConfigDict, *, shares: int = 1, resolved=None) 
       return _build_mixture(config, cache_dir)
     if data.source.startswith("chat:"):
       return _build_chat(config, cache_dir)
-    resolved = resolve(config)
+    resolved = source_and_tokenizer(config)
   source, tokenizer = resolved
   tokenized = None
   if shares > 1:
@@ -132,13 +139,15 @@ def _check(data) -> None:
     raise errors.DataError(f"data.seq_len must be >= 1, got {data.seq_len}")
 
 
-def resolve(config: ml_collections.ConfigDict) -> tuple[sources.Source, tokenizers.Tokenizer]:
+def source_and_tokenizer(
+  config: ml_collections.ConfigDict,
+) -> tuple[sources.Source, tokenizers.Tokenizer]:
   """data.source's Source (a local corpus becomes a TFDS dataset on the way) and the tokenizer
   (a SentencePiece model is trained and cached when none is given). One text source only."""
   data = config.data
   _check(data)
   cache_dir = storage.cache_path(data.cache_dir)
-  source = sources.resolve(data.source, data, cache_dir)
+  source = sources.from_spec(data.source, data, cache_dir)
   tokenizer = tokenizers.build_tokenizer(
     data.tokenizer,
     spm_model=data.spm_model,
@@ -203,13 +212,16 @@ class MixturePipeline(Pipeline):
     p, n = _process(process_index, process_count)
     return self.mixture.eval_batches(global_batch_size, num_batches, p, n)
 
+  def consumption(self, step: int) -> tuple[dict[str, float], dict | None]:
+    return self.mixture.consumption(step)
+
 
 def _build_mixture(config: ml_collections.ConfigDict, cache_dir: Path) -> Pipeline:
   data = config.data
   specs, _, table = mixture.parse(tuple(data.mixture), tuple(data.get("mixture_stages", ())))
   if any(spec.startswith("chat:") for spec in specs):
     raise errors.DataError(f"data.mixture {specs}: chat sources cannot be mixed (yet); use one")
-  resolved = [sources.resolve(spec, data, cache_dir) for spec in specs]
+  resolved = [sources.from_spec(spec, data, cache_dir) for spec in specs]
   tokenizer = tokenizers.build_tokenizer(
     data.tokenizer,
     spm_model=data.spm_model,

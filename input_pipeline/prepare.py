@@ -15,50 +15,25 @@ full check a run skips at start-up). Prints one JSON object last: ``store``, ``f
 from __future__ import annotations
 
 import json
-import logging
 import os
-import sys
 import time
 
-from absl import app, flags
-from ml_collections import config_flags
+import jax
+from absl import flags
 
-import configs
-from train.cluster import distributed
+import input_pipeline
+from input_pipeline.host import command
 
-distributed.define_flags()
 _VERIFY = flags.DEFINE_bool("verify", False, "Also re-hash every array of the store (sha256).")
-_CONFIG = config_flags.DEFINE_config_file(
-  "config", os.path.join(os.path.dirname(configs.__file__), "default.py"), "Run config file."
-)
+
+USAGE = "usage: python -m input_pipeline.prepare [--config FILE] [--config.data.KEY=VALUE ...]"
 
 
-def main(argv) -> int:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  import input_pipeline
-
-  handler = logging.StreamHandler(sys.stderr)
-  handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-  for name in ("input_pipeline", "loom"):
-    logger = logging.getLogger(name)
-    logger.handlers[:] = [handler]
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
-  config = _CONFIG.value
+def main(argv: list[str]) -> int:
+  config = command.config()
   config.data.verify_store = bool(_VERIFY.value)
-  started = distributed.initialize_from_flags()
-  import jax
-
-  from train.trainer import build_data  # one process, or several as in a run
-
   start = time.perf_counter()
-  try:
-    pipeline = build_data(config)
-  except input_pipeline.DataError as e:
-    print(f"loom: error: {e}", file=sys.stderr, flush=True)
-    distributed.end(started, 2)
-    return 2
+  pipeline = input_pipeline.build(config)  # one process, or several as in a run
   manifest = pipeline.manifest
   result = {
     "store": os.fspath(pipeline.store.path),
@@ -71,9 +46,9 @@ def main(argv) -> int:
   }
   if jax.process_index() == 0:
     print(json.dumps(result), flush=True)
-  distributed.end(started, 0)
-  return 0
+  return command.EXIT_OK
 
 
 if __name__ == "__main__":
-  app.run(lambda argv: sys.exit(main(argv)))
+  # Every process says what it prepared (its share of the documents, with parallel_prepare).
+  command.run(main, usage=USAGE, config_default="default.py", every_process_logs=True)

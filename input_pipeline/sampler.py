@@ -21,7 +21,7 @@ from input_pipeline.store import Store
 _log = logging.getLogger(__name__)
 
 BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "weights")
-_BATCH_DTYPES = (tf.int32, tf.int32, tf.int32, tf.int32, tf.float32)
+BATCH_DTYPES = (tf.int32, tf.int32, tf.int32, tf.int32, tf.float32)
 
 
 def check_share(global_batch_size: int, process_index: int, process_count: int) -> int:
@@ -117,7 +117,7 @@ def train_dataset(
   read = _reader(store, "train")
 
   def load(rows_B):
-    arrays = tf.numpy_function(read, [rows_B], _BATCH_DTYPES, stateful=False)
+    arrays = tf.numpy_function(read, [rows_B], BATCH_DTYPES, stateful=False)
     return {
       k: tf.ensure_shape(a, [local, seq_len]) for k, a in zip(BATCH_KEYS, arrays, strict=True)
     }

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 
 from input_pipeline import errors, store
-from train import storage
+from input_pipeline.host import storage
 
 _log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ CHUNK_TOKENS = 1 << 25  # ids per chunk file (~64 MB of uint16): memory stays fl
 
 
 def directory(cache_dir, fp: str):
-  return storage.resolve(cache_dir) / "stores" / f".shares.{fp}"
+  return storage.absolute(cache_dir) / "stores" / f".shares.{fp}"
 
 
 def _name(split: str, process: int, count: int) -> str:

@@ -24,7 +24,7 @@ from pathlib import Path
 import tensorflow_datasets as tfds
 
 from input_pipeline import errors, text_files
-from train import storage
+from input_pipeline.host import storage
 
 _log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class Source:
     return self.builder.info.splits[name].num_examples if name in self.builder.info.splits else 0
 
 
-def resolve(spec: str, data_config, cache_dir: Path) -> Source:
+def from_spec(spec: str, data_config, cache_dir: Path) -> Source:
   """The Source for data.source; prepares local files as a TFDS dataset (once) on the way."""
   if spec == "stdlib":
     root = Path(sysconfig.get_paths()["stdlib"])

@@ -45,8 +45,8 @@ import numpy as np
 
 from input_pipeline import errors, packing, shards
 from input_pipeline.errors import StoreError
+from input_pipeline.host import storage
 from input_pipeline.shards import shard_name
-from train import storage
 
 _log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ def prepare(
     raise errors.DataError(f"data.seq_len must be >= 1, got {seq_len}")
   fp = fingerprint(source.identity, tokenizer.identity, seq_len)
   remote = storage.is_remote(cache_dir)
-  stores = storage.resolve(cache_dir) / "stores"
+  stores = storage.absolute(cache_dir) / "stores"
   final = stores / fp
   if (final / "manifest.json").exists() if remote else final.exists():
     return load(final, fp, verify=verify)
@@ -212,7 +212,7 @@ def load(path, expected_fingerprint: str | None = None, *, verify: bool = False)
   A store on an object store stays there: each shard's size is checked against the manifest
   (one metadata request per file) and rows are read by byte ranges when asked for.
   """
-  path = storage.resolve(path)
+  path = storage.absolute(path)
   hint = "delete that directory to prepare it again"
   try:
     manifest = json.loads((path / "manifest.json").read_text())
@@ -258,7 +258,7 @@ def load(path, expected_fingerprint: str | None = None, *, verify: bool = False)
 def exists(source, tokenizer, seq_len: int, cache_dir) -> bool:
   """Whether the store for these inputs is already prepared in ``cache_dir``."""
   fp = fingerprint(source.identity, tokenizer.identity, seq_len)
-  final = storage.resolve(cache_dir) / "stores" / fp
+  final = storage.absolute(cache_dir) / "stores" / fp
   return (final / "manifest.json").exists() if storage.is_remote(cache_dir) else final.exists()
 
 

@@ -23,9 +23,10 @@ from typing import Protocol
 
 import numpy as np
 import sentencepiece as spm
+from tokenizers import Tokenizer as HFTokenizerFile  # Hugging Face tokenizer.json files
 
 from input_pipeline import errors
-from train import storage
+from input_pipeline.host import storage
 
 _log = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ class SentencePieceTokenizer:
   """A SentencePiece model; eod is its eos id, padding its pad id (eod if it has none)."""
 
   def __init__(self, model_path):
-    self.model_path = storage.resolve(model_path)
+    self.model_path = storage.absolute(model_path)
     proto = self.model_path.read_bytes()
     self._sp = spm.SentencePieceProcessor(model_proto=proto)
     self.vocab_size = int(self._sp.get_piece_size())
@@ -110,13 +111,11 @@ class HFTokenizer:
   """
 
   def __init__(self, directory: Path):
-    from tokenizers import Tokenizer as _Tokenizer
-
     self.directory = Path(directory).expanduser()
     path = self.directory / "tokenizer.json"
     if not path.is_file():
       raise errors.DataNotFoundError(f"data.tokenizer='hf:{directory}': no such file {path}")
-    self._tok = _Tokenizer.from_file(str(path))
+    self._tok = HFTokenizerFile.from_file(str(path))
     self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
     eos = self._special_token("eos_token")
     if eos is None:
@@ -253,7 +252,7 @@ def load_tokenizer(data_config) -> Tokenizer:
 
 
 def _load_spm_model(spm_model: str) -> SentencePieceTokenizer:
-  path = storage.resolve(spm_model)
+  path = storage.absolute(spm_model)
   if not path.is_file():
     raise errors.DataNotFoundError(f"data.spm_model={spm_model!r}: no such file {path}")
   return SentencePieceTokenizer(path)
@@ -292,7 +291,7 @@ def build_tokenizer(
   _check_spm_vocab_size(spm_vocab_size)
   recipe = {"source": source_identity, "vocab_size": spm_vocab_size, "chars": SPM_TRAIN_CHARS}
   digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
-  path = storage.resolve(cache_dir) / "tokenizers" / f"spm-{spm_vocab_size}-{digest}.model"
+  path = storage.absolute(cache_dir) / "tokenizers" / f"spm-{spm_vocab_size}-{digest}.model"
   if not path.is_file():
     _log.info("Training a SentencePiece model (vocab %d) -> %s", spm_vocab_size, path)
     train_sentencepiece(train_documents(), spm_vocab_size, path)

@@ -20,7 +20,7 @@ from models import lora
 from models.config import ModelConfig
 from models.layers import Norm, apply_rope, dense, out_proj_std, rope_frequencies
 from models.params import make_param, normal
-from models.sharding import constrain, is_active, logical_to_spec
+from models.sharding import active_spec, constrain, is_active
 
 KVCache = dict[str, jax.Array]  # {"k": [B, S, K, H], "v": [B, S, K, H]} for one layer
 
@@ -183,8 +183,8 @@ def splash_attention(q_BLNH, k_BSKH, v_BSKH, segment_ids_BL, scale: float) -> ja
 
   if not is_active():
     return attend(q_BLNH, k_BSKH, v_BSKH, segment_ids_BL)
-  q_spec = logical_to_spec(("batch", None, "heads", None))
-  kv_spec = logical_to_spec(("batch", None, "kv_heads", None))
+  q_spec = active_spec(("batch", None, "heads", None))
+  kv_spec = active_spec(("batch", None, "kv_heads", None))
   if q_spec[2] is not None and kv_spec[2] != q_spec[2]:
     k_BSKH, v_BSKH = (jnp.repeat(x, n // kv, axis=2) for x in (k_BSKH, v_BSKH))
     kv_spec = q_spec

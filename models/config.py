@@ -19,7 +19,11 @@ ROPE_SCALINGS = ("none", "llama3")
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """Hyper-parameters of a decoder-only transformer (shapes in names: B, L, D, N, K, H, F, V)."""
+  """Hyper-parameters of a decoder-only transformer (shapes in names: B, L, D, N, K, H, F, V).
+
+  Every field is required: the values, with their defaults, come from the run config's ``model``
+  group (``configs/default.py`` declares each once); ``from_config`` builds this from it.
+  """
 
   vocab_size: int  # V
   d_model: int  # D
@@ -29,36 +33,36 @@ class ModelConfig:
   head_dim: int  # H
   mlp_dim: int  # F
   max_seq_len: int
-  mlp: str = "swiglu"
-  norm: str = "rms"
-  norm_eps: float = 1e-6
-  positions: str = "rope"
-  rope_theta: float = 10000.0
+  mlp: str
+  norm: str
+  norm_eps: float
+  positions: str
+  rope_theta: float
   # Llama 3.1/3.2 long-context RoPE: low frequencies divided by the factor, high ones kept, a
   # smooth ramp between (wavelengths against original_max_len / low and / high freq factors).
-  rope_scaling: str = "none"
-  rope_scaling_factor: float = 8.0
-  rope_low_freq_factor: float = 1.0
-  rope_high_freq_factor: float = 4.0
-  rope_original_max_len: int = 8192
-  qk_norm: bool = False
-  tie_embeddings: bool = True
-  use_bias: bool = False  # biases on every dense layer and norm (GPT-2)
-  qkv_bias: bool = False  # biases on the query, key and value projections only (Qwen2)
-  dtype: str = "float32"
-  param_dtype: str = "float32"
-  scan_layers: bool = True
-  remat: str = "none"
+  rope_scaling: str
+  rope_scaling_factor: float
+  rope_low_freq_factor: float
+  rope_high_freq_factor: float
+  rope_original_max_len: int
+  qk_norm: bool
+  tie_embeddings: bool
+  use_bias: bool  # biases on every dense layer and norm (GPT-2)
+  qkv_bias: bool  # biases on the query, key and value projections only (Qwen2)
+  dtype: str
+  param_dtype: str
+  scan_layers: bool
+  remat: str
   # Causal attention by blocks of this many queries, skipping the key blocks above the diagonal
   # (0 = whole rows). Exact; on a 2-core CPU at R's shape 2.4x faster per layer at 64.
-  attention_block: int = 0
-  attention: str = "auto"
-  init_std: float = 0.02
+  attention_block: int
+  attention: str
+  init_std: float
   # Low-rank adapters: rank > 0 adds A·B·alpha/rank beside each targeted kernel; only adapters
   # train (models/lora.py). Targets: q, k, v, out (attention), gate, up, down (MLP).
-  lora_rank: int = 0
-  lora_alpha: float = 16.0
-  lora_targets: tuple[str, ...] = ("q", "k", "v", "out")
+  lora_rank: int
+  lora_alpha: float
+  lora_targets: tuple[str, ...]
 
   def __post_init__(self):
     # JSON (checkpoint metadata) turns the tuple into a list; the config must stay hashable.
@@ -140,6 +144,12 @@ class ModelConfig:
     unknown = sorted(set(values) - fields)
     if unknown:
       raise ValueError(f"unknown model config keys {unknown}; valid keys: {sorted(fields)}")
+    missing = sorted(fields - set(values))
+    if missing:
+      raise ValueError(
+        f"model config keys {missing} are missing: a config file's model group starts from "
+        f"configs/default.py's, which declares every key"
+      )
     return cls(**values)
 
   def to_dict(self) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from jax.ad_checkpoint import checkpoint_name
 from models import lora
 from models.config import ModelConfig
 from models.params import make_param, normal
-from models.sharding import LogicalNames, constrain, logical_to_spec
+from models.sharding import LogicalNames, active_spec, constrain
 
 
 def out_proj_std(cfg: ModelConfig) -> float:
@@ -43,7 +43,7 @@ def dense(
   """
   lead, inner = x.shape[: x.ndim - contract], x.shape[x.ndim - contract :]
   kernel_axes = tuple(range(contract)) if kernel_axes is None else tuple(kernel_axes)
-  spec = logical_to_spec(("batch", "length"))
+  spec = active_spec(("batch", "length"))
   if len(lead) != 2 or (len(spec) > 1 and spec[1] is not None):
     axes = (tuple(range(len(lead), x.ndim)), kernel_axes)
     return jax.lax.dot_general(x, kernel, (axes, ((), ())), **dot_kwargs)

@@ -38,7 +38,7 @@ def is_active() -> bool:
   return _context() is not None
 
 
-def resolve(names: LogicalNames, rules: Rules, mesh_axes: Sequence[str]) -> PartitionSpec:
+def spec_for(names: LogicalNames, rules: Rules, mesh_axes: Sequence[str]) -> PartitionSpec:
   """The one rule resolver: logical axis names -> a PartitionSpec over ``mesh_axes``.
 
   Parameters (the train state), activations (``constrain``), batches and the inference cache all
@@ -70,13 +70,13 @@ def resolve(names: LogicalNames, rules: Rules, mesh_axes: Sequence[str]) -> Part
   return PartitionSpec(*spec)
 
 
-def logical_to_spec(names: LogicalNames) -> PartitionSpec:
-  """``resolve`` under the active rules and mesh; an empty spec when no context is active."""
+def active_spec(names: LogicalNames) -> PartitionSpec:
+  """``spec_for`` under the active rules and mesh; an empty spec when no context is active."""
   context = _context()
   if context is None:
     return PartitionSpec()
   rules, mesh = context
-  return resolve(names, rules, mesh.axis_names)
+  return spec_for(names, rules, mesh.axis_names)
 
 
 def constrain(x: jax.Array, names: LogicalNames) -> jax.Array:
@@ -85,14 +85,14 @@ def constrain(x: jax.Array, names: LogicalNames) -> jax.Array:
     return x
   if len(names) != x.ndim:
     raise ValueError(f"logical names {tuple(names)} do not match the shape {x.shape}")
-  return jax.lax.with_sharding_constraint(x, logical_to_spec(names))
+  return jax.lax.with_sharding_constraint(x, active_spec(names))
 
 
 def partitioned(initializer: Callable[..., jax.Array], names: LogicalNames) -> Callable[..., Any]:
   """Wraps an initializer so the created ``nnx.Param`` carries logical axis names.
 
   The names are kept as the variable's ``out_sharding`` metadata, which the trainer resolves
-  with ``resolve`` (train/state.py). Under an active mesh and rules the value is also created
+  with ``spec_for`` (train/state.py). Under an active mesh and rules the value is also created
   sharded, through the same resolver (``constrain``), never through a second rule table.
   """
 

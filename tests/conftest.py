@@ -12,6 +12,12 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
 import pytest  # noqa: E402 (after the environment above, which must precede any JAX import)
 
+from input_pipeline.host import settings  # noqa: E402
+
+# The test process is an entry point like any command: Loom's process settings (object-store
+# variables, XLA defaults), before JAX starts, so in-process runs compile as `python -m train` does.
+settings.apply()
+
 
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory):

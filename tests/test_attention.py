@@ -7,11 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from model_configs import model_config
 
 import models
-from models.config import ModelConfig
 
-CFG = ModelConfig(
+CFG = model_config(
   vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64,
   max_seq_len=40, scan_layers=False,
 )  # fmt: skip

@@ -1,4 +1,4 @@
-"""python -m train.bench on its own default config (R), as the README tells users to run it, and
+"""python -m train.bench on its own default config (R), as docs/speed.md tells users to run it, and
 its matmul floor (``--what matmuls``)."""
 
 import dataclasses
@@ -9,8 +9,7 @@ import sys
 import numpy as np
 import pytest
 from cli_helpers import REPO, train_env
-
-from models.config import ModelConfig
+from model_configs import model_config
 
 
 def _bench(*flags: str) -> dict:
@@ -36,7 +35,7 @@ def test_step_matmuls_are_the_flops_the_meter_counts(mlp):
   from train.bench import step_matmuls
   from train.meter import flops
 
-  cfg = ModelConfig(
+  cfg = model_config(
     vocab_size=96, d_model=64, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=16,
     mlp_dim=160, mlp=mlp, max_seq_len=48, attention_block=0,
   )  # fmt: skip

@@ -13,8 +13,8 @@ import input_pipeline
 from configs import tiny
 from input_pipeline import chat, errors
 from models.config import ModelConfig
+from train import loss
 from train import state as state_lib
-from train import step
 from train.cluster import mesh as mesh_lib
 
 CHATML = (
@@ -109,7 +109,7 @@ def test_prompt_tokens_get_no_gradient(tmp_path):
   params = state_lib.init_state(spec, cfg, optax.identity(), mesh, rules, 0)["params"]
   # Changing the targets the mask leaves out changes neither the loss nor its gradient.
   other = dict(batch, targets=np.where(batch["weights"] > 0, batch["targets"], 7))
-  grad = jax.grad(lambda p, b: step.loss_sums(p, spec.graphdef, b)[0])
+  grad = jax.grad(lambda p, b: loss.loss_sums(p, spec.graphdef, b)[0])
   for a, b in zip(
     jax.tree.leaves(grad(params, batch)), jax.tree.leaves(grad(params, other)), strict=True
   ):

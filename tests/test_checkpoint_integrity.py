@@ -94,7 +94,7 @@ def test_a_tensor_axis_across_hosts_is_refused():
 
 
 def test_agreement_with_one_process_is_immediate():
-  from train.cluster import agreement
+  from input_pipeline.host import agreement
 
   assert agreement.from_main("x", "7") == "7"
   assert agreement.gather("y", "a") == ["a"]

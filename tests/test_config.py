@@ -14,10 +14,11 @@ from jax.sharding import PartitionSpec
 
 from configs import default, tiny
 from train import config as config_lib
+from train import planning
 from train import state as state_lib
 from train.cluster import mesh as mesh_lib
 from train.inference import engine as engine_lib
-from train.meter import hardware, planning
+from train.meter import hardware
 
 
 def _one_line_error(result) -> str:
@@ -133,7 +134,7 @@ def test_one_rule_resolver_for_parameters_activations_and_the_cache():
   config.mesh.data, config.mesh.fsdp = 4, 2  # tiny has 2 kv heads
   resolved = config_lib.validate(config, devices=jax.devices())
   mesh, rules, model_cfg = resolved.mesh, resolved.rules, resolved.model_cfg
-  assert mesh_lib.logical_to_spec(("kv_heads", "head_dim"), rules) == PartitionSpec("fsdp", None)
+  assert mesh_lib.partition_spec(("kv_heads", "head_dim"), rules) == PartitionSpec("fsdp", None)
   spec = state_lib.state_spec(model_cfg, optax.identity(), mesh, rules)
   # A parameter [layers, embed, kv_heads, head_dim]: embed takes fsdp, the rest replicate.
   key_kernel = spec.abstract["params"]["blocks"]["attn"]["k_kernel"]
@@ -198,20 +199,22 @@ def test_the_checkpoint_command_has_its_new_name(tmp_path):
 
 
 def test_measured_xla_cpu_defaults_are_set_unless_the_user_set_them():
-  from train.cluster import xla_flags
+  from input_pipeline.host import settings
 
   env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-  assert xla_flags.configure(env) == ["--xla_cpu_experimental_ynn_fusion_type=dot"]
+  assert settings.xla_flags(env) == ["--xla_cpu_experimental_ynn_fusion_type=dot"]
   assert env["XLA_FLAGS"].split() == [
     "--xla_force_host_platform_device_count=8",
     "--xla_cpu_experimental_ynn_fusion_type=dot",
   ]
   mine = {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=dot,eltwise"}
-  assert xla_flags.configure(mine) == [] and mine["XLA_FLAGS"].endswith("dot,eltwise")
-  # In a fresh process that imports train: the dot goes to YNNPACK, the GELU after it stays an
-  # XLA loop fusion (with XLA's own default both would be one YNNPACK fusion).
+  assert settings.xla_flags(mine) == [] and mine["XLA_FLAGS"].endswith("dot,eltwise")
+  # In a fresh process that applies the settings as every entry point does: the dot goes to
+  # YNNPACK, the GELU after it stays an XLA loop fusion (with XLA's own default both would be one
+  # YNNPACK fusion).
   code = (
-    "import train, jax, jax.numpy as jnp, re\n"
+    "from input_pipeline.host import settings; settings.apply()\n"
+    "import jax, jax.numpy as jnp, re\n"
     "f = jax.jit(lambda x, w: jax.nn.gelu(x @ w, approximate=True) * 2.0 + x.sum())\n"
     "hlo = f.lower(jnp.ones((64, 32)), jnp.ones((32, 32))).compile().as_text()\n"
     "print(sorted(set(re.findall(r'(\\w+_fusion)(?:\\.\\d+)? = ', hlo))))\n"

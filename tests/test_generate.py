@@ -6,7 +6,6 @@ import os
 import shutil
 import subprocess
 import sys
-import types
 
 import jax
 import jax.numpy as jnp
@@ -290,22 +289,11 @@ def test_inference_meter_reports_throughput_bandwidth_and_energy(model):
   assert stats["energy_source"] in ("measured", "estimated")
 
 
-def test_sample_for_eval_is_the_greedy_continuation(model):
-  config = model.config.copy_and_resolve_references()
-  config.log.sample_prompt, config.log.sample_tokens = "def ", 6
-  run = types.SimpleNamespace(
-    config=config,
-    pipeline=types.SimpleNamespace(tokenizer=model.tokenizer),
-    spec=types.SimpleNamespace(graphdef=model.graphdef),
-    model_cfg=model.model_cfg,
-    mesh=model.mesh,
-    rules=model.rules,
-  )
-  text = generation.sample_for_eval(run, model.params)
+def test_greedy_sample_is_the_greedy_continuation(model):
+  text = generation.greedy_sample(model, "def ", 6)
   expected = generation.generate(model, ["def "], max_new_tokens=6, temperature=0.0).texts[0]
   assert text == "def " + expected
-  config.log.sample_tokens = 0
-  assert generation.sample_for_eval(run, model.params) is None
+  assert generation.greedy_sample(model, "def ", 0) is None
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

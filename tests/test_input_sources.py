@@ -217,7 +217,7 @@ def test_json_lines_records_are_documents_and_bad_ones_are_reported(tmp_path, ca
   (corpus / "a.jsonl").write_text("\n".join(lines) + "\n\n")
   (corpus / "b.jsonl").write_text("\n".join(json.dumps(r) for r in good[:5]) + "\n")
   with caplog.at_level(logging.WARNING):
-    source = sources.resolve(f"files:{corpus}", _config(tmp_path).data, tmp_path / "cache")
+    source = sources.from_spec(f"files:{corpus}", _config(tmp_path).data, tmp_path / "cache")
   report = [r.getMessage() for r in caplog.records if "bad records" in r.getMessage()]
   assert len(report) == 1 and "a.jsonl: 4 bad records skipped" in report[0]
   assert "1 not valid JSON (lines 4)" in report[0] and "no 'text' field (lines 11)" in report[0]
@@ -237,14 +237,14 @@ def test_parquet_rows_and_a_named_text_field(tmp_path):
   path = tmp_path / "docs.parquet"
   pq.write_table(pa.table({"content": rows, "n": list(range(50))}), path)
   data = _config(tmp_path, text_feature="content", validation_percent=10).data
-  source = sources.resolve(f"files:{path}", data, tmp_path / "cache")
+  source = sources.from_spec(f"files:{path}", data, tmp_path / "cache")
   docs = _records(source)
   # One file: split by position over its 49 good rows, the last 10% (4) for validation.
   assert sorted(docs["validation"]) == sorted([r for r in rows if r][-4:])
   assert sorted(docs["train"]) == sorted([r for r in rows if r][:-4])
   missing = _config(tmp_path, validation_percent=10).data  # text_feature "text": no such column
   with pytest.raises(ValueError, match=r"no column 'text' \(columns: \['content', 'n'\]\)"):
-    sources.resolve(f"files:{path}", missing, tmp_path / "cache2")
+    sources.from_spec(f"files:{path}", missing, tmp_path / "cache2")
 
 
 def test_a_single_json_lines_file_is_split_by_records(tmp_path, caplog):
@@ -253,7 +253,7 @@ def test_a_single_json_lines_file_is_split_by_records(tmp_path, caplog):
   path = tmp_path / "chats.jsonl"
   path.write_text("".join(json.dumps({"text": f"record {i}"}) + "\n" for i in range(30)))
   with caplog.at_level(logging.INFO):
-    source = sources.resolve(
+    source = sources.from_spec(
       f"files:{path}", _config(tmp_path, validation_percent=10).data, tmp_path / "cache"
     )
   assert "split by position, its last 10% of records" in caplog.text

@@ -14,7 +14,7 @@ import pytest
 
 import input_pipeline
 from configs.default import get_config
-from input_pipeline import sources, store, tokenizers
+from input_pipeline import pipeline, sources, store, tokenizers
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 JSON_GLOB = str(STDLIB / "json" / "*.py")
@@ -125,7 +125,7 @@ def test_killed_preparation_leftover_is_ignored_and_cleaned(tmp_path):
 
 def test_concurrent_preparations_agree(tmp_path):
   cfg = _config(tmp_path)
-  source = sources.resolve(cfg.data.source, cfg.data, tmp_path)
+  source = sources.from_spec(cfg.data.source, cfg.data, tmp_path)
   results, errors = [], []
 
   def prepare():
@@ -234,14 +234,14 @@ def test_shares_tokenized_apart_pack_into_the_same_store(tmp_path, spm_model):
     c.data.store_shard_mb = 0.01
   alone = input_pipeline.build(configs["alone"])
   config = configs["shared"]
-  resolved = input_pipeline.resolve(config)
-  counts = [input_pipeline.tokenize_share(config, resolved, 0, 3)]
+  resolved = pipeline.source_and_tokenizer(config)
+  counts = [pipeline.tokenize_share(config, resolved, 0, 3)]
   with pytest.raises(input_pipeline.DataError, match=r"process 1's share of the train split"):
-    input_pipeline.build(config, shares=3, resolved=resolved)  # a cache the others cannot see
-  counts += [input_pipeline.tokenize_share(config, resolved, p, 3) for p in (1, 2)]
+    pipeline.build_local(config, shares=3, resolved=resolved)  # a cache the others cannot see
+  counts += [pipeline.tokenize_share(config, resolved, p, 3) for p in (1, 2)]
   assert sum(c["train"] for c in counts) == alone.manifest["splits"]["train"]["documents"]
   assert all(c["train"] > 0 for c in counts)
-  shared = input_pipeline.build(config, shares=3, resolved=resolved)
+  shared = pipeline.build_local(config, shares=3, resolved=resolved)
   assert shared.fingerprint == alone.fingerprint
   assert shared.manifest["arrays"] == alone.manifest["arrays"]  # sizes and sha256 of every shard
   assert len(shared.manifest["shards"]["train"]) > 1

@@ -48,7 +48,7 @@ def test_only_adapters_change_and_frozen_weights_have_no_optimizer_state():
   before = jax.tree.map(np.asarray, state["params"])
   batch = synthetic_batch(config, resolved.model_cfg.vocab_size, programs.batch_sharding)
   for _ in range(3):
-    state, metrics = built.train_step(state, batch)
+    state, metrics = built.compiled_step(state, batch)
   assert np.isfinite(float(metrics["train/loss"]))
   after = jax.tree_util.tree_leaves_with_path(jax.tree.map(np.asarray, state["params"]))
   old = dict(jax.tree_util.tree_leaves_with_path(before))

@@ -9,8 +9,8 @@ from flax import nnx
 
 from configs import tiny
 from train import config as config_lib
+from train import loss
 from train import state as state_lib
-from train import step
 from train.bench import synthetic_batch
 from train.programs import jit_programs
 
@@ -39,13 +39,13 @@ def _setup(tie: bool, vocab: int = 258, seq_len: int = 32):
 def test_chunked_loss_equals_the_plain_loss_in_value_and_gradient(tie):
   _, _, spec, params, batch = _setup(tie)
 
-  def loss(p, chunk):
-    ce, _, weight = step.loss_terms(p, spec.graphdef, batch, chunk=chunk)
+  def mean_loss(p, chunk):
+    ce, _, weight = loss.loss_terms(p, spec.graphdef, batch, chunk=chunk)
     return ce / weight
 
-  plain, plain_grads = jax.value_and_grad(loss)(params, 0)
+  plain, plain_grads = jax.value_and_grad(mean_loss)(params, 0)
   for chunk in (8, 16):
-    value, grads = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, chunk)
+    value, grads = jax.jit(jax.value_and_grad(mean_loss), static_argnums=1)(params, chunk)
     np.testing.assert_allclose(float(value), float(plain), rtol=1e-6)
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(plain_grads), strict=True):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
@@ -58,7 +58,7 @@ def test_z_loss_adds_the_squared_log_normaliser():
   )
   lse2 = jnp.sum(jnp.square(jax.nn.logsumexp(logits, axis=-1)) * batch["weights"])
   for chunk in (0, 8):
-    objective, (ce, _) = step._objective(params, spec.graphdef, batch, chunk, 1e-2)
+    objective, (ce, _) = loss.objective(params, spec.graphdef, batch, chunk, 1e-2)
     np.testing.assert_allclose(float(objective), float(ce + 1e-2 * lse2), rtol=1e-5)
     assert float(objective) > float(ce)
 

@@ -8,19 +8,22 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from model_configs import model_config
 
 import models
 from models import ModelConfig, Transformer
 
 B, L = 2, 16
 
-GPT2_LIKE = ModelConfig(
+GPT2_LIKE = model_config(
     vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=4, head_dim=8,
+    scan_layers=True,
     mlp_dim=128, max_seq_len=L, mlp="gelu", norm="layer", norm_eps=1e-5, positions="learned",
     tie_embeddings=True, use_bias=True,
 )  # fmt: skip
-LLAMA_LIKE = ModelConfig(
+LLAMA_LIKE = model_config(
     vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+    scan_layers=True,
     mlp_dim=64, max_seq_len=L, mlp="swiglu", norm="rms", positions="rope", rope_theta=500.0,
     qk_norm=True, tie_embeddings=False, use_bias=False,
 )  # fmt: skip
@@ -187,7 +190,7 @@ def test_param_count(name, tied, scan_layers):
 
 def test_gpt2_small_param_count():
   # The published GPT-2 small size (124,439,808 with the tied 50257 x 768 table).
-  cfg = ModelConfig(
+  cfg = model_config(
       vocab_size=50257, d_model=768, num_layers=12, num_heads=12, num_kv_heads=12, head_dim=64,
       mlp_dim=3072, max_seq_len=1024, mlp="gelu", norm="layer", positions="learned",
       use_bias=True,
@@ -197,11 +200,11 @@ def test_gpt2_small_param_count():
 
 def test_llama_param_counts():
   # Published sizes: Llama-3.2-1B (tied, GQA 32/8) and Llama-2-7B (untied, MHA).
-  llama32_1b = ModelConfig(
+  llama32_1b = model_config(
     vocab_size=128256, d_model=2048, num_layers=16, num_heads=32, num_kv_heads=8, head_dim=64,
     mlp_dim=8192, max_seq_len=8192, tie_embeddings=True,
   )  # fmt: skip
-  llama2_7b = ModelConfig(
+  llama2_7b = model_config(
     vocab_size=32000, d_model=4096, num_layers=32, num_heads=32, num_kv_heads=32, head_dim=128,
     mlp_dim=11008, max_seq_len=4096, tie_embeddings=False,
   )  # fmt: skip

@@ -7,13 +7,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from model_configs import model_config
 
-from models import ModelConfig, Transformer
+from models import Transformer
 
 B, L, PREFILL, CACHE_LEN = 2, 12, 5, 16
 
-BASE = ModelConfig(
+BASE = model_config(
     vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+    scan_layers=True,
     mlp_dim=64, max_seq_len=CACHE_LEN,
 )  # fmt: skip
 VARIANTS = {

@@ -8,12 +8,14 @@ import numpy as np
 import pytest
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from model_configs import model_config
 
 from configs import default
-from models import ModelConfig, Transformer, sharding
+from models import Transformer, sharding
 
-CFG = ModelConfig(
+CFG = model_config(
     vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+    scan_layers=True,
     mlp_dim=64, max_seq_len=16, positions="learned", tie_embeddings=False, use_bias=True,
     qk_norm=True,
 )  # fmt: skip
@@ -101,16 +103,16 @@ def test_born_sharded_creation(mesh_shape, scan_layers):
   np.testing.assert_allclose(logits, unsharded, atol=1e-5, rtol=1e-5)
 
 
-def test_logical_to_spec_and_constrain():
+def test_active_spec_and_constrain():
   x = jnp.ones((8, 4, 32))
   assert sharding.constrain(x, ("batch", "length", "embed")) is x  # no mesh, no rules: no-op
-  assert sharding.logical_to_spec(("batch", "embed")) == PartitionSpec()
+  assert sharding.active_spec(("batch", "embed")) == PartitionSpec()
   mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "fsdp"))
   with jax.set_mesh(mesh), nnx.logical_axis_rules(_rules()):
     # "fsdp" is taken by the batch axis, so "embed" is replicated; "tensor" is not in this mesh.
-    spec = sharding.logical_to_spec(("batch", "length", "embed"))
+    spec = sharding.active_spec(("batch", "length", "embed"))
     assert spec == PartitionSpec(("data", "fsdp"), None, None)
-    assert sharding.logical_to_spec(("embed", "mlp")) == PartitionSpec("fsdp", None)
+    assert sharding.active_spec(("embed", "mlp")) == PartitionSpec("fsdp", None)
     y = jax.jit(lambda x: sharding.constrain(x * 2, ("batch", "length", "embed")))(x)
     assert y.sharding.is_equivalent_to(NamedSharding(mesh, spec), 3)
     with pytest.raises(ValueError, match="do not match"):

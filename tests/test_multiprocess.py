@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from train.cluster import distributed
+from input_pipeline.host import distributed
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 10

@@ -1,9 +1,9 @@
 """Work directories and data caches on an object store, against a real GCS API.
 
 A GCS emulator (gcp-storage-emulator, in the [test] extra, with GCS's generation preconditions:
-tests/gcs_emulator.py) runs on 127.0.0.1 for this module;
-Loom reaches it through the standard STORAGE_EMULATOR_HOST variable (train/storage.py translates
-it for TensorStore and gcsfs). The end-to-end test trains with two jax.distributed processes
+tests/gcs_emulator.py) runs on 127.0.0.1 for this module; Loom reaches it through the standard
+STORAGE_EMULATOR_HOST variable (input_pipeline/host/settings.py translates it for TensorStore and
+gcsfs). The end-to-end test trains with two jax.distributed processes
 on ``gs://`` paths, SIGKILLs both mid-run, resumes, and checks the losses against the same run on
 local disk bit for bit; then the other commands work on that work directory.
 """
@@ -53,10 +53,10 @@ def emulator(tmp_path_factory):
   host = f"http://127.0.0.1:{port}"
   saved = os.environ.get("STORAGE_EMULATOR_HOST")
   os.environ["STORAGE_EMULATOR_HOST"] = host
-  from train import storage
+  from input_pipeline.host import settings
 
   # This process reads the results back through gcsfs (not imported before this module).
-  added = storage.configure_object_store()
+  added = settings.object_store_variables()
   yield host
   for key in added:
     os.environ.pop(key, None)
@@ -162,9 +162,10 @@ def _command(args: list[str], emulator: str, scratch: str) -> subprocess.Complet
 def test_paths_and_atomic_writes_on_the_emulator(emulator):
   from etils import epath
 
-  from train import metrics_writer, storage
+  from input_pipeline.host import storage
+  from train import metrics_writer
 
-  root = storage.resolve("gs://loom/unit/")
+  root = storage.absolute("gs://loom/unit/")
   assert os.fspath(root) == "gs://loom/unit"
   storage.write_atomic(root / "a.json", '{"x": 1}')
   storage.write_atomic(root / "a.json", '{"x": 2}')  # replaced whole
@@ -184,17 +185,19 @@ def test_paths_and_atomic_writes_on_the_emulator(emulator):
 
 
 def test_checkpoint_checksums_on_gcs_are_the_stores_own(emulator, tmp_path):
-  from train import storage
+  from input_pipeline.host import storage
   from train.checkpoint import integrity
 
   data = os.urandom(3 << 20)
   (tmp_path / "shard").write_bytes(data)
-  remote = storage.resolve("gs://loom/unit/shard")
+  remote = storage.absolute("gs://loom/unit/shard")
   remote.write_bytes(data)
   # Read from the object's metadata (the CRC32C GCS computed on upload), equal to the bytes'.
-  assert integrity.checksum(remote) == integrity.checksum(storage.resolve(tmp_path / "shard"))
+  assert integrity.checksum(remote) == integrity.checksum(storage.absolute(tmp_path / "shard"))
   remote.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
-  assert integrity.checksum(remote)[1] != integrity.checksum(storage.resolve(tmp_path / "shard"))[1]
+  assert (
+    integrity.checksum(remote)[1] != integrity.checksum(storage.absolute(tmp_path / "shard"))[1]
+  )
 
 
 @pytest.mark.multiprocess

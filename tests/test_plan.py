@@ -10,10 +10,10 @@ import jax
 import pytest
 
 from train import config as config_lib
+from train import planning as plan_lib
 from train.cluster import mesh as mesh_lib
 from train.cluster import tpu_slice
 from train.meter import hardware as topology_lib
-from train.meter import planning as plan_lib
 from train.programs import jit_programs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -10,7 +10,7 @@ from flax import nnx
 
 from configs import tiny
 from models.config import ModelConfig
-from train import optimizer, step, trainer
+from train import loss, optimizer, step, trainer
 from train import state as state_lib
 from train.bench import synthetic_batch
 from train.cluster import mesh as mesh_lib
@@ -117,7 +117,7 @@ def _losses_on(mesh_sizes, steps=3):
   rules = mesh_lib.logical_rules(config.mesh)
   model_cfg = _model_cfg(config)
   built = trainer.build_steps(config, mesh, rules, model_cfg)
-  tx, spec, train_step = built.programs.tx, built.programs.spec, built.train_step
+  tx, spec, train_step = built.programs.tx, built.programs.spec, built.compiled_step
   batch_sharding = built.programs.batch_sharding
   state = state_lib.init_state(spec, model_cfg, tx, mesh, rules, config.seed)
   losses = []
@@ -166,7 +166,7 @@ def test_loss_ignores_masked_targets():
   mesh = mesh_lib.make_mesh(config.mesh, jax.devices()[:1])
   spec, _, state = _state(config, mesh)
   batch = _batch(config, mesh_lib.batch_sharding(mesh, mesh_lib.logical_rules(config.mesh)))
-  loss_sum, tokens = step.loss_sums(state["params"], spec.graphdef, batch)
+  loss_sum, tokens = loss.loss_sums(state["params"], spec.graphdef, batch)
   assert float(tokens) == float(jnp.sum(batch["weights"]))
   changed = dict(batch, targets=batch["targets"].at[:, config.data.seq_len // 2 - 1].set(7))
-  assert float(step.loss_sums(state["params"], spec.graphdef, changed)[0]) == float(loss_sum)
+  assert float(loss.loss_sums(state["params"], spec.graphdef, changed)[0]) == float(loss_sum)

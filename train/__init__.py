@@ -8,14 +8,7 @@ the run report, pod planning). The thin commands: ``python -m train``, ``train.g
 ``train.bench``, ``train.plan``, ``train.report``, ``train.checkpoint``.
 
 Library use: ``from train import trainer; trainer.train_and_evaluate(config, workdir)``.
+
+Importing it changes nothing in the process: the entry points apply Loom's process settings by an
+explicit call (``input_pipeline/host/settings.py``).
 """
-
-from train import storage as _storage
-from train.cluster import xla_flags as _xla_flags
-
-# Object-store settings (gcsfs for gs://, an emulator from STORAGE_EMULATOR_HOST) must be in the
-# environment before gcsfs is imported or TensorStore opens a gs:// path: every command imports
-# this package first.
-_storage.configure_object_store()
-# Measured XLA defaults (train/cluster/xla_flags.py), before any backend starts.
-_xla_flags.configure()

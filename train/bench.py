@@ -16,21 +16,22 @@ one JSON object.
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import time
 
+import jax
 import numpy as np
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
-import configs
-from train.cluster import distributed
+import input_pipeline
+from input_pipeline import benchmark
+from input_pipeline.host import command
+from train import config as config_lib
+from train import profiling, trainer
+from train import state as state_lib
+from train.cluster import mesh as mesh_lib
+from train.meter import flops
 
-_CONFIG = config_flags.DEFINE_config_file(
-  "config", os.path.join(os.path.dirname(configs.__file__), "bench_r.py"), "Config file."
-)
-distributed.define_flags()
 _WHAT = flags.DEFINE_enum("what", "step", ["step", "matmuls", "input"], "What to measure.")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps (after warm-up).")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
@@ -41,10 +42,6 @@ _PROFILE = flags.DEFINE_string(
 
 def synthetic_batch(config, vocab_size: int, sharding, seed: int = 0):
   """Random tokens in one segment per row: the shapes and dtypes of a real batch."""
-  import jax
-
-  import input_pipeline
-
   # Every process draws the same global batch and hands over only its own rows, as the input
   # pipeline does (input_pipeline.to_global: make_array_from_process_local_data).
   shape = (config.train.batch_size, config.data.seq_len)
@@ -66,14 +63,6 @@ def synthetic_batch(config, vocab_size: int, sharding, seed: int = 0):
 
 
 def bench_step(config, steps: int, warmup: int, profile_dir: str | None = None) -> dict:
-  import jax
-
-  from train import config as config_lib
-  from train import profiling, trainer
-  from train import state as state_lib
-  from train.cluster import mesh as mesh_lib
-  from train.meter import flops
-
   # Synthetic tokens: no tokenizer feeds this step (config R's 256 ids are below the byte
   # tokenizer's 258), so the vocabulary is not checked against one.
   resolved = config_lib.validate(config, with_tokenizer=False)
@@ -85,17 +74,17 @@ def bench_step(config, steps: int, warmup: int, profile_dir: str | None = None) 
   )
   batch = synthetic_batch(config, model_cfg.vocab_size, programs.batch_sharding)
   for _ in range(warmup):
-    state, metrics = built.train_step(state, batch)
+    state, metrics = built.compiled_step(state, batch)
   jax.block_until_ready(state)
   # End to end: the steps dispatched back to back and one synchronisation at the end, so the
-  # device queue stays full as in training (XLA:CPU with several devices keeps its per-step
-  # bound, NOTES.md) and host latency is neither hidden nor added.
-  sync_each_step = jax.devices()[0].platform == "cpu" and jax.device_count() > 1
+  # device queue stays full as in training (with the training loop's bound on steps in flight)
+  # and host latency is neither hidden nor added.
+  sync_each_step = mesh_lib.bound_steps_in_flight()
   profiler = profiling.StepProfiler(profile_dir or "", 1 if profile_dir else None, steps)
   start = time.perf_counter()
   for i in range(1, steps + 1):
     with profiler.step(i, lambda: state):  # noqa: B023 (this step's new state, on exit)
-      state, metrics = built.train_step(state, batch)
+      state, metrics = built.compiled_step(state, batch)
       if sync_each_step:
         jax.block_until_ready(metrics)
   jax.block_until_ready((state, metrics))
@@ -104,7 +93,7 @@ def bench_step(config, steps: int, warmup: int, profile_dir: str | None = None) 
   times = []
   for _ in range(min(steps, 5)):
     start = time.perf_counter()
-    state, metrics = built.train_step(state, batch)
+    state, metrics = built.compiled_step(state, batch)
     jax.block_until_ready((state, metrics))
     times.append(time.perf_counter() - start)
   tokens_per_second = config.train.batch_size * config.data.seq_len / step_time
@@ -162,10 +151,6 @@ def step_matmuls(cfg, batch: int, length: int) -> list[tuple]:
 
 def bench_matmuls(config, repeats: int) -> dict:
   """Times ``step_matmuls`` of the config as one jitted program (median of ``repeats``)."""
-  import jax
-
-  from train import config as config_lib
-
   cfg = config_lib.validate(config, with_tokenizer=False).model_cfg
   dots = step_matmuls(cfg, config.train.batch_size, config.data.seq_len)
   rngs = iter(jax.random.split(jax.random.key(0), 2 * len(dots)))
@@ -205,16 +190,9 @@ def bench_matmuls(config, repeats: int) -> dict:
   }
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  started = distributed.initialize_from_flags()
-  import jax
-
-  config = _CONFIG.value
+def main(argv: list[str]) -> int:
+  config = command.config()
   if _WHAT.value == "input":
-    from input_pipeline import benchmark
-
     result = benchmark.measure_input(config, steps=_STEPS.value)
     result["config"] = json.loads(config.to_json_best_effort())
   elif _WHAT.value == "matmuls":
@@ -225,8 +203,10 @@ def main(argv):
   result["processes"] = jax.process_count()
   if jax.process_index() == 0:
     print(json.dumps(result), flush=True)
-  distributed.end(started, 0)
+  return command.EXIT_OK
 
+
+USAGE = "usage: python -m train.bench [--config FILE] [--what step|matmuls|input] [--steps N]"
 
 if __name__ == "__main__":
-  app.run(main)
+  command.run(main, usage=USAGE, config_default="bench_r.py")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from typing import Any
 
 import jax
 import ml_collections
@@ -19,17 +20,19 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from input_pipeline import tokenizers
+from configs import default
+from input_pipeline import mixture, tokenizers
+from input_pipeline.host import storage
+from input_pipeline.host.command import LoomError
 from models.config import ModelConfig
-from train import optimizer, storage
+from train import health, optimizer
 from train import state as state_lib
 from train.cluster import mesh as mesh_lib
 
-SPIKE_POLICIES = ("off", "skip", "rollback")
 SOURCE_PREFIXES = ("stdlib", "files:", "tfds:", "chat:")
 
 
-class ConfigError(ValueError):
+class ConfigError(LoomError, ValueError):
   """A config value, flag or path a user gave is not valid; the message says what would be."""
 
 
@@ -96,6 +99,12 @@ def model_config(config: ml_collections.ConfigDict, *, with_tokenizer: bool = Tr
   return model_cfg
 
 
+def saved_model_config(saved: dict[str, Any]) -> ModelConfig:
+  """The ModelConfig a run saved (checkpoint metadata); a field Loom gained since then takes the
+  default config's value."""
+  return ModelConfig(**{**default.get_config().model.to_dict(), **saved})
+
+
 def _integers(config, keys: list[str], minimum: int, what: str) -> None:
   for key in keys:
     group, name = key.split(".")
@@ -123,8 +132,10 @@ def _check_train(config) -> None:
       "(or 0: the whole sequence at once)"
     )
   train = config.train
-  if train.spike_policy not in SPIKE_POLICIES:
-    raise ConfigError(f"train.spike_policy={train.spike_policy!r} is not one of {SPIKE_POLICIES}")
+  if train.spike_policy not in health.SPIKE_POLICIES:
+    raise ConfigError(
+      f"train.spike_policy={train.spike_policy!r} is not one of {health.SPIKE_POLICIES}"
+    )
   if train.spike_policy != "off" and not train.spike_factor > 1:
     raise ConfigError(
       f"train.spike_factor={train.spike_factor!r} must be > 1 (a loss that many times "
@@ -170,8 +181,6 @@ def _check_optim(optim) -> None:
 
 def _check_data(data) -> None:
   if tuple(data.mixture):
-    from input_pipeline import mixture  # noqa: PLC0415
-
     mixture.parse(tuple(data.mixture), tuple(data.mixture_stages))  # DataError names the key
     for spec, _ in data.mixture:
       _check_source(spec, "data.mixture source")
@@ -210,7 +219,7 @@ def _check_harness(harness) -> None:
   if harness.include_path and not os.path.isdir(harness.include_path):
     raise ConfigError(f"harness.include_path={harness.include_path!r} is not a directory")
   try:
-    from lm_eval.tasks import TaskManager  # noqa: PLC0415 (the [eval] extra)
+    from lm_eval.tasks import TaskManager  # noqa: PLC0415 - the optional [eval] extra
   except ImportError as e:
     raise ConfigError(
       f"harness.tasks={tuple(tasks)} needs EleutherAI's lm-eval: pip install -e '.[eval]'"
@@ -304,7 +313,7 @@ def check_workdir(workdir: str) -> str:
   """The absolute work directory (an object-store URI stays as given); refuses files and
   unwritable local places. Creates nothing."""
   if storage.is_remote(workdir):
-    path = storage.resolve(workdir)
+    path = storage.absolute(workdir)
     try:
       is_file = path.is_file()
     except Exception as e:  # noqa: BLE001 - every store library raises its own kinds
@@ -332,7 +341,7 @@ def create_workdir(workdir: str) -> str:
   """Creates the (validated) work directory; returns its absolute path or URI."""
   path = check_workdir(workdir)
   try:
-    storage.resolve(path).mkdir(parents=True, exist_ok=True)
+    storage.absolute(path).mkdir(parents=True, exist_ok=True)
   except OSError as e:
     raise ConfigError(f"--workdir {path} cannot be created: {e.strerror or e}") from e
   return path

@@ -20,55 +20,46 @@ and the mesh. Sample from it with ``train.generate``, export it, or train from i
 from __future__ import annotations
 
 import json
-import os
-import sys
 
-from absl import app, flags
-from ml_collections import config_flags
+import jax
+from absl import flags
 
-import configs
+from input_pipeline.host import command
+from train.hf import exporting, importing
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The Loom work directory.", required=True)
 _STEP = flags.DEFINE_integer("step", None, "export: the checkpoint step (default: the latest).")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "export dtype.")
 _MAX_SHARD = flags.DEFINE_integer("max_shard_bytes", 5 * 10**9, "export: bytes per shard at most.")
-_CONFIG = config_flags.DEFINE_config_file(
-  "config", os.path.join(os.path.dirname(configs.__file__), "default.py"), "import: run config."
-)
 
 USAGE = "usage: python -m train.convert import HF_DIR --workdir DIR | export --workdir DIR OUT_DIR"
 
 
-def main(argv: list[str]) -> None:
-  import jax
-
-  from input_pipeline.errors import DataError
-  from train.config import ConfigError
-  from train.hf import exporting, importing
-  from train.hf.families import ConversionError
-
+def main(argv: list[str]) -> int:
   args = argv[1:]
   if len(args) != 2 or args[0] not in ("import", "export"):
-    print(f"loom: error: {USAGE}", file=sys.stderr)
-    sys.exit(2)
-  command, path = args
-  try:
-    if command == "import":
-      result = importing.import_checkpoint(path, _WORKDIR.value, _CONFIG.value)
-    else:
-      result = exporting.export_checkpoint(
-        _WORKDIR.value,
-        path,
-        step=_STEP.value,
-        dtype=_DTYPE.value,
-        max_shard_bytes=_MAX_SHARD.value,
-      )
-  except (ConversionError, ConfigError, DataError, FileNotFoundError) as e:
-    print(f"loom: error: {e}", file=sys.stderr, flush=True)
-    sys.exit(2)
+    return command.error(USAGE)
+  verb, path = args
+  if verb == "import":
+    result = importing.import_checkpoint(path, _WORKDIR.value, command.config())
+  else:
+    result = exporting.export_checkpoint(
+      _WORKDIR.value,
+      path,
+      step=_STEP.value,
+      dtype=_DTYPE.value,
+      max_shard_bytes=_MAX_SHARD.value,
+    )
   if jax.process_index() == 0:
     print(json.dumps(result), flush=True)
+  return command.EXIT_OK
 
 
 if __name__ == "__main__":
-  app.run(main)
+  command.run(
+    main,
+    usage=USAGE,
+    config_default="default.py",
+    positional=2,
+    bad_input=(FileNotFoundError,),
+  )

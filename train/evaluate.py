@@ -18,66 +18,49 @@ import os
 import sys
 from collections.abc import Sequence
 
-from train.cluster import distributed
+import jax
+from absl import flags
+
+from input_pipeline.host import command
+from train.inference import harness, loading
+
+flags.DEFINE_string("workdir", None, "Run directory with checkpoints/.", required=True)
+flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+flags.DEFINE_string("tasks", None, "Comma-separated lm-eval task names.", required=True)
+flags.DEFINE_float("limit", None, "Documents per task: a count (>= 1) or a fraction (< 1).")
+flags.DEFINE_integer("num_fewshot", None, "Few-shot examples (default: the task's own).")
+flags.DEFINE_string("include_path", None, "A folder of task YAML files (lm-eval's flag).")
+flags.DEFINE_integer("batch_size", 16, "Requests scored per batch (all processes together).")
+
+USAGE = "usage: python -m train.evaluate --workdir DIR --tasks T1,T2 [--limit K] [...]"
 
 
-def main(argv: Sequence[str]) -> None:
-  from absl import flags
-  from absl import logging as absl_logging
-
-  if len(argv) > 1:
-    raise ValueError(f"unexpected arguments: {argv[1:]}")
+def main(argv: Sequence[str]) -> int:
   f = flags.FLAGS
-  absl_logging.set_verbosity(absl_logging.ERROR)
-  code, started = 0, False
-  try:
-    started = distributed.initialize_from_flags()
-    import jax
-
-    from train.inference import harness, loading
-
-    tasks = [t.strip() for t in f.tasks.split(",") if t.strip()]
-    if not tasks:
-      raise ValueError(f"--tasks={f.tasks!r} names no task; pass T1,T2,...")
-    if f.include_path and not os.path.isdir(f.include_path):
-      raise FileNotFoundError(f"--include_path {f.include_path}: no such directory")
-    limit = None if f.limit is None else (int(f.limit) if f.limit >= 1 else f.limit)
-    model = loading.load(f.workdir, f.step)
-    results = harness.evaluate(
-      model,
-      tasks,
-      include_path=f.include_path,
-      limit=limit,
-      num_fewshot=f.num_fewshot,
-      batch_size=f.batch_size,
-    )
-    if jax.process_index() == 0:
-      harness.write(f.workdir, results)
-      for name, value in sorted(results["metrics"].items()):
-        print(f"{name}: {value:.4f}", file=sys.stderr)
-      # The tasks' full configs stay in the file; the printed line keeps the results.
-      print(json.dumps({k: v for k, v in results.items() if k != "configs"}), flush=True)
-  except (ValueError, FileNotFoundError, ImportError) as e:
-    print(f"loom: error: {e}", file=sys.stderr, flush=True)
-    code = 2
-  distributed.end(started, code)
-
-
-def _define_flags() -> None:
-  from absl import flags
-
-  flags.DEFINE_string("workdir", None, "Run directory with checkpoints/.", required=True)
-  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-  flags.DEFINE_string("tasks", None, "Comma-separated lm-eval task names.", required=True)
-  flags.DEFINE_float("limit", None, "Documents per task: a count (>= 1) or a fraction (< 1).")
-  flags.DEFINE_integer("num_fewshot", None, "Few-shot examples (default: the task's own).")
-  flags.DEFINE_string("include_path", None, "A folder of task YAML files (lm-eval's flag).")
-  flags.DEFINE_integer("batch_size", 16, "Requests scored per batch (all processes together).")
-  distributed.define_flags()
+  command.quiet_libraries()
+  tasks = [t.strip() for t in f.tasks.split(",") if t.strip()]
+  if not tasks:
+    raise ValueError(f"--tasks={f.tasks!r} names no task; pass T1,T2,...")
+  if f.include_path and not os.path.isdir(f.include_path):
+    raise FileNotFoundError(f"--include_path {f.include_path}: no such directory")
+  limit = None if f.limit is None else (int(f.limit) if f.limit >= 1 else f.limit)
+  model = loading.load(f.workdir, f.step)
+  results = harness.run_tasks(
+    model,
+    tasks,
+    include_path=f.include_path,
+    limit=limit,
+    num_fewshot=f.num_fewshot,
+    batch_size=f.batch_size,
+  )
+  if jax.process_index() == 0:
+    harness.write(f.workdir, results)
+    for name, value in sorted(results["metrics"].items()):
+      print(f"{name}: {value:.4f}", file=sys.stderr)
+    # The tasks' full configs stay in the file; the printed line keeps the results.
+    print(json.dumps({k: v for k, v in results.items() if k != "configs"}), flush=True)
+  return command.EXIT_OK
 
 
 if __name__ == "__main__":
-  from absl import app
-
-  _define_flags()
-  app.run(main)
+  command.run(main, usage=USAGE, bad_input=(ValueError, FileNotFoundError, ImportError))

@@ -14,7 +14,10 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from train.cluster import distributed
+import jax
+from absl import flags
+
+from input_pipeline.host import command
 from train.inference import generation, loading
 from train.inference.sampling import Sampling
 
@@ -31,59 +34,45 @@ def _read_prompts(prompts: Sequence[str], prompts_file: str | None) -> list[str]
   return texts
 
 
-def main(argv: Sequence[str]) -> None:
-  from absl import flags
-  from absl import logging as absl_logging
-
-  if len(argv) > 1:
-    raise ValueError(f"unexpected arguments: {argv[1:]}")
+def main(argv: Sequence[str]) -> int:
   f = flags.FLAGS
-  absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax/TFDS chatter would bury the text
-  code, started = 0, False
-  try:
-    started = distributed.initialize_from_flags()
-    import jax
+  command.quiet_libraries()  # Orbax/TFDS chatter would bury the text
+  command.on_main_only()  # every process computes; process 0 alone prints
+  prompts = _read_prompts(f.prompt or [], f.prompts_file)
+  sampling = Sampling(0.0 if f.greedy else f.temperature, f.top_k, f.top_p)
+  model = loading.load(f.workdir, f.step)
+  single = len(prompts) == 1
 
-    if jax.process_index() != 0:  # every process computes; process 0 alone prints
-      sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
-    prompts = _read_prompts(f.prompt or [], f.prompts_file)
-    sampling = Sampling(0.0 if f.greedy else f.temperature, f.top_k, f.top_p)
-    model = loading.load(f.workdir, f.step)
-    single = len(prompts) == 1
+  def stream(row: int, text: str) -> None:
+    print(text, end="", flush=True)
 
-    def stream(row: int, text: str) -> None:
-      print(text, end="", flush=True)
-
-    if single and not f.json:
-      print(prompts[0], end="", flush=True)
-    result = generation.generate(
-      model,
-      prompts,
-      max_new_tokens=f.max_new_tokens,
-      temperature=sampling.temperature,
-      top_k=sampling.top_k,
-      top_p=sampling.top_p,
-      seed=f.seed,
-      stream=stream if single and not f.json else None,
-    )
-    if single and not f.json:
-      print()
-    elif not f.json:
-      for prompt, text in zip(prompts, result.texts, strict=True):
-        print(f"--- {prompt!r}\n{prompt}{text}\n")
-    stats = result.stats
-    if f.json:
-      print(
-        json.dumps(
-          {"texts": result.texts, "prompts": prompts, "stop_reasons": result.stop_reasons, **stats}
-        )
+  if single and not f.json:
+    print(prompts[0], end="", flush=True)
+  result = generation.generate(
+    model,
+    prompts,
+    max_new_tokens=f.max_new_tokens,
+    temperature=sampling.temperature,
+    top_k=sampling.top_k,
+    top_p=sampling.top_p,
+    seed=f.seed,
+    stream=stream if single and not f.json else None,
+  )
+  if single and not f.json:
+    print()
+  elif not f.json:
+    for prompt, text in zip(prompts, result.texts, strict=True):
+      print(f"--- {prompt!r}\n{prompt}{text}\n")
+  stats = result.stats
+  if f.json:
+    print(
+      json.dumps(
+        {"texts": result.texts, "prompts": prompts, "stop_reasons": result.stop_reasons, **stats}
       )
-    elif jax.process_index() == 0:
-      print(_summary(stats), file=sys.stderr)
-  except (ValueError, FileNotFoundError) as e:
-    print(f"loom: error: {e}", file=sys.stderr, flush=True)
-    code = 2
-  distributed.end(started, code)
+    )
+  elif jax.process_index() == 0:
+    print(_summary(stats), file=sys.stderr)
+  return command.EXIT_OK
 
 
 def _summary(stats: dict[str, Any]) -> str:
@@ -100,25 +89,19 @@ def _summary(stats: dict[str, Any]) -> str:
   )
 
 
-def _define_flags() -> None:
-  from absl import flags
+flags.DEFINE_string("workdir", None, "Run directory with checkpoints/.", required=True)
+flags.DEFINE_multi_string("prompt", [], "A prompt (repeat for a batch).")
+flags.DEFINE_string("prompts_file", None, "A file with one prompt per line.")
+flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+flags.DEFINE_integer("max_new_tokens", 128, "Tokens to generate per prompt at most.")
+flags.DEFINE_float("temperature", 1.0, "Softmax temperature (0 = greedy).")
+flags.DEFINE_boolean("greedy", False, "Always take the most likely token (temperature 0).")
+flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens (0 = off).")
+flags.DEFINE_float("top_p", 1.0, "Sample within the nucleus of this probability mass (1 = off).")
+flags.DEFINE_integer("seed", 0, "Sampling seed.")
+flags.DEFINE_boolean("json", False, "Print one JSON object last (texts and the meter).")
 
-  flags.DEFINE_string("workdir", None, "Run directory with checkpoints/.", required=True)
-  flags.DEFINE_multi_string("prompt", [], "A prompt (repeat for a batch).")
-  flags.DEFINE_string("prompts_file", None, "A file with one prompt per line.")
-  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-  flags.DEFINE_integer("max_new_tokens", 128, "Tokens to generate per prompt at most.")
-  flags.DEFINE_float("temperature", 1.0, "Softmax temperature (0 = greedy).")
-  flags.DEFINE_boolean("greedy", False, "Always take the most likely token (temperature 0).")
-  flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens (0 = off).")
-  flags.DEFINE_float("top_p", 1.0, "Sample within the nucleus of this probability mass (1 = off).")
-  flags.DEFINE_integer("seed", 0, "Sampling seed.")
-  flags.DEFINE_boolean("json", False, "Print one JSON object last (texts and the meter).")
-  distributed.define_flags()
-
+USAGE = "usage: python -m train.generate --workdir DIR --prompt TEXT [--prompt TEXT ...] [...]"
 
 if __name__ == "__main__":
-  from absl import app
-
-  _define_flags()
-  app.run(main)
+  command.run(main, usage=USAGE, bad_input=(ValueError, FileNotFoundError))

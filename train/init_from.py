@@ -21,10 +21,10 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from configs import default
+from input_pipeline.host import storage
 from models import lora
 from models.config import ModelConfig
 from train import state as state_lib
-from train import storage
 from train.checkpoint import integrity, manager
 from train.config import ConfigError
 from train.hf import families
@@ -42,7 +42,7 @@ def _parse(spec: str) -> tuple[str, str, int | None]:
     path, _, step = rest.partition("@")
     if step and not step.isdigit():
       raise ConfigError(f"checkpoint.init_from={spec!r}: the step after '@' must be a number")
-    return kind, os.fspath(storage.resolve(path)), int(step) if step else None
+    return kind, os.fspath(storage.absolute(path)), int(step) if step else None
   raise ConfigError(
     f"checkpoint.init_from={spec!r} must be 'hf:<HF model dir>' or 'loom:<work dir>[@step]' "
     "(or '' to start from random weights)"
@@ -67,7 +67,7 @@ def _source_model(config, kind: str, path: str, step: int | None) -> tuple[dict,
   numerics = {key: config.model[key] for key in MODEL_KEYS + LORA_KEYS}
   if kind == "hf":
     checkpoint = HFCheckpoint(path)
-    model = families.model_config_from_hf(checkpoint.config, checkpoint.path, **numerics)
+    model = families.model_config_from_hf(checkpoint.config, checkpoint.path, config.model)
     has_tokenizer = os.path.isfile(os.path.join(path, "tokenizer.json"))
     return model.to_dict(), f"hf:{path}" if has_tokenizer else None
   ckpt, step, metadata = _loom_source(path, step)

@@ -1,8 +1,11 @@
-"""The training loop: dispatch ahead, fetch on log steps, eval, checkpoint, survive failures.
+"""The training loop's mechanics: dispatch ahead, fetch on log steps, eval, checkpoint, stop.
 
 The host never waits for the device between log steps: a step's metrics stay on the device
 unless it is a log step, whose metrics are fetched once RUN_AHEAD more steps are queued behind
-it, and skipped steps are recorded on the device (``step.track_health``) and read with them.
+it, and skipped steps are recorded on the device (``health.track_health``) and read with them.
+What a skipped step calls for (go on, roll back, stop) is decided by ``train/health.py``; this
+module carries it out. The eval is ``train/validation.py``'s; the batches come from the trainer
+(``Run.train_batches``, with any fault injection of ``train/faults.py`` already applied).
 
 Called by ``trainer.train_and_evaluate`` with everything built; it owns no set-up of its own.
 """
@@ -11,9 +14,7 @@ from __future__ import annotations
 
 import collections
 import logging
-import math
 import os
-import re
 import time
 from typing import Any
 
@@ -21,46 +22,18 @@ import jax
 import numpy as np
 
 import input_pipeline
-from train import metrics_writer, profiling
-from train import step as step_lib
+from train import health, metrics_writer, profiling
 from train.checkpoint.manager import Checkpointer
-from train.inference import generation
+from train.cluster import mesh as mesh_lib
+from train.validation import Validation
 
 log = logging.getLogger("loom")
 
 RUN_AHEAD = 2  # steps dispatched after a log step before its metrics are fetched
-RECORD_FIELDS = ("step", "spike", "loss", "grad_norm", "in_a_row")  # step.track_health's ring
-
-
-class DivergenceError(RuntimeError):
-  """The run kept producing non-finite or spiking losses; continuing would waste the job."""
 
 
 def _due(step_number: int, every: int, last: int) -> bool:
   return step_number == last or (every > 0 and step_number % every == 0)
-
-
-def evaluate(run, params, eval_batches: list[dict[str, jax.Array]]) -> dict[str, float]:
-  """Loss, perplexity and bits per byte over the fixed validation batches."""
-  totals = [run.eval_step(params, batch) for batch in eval_batches]
-  loss_sum = sum(float(t["loss_sum"]) for t in totals)
-  tokens = sum(float(t["tokens"]) for t in totals)
-  loss = loss_sum / max(tokens, 1.0)
-  return {
-    "eval/loss": loss,
-    "eval/perplexity": math.exp(min(loss, 50.0)),
-    "eval/bits_per_byte": loss / math.log(2) / run.pipeline.bytes_per_token,
-  }
-
-
-def _poison(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """debug.nan_steps: NaN loss weights make this step's loss and gradients NaN."""
-  return dict(batch, weights=np.full_like(batch["weights"], np.nan))
-
-
-def _spike(batch: dict[str, np.ndarray], vocab_size: int) -> dict[str, np.ndarray]:
-  """debug.spike_steps: every target becomes an id the model has learned never to predict."""
-  return dict(batch, targets=np.full_like(batch["targets"], vocab_size - 1))
 
 
 class _Loop:
@@ -82,12 +55,8 @@ class _Loop:
     self.ckpt, self.writer, self.watcher = ckpt, writer, watcher
     self.total = self.config.train.steps
     self.tokens_per_step = self.config.train.batch_size * self.config.data.seq_len
-    self.process = {"process_index": jax.process_index(), "process_count": jax.process_count()}
-    self.nan_steps = set(self.config.debug.nan_steps)
-    self.spike_steps = set(self.config.debug.spike_steps)
-    # XLA:CPU collectives can deadlock with many multi-device steps in flight (NOTES.md): there,
-    # bound the steps in flight to one. Everywhere else dispatch stays fully asynchronous.
-    self.block_each_step = jax.devices()[0].platform == "cpu" and jax.device_count() > 1
+    self.policy = health.Policy.from_config(self.config.train)
+    self.block_each_step = mesh_lib.bound_steps_in_flight()
     self.progress = metrics_writer.Progress(
       self.total, start_step, enabled=run.is_main and self.config.log.progress
     )
@@ -97,31 +66,20 @@ class _Loop:
     # step's, for the summary at the end.
     self.pending: collections.deque = collections.deque()
     self.latest = None
-    replicated = jax.sharding.NamedSharding(run.mesh, jax.sharding.PartitionSpec())
-    self.new_health = jax.jit(step_lib.init_health, out_shardings=replicated)
-    self.track_health = jax.jit(step_lib.track_health)  # not donated: log steps keep theirs
+    replicated = mesh_lib.replicated(run.mesh)
+    self.new_health = jax.jit(health.init_health, out_shardings=replicated)
+    self.track_health = jax.jit(health.track_health)  # not donated: log steps keep theirs
     self.health, self.skips_seen = self.new_health(), 0
     self.window_start, self.window_steps = time.perf_counter(), 0
     window = tuple(self.config.log.profile_steps) or (None, None)
     self.profiler = profiling.StepProfiler(os.path.join(run.workdir, "profile"), *window)
     self.open_batches()
-    self.eval_batches = [
-      input_pipeline.to_global(batch, run.batch_sharding)
-      for batch in run.pipeline.eval_batches(
-        global_batch_size=self.config.train.batch_size,
-        num_batches=self.config.train.eval_batches,
-        **self.process,
-      )
-    ]
+    self.validation = Validation(run)
 
   def open_batches(self) -> None:
     """Batches from data position (step + data offset): O(1) to reopen anywhere."""
     self.data_offset = int(jax.device_get(self.state["data_offset"]))
-    self.batches = self.run.pipeline.train_batches(
-      global_batch_size=self.config.train.batch_size,
-      start_step=self.step_index + self.data_offset,
-      **self.process,
-    )
+    self.batches = self.run.train_batches(self.step_index + self.data_offset)
 
   def run_all(self) -> dict[str, Any]:
     while self.step_index < self.total:
@@ -137,7 +95,7 @@ class _Loop:
         continue  # the state and the data position now come from the checkpoint
       self.step_index = step_number
       if eval_due:
-        self.evaluate(step_number)
+        self.run_eval(step_number)
       if save_due:
         with self.meter.phase("checkpoint"):
           self.writer.flush()  # every line up to this checkpoint is durable before it exists
@@ -160,16 +118,9 @@ class _Loop:
 
   def dispatch(self, step_number: int) -> None:
     with self.meter.phase("input_wait"):
-      host_batch = next(self.batches)
-      # Fault injection follows the data (as bad data would), not the step counter.
-      position = step_number + self.data_offset
-      if position in self.nan_steps:
-        host_batch = _poison(host_batch)
-      if position in self.spike_steps:
-        host_batch = _spike(host_batch, self.run.model_cfg.vocab_size)
-      batch = input_pipeline.to_global(host_batch, self.run.batch_sharding)
+      batch = input_pipeline.to_global(next(self.batches), self.run.batch_sharding)
     with self.meter.phase("train"), self.profiler.step(step_number, lambda: self.state):
-      self.state, step_metrics = self.run.train_step(self.state, batch)
+      self.state, step_metrics = self.run.compiled_step(self.state, batch)
       self.health = self.track_health(self.health, step_metrics, np.int32(step_number))
       if self.block_each_step:
         step_metrics["train/loss"].block_until_ready()
@@ -193,20 +144,14 @@ class _Loop:
       if not self.rolled_back and self.latest is not None:
         self.summarise({k: float(v) for k, v in jax.device_get(self.latest[1]).items()})
 
-  def check_health(self, health) -> None:
-    """Reports the steps skipped since the last check, in order, and acts on them."""
-    health = jax.device_get(health)
-    count = int(health["count"])
-    if count == self.skips_seen:
-      return
-    first = max(self.skips_seen, count - step_lib.HEALTH_RING)
-    if first > self.skips_seen:
-      log.warning("%d more steps were skipped before these (not listed)", first - self.skips_seen)
-    self.skips_seen = count
-    for index in range(first, count):
-      slot = index % step_lib.HEALTH_RING
-      record = {name: health[name][slot].item() for name in RECORD_FIELDS}
-      self.on_skipped(record)
+  def check_health(self, device_health) -> None:
+    """Reports the steps skipped since the last check, in order, and acts on each."""
+    skips, missed = health.unseen_skips(jax.device_get(device_health), self.skips_seen)
+    if missed:
+      log.warning("%d more steps were skipped before these (not listed)", missed)
+    self.skips_seen += missed + len(skips)
+    for skip in skips:
+      self.on_skipped(skip)
       if self.rolled_back:
         return
 
@@ -215,9 +160,9 @@ class _Loop:
     self.summary["skipped_nonfinite"] = int(values["train/skipped_nonfinite_total"])
     self.summary["skipped_spikes"] = int(values["train/skipped_spikes_total"])
 
-  def handle(self, step_number: int, device_metrics, health) -> None:
+  def handle(self, step_number: int, device_metrics, device_health) -> None:
     """A log step's metrics, fetched RUN_AHEAD steps late: health checks, then the log line."""
-    self.check_health(health)
+    self.check_health(device_health)
     if self.rolled_back:
       return
     values = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
@@ -228,64 +173,32 @@ class _Loop:
     self.window_start, self.window_steps = now, 0
     values.update({"perf/tokens_per_second": tokens_per_second, "perf/mfu": mfu})
     values["train/tokens_seen"] = float(step_number * self.tokens_per_step)
-    values.update(self.mixture_shares())
+    shares, mixture_report = self.run.pipeline.consumption(self.step_index)
+    values.update(shares)
+    if mixture_report is not None:
+      self.summary["data_mixture"] = mixture_report
     self.writer.write(step_number, values)
     self.progress.update(step_number, values["train/loss"], tokens_per_second, mfu)
     self.summarise(values)
 
-  def mixture_shares(self) -> dict[str, float]:
-    """data/share/<source>: the share of the target tokens this process has consumed from each
-    source of a mixture (data.mixture), since this attempt started; {} without a mixture."""
-    mix = getattr(self.run.pipeline, "mixture", None)
-    if mix is None:
-      return {}
-    weights = mix.weights_at(self.step_index)
-    self.summary["data_mixture"] = {
-      spec: dict(counts, weight=float(weight))
-      for (spec, counts), weight in zip(mix.realised().items(), weights, strict=True)
-    }
-    return {
-      f"data/share/{re.sub(r'[^A-Za-z0-9_.-]+', '_', spec)}": counts["share"]
-      for spec, counts in mix.realised().items()
-    }
-
-  def on_skipped(self, record: dict[str, Any]) -> None:
-    """One skipped step, as recorded on the device: log, count in a row, roll back on spikes."""
-    step_number, in_a_row = int(record["step"]), int(record["in_a_row"])
-    loss, grad_norm = float(record["loss"]), float(record["grad_norm"])
-    kind = "loss spike" if record["spike"] else "non-finite loss or gradients"
+  def on_skipped(self, skip: health.Skip) -> None:
+    """One skipped step: logged, then what the policy calls for."""
     log.warning(
       "step %d skipped (%s): loss %s, grad norm %s; %d in a row",
-      step_number,
-      kind,
-      loss,
-      grad_norm,
-      in_a_row,
+      skip.step,
+      skip.kind,
+      skip.loss,
+      skip.grad_norm,
+      skip.in_a_row,
     )
-    self.writer.write(
-      step_number,
-      {"event": f"skipped: {kind}", "train/loss": loss, "train/grad_norm": grad_norm},
-    )
-    limit = self.config.train.max_consecutive_skips
-    if in_a_row >= limit:
-      raise DivergenceError(
-        f"training diverged: {in_a_row} consecutive steps skipped up to step "
-        f"{step_number} (last loss {loss}, grad norm "
-        f"{grad_norm}; train.max_consecutive_skips={limit}). Lower "
-        f"optim.learning_rate, raise optim.warmup_steps, or check the data; the last good "
-        f"checkpoint is in {self.ckpt.directory}"
-      )
-    if record["spike"] and self.config.train.spike_policy == "rollback":
-      self.rollback(step_number)
+    event = {"event": f"skipped: {skip.kind}", "train/loss": skip.loss}
+    self.writer.write(skip.step, {**event, "train/grad_norm": skip.grad_norm})
+    action = health.after_skip(skip, self.policy, self.summary["rollbacks"], self.ckpt.directory)
+    if action is health.Action.ROLLBACK:
+      self.rollback(skip.step)
 
   def rollback(self, spike_step: int) -> None:
     """Back to the newest checkpoint; the data between it and the spike is skipped for good."""
-    if self.summary["rollbacks"] >= self.config.train.max_rollbacks:
-      raise DivergenceError(
-        f"loss spike at step {spike_step} after {self.summary['rollbacks']} rollbacks "
-        f"(train.max_rollbacks={self.config.train.max_rollbacks}); stopping. Lower "
-        f"optim.learning_rate or inspect the data around step {spike_step}"
-      )
     self.ckpt.wait()
     latest = self.ckpt.latest_step()
     if latest is None:
@@ -297,36 +210,32 @@ class _Loop:
     self.latest = None
     self.health, self.skips_seen = self.new_health(), 0
     self.state = self.ckpt.restore(latest, self.run.spec.abstract)
-    skipped = spike_step - latest  # data positions of steps latest+1 .. spike_step
-    offset = int(jax.device_get(self.state["data_offset"])) + skipped
-    self.state = dict(
-      self.state,
-      data_offset=jax.device_put(np.int32(offset), self.run.spec.shardings["data_offset"]),
+    plan = health.plan_rollback(
+      spike_step, latest, int(jax.device_get(self.state["data_offset"])), self.step_index + 1
     )
+    offset = jax.device_put(np.int32(plan.data_offset), self.run.spec.shardings["data_offset"])
+    self.state = dict(self.state, data_offset=offset)
     # The steps after the checkpoint ran and are thrown away: goodput lost (report.json).
-    self.summary["redone_steps"] += max(self.step_index + 1, spike_step) - latest
-    self.step_index = latest
+    self.summary["redone_steps"] += plan.redone_steps
+    self.step_index = plan.to_step
     self.open_batches()
     self.summary["rollbacks"] += 1
     self.rolled_back = True
     log.warning(
       "rolled back to step %d after a loss spike at step %d; skipping %d batches of "
       "data (data offset now %d)",
-      latest,
+      plan.to_step,
       spike_step,
-      skipped,
-      offset,
+      plan.skipped_batches,
+      plan.data_offset,
     )
-    self.writer.write(spike_step, {"event": "rollback", "to_step": latest, "data_offset": offset})
+    self.writer.write(
+      spike_step, {"event": "rollback", "to_step": plan.to_step, "data_offset": plan.data_offset}
+    )
 
-  def evaluate(self, step_number: int) -> None:
+  def run_eval(self, step_number: int) -> None:
     with self.meter.phase("eval"):
-      eval_metrics = evaluate(self.run, self.state["params"], self.eval_batches)
-      sample = generation.sample_for_eval(self.run, self.state["params"])
-      if self.config.harness.tasks:
-        from train.inference import harness  # noqa: PLC0415 (lm-eval: only when asked for)
-
-        eval_metrics.update(harness.evaluate_run(self.run, self.state["params"], step_number))
+      eval_metrics, sample = self.validation(self.state["params"], step_number)
     self.writer.write(step_number, eval_metrics)
     self.summary.update(eval_metrics)
     if self.run.is_main:

@@ -12,7 +12,7 @@ import sys
 import time
 from typing import Any
 
-from train import storage
+from input_pipeline.host import storage
 
 log = logging.getLogger("loom")
 
@@ -45,7 +45,7 @@ class MetricsWriter:
     config: dict[str, Any] | None = None,
   ):
     self.enabled = enabled
-    self.path = storage.resolve(workdir) / "metrics.jsonl"
+    self.path = storage.absolute(workdir) / "metrics.jsonl"
     self._tb = self._tb_mirror = self._wandb = None
     self.last_logged_step = 0  # the highest step the file held before (a crash's last log)
     if not enabled:
@@ -55,7 +55,7 @@ class MetricsWriter:
     kept, self.last_logged_step = _lines_up_to(self.path, resume_step)
     self._log = storage.AppendOnlyLog(self.path, kept)
     if tensorboard:
-      import tensorflow as tf  # deferred: TensorFlow is slow to import
+      import tensorflow as tf  # noqa: PLC0415 - slow to import: only when TensorBoard is on
 
       tb_dir = self.path.parent / "tensorboard"
       if storage.is_remote(tb_dir):
@@ -71,7 +71,7 @@ class MetricsWriter:
     if self._wandb is not None:
       self._wandb.log(record)
     if self._tb is not None:
-      import tensorflow as tf
+      import tensorflow as tf  # noqa: PLC0415 - already imported by __init__ (slow to import)
 
       with self._tb.as_default(step=int(step)):
         for key, value in record.items():
@@ -120,7 +120,7 @@ class WandbRun:
       raise ImportError(
         f"log.wandb_project={project!r} needs Weights & Biases: pip install -e '.[wandb]'"
       ) from e
-    root = storage.resolve(workdir)
+    root = storage.absolute(workdir)
     id_path = root / "wandb_run_id"
     run_id = id_path.read_text().strip() if id_path.exists() else secrets.token_hex(4)
     local = storage.local_scratch(root) if storage.is_remote(root) else pathlib.Path(root)

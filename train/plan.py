@@ -1,6 +1,6 @@
 """``python -m train.plan --config configs/X.py --topology v5p-128 [--tokens N] [--mfu 0.4]``.
 
-Plans a run on a TPU slice without the slice (``train/meter/planning.py``): the memory per chip
+Plans a run on a TPU slice without the slice (``train/planning.py``): the memory per chip
 the compiler needs for the trainer's own train step (ahead of time, on libtpu's compile-only
 devices), whether it fits the chip's HBM, the FLOPs of a step, and at a stated MFU the step
 time, the time to train N tokens and the energy. Without libtpu it falls back to an analytic
@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from typing import Any
 
 import jax
+from absl import flags
 
-from train.meter import hardware, planning
+from input_pipeline.host import command
+from train import planning
+from train.meter import hardware
 
 
 def _gib(value: float) -> str:
@@ -53,49 +55,39 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
   return lines
 
 
-def main(argv: list[str]) -> None:
-  from absl import app, flags
-  from ml_collections import config_flags
+_TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice, e.g. v5p-128, v5e-256.")
+_HARDWARE = flags.DEFINE_string("hardware", None, "Alias of --topology.")
+_TOKENS = flags.DEFINE_integer("tokens", 0, "Tokens to train (0 = train.steps × batch).")
+_MFU = flags.DEFINE_float("mfu", 0.4, "Model FLOPs utilisation assumed for the times.")
+_SLICES = flags.DEFINE_integer("num_slices", 1, "Identical slices joined over DCN.")
+_ANALYTIC = flags.DEFINE_boolean("analytic", False, "Skip compilation; formulas only.")
 
-  import configs
+USAGE = "usage: python -m train.plan [--config FILE] --topology NAME [--tokens N] [--mfu 0.4]"
 
-  default_config = os.path.join(os.path.dirname(configs.__file__), "default.py")
-  config_flag = config_flags.DEFINE_config_file("config", default_config, "Config file.")
-  topology_flag = flags.DEFINE_string("topology", None, "TPU slice, e.g. v5p-128, v5e-256.")
-  hardware_flag = flags.DEFINE_string("hardware", None, "Alias of --topology.")
-  tokens_flag = flags.DEFINE_integer("tokens", 0, "Tokens to train (0 = train.steps × batch).")
-  mfu_flag = flags.DEFINE_float("mfu", 0.4, "Model FLOPs utilisation assumed for the times.")
-  slices_flag = flags.DEFINE_integer("num_slices", 1, "Identical slices joined over DCN.")
-  analytic_flag = flags.DEFINE_boolean("analytic", False, "Skip compilation; formulas only.")
 
-  def run(args: list[str]) -> None:
-    if len(args) > 1:
-      raise app.UsageError(f"unexpected arguments: {args[1:]}")
-    # Planning compiles for libtpu's compile-only devices; it never needs a local accelerator.
-    jax.config.update("jax_platforms", os.environ.get("JAX_PLATFORMS") or "cpu")
-    name = topology_flag.value or hardware_flag.value
-    try:
-      if name is None:
-        raise ValueError(
-          f"pass --topology (or --hardware), one of: {', '.join(hardware.valid_names())}"
-        )
-      topology = hardware.parse(name, slices_flag.value)
-      result = planning.plan(
-        config_flag.value,
-        topology,
-        tokens=tokens_flag.value or None,
-        mfu=mfu_flag.value,
-        use_compiler=not analytic_flag.value,
-      )
-    except ValueError as e:
-      print(f"loom: error: {e}", file=sys.stderr, flush=True)
-      sys.exit(2)
-    for line in summary_lines(result):
-      print(line)
-    print(json.dumps(result), flush=True)
-
-  app.run(run, argv)
+def main(argv: list[str]) -> int:
+  # Planning compiles for compile-only devices; it never needs a local accelerator.
+  jax.config.update("jax_platforms", os.environ.get("JAX_PLATFORMS") or "cpu")
+  name = _TOPOLOGY.value or _HARDWARE.value
+  if name is None:
+    raise ValueError(
+      f"pass --topology (or --hardware), one of: {', '.join(hardware.valid_names())}"
+    )
+  topology = hardware.parse(name, _SLICES.value)
+  result = planning.plan(
+    command.config(),
+    topology,
+    tokens=_TOKENS.value or None,
+    mfu=_MFU.value,
+    use_compiler=not _ANALYTIC.value,
+  )
+  for line in summary_lines(result):
+    print(line)
+  print(json.dumps(result), flush=True)
+  return command.EXIT_OK
 
 
 if __name__ == "__main__":
-  main(sys.argv)
+  command.run(
+    main, usage=USAGE, config_default="default.py", multi_process=False, bad_input=(ValueError,)
+  )

@@ -15,7 +15,7 @@ from typing import Any
 
 import jax
 
-from train import storage
+from input_pipeline.host import storage
 
 log = logging.getLogger("loom")
 

@@ -10,11 +10,12 @@ import io
 import json
 import math
 import os
-import sys
 from collections.abc import Sequence
 from typing import Any
 
-from train import storage
+import matplotlib
+
+from input_pipeline.host import command, storage
 
 CURVES = (  # (panel title, y label, [(metrics key, legend label)])
   ("Loss", "nats / token", [("train/loss", "train"), ("eval/loss", "eval")]),
@@ -26,7 +27,7 @@ CURVES = (  # (panel title, y label, [(metrics key, legend label)])
 def read_metrics(path) -> list[dict[str, Any]]:
   """The JSON records of metrics.jsonl; a line torn by a crash is skipped."""
   records = []
-  for line in storage.resolve(path).read_text(encoding="utf-8").splitlines():
+  for line in storage.absolute(path).read_text(encoding="utf-8").splitlines():
     try:
       records.append(json.loads(line))
     except json.JSONDecodeError:
@@ -65,7 +66,7 @@ def summary_text(report: dict[str, Any] | None) -> str:
 
 def render(workdir: str, out_path: str | None = None) -> str:
   """Draws the curves and the meter summary; returns the PNG's path."""
-  root = storage.resolve(workdir)
+  root = storage.absolute(workdir)
   metrics_path = root / "metrics.jsonl"
   if not metrics_path.is_file():
     raise FileNotFoundError(
@@ -78,10 +79,8 @@ def render(workdir: str, out_path: str | None = None) -> str:
   report_path = root / "report.json"
   report = json.loads(report_path.read_text()) if report_path.is_file() else None
 
-  import matplotlib
-
   matplotlib.use("Agg")  # files only: never needs a display
-  from matplotlib import pyplot as plt
+  from matplotlib import pyplot as plt  # noqa: PLC0415 - after choosing the backend
 
   fig, axes = plt.subplots(2, 2, figsize=(13, 9))
   for ax, (title, ylabel, keys) in zip(axes.flat, CURVES, strict=False):
@@ -113,22 +112,23 @@ def render(workdir: str, out_path: str | None = None) -> str:
   fig.savefig(png, format="png", dpi=100)
   plt.close(fig)
   out_path = out_path or os.fspath(root / "report.png")
-  storage.write_atomic(storage.resolve(out_path), png.getvalue())
+  storage.write_atomic(storage.absolute(out_path), png.getvalue())
   return out_path
+
+
+USAGE = "usage: python -m train.report DIR"
 
 
 def main(argv: Sequence[str]) -> int:
   if len(argv) != 2:
-    print("usage: python -m train.report DIR", file=sys.stderr)
-    return 2
+    return command.error(USAGE)
   try:
     path = render(argv[1])
   except (FileNotFoundError, ValueError) as e:
-    print(f"loom: error: {e}", file=sys.stderr)
-    return 2
+    return command.error(e)
   print(path)
-  return 0
+  return command.EXIT_OK
 
 
 if __name__ == "__main__":
-  sys.exit(main(sys.argv))
+  command.run(main, usage=USAGE, multi_process=False, positional=1)

@@ -3,7 +3,7 @@
 The state is a plain pytree, ``{"step": int32[], "params": <nested dict>, "opt_state": ...}``,
 so the step, the checkpoints and the optimizer all see ordinary dicts of arrays. Parameters carry
 logical axis names in the model (``nnx.with_partitioning``); the rules in config turn them into
-mesh shardings here (``mesh_lib.logical_to_spec``, the one resolver), and the optimizer state
+mesh shardings here (``mesh_lib.partition_spec``, the one resolver), and the optimizer state
 inherits the shardings of the parameters it mirrors.
 """
 
@@ -59,7 +59,7 @@ def state_spec(
   graphdef, abstract_vars = nnx.eval_shape(lambda: _init_params(model_cfg, seed))
   param_specs = nnx.to_pure_dict(
     jax.tree.map(
-      lambda v: v.replace(mesh_lib.logical_to_spec(v.get_metadata()["out_sharding"], rules)),
+      lambda v: v.replace(mesh_lib.partition_spec(v.get_metadata()["out_sharding"], rules)),
       abstract_vars,
       is_leaf=lambda x: isinstance(x, nnx.Variable),
     )

@@ -11,19 +11,21 @@ import dataclasses
 import json
 import logging
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 
 import input_pipeline
 import models
+from input_pipeline.host import settings, storage
 from models.config import ModelConfig
 from train import config as config_lib
-from train import init_from, loop, metrics_writer, storage
+from train import faults, init_from, loop, metrics_writer
 from train import state as state_lib
 from train.checkpoint import manager as checkpoint_lib
-from train.cluster import agreement
 from train.cluster import mesh as mesh_lib
 from train.cluster.preemption import PreemptionWatcher
 from train.meter import flops
@@ -39,7 +41,7 @@ class Compiled:
   """The jitted programs of a run, its train step compiled for the local devices, and its meter."""
 
   programs: Programs
-  train_step: Any  # compiled: (state, batch) -> (state, metrics), state donated
+  compiled_step: Any  # programs.train_step compiled: (state, batch) -> (state, metrics), donated
   meter: Meter
 
 
@@ -54,7 +56,7 @@ class Run:
   pipeline: Any
   model_cfg: ModelConfig
   programs: Programs
-  train_step: Any  # compiled
+  compiled_step: Any  # programs.train_step compiled for this mesh's devices
   meter: Meter
 
   @property
@@ -77,13 +79,23 @@ class Run:
   def eval_step(self) -> Any:
     return self.programs.eval_step
 
+  def train_batches(self, position: int) -> Iterator[dict[str, np.ndarray]]:
+    """This process's batches from data position ``position`` (0-based: step + data offset) on,
+    with the ``debug`` group's injected faults (``train/faults.py``)."""
+    batches = self.pipeline.train_batches(
+      global_batch_size=self.config.train.batch_size, start_step=position
+    )
+    return faults.inject(
+      batches, self.config.debug, first_position=position + 1, vocab_size=self.model_cfg.vocab_size
+    )
+
 
 def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
   """Validates the config, then builds the data, the state shapes and the compiled steps."""
   config = init_from.adopt(config)  # the source's architecture, when starting from weights
   resolved = config_lib.validate(config, workdir=workdir)
   workdir = config_lib.create_workdir(workdir)
-  pipeline = build_data(config)
+  pipeline = input_pipeline.build(config)  # prepared once for every process
   if pipeline.tokenizer.vocab_size > resolved.model_cfg.vocab_size:
     raise RuntimeError(  # validation predicted the vocabulary from the config: a bug if it differs
       f"the tokenizer has {pipeline.tokenizer.vocab_size} ids, more than the model's "
@@ -98,59 +110,9 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
     pipeline=pipeline,
     model_cfg=resolved.model_cfg,
     programs=compiled.programs,
-    train_step=compiled.train_step,
+    compiled_step=compiled.compiled_step,
     meter=compiled.meter,
   )
-
-
-def build_data(config: ml_collections.ConfigDict) -> input_pipeline.Pipeline:
-  """The data, prepared once: process 0 prepares the store (or finds it) while the others wait,
-  then they open what it prepared (with a shared data cache they prepare nothing). A failure on
-  process 0 is reported to every process.
-
-  ``data.parallel_prepare`` (several processes, one text source): process 0 first resolves the
-  source and the tokenizer (a TFDS build, a SentencePiece model), then every process tokenizes
-  its share of the documents into the shared cache, then process 0 packs them into the store
-  (byte for byte the one it would prepare alone: ``input_pipeline/shares.py``).
-  """
-  timeout = float(config.data.prepare_timeout_s)
-  if not (config.data.parallel_prepare and jax.process_count() > 1):
-    return _first_on_main("data-prepared", lambda: input_pipeline.build(config), timeout)
-  input_pipeline.shares.check_supported(config.data)
-  process, count = jax.process_index(), jax.process_count()
-  resolved = _first_on_main("data-resolved", lambda: input_pipeline.resolve(config), timeout)
-  try:
-    counts = input_pipeline.tokenize_share(config, resolved, process, count)
-    outcome = "ok"
-    shares = ", ".join(f"{split} {n} documents" for split, n in counts.items())
-    log.info("tokenized this process's share: %s", shares or "none needed (store ready)")
-  except Exception as e:  # noqa: BLE001 - every process learns of it below, then it is raised
-    outcome, error = f"{type(e).__name__}: {e}", e
-  outcomes = agreement.gather("data-shares", outcome, timeout)
-  for index, other in enumerate(outcomes):
-    if other != "ok":
-      if index == process:
-        raise error
-      raise input_pipeline.DataError(f"process {index} could not tokenize its share: {other}")
-  build = lambda: input_pipeline.build(config, shares=count, resolved=resolved)  # noqa: E731
-  return _first_on_main("data-prepared", build, timeout)
-
-
-def _first_on_main(name: str, make, timeout: float):
-  """``make()`` on process 0 first; the others wait for its outcome, then run ``make()``."""
-  if jax.process_index() == 0:
-    try:
-      result = make()
-    except Exception as e:
-      agreement.from_main(name, f"{type(e).__name__}: {e}", timeout)
-      raise
-    agreement.from_main(name, "ok", timeout)
-    return result
-  log.info("waiting up to %.0f s for process 0 (%s)", timeout, name)
-  outcome = agreement.from_main(name, None, timeout)
-  if outcome != "ok":
-    raise input_pipeline.DataError(f"process 0 could not prepare the data: {outcome}")
-  return make()
 
 
 def build_steps(
@@ -168,8 +130,8 @@ def build_steps(
     peak_source=peak.source,
   )
   with meter.phase("compile"):
-    train_step = programs.compile_train_step()
-  return Compiled(programs, train_step, meter)
+    compiled_step = programs.compile_train_step()
+  return Compiled(programs, compiled_step, meter)
 
 
 def run_metadata(run: Run) -> dict[str, Any]:
@@ -254,8 +216,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """Trains (resuming if ``workdir`` has a checkpoint), evaluates, checkpoints, reports.
 
   Returns the report (also written to ``WORKDIR/report.json``); ``report["preempted"]`` says
-  whether the run stopped early on SIGTERM/SIGINT after saving a checkpoint.
+  whether the run stopped early on SIGTERM/SIGINT after saving a checkpoint. The library entry:
+  it applies Loom's process settings first (as every command does), which reach XLA if JAX has
+  not computed anything yet in this process.
   """
+  settings.apply()
   run = setup(config, workdir)
   ckpt = checkpoint_lib.Checkpointer(
     os.path.join(run.workdir, "checkpoints"),
@@ -269,7 +234,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       state, start_step = restore_or_init(run, ckpt)  # may refuse a checkpoint of another run
     if run.is_main:
       storage.write_atomic(
-        storage.resolve(run.workdir) / "config.json", run.config.to_json_best_effort(indent=2)
+        storage.absolute(run.workdir) / "config.json", run.config.to_json_best_effort(indent=2)
       )
     log_startup(run, start_step)
     writer = metrics_writer.MetricsWriter(
@@ -317,7 +282,9 @@ def write_report(run: Run, summary: dict[str, Any]) -> dict[str, Any]:
   tokens_per_step = config.train.batch_size * config.data.seq_len
   report["goodput"] = meter_lib.goodput(report, tokens_per_step)
   if run.is_main:
-    storage.write_atomic(storage.resolve(run.workdir) / "report.json", json.dumps(report, indent=2))
+    storage.write_atomic(
+      storage.absolute(run.workdir) / "report.json", json.dumps(report, indent=2)
+    )
     log.info(
       "done: %s", ", ".join(f"{k} {v:.4g}" for k, v in summary.items() if isinstance(v, float))
     )

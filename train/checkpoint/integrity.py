@@ -25,7 +25,7 @@ import fsspec
 import google_crc32c
 from etils import epath
 
-from train import storage
+from input_pipeline.host import agreement, storage
 
 CHECKSUMS_PREFIX = "loom_checksums"
 _PART = re.compile(r"^loom_checksums\.(\d+)-of-(\d+)\.json$")
@@ -88,7 +88,7 @@ def part_name(process: int, num_processes: int) -> str:
 
 def seal(step_dir, process: int = 0, num_processes: int = 1) -> int:
   """Records size and sha256 of the files ``process`` wrote; returns the bytes hashed."""
-  step_dir = storage.resolve(step_dir)
+  step_dir = storage.absolute(step_dir)
   table = {}
   for rel, path in sorted(_files(step_dir).items()):
     if writer_of(rel, num_processes) == process:
@@ -112,7 +112,7 @@ def _parts(step_dir: epath.Path) -> tuple[dict[int, epath.Path], int | None]:
 
 
 def is_sealed(step_dir) -> bool:
-  parts, total = _parts(storage.resolve(step_dir))
+  parts, total = _parts(storage.absolute(step_dir))
   return total is not None and len(parts) == total
 
 
@@ -122,7 +122,7 @@ def parts_for(process: int, num_processes: int, written_by: int) -> list[int]:
 
 
 def num_parts(step_dir) -> int | None:
-  return _parts(storage.resolve(step_dir))[1]
+  return _parts(storage.absolute(step_dir))[1]
 
 
 def verify(step_dir, parts: Iterable[int] | None = None) -> list[str]:
@@ -131,7 +131,7 @@ def verify(step_dir, parts: Iterable[int] | None = None) -> list[str]:
   A checkpoint that Orbax finished but that was never sealed (the processes died in between) has
   no parts; it is not treated as corrupt. A partly sealed one is checked on the parts it has.
   """
-  step_dir = storage.resolve(step_dir)
+  step_dir = storage.absolute(step_dir)
   present, total = _parts(step_dir)
   if total is None:
     return []
@@ -170,7 +170,7 @@ def verify(step_dir, parts: Iterable[int] | None = None) -> list[str]:
 
 
 def checkpoint_root(path: str) -> epath.Path:
-  root = storage.resolve(path)
+  root = storage.absolute(path)
   if not root.is_dir():
     raise FileNotFoundError(f"{root} is not a directory; pass a work directory or its checkpoints/")
   nested = root / "checkpoints"
@@ -179,7 +179,7 @@ def checkpoint_root(path: str) -> epath.Path:
 
 def step_dirs(root) -> list[tuple[int, epath.Path]]:
   """Complete step directories (Orbax's in-progress saves carry a tmp suffix and are skipped)."""
-  root = storage.resolve(root)
+  root = storage.absolute(root)
   return sorted((int(p.name), p) for p in root.iterdir() if p.name.isdigit())
 
 
@@ -198,8 +198,6 @@ def verify_all(path: str, process: int = 0, num_processes: int = 1) -> tuple[lis
     parts = parts_for(process, num_processes, num_parts(step_dir) or 1)
     mine[step] = verify(step_dir, parts)
   if num_processes > 1:
-    from train.cluster import agreement
-
     answers = agreement.gather("verify-all", json.dumps(mine))
     mine = {step: [p for answer in answers for p in json.loads(answer)[str(step)]] for step in mine}
   lines, corrupt = [], 0

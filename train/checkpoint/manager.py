@@ -19,23 +19,25 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from input_pipeline.host import agreement, storage
+from input_pipeline.host.command import EXIT_IO, LoomError
 from models.config import ModelConfig
-from train import storage
 from train.checkpoint.integrity import is_sealed, num_parts, parts_for, seal, verify
-from train.cluster import agreement
 
 log = logging.getLogger("loom")
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(LoomError, ValueError):
   """The checkpoint was written by a run with other data or another model."""
 
 
-class CheckpointSaveError(RuntimeError):
+class CheckpointSaveError(LoomError, RuntimeError):
   """A save failed (full disk, lost permissions, ...); the older checkpoints are untouched."""
 
+  exit_code = EXIT_IO
 
-class CheckpointCorruptError(ValueError):
+
+class CheckpointCorruptError(LoomError, ValueError):
   """No checkpoint of the run could be verified and restored."""
 
 
@@ -49,7 +51,7 @@ class Checkpointer:
   """
 
   def __init__(self, directory: str, *, max_to_keep: int, async_save: bool, compress: bool = False):
-    self.directory = os.fspath(storage.resolve(directory))
+    self.directory = os.fspath(storage.absolute(directory))
     options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep,
       enable_async_checkpointing=async_save,
@@ -103,7 +105,7 @@ class Checkpointer:
   def _finish_and_seal(self, step: int) -> None:
     try:
       self._manager.wait_until_finished()
-      step_dir = storage.resolve(self.step_dir(step))
+      step_dir = storage.absolute(self.step_dir(step))
       _await_finalized(step_dir)
       start = time.perf_counter()
       try:
@@ -160,10 +162,10 @@ class Checkpointer:
 
     Process 0 moves it; every process waits for the move, then re-reads the step list."""
     stamp = agreement.from_main("quarantine-stamp", time.strftime("%Y%m%d-%H%M%S"))
-    target = storage.resolve(self.directory).parent / "checkpoints_corrupt" / f"{step}-{stamp}"
+    target = storage.absolute(self.directory).parent / "checkpoints_corrupt" / f"{step}-{stamp}"
     if self.is_main:
       target.parent.mkdir(parents=True, exist_ok=True)
-      storage.resolve(self.step_dir(step)).rename(target)
+      storage.absolute(self.step_dir(step)).rename(target)
       storage.write_atomic(target / "REASON.txt", reason + "\n")
     agreement.barrier(f"quarantined-{step}")
     self._manager.reload()
@@ -302,8 +304,8 @@ def check_compatible(
 
 def open_read_only(workdir: str) -> tuple[ocp.CheckpointManager, list[int]]:
   """A read-only view of ``workdir/checkpoints`` and its complete steps (error if none)."""
-  directory = os.fspath(storage.resolve(workdir) / "checkpoints")
-  if not storage.resolve(directory).is_dir():
+  directory = os.fspath(storage.absolute(workdir) / "checkpoints")
+  if not storage.absolute(directory).is_dir():
     raise FileNotFoundError(
       f"--workdir {workdir} has no checkpoints ({directory} does not exist); train first with "
       f"python -m train --workdir {workdir}"

@@ -187,20 +187,20 @@ def logical_rules(mesh_config) -> Rules:
   return tuple(rules)
 
 
-def logical_to_spec(names: Sequence[str | None], rules: Rules) -> PartitionSpec:
-  """Maps logical axis names to a PartitionSpec over this mesh's axes (``models.sharding.resolve``,
+def partition_spec(names: Sequence[str | None], rules: Rules) -> PartitionSpec:
+  """Maps logical axis names to a PartitionSpec over this mesh's axes (``models.sharding.spec_for``,
   the one resolver that parameters, activations, batches and the inference cache share)."""
-  return sharding.resolve(names, rules, MESH_AXES)
+  return sharding.spec_for(names, rules, MESH_AXES)
 
 
 def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
   """Sharding of [batch, length] input arrays."""
-  return NamedSharding(mesh, logical_to_spec(("batch", "length"), rules))
+  return NamedSharding(mesh, partition_spec(("batch", "length"), rules))
 
 
 def ways(mesh: Mesh, rules: Rules, logical_name: str) -> tuple[int, tuple[str, ...]]:
   """How many ways (and over which mesh axes) a dimension with this logical name is split."""
-  spec = logical_to_spec((logical_name,), rules)[0]
+  spec = partition_spec((logical_name,), rules)[0]
   axes = (spec,) if isinstance(spec, str) else tuple(spec or ())
   return math.prod(mesh.shape[axis] for axis in axes), axes
 
@@ -216,3 +216,14 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def describe(mesh: Mesh) -> str:
   return " × ".join(f"{axis}={size}" for axis, size in mesh.shape.items())
+
+
+def bound_steps_in_flight() -> bool:
+  """The CPU-sync rule: whether a loop must wait for each step before dispatching the next.
+
+  XLA:CPU's collectives can deadlock when many multi-device steps are in flight at once
+  (docs/platform-facts.md), so on the CPU backend with more than one device every loop that
+  dispatches steps back to back (training, the benchmark, decoding) waits for each one. TPUs and
+  GPUs are not affected: there dispatch stays fully asynchronous.
+  """
+  return jax.devices()[0].platform == "cpu" and jax.device_count() > 1

@@ -16,7 +16,7 @@ from train.meter.hardware import Topology
 
 def compile_only_devices(topology: Topology) -> list[jax.Device]:
   """Device descriptions of the slice(s); RuntimeError if libtpu is missing or does not know it."""
-  from jax.experimental import topologies
+  from jax.experimental import topologies  # noqa: PLC0415 - probes for libtpu (TPU planning only)
 
   # libtpu takes a host-wide lock file on load so that two processes don't both drive the chips;
   # compile-only descriptions drive none, and two planners (or a planner beside pytest) may run.

@@ -22,6 +22,7 @@ import jax
 import ml_dtypes
 import numpy as np
 from jax.experimental import multihost_utils
+from tokenizers import Tokenizer
 
 from models import lora
 from models.config import ModelConfig
@@ -151,8 +152,6 @@ def _bos(config, eod: int) -> int:
       if isinstance(bos, dict):
         bos = bos.get("content")
       if bos:
-        from tokenizers import Tokenizer
-
         found = Tokenizer.from_file(os.path.join(tokenizer[3:], "tokenizer.json")).token_to_id(bos)
         if found is not None:
           return found

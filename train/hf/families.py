@@ -13,18 +13,19 @@ Mistral (``mistral``), Qwen2/2.5 (``qwen2``, q/k/v biases) and Qwen3 (``qwen3``,
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
+from input_pipeline.host.command import LoomError
 from models.config import ModelConfig
 
 # (HF tensor names, the function of those tensors that gives the Loom array)
 Rule = tuple[tuple[str, ...], Callable[..., np.ndarray]]
 
 
-class ConversionError(ValueError):
+class ConversionError(LoomError, ValueError):
   """A checkpoint cannot be converted as it is; the message names the file, key or tensor."""
 
 
@@ -402,11 +403,13 @@ def family_of(hf_config: dict[str, Any], path: str) -> Family:
   return FAMILIES[model_type]
 
 
-def model_config_from_hf(hf_config: dict[str, Any], path: str, **overrides: Any) -> ModelConfig:
-  """Loom's ModelConfig for an HF config.json (``overrides``: dtype, scan_layers, remat, ...)."""
+def model_config_from_hf(
+  hf_config: dict[str, Any], path: str, base: Mapping[str, Any]
+) -> ModelConfig:
+  """Loom's ModelConfig for an HF config.json: the architecture from it, every other field
+  (numerics, layout, adapters) from ``base``, a run config's ``model`` group."""
   family = family_of(hf_config, path)
-  values = family.config_from_hf(hf_config)
-  values.update(overrides)
+  values = {**dict(base), **family.config_from_hf(hf_config)}
   try:
     return ModelConfig(**values)
   except ValueError as e:

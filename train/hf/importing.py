@@ -21,10 +21,14 @@ import jax
 import ml_collections
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
+from tokenizers import Tokenizer
 
 from models import lora
 from models.config import ModelConfig
+from train import config as config_lib
 from train import state as state_lib
+from train.checkpoint.manager import Checkpointer
 from train.hf import families
 from train.hf.families import ConversionError, Family
 from train.hf.safetensors_io import HFCheckpoint
@@ -150,9 +154,9 @@ def run_config(
 
 def model_config(checkpoint: HFCheckpoint, base: ml_collections.ConfigDict) -> ModelConfig:
   """The HF model's config with the run config's numerics and layout (dtype, scan, remat)."""
-  overrides = {key: base.model[key] for key in MODEL_KEYS}
   # An import holds the checkpoint's weights alone: adapters belong to the run that trains them.
-  return families.model_config_from_hf(checkpoint.config, checkpoint.path, lora_rank=0, **overrides)
+  run_model = {**base.model.to_dict(), "lora_rank": 0}
+  return families.model_config_from_hf(checkpoint.config, checkpoint.path, run_model)
 
 
 def check_tokenizer(checkpoint: HFCheckpoint, model_cfg: ModelConfig) -> str | None:
@@ -160,8 +164,6 @@ def check_tokenizer(checkpoint: HFCheckpoint, model_cfg: ModelConfig) -> str | N
   path = os.path.join(checkpoint.path, "tokenizer.json")
   if not os.path.isfile(path):
     return None
-  from tokenizers import Tokenizer
-
   size = Tokenizer.from_file(path).get_vocab_size(with_added_tokens=True)
   if size > model_cfg.vocab_size:
     raise ConversionError(
@@ -200,11 +202,6 @@ def import_checkpoint(hf_dir: str, workdir: str, base: ml_collections.ConfigDict
   and the mesh. Nothing is written unless the whole import succeeds: the work directory is built
   under WORKDIR.partial and renamed at the end.
   """
-  from jax.experimental import multihost_utils
-
-  from train import config as config_lib
-  from train.checkpoint.manager import Checkpointer
-
   checkpoint = HFCheckpoint(hf_dir)
   family = families.family_of(checkpoint.config, checkpoint.path)
   model_cfg = model_config(checkpoint, base)

@@ -55,7 +55,7 @@ class HFCheckpoint:
     with safe_open(single, framework="numpy") as f:
       return dict.fromkeys(f.keys(), single)
 
-  def resolve(self, name: str) -> str:
+  def stored_name(self, name: str) -> str:
     """The stored name of a tensor; GPT-2 checkpoints come with and without "transformer."."""
     if name in self.files:
       return name
@@ -65,14 +65,14 @@ class HFCheckpoint:
     raise ConversionError(f"{self.path}: tensor {name!r} is missing from the checkpoint")
 
   def tensor(self, name: str) -> np.ndarray:
-    stored = self.resolve(name)
+    stored = self.stored_name(name)
     file = self.files[stored]
     if file not in self._open:
       self._open[file] = safe_open(file, framework="numpy")
     return self._open[file].get_tensor(stored)
 
   def shape(self, name: str) -> tuple[int, ...]:
-    stored = self.resolve(name)
+    stored = self.stored_name(name)
     file = self.files[stored]
     if file not in self._open:
       self._open[file] = safe_open(file, framework="numpy")

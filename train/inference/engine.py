@@ -125,7 +125,7 @@ class Engine:
     self.compile_seconds = 0.0
 
   def _named(self, names: Sequence[str | None]) -> NamedSharding:
-    return NamedSharding(self.mesh, mesh_lib.logical_to_spec(names, self.rules))
+    return NamedSharding(self.mesh, mesh_lib.partition_spec(names, self.rules))
 
   def _compile(
     self,
@@ -252,8 +252,7 @@ class Engine:
   def _decode(self, step_fn, params, cache, token, inputs, layout: _Layout, collector: _Collector):
     """One compiled step per slot; step N+1 is dispatched before step N's token is read."""
     prompts_dev, lengths_dev, keys_dev = inputs
-    # XLA:CPU collectives can deadlock with many multi-device steps in flight (NOTES.md).
-    sync_each_step = jax.devices()[0].platform == "cpu" and jax.device_count() > 1
+    sync_each_step = mesh_lib.bound_steps_in_flight()
     index, steps, pending = layout.shortest - 1, 0, None
     while True:
       current = None

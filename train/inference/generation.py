@@ -3,23 +3,17 @@
 The pieces: ``train/inference/sampling.py`` (temperature, top-k, top-p),
 ``train/inference/engine.py`` (the compiled prefill/decode engine, and how a batch of prompts of
 different lengths stays exact) and ``train/inference/meter.py`` (the inference meter). Also the
-trainer's eval-time sample, ``sample_for_eval``.
+short greedy sample the trainer logs at each eval, ``greedy_sample``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import jax
 import numpy as np
-from flax import nnx
 
-from models.config import ModelConfig
-from train.cluster import mesh as mesh_lib
-from train.inference.engine import Engine
 from train.inference.loading import Model
 from train.inference.meter import inference_stats
 from train.inference.sampling import Sampling
@@ -110,34 +104,19 @@ class _StreamDecoder:
       self.shown[row] = len(text)
 
 
-# --- the trainer's eval-time sample ---
-
-
-@functools.lru_cache(maxsize=4)
-def _eval_engine(
-  graphdef: nnx.GraphDef, model_cfg: ModelConfig, mesh: jax.sharding.Mesh, rules: mesh_lib.Rules
-) -> Engine:
-  return Engine(graphdef, model_cfg, mesh, rules)
-
-
-def sample_for_eval(run: Any, params: Any) -> str | None:
-  """A short greedy continuation of ``log.sample_prompt`` (None when ``log.sample_tokens`` is 0).
-
-  For the trainer at each eval: ``run`` is its ``trainer.Run``, ``params`` the state's params.
-  The compiled steps are kept between evals. Every process must call it (the steps are global).
-  """
-  tokens = int(run.config.log.sample_tokens)
-  if tokens <= 0:
+def greedy_sample(model: Model, prompt: str, max_new_tokens: int) -> str | None:
+  """``prompt`` and its greedy continuation of ``max_new_tokens`` tokens (None for 0), without
+  the meter: the short sample the trainer logs at each eval. Every process must call it (the
+  steps are global); ``model.engine`` keeps its compiled steps between calls."""
+  if max_new_tokens <= 0:
     return None
-  tokenizer = run.pipeline.tokenizer
-  prompt = tokenizer.encode(run.config.log.sample_prompt)
-  engine = _eval_engine(run.spec.graphdef, run.model_cfg, run.mesh, run.rules)
-  out = engine.run(
-    params,
-    [prompt],
-    max_new_tokens=tokens,
+  tokenizer = model.tokenizer
+  out = model.engine.run(
+    model.params,
+    [tokenizer.encode(prompt)],
+    max_new_tokens=max_new_tokens,
     sampling=Sampling(temperature=0.0),
-    seed=run.config.seed,
+    seed=int(model.config.seed),
     eod_id=tokenizer.eod_id,
   )
-  return run.config.log.sample_prompt + tokenizer.decode(out.tokens[0])
+  return prompt + tokenizer.decode(out.tokens[0])

@@ -5,7 +5,7 @@ Library (Colab)::
 
   from train.inference import harness, loading
   model = loading.load("/content/run")
-  results = harness.evaluate(model, ["my_task"], include_path="/content/tasks", limit=100)
+  results = harness.run_tasks(model, ["my_task"], include_path="/content/tasks", limit=100)
 
 Requests are scored in batches of equal rows: sorted by length, each batch padded at the end to
 a multiple of 128 tokens (few compiled shapes), padding rows added to fill the last batch. A
@@ -32,6 +32,7 @@ import numpy as np
 from flax import nnx
 
 import input_pipeline
+from input_pipeline.host import storage
 from train.cluster import mesh as mesh_lib
 from train.inference.loading import Model
 from train.inference.sampling import Sampling
@@ -236,7 +237,7 @@ def flatten(results: dict[str, Any]) -> dict[str, float]:
   return flat
 
 
-def evaluate(
+def run_tasks(
   model: Model,
   tasks: Sequence[str],
   *,
@@ -298,51 +299,15 @@ def evaluate(
   return results
 
 
-def write(workdir: str, results: dict[str, Any]) -> str:
-  """``DIR/eval/<step>.json`` (whole, atomically) and the metrics lines; returns the JSON path."""
-  from train import storage  # noqa: PLC0415
-
-  root = storage.resolve(workdir)
+def write(workdir: str, results: dict[str, Any], *, metrics_lines: bool = True) -> str:
+  """``DIR/eval/<step>.json`` (whole, atomically) and, with ``metrics_lines``, the flattened
+  metrics as a line of ``DIR/metrics.jsonl`` at that step (a training run logs them through its
+  own writer instead); returns the JSON path."""
+  root = storage.absolute(workdir)
   path = root / "eval" / f"{results['step']}.json"
   path.parent.mkdir(parents=True, exist_ok=True)
   storage.write_atomic(path, json.dumps(results, indent=1))
-  line = {"step": results["step"], **results["metrics"]}
-  storage.append_lines(root / "metrics.jsonl", [json.dumps(line)])
+  if metrics_lines:
+    line = {"step": results["step"], **results["metrics"]}
+    storage.append_lines(root / "metrics.jsonl", [json.dumps(line)])
   return str(path)
-
-
-def evaluate_run(run, params, step: int) -> dict[str, Any]:
-  """The configured ``harness.tasks`` on a training run's current params (every process calls
-  it, as for the eval loss); process 0 writes ``DIR/eval/<step>.json``. Returns the flattened
-  metrics for the run's own writer."""
-  from train.inference import generation  # noqa: PLC0415
-
-  h = run.config.harness
-  engine = generation._eval_engine(run.spec.graphdef, run.model_cfg, run.mesh, run.rules)
-  model = Model(
-    params,
-    run.spec.graphdef,
-    run.model_cfg,
-    run.pipeline.tokenizer,
-    run.mesh,
-    run.rules,
-    step,
-    run.config,
-    engine,
-  )
-  results = evaluate(
-    model,
-    list(h.tasks),
-    include_path=h.include_path or None,
-    limit=h.limit or None,
-    num_fewshot=None if h.num_fewshot < 0 else h.num_fewshot,
-    batch_size=h.batch_size,
-    seed=run.config.seed,
-  )
-  if jax.process_index() == 0:
-    from train import storage  # noqa: PLC0415
-
-    path = storage.resolve(run.workdir) / "eval" / f"{step}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    storage.write_atomic(path, json.dumps(results, indent=1))
-  return results["metrics"]

@@ -24,6 +24,7 @@ from flax import nnx
 import input_pipeline
 from input_pipeline import tokenizers
 from models.config import ModelConfig
+from train import config as config_lib
 from train import state as state_lib
 from train.checkpoint import integrity, manager
 from train.cluster import mesh as mesh_lib
@@ -71,7 +72,7 @@ def load(workdir: str, step: int | None = None, *, mesh_config: Any = None) -> M
   metadata = ckpt_manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))
   metadata = metadata["metadata"]
   config = ml_collections.ConfigDict(metadata["config"])
-  model_cfg = ModelConfig(**metadata["model_config"])
+  model_cfg = config_lib.saved_model_config(metadata["model_config"])
 
   tokenizer = _tokenizer(config, metadata, workdir)
   mesh, rules = _mesh_for(config.mesh if mesh_config is None else mesh_config)

@@ -12,7 +12,7 @@ Two sources, in order of preference:
 
 Either way the device energy is multiplied by the data centre's PUE, and CO2e is energy × the grid's
 carbon intensity (``meter.grid_kg_per_kwh``). These are the same counters CodeCarbon reads; Loom
-reads them directly rather than depending on it (see README, "The meter").
+reads them directly rather than depending on it (docs/speed.md, "The meter").
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ class NvmlCounter:
     if not devices or devices[0].platform != "gpu":
       return None
     try:
-      import pynvml
+      import pynvml  # noqa: PLC0415 - the optional [cuda] extra (NVIDIA GPUs only)
     except ImportError:
       return None
     try:

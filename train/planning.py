@@ -34,7 +34,7 @@ from train.programs import jit_programs
 
 
 def _ways(sizes: dict[str, int], rules, logical: str) -> int:
-  spec = mesh_lib.logical_to_spec((logical,), rules)[0]
+  spec = mesh_lib.partition_spec((logical,), rules)[0]
   axes = (spec,) if isinstance(spec, str) else tuple(spec or ())
   return math.prod(sizes[axis] for axis in axes)
 

@@ -24,9 +24,11 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import sys
 from collections.abc import Callable, Mapping
 
 import jax
+from absl import flags
 
 log = logging.getLogger("loom")
 
@@ -171,8 +173,6 @@ def initialize(
 
 def define_flags() -> None:
   """The multi-process flags every command takes (``python -m train``'s own)."""
-  from absl import flags
-
   flags.DEFINE_string(
     "coordinator_address",
     None,
@@ -184,24 +184,26 @@ def define_flags() -> None:
 
 def initialize_from_flags() -> bool:
   """``initialize`` with the values of ``define_flags``' flags."""
-  from absl import flags
-
   f = flags.FLAGS
   return initialize(f.coordinator_address, f.num_processes, f.process_id)
 
 
+# Exit codes after which every process of a cluster has agreed on the outcome (done; preempted and
+# saved): the cluster is shut down in order.
+ORDERLY_CODES = (0, 75)
+
+
 def end(started: bool, code: int, *, orderly: bool | None = None) -> None:
   """Leaves a command: a started cluster is shut down and the process exits at once (a CPU
-  client destructor can hang at interpreter exit, NOTES.md); otherwise a normal exit."""
-  import sys
-
+  client destructor can hang at interpreter exit: docs/platform-facts.md); otherwise a normal
+  exit. ``orderly`` (default: ``code`` in ORDERLY_CODES) says whether every process agreed."""
   if started:
     sys.stdout.flush()
     sys.stderr.flush()
     # After a failure peers may be waiting for this process in a collective: leave at once (the
     # coordination service's heartbeats end them). A result every process agreed on (orderly)
     # ends the cluster properly.
-    if code == 0 if orderly is None else orderly:
+    if code in ORDERLY_CODES if orderly is None else orderly:
       jax.distributed.shutdown()
     os._exit(code)
   sys.exit(code)

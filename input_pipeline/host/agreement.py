@@ -26,7 +26,8 @@ class AgreementTimeout(RuntimeError):
 
 
 def _client():
-  from jax._src import distributed  # the coordination service client jax.distributed started
+  # The coordination service client that jax.distributed started (no public accessor).
+  from jax._src import distributed  # noqa: PLC0415 - private module, imported where used
 
   return distributed.global_state.client
 

@@ -1,20 +1,8 @@
 """Where a run's files live: local paths or object-store URIs (``gs://``, whatever epath serves).
 
-Every file the project reads or writes goes through ``etils.epath``. Two backends serve ``gs://``:
-TensorFlow's ``tf.io.gfile`` (epath's default when TensorFlow is installed) and fsspec's
-``gcsfs``. Loom selects gcsfs (``EPATH_USE_TF=false``, unless the user set it): gfile's GCS client
-has its endpoint compiled in (``https://www.googleapis.com/storage/v1/``), so it can never reach
-an emulator or another GCS-compatible service, while gcsfs honours the standard
-``STORAGE_EMULATOR_HOST``. Orbax writes its arrays through TensorStore, which has its own
-settings; ``configure_object_store`` translates ``STORAGE_EMULATOR_HOST`` for it:
-
-  TensorStore   TENSORSTORE_GCS_HTTP_URL (the endpoint) and GOOGLE_AUTH_TOKEN_FOR_TESTING (any
-                token: an emulator checks none, and without it TensorStore asks the GCE metadata
-                server for credentials)
-  gcsfs         STORAGE_EMULATOR_HOST itself; GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false, because its
-                bucket-type probe calls the Storage Control API, which emulators do not serve
-  tf.io.gfile   cannot be pointed anywhere else (see above): Loom keeps TensorFlow's own file
-                writes (TensorBoard events, TFDS's TFRecords) on local disk and copies them up
+Every file the project reads or writes goes through ``etils.epath`` (gcsfs for ``gs://``; why
+not TensorFlow's client, and what each storage library needs to reach an emulator, is said in
+``input_pipeline/host/settings.py``, which every entry point applies first).
 
 Object stores have no rename: a single object write is atomic (readers see the old object or the
 new one, never a part), so ``write_atomic`` writes in place there and renames on local disks.
@@ -22,36 +10,15 @@ new one, never a part), so ``write_atomic`` writes in place there and renames on
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pathlib
 import tempfile
 import time
-from collections.abc import MutableMapping
 
 from etils import epath
 
-EMULATOR_VARIABLE = "STORAGE_EMULATOR_HOST"
-
-
-def configure_object_store(environ: MutableMapping[str, str] = os.environ) -> dict[str, str]:
-  """Sets what each storage library needs (never overriding the user's own settings); returns
-  the variables it set. Must run before gcsfs is imported and before TensorStore opens ``gs://``.
-  """
-  wanted = {"EPATH_USE_TF": "false"}
-  host = environ.get(EMULATOR_VARIABLE, "").strip()
-  if host:
-    url = host if "://" in host else f"http://{host}"
-    wanted.update(
-      TENSORSTORE_GCS_HTTP_URL=url,
-      GOOGLE_AUTH_TOKEN_FOR_TESTING="emulator",
-      GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false",
-    )
-  set_now = {}
-  for name, value in wanted.items():
-    if name not in environ:
-      environ[name] = value
-      set_now[name] = value
-  return set_now
+EMULATOR_VARIABLE = "STORAGE_EMULATOR_HOST"  # the standard variable naming a GCS emulator
 
 
 def is_remote(path: str | os.PathLike) -> bool:
@@ -59,7 +26,7 @@ def is_remote(path: str | os.PathLike) -> bool:
   return "://" in os.fspath(path)
 
 
-def resolve(path: str | os.PathLike) -> epath.Path:
+def absolute(path: str | os.PathLike) -> epath.Path:
   """The absolute path: ``~`` expanded and made absolute locally; URIs unchanged."""
   text = os.fspath(path)
   if is_remote(text):
@@ -91,8 +58,6 @@ def write_atomic(path: epath.Path, data: str | bytes) -> None:
 def local_scratch(path: str | os.PathLike) -> epath.Path:
   """This host's local working space for ``path`` (an object-store cache): where files that
   must be local (memory-mapped stores, TFDS's TFRecords, built before upload) are kept."""
-  import hashlib
-
   key = hashlib.sha256(os.fspath(path).rstrip("/").encode()).hexdigest()[:16]
   root = os.environ.get("LOOM_LOCAL_SCRATCH") or os.path.expanduser("~/.cache/loom/scratch")
   return epath.Path(root) / key

@@ -1,0 +1,181 @@
+"""The house rules of the import graph: dependencies point down, and imports do nothing.
+
+``models/`` imports no other package of Loom; ``input_pipeline/`` imports ``models/`` at most;
+``input_pipeline/host/`` (what both the data and the training packages stand on) imports neither;
+``train/`` sits on top. No module reaches into another's private names, first-party imports sit
+at module level, and importing any module of Loom leaves the process's environment as it was
+(the entry points apply Loom's settings by an explicit call).
+"""
+
+import ast
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+PACKAGES = ("train", "models", "input_pipeline", "configs")
+
+
+def _modules() -> dict[str, pathlib.Path]:
+  found = {}
+  for package in PACKAGES:
+    for path in sorted((REPO / package).rglob("*.py")):
+      parts = path.relative_to(REPO).with_suffix("").parts
+      name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+      found[name] = path
+  return found
+
+
+MODULES = _modules()
+
+
+def _imports(path: pathlib.Path) -> list[tuple[str, int, bool]]:
+  """(imported module or name, line, inside a function) for every import of a file."""
+  found = []
+
+  def visit(node: ast.AST, in_function: bool) -> None:
+    for child in ast.iter_child_nodes(node):
+      if isinstance(child, ast.Import):
+        found.extend((alias.name, child.lineno, in_function) for alias in child.names)
+      elif isinstance(child, ast.ImportFrom) and child.level == 0 and child.module:
+        found.extend((f"{child.module}.{a.name}", child.lineno, in_function) for a in child.names)
+      nested = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef))
+      visit(child, nested)
+
+  visit(ast.parse(path.read_text()), False)
+  return found
+
+
+def _first_party(name: str) -> bool:
+  return name.split(".")[0] in PACKAGES
+
+
+def _is_command(path: pathlib.Path) -> bool:
+  return 'if __name__ == "__main__":' in path.read_text()
+
+
+def _climbing(modules: dict[str, pathlib.Path]) -> list[str]:
+  """Imports that point up or sideways, one line each."""
+  wrong = []
+  for module, path in modules.items():
+    targets = {name for name, _, _ in _imports(path) if _first_party(name)}
+    top = module.split(".")[0]
+    for target in targets:
+      package = target.split(".")[0]
+      if top == "models" and package != "models":
+        wrong.append(f"{module} imports {target}: models/ imports no other package of Loom")
+      if top == "input_pipeline" and package == "train":
+        wrong.append(f"{module} imports {target}: input_pipeline/ never imports train/")
+      in_leaf = target.startswith("input_pipeline.host") or package == "configs"
+      if module.startswith("input_pipeline.host") and not in_leaf:
+        wrong.append(f"{module} imports {target}: input_pipeline/host/ is the leaf below both")
+      if top == "configs" and package != "configs":
+        wrong.append(f"{module} imports {target}: config files import only other configs")
+  return sorted(wrong)
+
+
+def _reaching_in(modules: dict[str, pathlib.Path]) -> list[str]:
+  """First-party imports inside functions, and uses of another module's private names."""
+  wrong = []
+  for module, path in modules.items():
+    tree = ast.parse(path.read_text())
+    imported_modules = {}  # local name -> first-party module
+    for name, line, in_function in _imports(path):
+      if not _first_party(name):
+        continue
+      if in_function:
+        wrong.append(f"{module}:{line} imports {name} inside a function")
+      last = name.rsplit(".", 1)[-1]
+      if last.startswith("_") and not last.startswith("__"):
+        wrong.append(f"{module}:{line} imports the private {name}")
+    for node in ast.walk(tree):
+      if isinstance(node, ast.ImportFrom) and node.module and _first_party(node.module):
+        for alias in node.names:
+          imported_modules[alias.asname or alias.name] = f"{node.module}.{alias.name}"
+      elif isinstance(node, ast.Import):
+        for alias in node.names:
+          if _first_party(alias.name):
+            imported_modules[alias.asname or alias.name.split(".")[0]] = alias.name
+    for node in ast.walk(tree):
+      if (
+        isinstance(node, ast.Attribute)
+        and isinstance(node.value, ast.Name)
+        and node.value.id in imported_modules
+        and node.attr.startswith("_")
+        and not node.attr.startswith("__")
+        and imported_modules[node.value.id] in MODULES
+      ):
+        target = imported_modules[node.value.id]
+        wrong.append(f"{module}:{node.lineno} uses {target}.{node.attr}")
+  return sorted(wrong)
+
+
+def test_dependencies_point_down():
+  assert not _climbing(MODULES), "\n".join(_climbing(MODULES))
+
+
+def test_no_module_reaches_into_another_or_imports_loom_inside_functions():
+  assert not _reaching_in(MODULES), "\n".join(_reaching_in(MODULES))
+
+
+def test_the_checks_find_what_they_look_for(tmp_path):
+  (tmp_path / "data.py").write_text("from train import storage\n")
+  (tmp_path / "layers.py").write_text("import input_pipeline\n")
+  (tmp_path / "leaf.py").write_text("from input_pipeline import pipeline\n")
+  (tmp_path / "user.py").write_text(
+    "from train.inference import generation\n"
+    "def f():\n  from train import trainer\n  return generation._eval_engine\n"
+  )
+  fake = {
+    "input_pipeline.data": tmp_path / "data.py",
+    "models.layers": tmp_path / "layers.py",
+    "input_pipeline.host.leaf": tmp_path / "leaf.py",
+    "train.user": tmp_path / "user.py",
+  }
+  climbing = _climbing(fake)
+  assert any(line.startswith("input_pipeline.data imports train.storage") for line in climbing)
+  assert any(line.startswith("models.layers imports input_pipeline") for line in climbing)
+  assert any(line.startswith("input_pipeline.host.leaf imports") for line in climbing)
+  reaching = _reaching_in(fake)
+  assert any("imports train.trainer inside a function" in line for line in reaching)
+  assert any("uses train.inference.generation._eval_engine" in line for line in reaching)
+
+
+@pytest.mark.slow
+def test_importing_any_module_changes_nothing_in_the_environment():
+  """Every library module (commands aside: their job is to apply the settings), imported after
+  the third-party packages they import (whose own import-time settings are theirs), leaves
+  ``os.environ`` exactly as it was."""
+  libraries = sorted(m for m, path in MODULES.items() if not _is_command(path))
+  third_party = sorted(
+    {
+      name.split(".")[0]
+      for path in MODULES.values()
+      for name, _, in_function in _imports(path)
+      if not in_function and not _first_party(name) and name.split(".")[0] != "__future__"
+    }
+  )
+  code = f"""
+import importlib, json, os
+for name in {third_party!r}:
+  importlib.import_module(name)
+before = dict(os.environ)
+for name in {libraries!r}:
+  importlib.import_module(name)
+after = dict(os.environ)
+print(json.dumps({{k: [before.get(k), after.get(k)] for k in set(before) | set(after)
+                  if before.get(k) != after.get(k)}}))
+"""
+  env = {k: v for k, v in os.environ.items() if k not in ("EPATH_USE_TF",)}
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+  result = subprocess.run(
+    [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  changed = json.loads(result.stdout.strip().splitlines()[-1])
+  assert changed == {}, f"importing Loom's modules changed the environment: {changed}"
+  assert len(libraries) > 60  # the walk found the modules
