@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from cli_helpers import REPO, train_env
+from cli_helpers import REPO, copy_run, train_env
 from flax import nnx
 
 from configs import tiny
@@ -33,15 +33,19 @@ PAIRS = [  # (context, continuation): uneven lengths, a trailing space, an empty
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory, cache_dir) -> str:
-  config = tiny.get_config()
-  config.data.cache_dir = cache_dir
-  config.train.steps = 10
-  config.checkpoint.async_save = False
-  config.log.progress = False
-  root = str(tmp_path_factory.mktemp("harness") / "run")
-  trainer.train_and_evaluate(config, root)
-  return root
+def workdir(tiny_run) -> str:
+  """The session's tiny run (read-only: the command's test works on a copy)."""
+  return tiny_run[0]
+
+
+@pytest.fixture(scope="module")
+def model(workdir) -> loading.Model:
+  return loading.load(workdir)
+
+
+@pytest.fixture(scope="module")
+def scores_at_batch_4(model) -> list[tuple[float, bool]]:
+  return harness.loom_lm(model, 4).loglikelihood([_Request(*p) for p in PAIRS])
 
 
 class _Request:
@@ -64,8 +68,7 @@ def _by_hand(model, context: str, continuation: str) -> tuple[float, bool]:
   return float(logprobs[rows, targets].sum()), greedy
 
 
-def test_loglikelihoods_equal_a_hand_computation_at_any_batch_size(workdir):
-  model = loading.load(workdir)
+def test_loglikelihoods_equal_a_hand_computation_at_any_batch_size(model):
   expected = [_by_hand(model, *pair) for pair in PAIRS]
   for batch_size in (1, 3, 16):
     got = harness.loom_lm(model, batch_size).loglikelihood([_Request(*p) for p in PAIRS])
@@ -75,19 +78,17 @@ def test_loglikelihoods_equal_a_hand_computation_at_any_batch_size(workdir):
 
 
 @pytest.mark.parametrize("mesh", [(8, 1, 1), (2, 2, 2), (1, 8, 1)])
-def test_loglikelihoods_do_not_depend_on_the_mesh(workdir, mesh):
+def test_loglikelihoods_do_not_depend_on_the_mesh(workdir, model, scores_at_batch_4, mesh):
   import ml_collections
 
-  reference = harness.loom_lm(loading.load(workdir), 4).loglikelihood([_Request(*p) for p in PAIRS])
   config = ml_collections.ConfigDict(dict(data=mesh[0], fsdp=mesh[1], tensor=mesh[2]))
-  config.rules = loading.load(workdir).config.mesh.rules
-  model = loading.load(workdir, mesh_config=config)
-  got = harness.loom_lm(model, 4).loglikelihood([_Request(*p) for p in PAIRS])
-  np.testing.assert_allclose([v for v, _ in got], [v for v, _ in reference], atol=1e-4)
+  config.rules = model.config.mesh.rules
+  other = loading.load(workdir, mesh_config=config)
+  got = harness.loom_lm(other, 4).loglikelihood([_Request(*p) for p in PAIRS])
+  np.testing.assert_allclose([v for v, _ in got], [v for v, _ in scores_at_batch_4], atol=1e-4)
 
 
-def test_rolling_loglikelihood_covers_every_token_once(workdir):
-  model = loading.load(workdir)
+def test_rolling_loglikelihood_covers_every_token_once(model):
   lm = harness.loom_lm(model, 4)
   short = "def f(x):\n    return x\n"
   # A text shorter than the context: every token given the end-of-document token and the rest.
@@ -100,10 +101,9 @@ def test_rolling_loglikelihood_covers_every_token_once(workdir):
   assert np.isfinite(total) and total < rolling
 
 
-def test_generate_until_stops_at_the_stop_string(workdir):
+def test_generate_until_stops_at_the_stop_string(model):
   from train.inference import generation
 
-  model = loading.load(workdir)
   lm = harness.loom_lm(model, 4)
   kwargs = {"until": ["\n"], "max_gen_toks": 12, "do_sample": False}
   prompts = ["import ", "def ", "class "]
@@ -119,12 +119,13 @@ def _evaluate(workdir, *args):
 
 
 @pytest.mark.slow
-def test_the_command_runs_local_tasks_and_writes_results(workdir):
+def test_the_command_runs_local_tasks_and_writes_results(workdir, tmp_path):
+  workdir = copy_run(workdir, tmp_path / "run")  # the command writes eval/ and metrics lines
   tasks = "--tasks=loom_python_mc,loom_python_gen,loom_python_text"
   result = _evaluate(workdir, tasks, f"--include_path={TASKS}", "--limit=6")
   assert result.returncode == 0, result.stderr[-3000:]
   last = json.loads(result.stdout.strip().splitlines()[-1])
-  step = loading.load(workdir).step
+  step = 20  # the latest checkpoint
   assert last["step"] == step and last["requests"] > 0 and last["requests_per_second"] > 0
   metrics = last["metrics"]
   assert 0 <= metrics["harness/loom_python_mc/acc"] <= 1
@@ -169,6 +170,7 @@ def test_scores_equal_the_harness_hf_model_on_imported_weights(tmp_path):
   )
 
 
+@pytest.mark.slow
 def test_harness_tasks_run_at_each_eval_during_training(tmp_path, cache_dir):
   config = tiny.get_config()
   config.data.cache_dir = cache_dir

@@ -28,6 +28,7 @@ from models.config import ModelConfig
 from train import health, optimizer
 from train import state as state_lib
 from train.cluster import mesh as mesh_lib
+from train.inference import tasks as task_index
 
 SOURCE_PREFIXES = ("stdlib", "files:", "tfds:", "chat:")
 
@@ -219,14 +220,11 @@ def _check_harness(harness) -> None:
   if harness.include_path and not os.path.isdir(harness.include_path):
     raise ConfigError(f"harness.include_path={harness.include_path!r} is not a directory")
   try:
-    from lm_eval.tasks import TaskManager  # noqa: PLC0415 - the optional [eval] extra
-  except ImportError as e:
+    unknown = task_index.unknown(tuple(tasks), harness.include_path or None)
+  except task_index.HarnessMissingError as e:
     raise ConfigError(
       f"harness.tasks={tuple(tasks)} needs EleutherAI's lm-eval: pip install -e '.[eval]'"
     ) from e
-  include = harness.include_path or None
-  known = TaskManager(include_path=include).all_tasks
-  unknown = [t for t in tasks if t not in known]
   if unknown:
     raise ConfigError(
       f"harness.tasks: unknown task(s) {unknown}; offline, define them by YAML files with local "

@@ -44,6 +44,7 @@ def main(argv: Sequence[str]) -> int:
   if f.include_path and not os.path.isdir(f.include_path):
     raise FileNotFoundError(f"--include_path {f.include_path}: no such directory")
   limit = None if f.limit is None else (int(f.limit) if f.limit >= 1 else f.limit)
+  harness.check_tasks(tasks, f.include_path)  # before the model is loaded
   model = loading.load(f.workdir, f.step)
   results = harness.run_tasks(
     model,

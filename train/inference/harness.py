@@ -34,6 +34,7 @@ from flax import nnx
 import input_pipeline
 from input_pipeline.host import storage
 from train.cluster import mesh as mesh_lib
+from train.inference import tasks as task_index
 from train.inference.loading import Model
 from train.inference.sampling import Sampling
 
@@ -237,6 +238,18 @@ def flatten(results: dict[str, Any]) -> dict[str, float]:
   return flat
 
 
+def check_tasks(tasks: Sequence[str], include_path: str | None = None) -> None:
+  """Raises ValueError naming the tasks neither lm-eval nor ``include_path`` defines (and
+  ImportError without lm-eval): before a model is loaded for them."""
+  unknown = task_index.unknown(tasks, include_path)
+  if unknown:
+    where = f" or in --include_path {include_path}" if include_path else ""
+    raise ValueError(
+      f"unknown harness task(s) {unknown}: not among lm-eval's tasks{where}. Offline, define a "
+      f"task by a YAML file with local data and pass its folder as --include_path"
+    )
+
+
 def run_tasks(
   model: Model,
   tasks: Sequence[str],
@@ -249,21 +262,9 @@ def run_tasks(
 ) -> dict[str, Any]:
   """Runs lm-eval ``tasks`` on ``model``; returns its results (JSON-ready) with Loom's figures:
   ``requests``, ``requests_per_second``, ``wall_time_s``, and ``metrics`` (flattened)."""
-  try:
-    import lm_eval  # noqa: PLC0415
-    from lm_eval.tasks import TaskManager  # noqa: PLC0415
-  except ImportError as e:
-    raise ImportError(
-      "train.evaluate needs EleutherAI's lm-eval harness: pip install -e '.[eval]'"
-    ) from e
-  manager = TaskManager(include_path=include_path) if include_path else TaskManager()
-  unknown = [t for t in tasks if t not in manager.all_tasks]
-  if unknown:
-    where = f" or in --include_path {include_path}" if include_path else ""
-    raise ValueError(
-      f"unknown harness task(s) {unknown}: not among lm-eval's tasks{where}. Offline, define a "
-      f"task by a YAML file with local data and pass its folder as --include_path"
-    )
+  check_tasks(tasks, include_path)
+  import lm_eval  # noqa: PLC0415 - the optional [eval] extra (check_tasks found it)
+
   lm = loom_lm(model, batch_size)
   start = time.perf_counter()
   output = lm_eval.simple_evaluate(
@@ -271,7 +272,7 @@ def run_tasks(
     tasks=list(tasks),
     num_fewshot=num_fewshot,
     limit=limit,
-    task_manager=manager,
+    task_manager=task_index.manager(include_path or None),
     log_samples=False,
     random_seed=seed,
     numpy_random_seed=seed,
