@@ -132,6 +132,7 @@ def cudnn_attention(q_BLNH, k_BSKH, v_BSKH, segment_ids_BL, scale: float) -> jax
 def _splash_kernel(heads: int, length: int, interpret: bool):
   """The kernel for ``heads`` heads of rows of ``length``: built inside each trace (its mask
   tables become constants of that program; kept across traces they would leak tracers)."""
+  # The TPU kernels (Pallas): imported only when splash attention is asked for.
   from jax.experimental.pallas.ops.tpu.splash_attention import (  # noqa: PLC0415
     splash_attention_kernel as splash,
   )

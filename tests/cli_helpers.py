@@ -6,6 +6,8 @@ import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The overrides of the session's shared tiny run (conftest.py: tiny_run): a profile of steps 3-5.
+TINY_RUN = ("--config.log.profile_steps=(3, 5)",)
 
 
 def train_command(workdir, *overrides, cache_dir, config="configs/tiny.py"):
@@ -45,3 +47,34 @@ def read_metrics(workdir):
 
 def train_losses(records):
   return {r["step"]: r["train/loss"] for r in records if "train/loss" in r and "event" not in r}
+
+
+def tiny_config(cache_dir, overrides: dict | None = None):
+  """configs/tiny.py with ``{"group.key": value}`` overrides, as ``--config.group.key=value``
+  would give them to ``python -m train``."""
+  from configs import tiny
+
+  config = tiny.get_config()
+  config.data.cache_dir = str(cache_dir)
+  config.log.progress = False
+  for key, value in (overrides or {}).items():
+    group, name = key.split(".")
+    config[group][name] = value
+  return config
+
+
+def train_in_process(workdir, cache_dir, overrides: dict | None = None) -> dict:
+  """``python -m train`` on configs/tiny.py, in this process: the report of the run."""
+  from train import trainer
+
+  return trainer.train_and_evaluate(tiny_config(cache_dir, overrides), str(workdir))
+
+
+def copy_run(source, target, *without_steps: int) -> str:
+  """A copy of a run's work directory, less the checkpoints of ``without_steps``."""
+  import shutil
+
+  shutil.copytree(source, target)
+  for step in without_steps:
+    shutil.rmtree(os.path.join(target, "checkpoints", str(step)))
+  return str(target)

@@ -1,6 +1,12 @@
-"""Test set-up: the CPU platform with 8 fake devices, fixed before JAX is imported anywhere."""
+"""Test set-up: the CPU platform with 8 fake devices, fixed before JAX is imported anywhere, and
+what the tests share: one persistent compilation cache for every process of the session, one data
+cache, and the runs that several test files read (each started once, on first use)."""
 
+import fcntl
 import os
+import pathlib
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
   os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -8,9 +14,23 @@ os.environ["XLA_FLAGS"] = (
 os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+# Every process of the session (this one, the pytest-xdist workers, every `python -m ...` they
+# start, the notebooks' kernels) shares compiled programs through one persistent cache, small
+# programs included: much of a tiny run's time is compiling the same steps again. A fresh
+# directory per session (nothing reused from an earlier run of the suite), made by the first
+# process and inherited by the others; a size limit turns on JAX's file lock around its entries,
+# which several processes write at once.
+_OWN_CACHE = "LOOM_TESTS_COMPILATION_CACHE" not in os.environ
+if _OWN_CACHE:
+  os.environ["LOOM_TESTS_COMPILATION_CACHE"] = tempfile.mkdtemp(prefix="loom-tests-jax-cache-")
+os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ["LOOM_TESTS_COMPILATION_CACHE"]
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(8 << 30)
 
 
 import pytest  # noqa: E402 (after the environment above, which must precede any JAX import)
+from cli_helpers import TINY_RUN, run_train  # noqa: E402
+from cluster_helpers import launch  # noqa: E402
 
 from input_pipeline.host import settings  # noqa: E402
 
@@ -19,7 +39,78 @@ from input_pipeline.host import settings  # noqa: E402
 settings.apply()
 
 
-@pytest.fixture(scope="module")
+def pytest_collection_modifyitems(config, items):
+  """The slow tests first (in their files' order): with several workers the long ones start early
+  and the short ones fill the gaps at the end."""
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+def pytest_sessionfinish(session, exitstatus):
+  if _OWN_CACHE:
+    shutil.rmtree(os.environ["LOOM_TESTS_COMPILATION_CACHE"], ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory):
-  """A data cache (prepared stores, TFDS builds) shared by one test module's training runs."""
+  """A data cache (prepared stores, TFDS builds) shared by the session's training runs: each store
+  is prepared once. Tests that prove something about preparing data make their own."""
   return str(tmp_path_factory.mktemp("cache"))
+
+
+def _shared_root(tmp_path_factory) -> pathlib.Path:
+  """Where session-wide runs live: shared by every pytest-xdist worker of the session."""
+  base = tmp_path_factory.getbasetemp()
+  return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def once(tmp_path_factory, name: str, make) -> pathlib.Path:
+  """``<shared root>/name``, made by ``make(path)`` the first time any worker asks for it (the
+  others wait for it); a failed attempt is removed and made again by the next one who asks."""
+  root = _shared_root(tmp_path_factory)
+  target = root / name
+  with open(root / f"{name}.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not (target / ".made").exists():
+      shutil.rmtree(target, ignore_errors=True)
+      target.mkdir(parents=True)
+      make(target)
+      (target / ".made").write_text("")
+  return target
+
+
+def _train_into(workdir: pathlib.Path, *overrides: str) -> None:
+  # A data cache of its own: the run must not depend on which worker's cache exists.
+  result = run_train(str(workdir / "run"), *overrides, cache_dir=str(workdir / "cache"))
+  (workdir / "stderr.txt").write_text(result.stderr)
+  assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> tuple[str, str]:
+  """``python -m train --config configs/tiny.py`` as a user runs it, with a profile of steps 3-5:
+  20 steps, logged every 5, evaluated and checkpointed at 10 and 20. (work directory, stderr).
+  Several test files read it; a test that changes it works on a copy."""
+  made = once(tmp_path_factory, "tiny_run", lambda path: _train_into(path, *TINY_RUN))
+  return str(made / "run"), (made / "stderr.txt").read_text()
+
+
+@pytest.fixture(scope="session")
+def tiny_reference(tmp_path_factory) -> str:
+  """The same run logging every step: the uninterrupted reference that resumed, killed and
+  restarted runs are compared with, bit for bit. Its work directory; change only a copy."""
+  made = once(tmp_path_factory, "tiny_reference", lambda p: _train_into(p, "--config.log.every=1"))
+  return str(made / "run")
+
+
+@pytest.fixture(scope="session")
+def two_process_run(tmp_path_factory) -> tuple[str, list[str]]:
+  """Two jax.distributed processes of four fake devices each, 20 steps (cluster_helpers
+  .SETTINGS): (work directory, each process's output). Change only a copy."""
+
+  def make(path: pathlib.Path) -> None:
+    outputs = launch(str(path / "run"), processes=2, devices=4, cache_dir=str(path / "cache"))
+    for i, output in enumerate(outputs):
+      (path / f"process{i}.txt").write_text(output)
+
+  made = once(tmp_path_factory, "two_process_run", make)
+  return str(made / "run"), [(made / f"process{i}.txt").read_text() for i in (0, 1)]

@@ -23,6 +23,7 @@ def _bench(*flags: str) -> dict:
   return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_bench_runs_config_r_and_prints_its_json():
   # R's 256 ids are fed synthetic tokens.
   report = _bench("--steps=1", "--warmup=0")
@@ -54,8 +55,18 @@ def test_step_matmuls_are_the_flops_the_meter_counts(mlp):
   assert blocked == whole_rows - attention + attention * 6 // 9
 
 
-def test_bench_matmuls_times_config_r_dots_alone():
-  report = _bench("--what=matmuls", "--steps=1")
-  # Config R: 6 layers × 6 projections × 3 dots, the unembedding's 3, 4 query blocks × 6 × 6.
-  assert report["matmuls"] == 6 * 6 * 3 + 3 + 4 * 6 * 6
+def test_bench_matmuls_times_the_steps_dots_alone():
+  from configs import bench_r, tiny
+  from train import config as config_lib
+  from train.bench import bench_matmuls, step_matmuls
+
+  # Config R's step: 6 layers × 6 projections × 3 dots, the unembedding's 3, 4 query blocks ×
+  # 6 × 6 (counted; timing R's 255 dots takes a minute of compiling here).
+  r = bench_r.get_config()
+  r_cfg = config_lib.validate(r, with_tokenizer=False).model_cfg
+  assert len(step_matmuls(r_cfg, r.train.batch_size, r.data.seq_len)) == 6 * 6 * 3 + 3 + 4 * 6 * 6
+  # Timed as `--what=matmuls --steps=1` times them, on the tiny config: 2 layers × 7 projections
+  # (SwiGLU) × 3 dots, the unembedding's 3, one query block (64 >= 32 positions) × 6 × 2.
+  report = bench_matmuls(tiny.get_config(), repeats=1)
+  assert report["matmuls"] == 2 * 7 * 3 + 3 + 1 * 6 * 2
   assert report["matmul_time_s"] > 0 and report["tokens_per_second_bound"] > 0

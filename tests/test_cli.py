@@ -1,23 +1,24 @@
-"""End to end through the command line: train, resume, bad input."""
+"""End to end through the command line: train, resume, bad input.
+
+The run they read is the session's shared tiny run (conftest.py: ``tiny_run``); what a refused
+config does in the command (one line, exit 2) is proved in tests/test_config.py, so the values
+refused here are checked in this process, before any work, by the same ``train_and_evaluate``.
+"""
 
 import json
+import logging
 import os
-import shutil
+import traceback
 
 import pytest
-from cli_helpers import read_metrics, run_train, train_losses
+from cli_helpers import TINY_RUN, copy_run, read_metrics, run_train, tiny_config, train_losses
+
+from train import trainer
+from train.config import ConfigError
 
 
-@pytest.fixture(scope="module")
-def full_run(tmp_path_factory, cache_dir):
-  workdir = str(tmp_path_factory.mktemp("full"))
-  result = run_train(workdir, cache_dir=cache_dir)
-  assert result.returncode == 0, result.stderr[-3000:]
-  return workdir, result
-
-
-def test_train_writes_the_work_directory(full_run):
-  workdir, result = full_run
+def test_train_writes_the_work_directory(tiny_run):
+  workdir, stderr = tiny_run
   records = read_metrics(workdir)
   losses = train_losses(records)
   assert sorted(losses) == [5, 10, 15, 20]
@@ -46,17 +47,16 @@ def test_train_writes_the_work_directory(full_run):
   assert report["total_flops"] == report["tokens"] * report["flops_per_token"]
   config = json.load(open(os.path.join(workdir, "config.json")))
   assert config["train"]["steps"] == 20
-  assert "mesh: data=1 × fsdp=8 × tensor=1" in result.stderr
+  assert "mesh: data=1 × fsdp=8 × tensor=1" in stderr
 
 
-def test_resume_matches_uninterrupted_run(full_run, tmp_path, cache_dir):
-  workdir, _ = full_run
+@pytest.mark.slow
+def test_resume_matches_uninterrupted_run(tiny_run, tmp_path, cache_dir):
+  workdir, _ = tiny_run
   reference = train_losses(read_metrics(workdir))
-  resumed = str(tmp_path / "resumed")
-  shutil.copytree(workdir, resumed)
   # Forget everything after step 10, as if the run had died there.
-  shutil.rmtree(os.path.join(resumed, "checkpoints", "20"))
-  result = run_train(resumed, cache_dir=cache_dir)
+  resumed = copy_run(workdir, tmp_path / "resumed", 20)
+  result = run_train(resumed, *TINY_RUN, cache_dir=cache_dir)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "resumed" in result.stderr and "at step 10" in result.stderr
   records = read_metrics(resumed)
@@ -65,43 +65,25 @@ def test_resume_matches_uninterrupted_run(full_run, tmp_path, cache_dir):
   assert train_losses(records) == reference  # bit for bit
 
 
-def test_finished_run_is_not_trained_again(full_run, cache_dir, tmp_path):
-  workdir, _ = full_run
-  copy = str(tmp_path / "again")
-  shutil.copytree(workdir, copy)
-  result = run_train(copy, cache_dir=cache_dir)
-  assert result.returncode == 0, result.stderr[-3000:]
+def test_finished_run_is_not_trained_again(tiny_run, cache_dir, tmp_path):
+  workdir, _ = tiny_run
+  copy = copy_run(workdir, tmp_path / "again")
+  report = trainer.train_and_evaluate(tiny_config(cache_dir), copy)
+  assert report["restarted_from_step"] == 20 and report["tokens"] == 0
   assert train_losses(read_metrics(copy)) == train_losses(read_metrics(workdir))
 
 
-def test_changed_model_is_refused_unless_allowed(full_run, cache_dir, tmp_path):
-  workdir, _ = full_run
-  copy = str(tmp_path / "changed")
-  shutil.copytree(workdir, copy)
-  result = run_train(copy, "--config.model.qk_norm=True", cache_dir=cache_dir)
-  assert result.returncode == 2
-  assert "model.qk_norm=False in the checkpoint, True now" in result.stderr
-  assert "allow_mismatch" in result.stderr
-  assert sorted(os.listdir(os.path.join(copy, "checkpoints"))) == sorted(
-    os.listdir(os.path.join(workdir, "checkpoints"))
-  )
-
-
-def test_a_checkpoint_that_does_not_fit_is_not_quarantined(full_run, cache_dir, tmp_path):
+def test_a_checkpoint_that_does_not_fit_is_not_quarantined(tiny_run, cache_dir, tmp_path, caplog):
   # Allowed past the metadata check, the restore itself fails on shapes: that is the model's
   # problem, not the checkpoint's, so the error is raised and the checkpoint stays put.
-  workdir, _ = full_run
-  copy = str(tmp_path / "wider")
-  shutil.copytree(workdir, copy)
-  result = run_train(
-    copy,
-    "--config.model.mlp_dim=96",
-    "--config.checkpoint.allow_mismatch=True",
-    cache_dir=cache_dir,
-  )
-  assert result.returncode != 0
-  assert "shape" in result.stderr.lower()
-  assert "is corrupt" not in result.stderr
+  workdir, _ = tiny_run
+  copy = copy_run(workdir, tmp_path / "wider")
+  caplog.set_level(logging.INFO, logger="loom")
+  config = tiny_config(cache_dir, {"model.mlp_dim": 96, "checkpoint.allow_mismatch": True})
+  with pytest.raises(Exception) as raised:
+    trainer.train_and_evaluate(config, copy)
+  assert "shape" in "".join(traceback.format_exception(raised.value)).lower()
+  assert "is corrupt" not in caplog.text
   assert not os.path.exists(os.path.join(copy, "checkpoints_corrupt"))
   assert sorted(os.listdir(os.path.join(copy, "checkpoints"))) == sorted(
     os.listdir(os.path.join(workdir, "checkpoints"))
@@ -111,36 +93,31 @@ def test_a_checkpoint_that_does_not_fit_is_not_quarantined(full_run, cache_dir, 
 @pytest.mark.parametrize(
   "overrides, message",
   [
+    ({"train.batch_size": 12}, "train.batch_size=12 is not divisible by the data-parallel size 8"),
+    ({"mesh.fsdp": 3}, "has 3 devices but 8 devices are available"),
+    ({"model.num_kv_heads": 3}, "model.num_heads=4 is not divisible by model.num_kv_heads=3"),
     (
-      ["--config.train.batch_size=12"],
-      "train.batch_size=12 is not divisible by the data-parallel size 8",
-    ),
-    (["--config.mesh.fsdp=3"], "has 3 devices but 8 devices are available"),
-    (
-      ["--config.model.num_kv_heads=3"],
-      "model.num_heads=4 is not divisible by model.num_kv_heads=3",
-    ),
-    (
-      ["--config.mesh.fsdp=4", "--config.mesh.tensor=2", "--config.model.num_kv_heads=1"],
+      {"mesh.fsdp": 4, "mesh.tensor": 2, "model.num_kv_heads": 1},
       "model.num_kv_heads=1 is not divisible by 2",
     ),
-    (["--config.model.mlp=relu"], "model.mlp='relu' is not one of"),
-    (["--config.optim.schedule=step"], "optim.schedule='step' is not one of"),
+    ({"model.mlp": "relu"}, "model.mlp='relu' is not one of"),
+    ({"optim.schedule": "step"}, "optim.schedule='step' is not one of"),
+    ({"model.num_heads": 5}, "model.d_model=32 is not divisible by model.num_heads=5"),
+    ({"optim.learning_rate": 0.0}, "optim.learning_rate=0"),
+    ({"data.source": "s3://bucket/x"}, "data.source='s3://bucket/x'"),
   ],
 )
-def test_bad_config_is_a_clear_error_before_compiling(overrides, message, tmp_path, cache_dir):
-  result = run_train(str(tmp_path / "w"), *overrides, cache_dir=cache_dir)
-  assert result.returncode == 2, result.stderr[-2000:]
-  assert message in result.stderr
-  assert not os.path.exists(tmp_path / "w" / "checkpoints")
+def test_bad_config_is_a_clear_error_before_any_work(overrides, message, tmp_path, monkeypatch):
+  """One line naming the key, exit code 2 in the command; nothing prepared, compiled or written."""
 
+  def compile_anything(*args, **kwargs):
+    raise AssertionError("compiled before the config was checked")
 
-def test_unknown_key_and_bad_workdir(tmp_path, cache_dir):
-  result = run_train(str(tmp_path / "w"), "--config.train.stepz=3", cache_dir=cache_dir)
-  assert result.returncode != 0 and "stepz" in result.stderr
-  result = run_train(str(tmp_path / "w"), "--config.train.steps=abc", cache_dir=cache_dir)
-  assert result.returncode != 0 and "train.steps" in result.stderr
-  a_file = tmp_path / "file"
-  a_file.write_text("x")
-  result = run_train(str(a_file), cache_dir=cache_dir)
-  assert result.returncode == 2 and "is a file, not a directory" in result.stderr
+  monkeypatch.setattr(trainer, "build_steps", compile_anything)
+  cache, workdir = tmp_path / "cache", tmp_path / "w"
+  with pytest.raises(ConfigError) as refused:
+    trainer.train_and_evaluate(tiny_config(cache, overrides), str(workdir))
+  assert message in str(refused.value) and "\n" not in str(refused.value)
+  assert refused.value.exit_code == 2
+  assert not cache.exists(), "data was prepared before the config was checked"
+  assert not workdir.exists(), "a refused run wrote into its work directory"

@@ -19,7 +19,6 @@ import models
 from configs import tiny
 from models.config import ModelConfig
 from train import state as state_lib
-from train import trainer
 from train.cluster import mesh as mesh_lib
 from train.inference import engine as engine_lib
 from train.inference import generation, loading
@@ -28,23 +27,10 @@ from train.inference import sampling as sampling_lib
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _tiny_config(cache_dir: str) -> ml_collections.ConfigDict:
-  config = tiny.get_config()
-  config.data.cache_dir = cache_dir
-  config.train.steps = 10
-  config.checkpoint.every = 5
-  config.checkpoint.async_save = False
-  config.log.progress = False
-  return config
-
-
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> str:
-  """A tiny run trained for 10 steps with checkpoints at steps 5 and 10."""
-  root = tmp_path_factory.mktemp("generate")
-  config = _tiny_config(str(root / "cache"))
-  trainer.train_and_evaluate(config, str(root / "run"))
-  return str(root / "run")
+def workdir(tiny_run) -> str:
+  """The session's tiny run: 20 steps, checkpoints at steps 10 and 20 (read-only)."""
+  return tiny_run[0]
 
 
 @pytest.fixture(scope="module")
@@ -198,16 +184,17 @@ def test_workdir_without_checkpoints_is_a_clear_error(tmp_path):
 def test_corrupt_checkpoint_is_refused(workdir, tmp_path):
   copy = tmp_path / "run"
   shutil.copytree(workdir, copy)
-  data = [p for p in (copy / "checkpoints" / "10" / "state").rglob("*") if p.is_file()]
+  data = [p for p in (copy / "checkpoints" / "20" / "state").rglob("*") if p.is_file()]
   victim = max(data, key=lambda p: p.stat().st_size)
   victim.write_bytes(victim.read_bytes()[:-16] + b"\0" * 16)
-  with pytest.raises(ValueError, match="checkpoint at step 10 fails its checksums"):
+  with pytest.raises(ValueError, match="checkpoint at step 20 fails its checksums"):
     loading.load(str(copy))
-  assert loading.load(str(copy), step=5).step == 5
+  assert loading.load(str(copy), step=10).step == 10
 
 
 def test_missing_step_lists_the_available_steps(workdir):
-  with pytest.raises(ValueError, match=r"--step 7 has no checkpoint .* available steps: \[5, 10\]"):
+  available = r"available steps: \[10, 20\]"
+  with pytest.raises(ValueError, match=rf"--step 7 has no checkpoint .* {available}"):
     loading.load(workdir, step=7)
 
 
@@ -260,8 +247,8 @@ def test_params_and_cache_are_sharded_on_the_training_mesh(model, workdir):
 
 
 def test_earlier_step_restores_other_params(model, workdir):
-  early = loading.load(workdir, step=5)
-  assert early.step == 5 and model.step == 10
+  early = loading.load(workdir, step=10)
+  assert early.step == 10 and model.step == 20
   assert not np.array_equal(early.params["embed"]["table"], model.params["embed"]["table"])
 
 

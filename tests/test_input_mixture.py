@@ -9,11 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cli_helpers import read_metrics, run_train
+from cli_helpers import read_metrics, train_in_process
 
 import input_pipeline
 from configs.default import get_config
 from input_pipeline import errors, mixture
+from train.checkpoint.manager import CheckpointMismatchError
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 SOURCES = [f"files:{STDLIB / name / '*.py'}" for name in ("json", "email", "asyncio")]
@@ -111,11 +112,11 @@ def test_bad_mixtures_are_clear_errors(mixture_value, stages, message):
     mixture.parse(mixture_value, stages)
 
 
+@pytest.mark.slow
 def test_a_run_logs_shares_reports_them_and_refuses_another_mixture(tmp_path, cache_dir):
   workdir = str(tmp_path / "run")
-  mix = f"--config.data.mixture=(('stdlib', 0.75), ('files:{STDLIB / 'json' / '*.py'}', 0.25))"
-  result = run_train(workdir, mix, "--config.train.steps=10", cache_dir=cache_dir)
-  assert result.returncode == 0, result.stderr[-3000:]
+  mix = (("stdlib", 0.75), (f"files:{STDLIB / 'json' / '*.py'}", 0.25))
+  train_in_process(workdir, cache_dir, {"data.mixture": mix, "train.steps": 10})
   lines = [r for r in read_metrics(workdir) if "train/loss" in r and "event" not in r]
   shares = {k: v for k, v in lines[-1].items() if k.startswith("data/share/")}
   assert len(shares) == 2 and sum(shares.values()) == pytest.approx(1.0)
@@ -124,9 +125,9 @@ def test_a_run_logs_shares_reports_them_and_refuses_another_mixture(tmp_path, ca
   assert report["data_mixture"]["stdlib"]["weight"] == 0.75
   assert report["data_mixture"]["stdlib"]["share"] == shares["data/share/stdlib"]
   # Other weights on resume: a different data fingerprint, refused unless allowed.
-  other = mix.replace("0.75", "0.5").replace("0.25", "0.5")
-  refused = run_train(workdir, other, "--config.train.steps=20", cache_dir=cache_dir)
-  assert refused.returncode != 0 and "data fingerprint" in refused.stderr
-  allowed = run_train(workdir, other, "--config.train.steps=20",
-                      "--config.checkpoint.allow_mismatch=True", cache_dir=cache_dir)  # fmt: skip
-  assert allowed.returncode == 0, allowed.stderr[-3000:]
+  other = {"data.mixture": ((mix[0][0], 0.5), (mix[1][0], 0.5)), "train.steps": 20}
+  with pytest.raises(CheckpointMismatchError, match="data fingerprint") as refused:
+    train_in_process(workdir, cache_dir, other)
+  assert refused.value.exit_code == 2
+  allowed = train_in_process(workdir, cache_dir, {**other, "checkpoint.allow_mismatch": True})
+  assert allowed["restarted_from_step"] == 10 and allowed["steps"] == 20

@@ -169,15 +169,13 @@ def test_a_single_text_file_is_split_by_position(tmp_path, caplog):
     )
 
 
-def test_one_text_file_trains_and_evaluates(tmp_path):
-  from cli_helpers import run_train
+def test_one_text_file_trains_and_evaluates(tmp_path, caplog):
+  from cli_helpers import train_in_process
 
   path = _single_file(tmp_path, 3000)
-  result = run_train(
-    str(tmp_path / "w"), f"--config.data.source=files:{path}", cache_dir=str(tmp_path / "cache")
-  )
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert "eval at step 20" in result.stderr
+  caplog.set_level(logging.INFO, logger="loom")
+  report = train_in_process(tmp_path / "w", tmp_path / "cache", {"data.source": f"files:{path}"})
+  assert "eval at step 20" in caplog.text and report["eval/loss"] > 0
 
 
 def test_a_named_dataset_that_is_not_prepared_fails_in_one_line(tmp_path):

@@ -1,14 +1,12 @@
 """LoRA: only the adapters train, frozen weights have no optimizer state, merged export is exact."""
 
-import os
-import shutil
-
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import torch
 import transformers
-from cli_helpers import read_metrics, run_train, train_losses
+from cli_helpers import copy_run, read_metrics, train_in_process, train_losses
 from flax import nnx
 from test_hf import _hf_logits, _hf_model, _text_ids
 
@@ -60,34 +58,30 @@ def test_only_adapters_change_and_frozen_weights_have_no_optimizer_state():
       np.testing.assert_array_equal(value, old[path], err_msg=name)
 
 
+@pytest.mark.slow
 def test_lora_run_resumes_bit_for_bit(tmp_path, cache_dir):
-  flags = ("--config.model.lora_rank=4", "--config.log.every=1", "--config.checkpoint.every=10")
+  overrides = {"model.lora_rank": 4, "log.every": 1, "checkpoint.every": 10}
   workdir = str(tmp_path / "run")
-  result = run_train(workdir, *flags, cache_dir=cache_dir)
-  assert result.returncode == 0, result.stderr[-3000:]
-  resumed = str(tmp_path / "resumed")
-  shutil.copytree(workdir, resumed)
-  shutil.rmtree(os.path.join(resumed, "checkpoints", "20"))
-  result = run_train(resumed, *flags, cache_dir=cache_dir)
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert "at step 10" in result.stderr
+  train_in_process(workdir, cache_dir, overrides)
+  resumed = copy_run(workdir, tmp_path / "resumed", 20)
+  report = train_in_process(resumed, cache_dir, overrides)
+  assert report["restarted_from_step"] == 10
   assert train_losses(read_metrics(resumed)) == train_losses(read_metrics(workdir))
 
 
+@pytest.mark.slow
 def test_merged_export_equals_the_adapter_model(tmp_path, cache_dir):
   hf_dir, run, out_dir = (str(tmp_path / n) for n in ("hf", "run", "out"))
   _hf_model("llama", hf_dir)
-  result = run_train(
-    run,
-    f"--config.checkpoint.init_from=hf:{hf_dir}",
-    "--config.model.lora_rank=4",
-    "--config.model.lora_targets=('q','v','up','down')",
-    "--config.train.steps=6",
-    "--config.checkpoint.every=0",
-    "--config.optim.learning_rate=0.05",
-    cache_dir=cache_dir,
-  )
-  assert result.returncode == 0, result.stderr[-3000:]
+  overrides = {
+    "checkpoint.init_from": f"hf:{hf_dir}",
+    "model.lora_rank": 4,
+    "model.lora_targets": ("q", "v", "up", "down"),
+    "train.steps": 6,
+    "checkpoint.every": 0,
+    "optim.learning_rate": 0.05,
+  }
+  train_in_process(run, cache_dir, overrides)
   model = loading.load(run)
   assert model.model_cfg.lora_rank == 4
   ids = _text_ids(24)

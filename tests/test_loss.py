@@ -63,6 +63,7 @@ def test_z_loss_adds_the_squared_log_normaliser():
     assert float(objective) > float(ce)
 
 
+@pytest.mark.slow
 def test_chunks_shrink_the_compiled_step_by_the_logits():
   """fp32 logits of 8 x 256 x 32768 are 256 MiB, 32 MiB per device of the 8 (the batch is split
   over fsdp), plus their gradient; chunks of 32 positions hold an eighth of that at a time."""

@@ -2,28 +2,22 @@
 
 The real runs start ``python -m train`` processes on 127.0.0.1 (gloo CPU collectives), each with
 its own fake CPU devices, and compare their per-step losses with one process holding all the
-devices: the global batch, the data order and the math are the same, so only float summation
-order may differ. A two-process checkpoint is then resumed by four processes (another device
-count and mesh) and by one.
+devices (the session's tiny reference run): the global batch, the data order and the math are the
+same, so only float summation order may differ. The session's two-process run (conftest.py) is
+then resumed by four processes (another device count and mesh) and by one.
 """
 
 import json
 import os
 import re
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
 
 import pytest
+from cli_helpers import copy_run, train_in_process
+from cluster_helpers import SAVED_AT, SETTINGS, STEPS, json_lines, launch, losses, run_command
 
 from input_pipeline.host import distributed
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = 10
-SAVED_AT = 5
 # Summation order differs between meshes (gloo vs in-process reductions): ~1e-6 seen.
 LOSS_TOLERANCE = 1e-4
 
@@ -146,111 +140,6 @@ def test_initialisation_failures_are_raised_with_context():
 # --- real processes on 127.0.0.1 ---
 
 
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-# Ten short steps, every loss logged, a checkpoint half way, eval only at the end.
-SETTINGS = {
-  "train.steps": STEPS,
-  "checkpoint.every": SAVED_AT,
-  "log.every": 1,
-  "train.eval_every": 0,
-  "log.progress": False,
-}
-
-
-def settings(cache_dir: str) -> dict:
-  return {**SETTINGS, "data.cache_dir": cache_dir}
-
-
-def overrides(cache_dir: str) -> list[str]:
-  return [f"--config.{key}={value}" for key, value in settings(cache_dir).items()]
-
-
-def process_env(devices: int) -> dict:
-  """The environment of one process of a test cluster: CPU, ``devices`` fake devices, no
-  cluster settings inherited (the flags give them)."""
-  env = dict(
-    os.environ,
-    JAX_PLATFORMS="cpu",
-    TF_CPP_MIN_LOG_LEVEL="2",
-    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-  )
-  for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
-    env.pop(name, None)
-  return env
-
-
-def launch(workdir: str, processes: int, devices: int, cache_dir: str, timeout: float = 240):
-  """Runs ``python -m train`` as ``processes`` processes of ``devices`` fake CPU devices each.
-
-  Returns each process's combined output. Kills every process (and its children) on a failure
-  or when ``timeout`` runs out, so that a hung collective cannot hold the test suite.
-  """
-  port = free_port()
-  env = process_env(devices)
-  paths, procs = [], []
-  try:
-    for i in range(processes):
-      cluster = (
-        [
-          f"--coordinator_address=127.0.0.1:{port}",
-          f"--num_processes={processes}",
-          f"--process_id={i}",
-        ]
-        if processes > 1
-        else []
-      )
-      cmd = [
-        sys.executable,
-        "-m",
-        "train",
-        f"--workdir={workdir}",
-        "--config=configs/tiny.py",
-        *overrides(cache_dir),
-        *cluster,
-      ]
-      paths.append(f"{workdir}.{processes}x{devices}.{i}.log")
-      with open(paths[-1], "w") as log:  # the child keeps its own copy of the descriptor
-        procs.append(
-          subprocess.Popen(
-            cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-          )
-        )
-    deadline = time.monotonic() + timeout
-    while any(p.poll() is None for p in procs):
-      failed = [p.returncode for p in procs if p.returncode not in (None, 0)]
-      if failed or time.monotonic() > deadline:
-        break
-      time.sleep(0.5)
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        os.killpg(p.pid, signal.SIGKILL)
-        p.wait()
-  outputs = []
-  for path in paths:
-    with open(path) as f:
-      outputs.append(f.read())
-  codes = [p.returncode for p in procs]
-  assert codes == [0] * processes, (
-    f"{processes} × {devices}: exit codes {codes} (negative = killed after {timeout}s)\n"
-    + "\n".join(f"--- process {i}:\n{out[-3000:]}" for i, out in enumerate(outputs))
-  )
-  return outputs
-
-
-def losses(workdir: str) -> dict[int, float]:
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    records = [json.loads(line) for line in f]
-  steps = [r["step"] for r in records if "train/loss" in r]
-  assert len(steps) == len(set(steps)), f"duplicate train records (two writers?): {steps}"
-  return {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
-
-
 def max_difference(a: dict[int, float], b: dict[int, float], steps) -> float:
   return max(abs(a[s] - b[s]) for s in steps)
 
@@ -264,34 +153,12 @@ def copy_at_saved_step(source: str, target: str) -> str:
   return target
 
 
-def tiny_config(cache_dir: str):
-  from configs import tiny
-
-  config = tiny.get_config()
-  for key, value in settings(cache_dir).items():
-    group, name = key.split(".")
-    config[group][name] = value
-  return config
-
-
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, cache_dir):
-  """One process, 8 devices, in this process; also prepares the shared data store once, so the
-  processes started later only read it."""
-  from train import trainer
-
-  workdir = str(tmp_path_factory.mktemp("one_process"))
-  trainer.train_and_evaluate(tiny_config(cache_dir), workdir)
-  result = losses(workdir)
+def reference(tiny_reference):
+  """One process holding all 8 devices, every loss logged (the session's tiny reference run)."""
+  result = losses(tiny_reference)
   assert sorted(result) == list(range(1, STEPS + 1))
   return result
-
-
-@pytest.fixture(scope="module")
-def two_process_run(tmp_path_factory, cache_dir, reference):
-  workdir = str(tmp_path_factory.mktemp("two_processes") / "run")
-  outputs = launch(workdir, processes=2, devices=4, cache_dir=cache_dir)
-  return workdir, outputs
 
 
 @pytest.mark.multiprocess
@@ -333,67 +200,28 @@ def test_four_processes_resume_a_two_process_checkpoint(
 def test_one_process_resumes_a_two_process_checkpoint(
   two_process_run, reference, tmp_path, cache_dir
 ):
-  from train import trainer
-
   workdir = copy_at_saved_step(two_process_run[0], str(tmp_path / "run"))
-  report = trainer.train_and_evaluate(tiny_config(cache_dir), workdir)
+  report = train_in_process(workdir, cache_dir, SETTINGS)
   assert report["tokens"] == (STEPS - SAVED_AT) * 8 * 32  # only the remaining steps ran
   one = losses(workdir)
   difference = max_difference(one, reference, range(SAVED_AT + 1, STEPS + 1))
   assert difference < LOSS_TOLERANCE, (one, reference)
 
 
-def run_command(module_args: list[str], processes: int, devices: int, timeout: float = 240):
-  """``python -m MODULE ARGS`` as a jax.distributed cluster; (returncode, stdout, stderr) each."""
-  port = free_port()
-  env = process_env(devices)
-  procs = []
-  for i in range(processes):
-    cluster = [
-      f"--coordinator_address=127.0.0.1:{port}",
-      f"--num_processes={processes}",
-      f"--process_id={i}",
-    ]
-    procs.append(
-      subprocess.Popen(
-        [sys.executable, "-m", *module_args, *cluster],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-      )
-    )
-  results = []
-  try:
-    for p in procs:
-      out, err = p.communicate(timeout=timeout)
-      results.append((p.returncode, out, err))
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        os.killpg(p.pid, signal.SIGKILL)
-        p.wait()
-  return results
-
-
-def json_lines(text: str) -> list[dict]:
-  return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
-
-
 @pytest.mark.multiprocess
 @pytest.mark.slow
 def test_generate_and_bench_run_as_two_processes(two_process_run):
+  """Every process computes, process 0 alone prints; the texts equal one process's."""
+  from train.inference import generation, loading
+
   workdir, _ = two_process_run
   generate = ["train.generate", f"--workdir={workdir}", "--prompt=def ", "--greedy", "--json"]
   generate += ["--max_new_tokens=8"]
-  (one,) = run_command(generate, processes=1, devices=8)
-  assert one[0] == 0, one[2][-2000:]
+  one = generation.generate(loading.load(workdir), ["def "], max_new_tokens=8, temperature=0.0)
   two = run_command(generate, processes=2, devices=4)
   assert [code for code, _, _ in two] == [0, 0], two[0][2][-2000:] + two[1][2][-2000:]
   assert json_lines(two[1][1]) == []  # process 0 alone prints
-  assert json_lines(two[0][1])[-1]["texts"] == json_lines(one[1])[-1]["texts"]
+  assert json_lines(two[0][1])[-1]["texts"] == one.texts
 
   bench = ["train.bench", "--config=configs/tiny.py", "--steps=2", "--warmup=1"]
   two = run_command(bench, processes=2, devices=4)
@@ -426,18 +254,22 @@ def test_checkpoint_verify_shares_the_parts_between_processes(two_process_run, t
 
 @pytest.mark.multiprocess
 @pytest.mark.slow
-def test_the_harness_runs_as_two_processes_with_one_result(two_process_run):
+def test_the_harness_runs_as_two_processes_with_one_result(two_process_run, tmp_path):
   """Each process scores its rows of every batch; the result equals one process's."""
-  workdir, _ = two_process_run
+  from train.inference import harness, loading
+
+  workdir = copy_run(two_process_run[0], tmp_path / "run")  # the command writes eval/
   tasks = os.path.join(os.path.dirname(os.path.abspath(__file__)), "harness_tasks")
+  names = ["loom_python_mc", "loom_python_text"]
+  expected = harness.run_tasks(
+    loading.load(workdir), names, include_path=tasks, limit=8, batch_size=4
+  )
   evaluate = ["train.evaluate", f"--workdir={workdir}", f"--include_path={tasks}", "--limit=8"]
-  evaluate += ["--tasks=loom_python_mc,loom_python_text", "--batch_size=4"]
-  (one,) = run_command(evaluate, processes=1, devices=8)
-  assert one[0] == 0, one[2][-2000:]
+  evaluate += [f"--tasks={','.join(names)}", "--batch_size=4"]
   two = run_command(evaluate, processes=2, devices=4)
   assert [code for code, _, _ in two] == [0, 0], two[0][2][-2000:] + two[1][2][-2000:]
   assert json_lines(two[1][1]) == []  # process 0 alone prints (and writes)
-  got, expected = json_lines(two[0][1])[-1], json_lines(one[1])[-1]
+  got = json_lines(two[0][1])[-1]
   assert got["processes"] == 2 and got["requests"] == expected["requests"]
   assert got["metrics"].keys() == expected["metrics"].keys()
   for name, value in expected["metrics"].items():
@@ -449,13 +281,15 @@ def test_the_harness_runs_as_two_processes_with_one_result(two_process_run):
 def test_two_processes_prepare_one_store_in_parallel_byte_for_byte(tmp_path):
   """data.parallel_prepare: each process tokenizes its share of the documents, process 0 packs
   the shares; the store equals the one a single process prepares, file for file."""
-  common = ["input_pipeline.prepare", "--config=configs/tiny.py"]
-  common += ["--config.data.store_shard_mb=0.004"]  # several shards per split
+  from cli_helpers import tiny_config
+
+  import input_pipeline
+
   caches = {n: tmp_path / f"cache{n}" for n in (1, 2)}
-  (one,) = run_command([*common, f"--config.data.cache_dir={caches[1]}"], processes=1, devices=1)
-  assert one[0] == 0, one[2][-2000:]
-  parallel = [*common, f"--config.data.cache_dir={caches[2]}"]
-  parallel += ["--config.data.parallel_prepare=True"]
+  alone = input_pipeline.build(tiny_config(caches[1], {"data.store_shard_mb": 0.004}))
+  parallel = ["input_pipeline.prepare", "--config=configs/tiny.py"]
+  parallel += ["--config.data.store_shard_mb=0.004"]  # several shards per split
+  parallel += [f"--config.data.cache_dir={caches[2]}", "--config.data.parallel_prepare=True"]
   two = run_command(parallel, processes=2, devices=1)
   assert [code for code, _, _ in two] == [0, 0], two[0][2][-2000:] + two[1][2][-2000:]
   for _, _, err in two:  # both processes tokenized documents of both splits
@@ -464,9 +298,9 @@ def test_two_processes_prepare_one_store_in_parallel_byte_for_byte(tmp_path):
     assert [split for split, _ in counts] == ["train", "validation"], line
     assert all(int(n) > 0 for _, n in counts), line
   assert json_lines(two[1][1]) == []  # process 0 alone prints
-  result, reference = json_lines(two[0][1])[-1], json_lines(one[1])[-1]
-  assert result["fingerprint"] == reference["fingerprint"] and result["processes"] == 2
-  stores = {n: caches[n] / "stores" / reference["fingerprint"] for n in (1, 2)}
+  result = json_lines(two[0][1])[-1]
+  assert result["fingerprint"] == alone.fingerprint and result["processes"] == 2
+  stores = {n: caches[n] / "stores" / alone.fingerprint for n in (1, 2)}
   names = sorted(os.listdir(stores[1]))
   assert names == sorted(os.listdir(stores[2])) and len(names) > 7, names
   for name in names:
@@ -474,4 +308,4 @@ def test_two_processes_prepare_one_store_in_parallel_byte_for_byte(tmp_path):
     if name == "manifest.json":
       a, b = ({k: v for k, v in json.loads(x).items() if k != "prepare_seconds"} for x in (a, b))
     assert a == b, name
-  assert os.listdir(caches[2] / "stores") == [reference["fingerprint"]]  # shares removed
+  assert os.listdir(caches[2] / "stores") == [alone.fingerprint]  # shares removed

@@ -3,9 +3,10 @@
 A GCS emulator (gcp-storage-emulator, in the [test] extra, with GCS's generation preconditions:
 tests/gcs_emulator.py) runs on 127.0.0.1 for this module; Loom reaches it through the standard
 STORAGE_EMULATOR_HOST variable (input_pipeline/host/settings.py translates it for TensorStore and
-gcsfs). The end-to-end test trains with two jax.distributed processes
-on ``gs://`` paths, SIGKILLs both mid-run, resumes, and checks the losses against the same run on
-local disk bit for bit; then the other commands work on that work directory.
+gcsfs). The end-to-end test trains with two jax.distributed processes on ``gs://`` paths,
+SIGKILLs both mid-run, resumes, and checks the losses bit for bit against the same run on local
+disk (the session's two-process run, conftest.py); then the other commands work on that work
+directory.
 """
 
 import hashlib
@@ -18,30 +19,22 @@ import sys
 import time
 
 import pytest
+from cluster_helpers import REPO, SETTINGS, STEPS, free_port, losses
 
-from tests.cli_helpers import REPO
-
-STEPS, EVERY = 20, 5
 KILL_AFTER = 10  # SIGKILL once the checkpoint of this step is sealed by both processes
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def emulator(tmp_path_factory):
-  """STORAGE_EMULATOR_HOST of a fresh in-memory GCS emulator with the bucket ``loom``."""
-  port = _free_port()
-  log = open(tmp_path_factory.mktemp("emulator") / "emulator.log", "w")  # noqa: SIM115
+def _serve(directory, *args: str) -> tuple[str, subprocess.Popen]:
+  """Starts tests/gcs_emulator.py (``args``: its fault options); (its address, the process)."""
+  port = free_port()
+  log = open(os.path.join(directory, "emulator.log"), "w")  # noqa: SIM115 - the child's output
   proc = subprocess.Popen(
-    [sys.executable, os.path.join(REPO, "tests", "gcs_emulator.py"), str(port)],
+    [sys.executable, os.path.join(REPO, "tests", "gcs_emulator.py"), str(port), *args],
     stdout=log,
     stderr=subprocess.STDOUT,
     start_new_session=True,
   )
+  log.close()
   deadline = time.monotonic() + 60
   while True:
     try:
@@ -50,7 +43,18 @@ def emulator(tmp_path_factory):
     except OSError:
       assert proc.poll() is None and time.monotonic() < deadline, "the GCS emulator did not start"
       time.sleep(0.2)
-  host = f"http://127.0.0.1:{port}"
+  return f"http://127.0.0.1:{port}", proc
+
+
+def _stop(proc: subprocess.Popen) -> None:
+  os.killpg(proc.pid, signal.SIGKILL)
+  proc.wait()
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory):
+  """STORAGE_EMULATOR_HOST of a fresh in-memory GCS emulator with the bucket ``loom``."""
+  host, proc = _serve(tmp_path_factory.mktemp("emulator"))
   saved = os.environ.get("STORAGE_EMULATOR_HOST")
   os.environ["STORAGE_EMULATOR_HOST"] = host
   from input_pipeline.host import settings
@@ -64,9 +68,7 @@ def emulator(tmp_path_factory):
     os.environ.pop("STORAGE_EMULATOR_HOST", None)
   else:
     os.environ["STORAGE_EMULATOR_HOST"] = saved
-  os.killpg(proc.pid, signal.SIGKILL)
-  proc.wait()
-  log.close()
+  _stop(proc)
 
 
 def _env(emulator: str | None, devices: int, scratch: str) -> dict:
@@ -87,15 +89,9 @@ def _env(emulator: str | None, devices: int, scratch: str) -> dict:
 
 def _start(workdir: str, cache: str, logs: str, emulator: str | None, processes: int = 2):
   """``python -m train`` as ``processes`` processes of 4 fake devices; (procs, log paths)."""
-  port = _free_port()
-  overrides = {
-    "train.steps": STEPS,
-    "checkpoint.every": EVERY,
-    "log.every": 1,
-    "train.eval_every": 0,
-    "log.progress": False,
-    "data.cache_dir": cache,
-  }
+  port = free_port()
+  # The settings of the session's two-process run on local disk, the reference.
+  overrides = {**SETTINGS, "data.cache_dir": cache}
   procs, paths = [], []
   for i in range(processes):
     cmd = [sys.executable, "-m", "train", f"--workdir={workdir}", "--config=configs/tiny.py"]
@@ -202,16 +198,16 @@ def test_checkpoint_checksums_on_gcs_are_the_stores_own(emulator, tmp_path):
 
 @pytest.mark.multiprocess
 @pytest.mark.slow
-def test_two_processes_train_kill_and_resume_on_gcs(emulator, tmp_path, cache_dir):
+def test_two_processes_train_kill_and_resume_on_gcs(emulator, tmp_path, two_process_run, capsys):
   from etils import epath
+
+  from train import report as report_command
+  from train.checkpoint.__main__ import main as verify_command
 
   logs = str(tmp_path / "logs" / "run")
   os.makedirs(os.path.dirname(logs))
-  # The reference: the same two-process run on local disk, never interrupted.
-  local = str(tmp_path / "local")
-  _finish(*_start(local, cache_dir, logs, None))
-  with open(os.path.join(local, "metrics.jsonl")) as f:
-    reference = _losses(f.read())
+  # The reference: the same two-process run on local disk, never interrupted (the session's).
+  reference = losses(two_process_run[0])
   assert sorted(reference) == list(range(1, STEPS + 1))
 
   workdir, cache = "gs://loom/pod/run", "gs://loom/pod/cache"
@@ -265,18 +261,18 @@ def test_two_processes_train_kill_and_resume_on_gcs(emulator, tmp_path, cache_di
     data = (remote_stores[0] / name).read_bytes()
     assert hashlib.sha256(data).hexdigest() == meta["sha256"], name
 
-  scratch = str(tmp_path / "commands")
-  verified = _command(["train.checkpoint", "verify", workdir], emulator, scratch)
-  assert verified.returncode == 0, verified.stdout + verified.stderr[-2000:]
-  assert f"step {STEPS}: ok" in verified.stdout
-  report = _command(["train.report", workdir], emulator, scratch)
-  assert report.returncode == 0, report.stderr[-2000:]
+  # The offline commands on the gs:// work directory, in this process (its environment points
+  # at the emulator); generation as a command of its own.
+  capsys.readouterr()
+  assert verify_command(["train.checkpoint", "verify", workdir]) == 0
+  assert f"step {STEPS}: ok" in capsys.readouterr().out
+  assert report_command.main(["train.report", workdir]) == 0
   assert epath.Path(f"{workdir}/report.png").read_bytes()[:4] == b"\x89PNG"
   assert json.loads(epath.Path(f"{workdir}/report.json").read_text())["tokens"] > 0
   generated = _command(
     ["train.generate", f"--workdir={workdir}", "--prompt=def ", "--max_new_tokens=4", "--json"],
     emulator,
-    scratch,
+    str(tmp_path / "commands"),
   )
   assert generated.returncode == 0, generated.stderr[-2000:]
   assert len(json.loads(generated.stdout.strip().splitlines()[-1])["texts"]) == 1

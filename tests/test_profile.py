@@ -4,10 +4,9 @@ import glob
 import gzip
 import json
 import os
-import subprocess
-import sys
 
-from cli_helpers import REPO, run_train, train_env
+from configs import tiny
+from train import bench
 
 
 def _trace_steps(directory: str) -> set[int]:
@@ -23,21 +22,14 @@ def _trace_steps(directory: str) -> set[int]:
   return steps
 
 
-def test_a_run_profiles_the_steps_it_is_asked_to(tmp_path, cache_dir):
-  workdir = str(tmp_path / "w")
-  result = run_train(workdir, "--config.log.profile_steps=(3, 5)", cache_dir=cache_dir)
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert "profile of steps 3-5 written to" in result.stderr
+def test_a_run_profiles_the_steps_it_is_asked_to(tiny_run):
+  workdir, stderr = tiny_run  # the shared tiny run asks for a profile of steps 3-5
+  assert "profile of steps 3-5 written to" in stderr
   assert _trace_steps(os.path.join(workdir, "profile")) == {3, 4, 5}
 
 
 def test_bench_writes_a_profile(tmp_path):
   out = str(tmp_path / "profile")
-  result = subprocess.run(
-    [sys.executable, "-m", "train.bench", "--config=configs/tiny.py", "--steps=2", "--warmup=1",
-     f"--profile={out}"],
-    cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=300,
-  )  # fmt: skip
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert json.loads(result.stdout.strip().splitlines()[-1])["tokens_per_second"] > 0
+  result = bench.bench_step(tiny.get_config(), steps=2, warmup=1, profile_dir=out)
+  assert result["tokens_per_second"] > 0
   assert _trace_steps(out) == {1, 2}
