@@ -152,6 +152,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.checkpoint.compress = False
   c.checkpoint.allow_mismatch = False  # resume even if the data fingerprint or model config changed
   c.checkpoint.verify = True  # check each checkpoint's checksums before restoring from it
+  # A save that fails in a way that may pass (a store's error) is logged and the next save tries
+  # again; after this many failures in a row, or at once for a full disk or lost permissions, the
+  # run stops with the cause (docs/reliability.md).
+  c.checkpoint.save_retries = 2
+  c.checkpoint.save_timeout_s = 1200  # the longest one save may take, all processes together
   c.checkpoint.init_from = ""  # a new run's weights: "hf:<HF model dir>" | "loom:<workdir>[@step]"
 
   # --- log: what the loop reports.

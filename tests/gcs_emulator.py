@@ -10,9 +10,18 @@ TensorStore fails with "Malformed StorageGeneration" (seen on about one save in 
 many clients connect at once, as GCS does (a deeper listen backlog: the store's parallel range
 reads). This file adds exactly those behaviours around the emulator's own server, then starts it.
 https://cloud.google.com/storage/docs/request-preconditions
+
+For the tests of failing saves it can also refuse uploads, as a store does when a permission is
+withdrawn or a request is malformed: ``--fail REGEX:STATUS:COUNT`` (repeatable) answers STATUS
+(e.g. 403) to the first COUNT uploads (0: all) whose object name matches REGEX; 503 to all of
+them is a store that never accepts a write (the client retries with backoff for many minutes).
+``--fail-log FILE`` gets one line per refused upload.
 """
 
+import argparse
+import re
 import sys
+import threading
 from http import HTTPStatus
 from http import server as http_server
 
@@ -66,7 +75,41 @@ def _insert(original):
   return insert
 
 
-def main(port: int) -> None:
+class _Refusal:
+  """Answers ``status`` to the first ``count`` uploads whose name matches ``pattern``."""
+
+  def __init__(self, spec: str, log_path: str | None):
+    pattern, status, count = spec.rsplit(":", 2)
+    self.pattern, self.status, self.left = re.compile(pattern), int(status), int(count)
+    self.unlimited = self.left == 0
+    self.log_path = log_path
+    self.lock = threading.Lock()
+
+  def refuses(self, name: str) -> bool:
+    with self.lock:
+      if not self.pattern.search(name) or not (self.unlimited or self.left > 0):
+        return False
+      self.left -= 1
+      if self.log_path:
+        with open(self.log_path, "a") as f:
+          f.write(f"{self.status} {name}\n")
+      return True
+
+
+def _refusing(original, refusals: list[_Refusal]):
+  def insert(request, response, storage, *args, **kwargs):
+    name = (request.query.get("name") or [""])[0]
+    for refusal in refusals:
+      if refusal.refuses(name):
+        response.status = HTTPStatus(refusal.status)
+        response.json({"error": {"code": refusal.status, "message": "refused by the test"}})
+        return None
+    return original(request, response, storage, *args, **kwargs)
+
+  return insert
+
+
+def main(port: int, fail: list[str] | None = None, fail_log: str | None = None) -> None:
   # Concurrent clients: the emulator serves from one http.server.HTTPServer, whose listen backlog
   # of 5 drops the 6th simultaneous connection until a SYN retransmit a second later; GCS takes
   # many. A deeper backlog queues them instead (the store's parallel range reads need it).
@@ -74,10 +117,17 @@ def main(port: int) -> None:
   # Patched before the server module builds its routing table from these functions.
   objects.download = _download(objects.download)
   objects.insert = _insert(objects.insert)
+  if fail:
+    objects.insert = _refusing(objects.insert, [_Refusal(spec, fail_log) for spec in fail])
   from gcp_storage_emulator.server import create_server
 
   create_server("127.0.0.1", port, in_memory=True, default_bucket="loom").run()
 
 
 if __name__ == "__main__":
-  main(int(sys.argv[1]))
+  parser = argparse.ArgumentParser()
+  parser.add_argument("port", type=int)
+  parser.add_argument("--fail", action="append", help="REGEX:STATUS:COUNT: refuse uploads")
+  parser.add_argument("--fail-log", help="a file that lists the refused uploads")
+  args = parser.parse_args(sys.argv[1:])
+  main(args.port, args.fail, args.fail_log)

@@ -99,3 +99,19 @@ def test_agreement_with_one_process_is_immediate():
   assert agreement.from_main("x", "7") == "7"
   assert agreement.gather("y", "a") == ["a"]
   agreement.barrier("z", timeout_s=0.001)
+
+
+def test_a_save_failure_is_told_in_one_line_that_keeps_what_classifies_it():
+  """TensorStore puts the OS error after a long spec: the one-line cause is cut to ~400
+  characters, yet a full disk must still read as one (no retry)."""
+  from train.checkpoint.manager import _describe, _permanent
+
+  spec = "tensorstore_spec=" + "{...}" * 200
+  full_disk = ValueError(
+    f"RESOURCE_EXHAUSTED: Error writing local file: {spec} [OS error 28: No space left on device]"
+  )
+  line = _describe(full_disk)
+  assert len(line) < 450 and "\n" not in line
+  assert line.startswith("ValueError: RESOURCE_EXHAUSTED") and _permanent(line)
+  store_error = ValueError(f"Error writing in OCDBT database: {spec} [http_response_code='400']")
+  assert not _permanent(_describe(store_error))  # may pass: the next save retries

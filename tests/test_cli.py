@@ -105,6 +105,8 @@ def test_a_checkpoint_that_does_not_fit_is_not_quarantined(tiny_run, cache_dir, 
     ({"model.num_heads": 5}, "model.d_model=32 is not divisible by model.num_heads=5"),
     ({"optim.learning_rate": 0.0}, "optim.learning_rate=0"),
     ({"data.source": "s3://bucket/x"}, "data.source='s3://bucket/x'"),
+    ({"checkpoint.save_retries": -1}, "checkpoint.save_retries=-1 must be a non-negative"),
+    ({"checkpoint.save_timeout_s": 0}, "checkpoint.save_timeout_s=0 must be a positive"),
   ],
 )
 def test_bad_config_is_a_clear_error_before_any_work(overrides, message, tmp_path, monkeypatch):

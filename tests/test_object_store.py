@@ -12,6 +12,7 @@ directory.
 import hashlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -22,6 +23,14 @@ import pytest
 from cluster_helpers import REPO, SETTINGS, STEPS, free_port, losses
 
 KILL_AFTER = 10  # SIGKILL once the checkpoint of this step is sealed by both processes
+# Refused uploads of the failing-save test's work directory (gs://loom/pod/failing): process 1's
+# part of step 10 once with 400 (a store's error that may pass), process 0's part of the final
+# step once with 403 (a permission withdrawn: it will not pass).
+REFUSED_LOG = []  # the emulator's list of the uploads it refused
+REFUSALS = (
+  r"pod/failing/checkpoints/10/state/ocdbt\.process_1/:400:1",
+  rf"pod/failing/checkpoints/{STEPS}/state/ocdbt\.process_0/:403:1",
+)
 
 
 def _serve(directory, *args: str) -> tuple[str, subprocess.Popen]:
@@ -54,7 +63,10 @@ def _stop(proc: subprocess.Popen) -> None:
 @pytest.fixture(scope="module")
 def emulator(tmp_path_factory):
   """STORAGE_EMULATOR_HOST of a fresh in-memory GCS emulator with the bucket ``loom``."""
-  host, proc = _serve(tmp_path_factory.mktemp("emulator"))
+  directory = tmp_path_factory.mktemp("emulator")
+  faults = [arg for spec in REFUSALS for arg in ("--fail", spec)]
+  host, proc = _serve(directory, *faults, "--fail-log", str(directory / "refused.txt"))
+  REFUSED_LOG.append(directory / "refused.txt")
   saved = os.environ.get("STORAGE_EMULATOR_HOST")
   os.environ["STORAGE_EMULATOR_HOST"] = host
   from input_pipeline.host import settings
@@ -81,7 +93,10 @@ def _env(emulator: str | None, devices: int, scratch: str) -> dict:
   )
   for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
     env.pop(name, None)
-  env.pop("STORAGE_EMULATOR_HOST", None)
+  # What this process derived from its own emulator's address must not reach another emulator.
+  derived = ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL", "GOOGLE_AUTH_TOKEN_FOR_TESTING")
+  for name in derived:
+    env.pop(name, None)
   if emulator:
     env["STORAGE_EMULATOR_HOST"] = emulator
   return env
@@ -118,6 +133,14 @@ def _kill(procs) -> None:
     if p.poll() is None:
       os.killpg(p.pid, signal.SIGKILL)
     p.wait()
+
+
+def _wait(procs, timeout: float) -> float:
+  """Waits for every process to end (at most ``timeout``); returns the seconds waited."""
+  start = time.monotonic()
+  while any(p.poll() is None for p in procs) and time.monotonic() - start < timeout:
+    time.sleep(0.1)
+  return time.monotonic() - start
 
 
 def _finish(procs, paths, timeout: float = 300) -> list[str]:
@@ -332,3 +355,90 @@ def test_two_processes_read_only_their_rows_of_a_sharded_store_on_gcs(emulator, 
     assert result["rows"] == 6 * 8 and result["shards"] > 5
     assert 0 < result["bytes_read"] <= 2 * share, result
   assert sum(r["bytes_read"] for r in results) < total / 4
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_a_failed_save_is_retried_or_stops_every_process_and_the_resume_is_exact(
+  emulator, tmp_path, two_process_run
+):
+  """Two processes on gs://, the store refusing one process's part of two saves (REFUSALS).
+
+  Step 10 (400, may pass): both processes log the failure, train on, and the save of step 15
+  is its retry. The final step (403, will not pass): both stop with exit 4 and one line naming
+  the step, the process and the cause, at once (not at Orbax's 20-minute barrier timeout, where
+  they sat before). A resume then starts from step 15 and every loss equals the uninterrupted
+  run's on local disk, bit for bit."""
+  from etils import epath
+
+  logs = str(tmp_path / "logs" / "run")
+  os.makedirs(os.path.dirname(logs))
+  reference = losses(two_process_run[0])
+  workdir, cache = "gs://loom/pod/failing", "gs://loom/pod/failing-cache"
+  procs, paths = _start(workdir, cache, logs, emulator)
+  waited = _wait(procs, 300)
+  outputs = [open(path).read() for path in paths]
+  codes = [p.returncode for p in procs]
+  _kill(procs)
+  assert codes == [4, 4], f"exit codes {codes} after {waited:.0f} s\n" + "\n".join(
+    f"--- process {i}:\n{out[-4000:]}" for i, out in enumerate(outputs)
+  )
+  refused = REFUSED_LOG[0].read_text().splitlines()
+  assert [line.split()[0] for line in refused] == ["400", "403"], refused
+  for output in outputs:
+    # The retry, on every process, naming the process whose part failed.
+    assert re.search(r"saving the checkpoint of step 10 failed \(process 1: .*400", output), output
+    assert "failure 1 of at most 2 in a row: the next save tries again" in output
+    # The stop: one line with the step, the process and the cause.
+    (line,) = [x for x in output.splitlines() if x.startswith("loom: error: saving")]
+    assert "failed on process 0: " in line and "PERMISSION_DENIED" in line.upper(), line
+    assert "latest: 15" in line
+  checkpoints = epath.Path(f"{workdir}/checkpoints")
+  assert (checkpoints / "15" / "commit_success.txt").exists()
+  assert not (checkpoints / "20" / "commit_success.txt").exists()  # never finalised: not a step
+
+  outputs = _finish(*_start(workdir, cache, logs, emulator))
+  assert "resumed from gs://loom/pod/failing/checkpoints at step 15" in outputs[0]
+  resumed = _losses(epath.Path(f"{workdir}/metrics.jsonl").read_text())
+  assert resumed == reference  # every step, bit for bit (16-20 twice: the second is kept)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_sigterm_during_a_save_that_hangs_ends_every_process_within_30_s(tmp_path):
+  """The store answers 503 to every upload of process 1's part of step 10: the client retries
+  for many minutes, the save hangs, the processes train on and wait for it at the next save.
+  SIGTERM (a preemption) then ends both within 30 s, with exit 75 and the latest complete
+  checkpoint named (step 5)."""
+  store = tmp_path / "store"
+  store.mkdir()
+  refused = store / "refused.txt"
+  hold = r"pod/hung/checkpoints/10/state/ocdbt\.process_1/:503:0"
+  host, server = _serve(store, "--fail", hold, "--fail-log", str(refused))
+  logs = str(tmp_path / "logs" / "run")
+  os.makedirs(os.path.dirname(logs))
+  try:
+    procs, paths = _start("gs://loom/pod/hung", "gs://loom/pod/hung-cache", logs, host)
+    try:
+      deadline = time.monotonic() + 300
+      while not refused.exists():
+        assert all(p.poll() is None for p in procs), "a process ended before its save hung"
+        assert time.monotonic() < deadline, "the upload to hold never came"
+        time.sleep(0.2)
+      time.sleep(10)  # the processes train on to step 15 and wait there for step 10's save
+      assert all(p.poll() is None for p in procs)
+      for p in procs:
+        os.killpg(p.pid, signal.SIGTERM)
+      waited = _wait(procs, 60)
+      codes = [p.returncode for p in procs]
+    finally:
+      _kill(procs)
+  finally:
+    _stop(server)
+  outputs = [open(path).read() for path in paths]
+  shown = "\n".join(f"--- process {i}:\n{out[-4000:]}" for i, out in enumerate(outputs))
+  assert codes == [75, 75] and waited < 30, f"exit codes {codes} after {waited:.1f} s\n{shown}"
+  for output in outputs:
+    assert "while the checkpoint of step 10 was being saved" in output, output[-3000:]
+    assert "The latest complete checkpoint is step 5" in output
+  print(f"SIGTERM during a hung save: both processes ended {waited:.1f} s later")

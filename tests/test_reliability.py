@@ -256,7 +256,9 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(reference, tmp_pat
     with open(mount / "filler", "wb") as f:
       f.write(b"\0" * (free - 40_000))
     result = run_train(workdir, "--config.train.steps=20", cache_dir=cache_dir)
-    assert result.returncode == 4, result.stderr[-3000:]
+    # Orbax's threads print much at exit after a failed save: show what names the failure.
+    shown = [x for x in result.stderr.splitlines() if x.startswith(("loom", "Traceback", "E1"))]
+    assert result.returncode == 4, "\n".join(shown[:40])
     assert "saving the checkpoint of step 20 " in result.stderr
     assert "No space left on device" in result.stderr
     assert "latest: 10" in result.stderr

@@ -117,6 +117,7 @@ def _integers(config, keys: list[str], minimum: int, what: str) -> None:
 def _check_train(config) -> None:
   positive = ["train.steps", "train.batch_size", "train.microbatches", "train.eval_batches"]
   positive += ["log.every", "checkpoint.max_to_keep", "data.seq_len", "train.max_consecutive_skips"]
+  positive += ["checkpoint.save_timeout_s"]
   _integers(config, positive, 1, "a positive integer")
   non_negative = [
     "train.eval_every",
@@ -124,6 +125,7 @@ def _check_train(config) -> None:
     "train.max_rollbacks",
     "log.sample_tokens",
     "train.loss_chunk",
+    "checkpoint.save_retries",
   ]
   _integers(config, non_negative, 0, "a non-negative integer (0 = off)")
   chunk, seq_len = config.train.loss_chunk, config.data.seq_len

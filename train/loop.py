@@ -102,7 +102,7 @@ class _Loop:
           self.ckpt.save(step_number, self.state, self.metadata)
       if stop:
         with self.meter.phase("checkpoint"):
-          self.ckpt.wait()
+          self.ckpt.wait(last=True)
         log.warning(
           "stopped by %s at step %d; checkpoint saved in %s",
           self.watcher.reason,

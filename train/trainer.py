@@ -222,13 +222,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """
   settings.apply()
   run = setup(config, workdir)
+  watcher = PreemptionWatcher()
   ckpt = checkpoint_lib.Checkpointer(
     os.path.join(run.workdir, "checkpoints"),
     max_to_keep=config.checkpoint.max_to_keep,
     async_save=config.checkpoint.async_save,
     compress=config.checkpoint.compress,
+    save_timeout_s=config.checkpoint.save_timeout_s,
+    save_retries=config.checkpoint.save_retries,
+    stop_requested=watcher.noticed,
   )
-  watcher = PreemptionWatcher()
   try:
     with run.meter.phase("restore_or_init"):  # checksum verification included
       state, start_step = restore_or_init(run, ckpt)  # may refuse a checkpoint of another run
@@ -253,16 +256,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       summary["restarted_from_step"] = start_step
     except BaseException:
       writer.finish(None)  # the W&B run is marked failed; metrics.jsonl keeps every line
+      ckpt.wait_on_error()
       raise
-    finally:
+    else:
       with run.meter.phase("checkpoint"):
-        ckpt.wait()
+        ckpt.wait(last=True)
+    finally:
       writer.close()
   finally:
     ckpt.close()
     watcher.close()
   # Hashing the checkpoints ran on the sealing thread, beside the steps (not in "checkpoint").
   summary["checkpoint_seal_s"] = round(ckpt.seal_seconds, 3)
+  summary["checkpoint_retried_saves"] = ckpt.retried_saves
   report = write_report(run, summary)
   writer.finish(report)
   return report

@@ -10,8 +10,12 @@ every function returns at once.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
+import threading
+import time
+from collections.abc import Callable
 
 import jax
 
@@ -23,6 +27,10 @@ _counter = itertools.count()
 
 class AgreementTimeout(RuntimeError):
   """A process waited longer than its timeout for the others."""
+
+
+class BarrierAborted(RuntimeError):
+  """A watched barrier gave up before every process arrived (``abort`` gave a reason)."""
 
 
 def _client():
@@ -88,3 +96,68 @@ def gather(name: str, value: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> list[
     raise AgreementTimeout(
       f"process {jax.process_index()} waited {timeout_s:.0f} s for the others' {name!r}: {e}"
     ) from e
+
+
+_barrier_calls: collections.Counter = collections.Counter()
+_barrier_lock = threading.Lock()
+
+
+def watched_barrier(
+  name: str, timeout_s: float, abort: Callable[[], str | None], poll_s: float = 0.1
+) -> None:
+  """A barrier that any thread may wait at, which gives up as soon as ``abort()`` names a reason.
+
+  The coordination service's own barriers wait for everyone or for their timeout; a process
+  that will never arrive (its part of a save failed) holds the rest that long. Here each process
+  writes a key and polls for the others', asking ``abort`` between polls. The n-th call of a
+  ``name`` on one process meets the n-th call of it on the others (names may repeat).
+  """
+  if not _multi():
+    return
+  with _barrier_lock:
+    n = _barrier_calls[name]
+    _barrier_calls[name] += 1
+  prefix = f"loom/barrier/{name}/{n}/"
+  client = _client()
+  client.key_value_set(f"{prefix}{jax.process_index()}", "here")
+  deadline = time.monotonic() + timeout_s
+  while len(client.key_value_dir_get(prefix)) < jax.process_count():
+    reason = abort()
+    if reason:
+      raise BarrierAborted(f"gave up waiting at barrier {name!r}: {reason}")
+    if time.monotonic() > deadline:
+      raise AgreementTimeout(
+        f"process {jax.process_index()} waited {timeout_s:.0f} s at barrier {name!r} for the "
+        f"other processes"
+      )
+    time.sleep(poll_s)
+
+
+def publish(key: str, value: str) -> None:
+  """Writes ``loom/<key>`` for every process to see (no waiting); one writer per key."""
+  if _multi():
+    _client().key_value_set(f"loom/{key}", value)
+
+
+def published(directory: str) -> dict[str, str]:
+  """The keys written under ``loom/<directory>/`` so far (by any process), without waiting."""
+  if not _multi():
+    return {}
+  prefix = f"loom/{directory}/"
+  return {key[len(prefix) :]: value for key, value in _client().key_value_dir_get(prefix)}
+
+
+def preemption_noticed() -> bool:
+  """Whether any process of the cluster has received a preemption notice (SIGTERM) so far.
+
+  JAX's preemption notifier owns SIGTERM under ``jax.distributed`` and announces a notice to
+  every process through this key of the coordination service (docs/platform-facts.md); the
+  synchronised stop step comes later, from ``reached_preemption_sync_point``.
+  """
+  if not _multi():
+    return False
+  try:
+    _client().key_value_try_get("RECEIVED_PREEMPTION_NOTICE")
+  except Exception:  # noqa: BLE001 - NOT_FOUND: no notice yet
+    return False
+  return True

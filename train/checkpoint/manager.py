@@ -12,15 +12,17 @@ import dataclasses
 import json
 import logging
 import os
+import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
 from input_pipeline.host import agreement, storage
-from input_pipeline.host.command import EXIT_IO, LoomError
+from input_pipeline.host.command import EXIT_IO, EXIT_PREEMPTED, LoomError
 from models.config import ModelConfig
 from train.checkpoint.integrity import is_sealed, num_parts, parts_for, seal, verify
 
@@ -37,8 +39,49 @@ class CheckpointSaveError(LoomError, RuntimeError):
   exit_code = EXIT_IO
 
 
+class CheckpointSaveInterrupted(LoomError, RuntimeError):
+  """A stop was asked for while a save hung; the save was given up, older checkpoints intact."""
+
+  exit_code = EXIT_PREEMPTED
+
+
 class CheckpointCorruptError(LoomError, ValueError):
   """No checkpoint of the run could be verified and restored."""
+
+
+# How long a save may go on after a stop was asked for (SIGTERM): preemptions give ~30 s.
+GRACE_AFTER_STOP_S = 20.0
+# Failures that the same store will give again: no point retrying them at the next save.
+_PERMANENT = (
+  "no space left",
+  "permission denied",
+  "permission_denied",
+  "read-only file system",
+  "disk quota",
+)
+_PEER = "peer"  # a process's outcome when it gave up because another process's part failed
+# ... when its own part still waited on the failed one (Orbax's futures, not its barriers) this
+# long after the failure was published: its save threads are left behind, so no retry.
+_PEER_STUCK = "peer, left waiting"
+PEER_GRACE_S = 10.0
+_UNFINISHED = "unfinished"  # given up after a stop was asked for
+
+
+class _OwnPartFailed(agreement.BarrierAborted):
+  """Raised at Orbax's barrier by the process whose own part of a save failed."""
+
+
+def _describe(error: BaseException) -> str:
+  """The error in one line of at most ~400 characters, keeping what classifies it (TensorStore
+  puts the OS error last, after a long spec)."""
+  text = " ".join(str(error).split())
+  short = text[:400]
+  kept = [word for word in _PERMANENT if word in text.lower() and word not in short.lower()]
+  return f"{type(error).__name__}: {short}" + (f" … [{', '.join(kept)}]" if kept else "")
+
+
+def _permanent(cause: str) -> bool:
+  return any(word in cause.lower() for word in _PERMANENT)
 
 
 class Checkpointer:
@@ -47,16 +90,41 @@ class Checkpointer:
   Sealing runs off the training thread: after each save a thread waits for Orbax to finish and
   then hashes the files this process wrote (``integrity.py``); the next save, a restore or
   ``wait()`` joins it. Which checkpoint to restore and whether to quarantine one are decided by
-  process 0 and agreed by all (``train/cluster/agreement.py``); only process 0 moves files.
+  process 0 and agreed by all (``input_pipeline/host/agreement.py``); only process 0 moves files.
+
+  A save that fails ends in bounded time on every process (docs/reliability.md): Orbax's
+  barriers between processes are ``agreement.watched_barrier``s, and the process whose part
+  failed says so in the coordination service before it leaves them, so the others stop waiting
+  at once instead of at Orbax's timeout. ``wait()`` then agrees the outcome: a failure that may
+  pass is logged and the next save tries again (``save_retries`` failures in a row at most);
+  one that will not (full disk, permissions) stops the run with one line naming the step, the
+  process and the cause. ``stop_requested`` (a preemption notice) bounds a hanging save to
+  GRACE_AFTER_STOP_S.
   """
 
-  def __init__(self, directory: str, *, max_to_keep: int, async_save: bool, compress: bool = False):
+  def __init__(
+    self,
+    directory: str,
+    *,
+    max_to_keep: int,
+    async_save: bool,
+    compress: bool = False,
+    save_timeout_s: float = 1200.0,
+    save_retries: int = 2,
+    stop_requested: Callable[[], bool] = lambda: False,
+  ):
     self.directory = os.fspath(storage.absolute(directory))
+    self.save_timeout_s = float(save_timeout_s)
+    self.save_retries = save_retries
+    self._stop_requested = stop_requested
     options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep,
       enable_async_checkpointing=async_save,
       cleanup_tmp_directories=True,  # removes saves that were interrupted by a crash
       create=True,
+      async_options=ocp.AsyncOptions(
+        timeout_secs=max(int(save_timeout_s), 1), barrier_sync_fn=self._barrier
+      ),
     )
     # zstd on float weights and moments saves ~8% of the bytes and costs ~3x the CPU time of the
     # write (1.36 GB: 3.1 against 1.0 CPU-seconds here), which a CPU host takes from its steps.
@@ -71,6 +139,10 @@ class Checkpointer:
     self.is_main = self.process == 0
     self.seal_seconds = 0.0  # hashing time, spent on the sealing thread
     self._failed = False
+    self._saving_step: int | None = None  # the save whose barriers are being waited at
+    self._abandoned = False  # a hung save was given up: its threads must not be waited for
+    self.failed_saves = 0  # failed saves in a row (reset by a sealed one)
+    self.retried_saves = 0  # failed saves that a later save replaced
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -84,9 +156,13 @@ class Checkpointer:
   def save(self, step: int, state: Any, metadata: dict[str, Any]) -> bool:
     """Starts saving (in the background when async); returns whether a save was started.
 
-    The previous save is finished and sealed first.
+    The previous save is finished and sealed first; if it failed in a way that may pass, this
+    save is its retry.
     """
     self.wait()
+    if self.failed_saves:
+      self._discard_failure()
+    self._saving_step = step
     started = self._manager.save(
       step,
       args=ocp.args.Composite(
@@ -102,11 +178,51 @@ class Checkpointer:
       self._sealer.start()
     return started
 
+  def _barrier(self, key: str, timeout_ms: int) -> None:
+    """Orbax's barrier between processes (``AsyncOptions.barrier_sync_fn``), on its threads.
+
+    Orbax reaches some barriers on its way out of a failed save (in ``finally`` clauses, with
+    the failure in flight): this process then publishes the failure and leaves at once instead
+    of waiting for peers that wait for it. Otherwise it waits until everyone arrives, a peer
+    publishes a failure, or this save was given up.
+    """
+    if self.num_processes == 1:
+      return
+    failure = sys.exc_info()[1]
+    if isinstance(failure, agreement.BarrierAborted):
+      raise type(failure)(str(failure))  # on the way out already: do not wait again
+    if failure is not None:
+      self._publish_failure(failure)
+      raise _OwnPartFailed(f"left barrier {key!r}: this process's part of the save failed")
+    agreement.watched_barrier(key, timeout_ms / 1000, self._abort_reason)
+
+  def _publish_failure(self, failure: BaseException) -> None:
+    step = self._saving_step
+    cause = _describe(failure)
+    log.error("saving step %s failed on process %d: %s", step, self.process, cause)
+    agreement.publish(f"save-failed/{step}/{self.process}", cause)
+
+  def _abort_reason(self) -> str | None:
+    if self._abandoned:
+      return "the save was given up"
+    failed = agreement.published(f"save-failed/{self._saving_step}")
+    if failed:
+      process, cause = sorted(failed.items())[0]
+      return f"process {process}'s part of the save of step {self._saving_step} failed ({cause})"
+    return None
+
+  def _discard_failure(self) -> None:
+    """Clears Orbax's record of the failed save (it raises it again once per calling thread)."""
+    try:
+      self._manager.wait_until_finished()
+    except Exception:  # noqa: BLE001 - the failure reported by wait() already
+      log.debug("the failed save's error, raised again by Orbax", exc_info=True)
+
   def _finish_and_seal(self, step: int) -> None:
     try:
       self._manager.wait_until_finished()
       step_dir = storage.absolute(self.step_dir(step))
-      _await_finalized(step_dir)
+      _await_finalized(step_dir, timeout_s=self.save_timeout_s)
       start = time.perf_counter()
       try:
         hashed = seal(step_dir, self.process, self.num_processes)
@@ -140,22 +256,116 @@ class Checkpointer:
     )
     return restored["state"]
 
-  def wait(self) -> None:
-    """Blocks until a background save has finished and this process's part of it is sealed."""
-    if self._sealer is not None:
-      self._sealer.join()
-    self._sealer = None
+  def wait(self, *, agree: bool = True, last: bool = False) -> None:
+    """Blocks until a background save has finished and every process's part of it is sealed.
+
+    Bounded: a failed part ends every process's wait (see the class). With ``agree`` every
+    process exchanges its outcome, so all take the same decision: go on (sealed, or a failure
+    to retry at the next save) or raise CheckpointSaveError / CheckpointSaveInterrupted. A
+    caller on its way out of an error passes ``agree=False`` (the others may never come); one
+    after which no save follows (the end of the run, a stop) passes ``last`` (no retry left).
+    """
+    if self._sealer is None:
+      return
+    step = self._sealing_step
+    outcome = self._join(step)
+    outcomes = [outcome]
+    if agree and self.num_processes > 1:
+      outcomes = agreement.gather(f"saved-{step}", outcome, timeout_s=self.save_timeout_s)
+    self._sealer, self._sealing_step = None, None
+    if not any(outcomes):
+      self.failed_saves = 0
+      return
+    latest = [s for s in self.all_steps() if s != step]
+    latest = max(latest) if latest else "none"
+    causes = {p: o for p, o in enumerate(outcomes) if o and o not in (_PEER, _PEER_STUCK)}
+    if any(o.startswith(_UNFINISHED) for o in causes.values()):
+      self._abandoned = self._failed = True
+      raise CheckpointSaveInterrupted(
+        f"a stop was asked for while the checkpoint of step {step} was being saved under "
+        f"{self.directory}, and the save did not end within {GRACE_AFTER_STOP_S:.0f} s: it was "
+        f"given up. The latest complete checkpoint is step {latest}; rerun the same command to "
+        f"resume from it."
+      )
+    where = "; ".join(f"process {p}: {cause}" for p, cause in causes.items()) or "unknown cause"
+    self.failed_saves += 1
+    stuck = _PEER_STUCK in outcomes  # its save threads still wait: Orbax cannot save again
+    if (
+      self.failed_saves <= self.save_retries
+      and not stuck
+      and not last
+      and not any(map(_permanent, causes.values()))
+    ):
+      self.retried_saves += 1
+      log.warning(
+        "saving the checkpoint of step %d failed (%s); failure %d of at most %d in a row: the "
+        "next save tries again, training goes on (latest complete checkpoint: %s)",
+        step,
+        where,
+        self.failed_saves,
+        self.save_retries,
+        latest,
+      )
+      return
+    self._failed = True
+    why = ""
+    if not any(map(_permanent, causes.values())):
+      if stuck:
+        why = " (no retry: another process's save still waited on the failed part)"
+      elif last:
+        why = " (the run's last save: no later one to retry it)"
+      else:
+        why = f" ({self.failed_saves} failed saves in a row)"
+    raise CheckpointSaveError(
+      f"saving the checkpoint of step {step} under {self.directory} failed on {where}{why}. "
+      f"Older checkpoints are intact (latest: {latest}); fix the cause (free disk space? "
+      f"permissions?) and rerun the same command to resume."
+    )
+
+  def wait_on_error(self, timeout_s: float = 30.0) -> None:
+    """On the way out of another error: lets this process's save end (within ``timeout_s``),
+    never waits for the other processes and never raises (the error in flight is the news)."""
+    if self._sealer is None:
+      return
+    self._sealer.join(timeout_s)
+    if self._sealer.is_alive():
+      self._abandoned = True
+      log.warning("gave up waiting for the save of step %s (on the way out)", self._sealing_step)
+      return
+    try:
+      self.wait(agree=False)
+    except LoomError as e:
+      log.warning("%s", e)
+
+  def _join(self, step: int) -> str:
+    """This process's outcome of the save of ``step``: "" if sealed, else what went wrong."""
+    grace_ends = peer_failed_at = None
+    while self._sealer.is_alive():
+      self._sealer.join(0.2)
+      if self.num_processes > 1 and self._sealer.is_alive():
+        if peer_failed_at is None and self._abort_reason():
+          peer_failed_at = time.monotonic()
+        if peer_failed_at is not None and time.monotonic() > peer_failed_at + PEER_GRACE_S:
+          self._abandoned = True
+          return _PEER_STUCK
+      if grace_ends is None and self._sealer.is_alive() and self._stop_requested():
+        grace_ends = time.monotonic() + GRACE_AFTER_STOP_S
+        log.warning(
+          "stop requested while step %d is being saved: waiting up to %.0f s for the save",
+          step,
+          GRACE_AFTER_STOP_S,
+        )
+      if grace_ends is not None and time.monotonic() > grace_ends and self._sealer.is_alive():
+        self._abandoned = True  # Orbax's threads leave their barriers; nobody joins them
+        return f"{_UNFINISHED} after {GRACE_AFTER_STOP_S:.0f} s of grace"
     error, self._sealer_error = self._sealer_error, None
-    step, self._sealing_step = self._sealing_step, None
-    if error is not None:
-      self._failed = True
-      good = [s for s in self.all_steps() if s != step]
-      raise CheckpointSaveError(
-        f"saving the checkpoint of step {step} under {self.directory} failed: "
-        f"{type(error).__name__}: {str(error)[:400]}. Older checkpoints are intact (latest: "
-        f"{max(good) if good else 'none'}); fix the cause (free disk space?) and rerun the "
-        f"same command to resume."
-      ) from error
+    if error is None:
+      return ""
+    if isinstance(error, _OwnPartFailed):
+      return _describe(error.__context__ or error)  # what failed before Orbax's barrier
+    if isinstance(error, agreement.BarrierAborted):
+      return _PEER
+    return _describe(error)
 
   def quarantine(self, step: int, reason: str) -> str:
     """Moves a bad checkpoint aside (never deletes it) so the run can go on without it.
@@ -232,16 +442,14 @@ class Checkpointer:
       failures.append(reason)
 
   def close(self) -> None:
+    if self._abandoned or self._failed or self.failed_saves:
+      # Orbax's threads of a given-up save may still be running (never wait for them), and a
+      # failed one would be raised and logged again; the process is ending with its error.
+      return
     try:
       self.wait()
     finally:
-      try:
-        self._manager.close()
-      except Exception:
-        if not self._failed:
-          raise
-        # Orbax reports a failed background save again at close; it was raised already.
-        log.debug("checkpoint manager close after a failed save", exc_info=True)
+      self._manager.close()
 
 
 def _await_finalized(step_dir, timeout_s: float = 600.0) -> None:

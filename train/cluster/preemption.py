@@ -15,6 +15,8 @@ import threading
 import jax
 from jax.experimental import multihost_utils
 
+from input_pipeline.host import agreement
+
 log = logging.getLogger("loom")
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again" — the work directory holds a checkpoint to resume
@@ -48,6 +50,11 @@ class PreemptionWatcher:
     if self._multi:
       return multihost_utils.reached_preemption_sync_point(step)
     return False
+
+  def noticed(self) -> bool:
+    """Whether a stop was asked for, here or (across processes) anywhere, without waiting for
+    the agreed step: a save that hangs must not outlast a preemption's grace period."""
+    return self._signal is not None or (self._multi and agreement.preemption_noticed())
 
   @property
   def reason(self) -> str:
