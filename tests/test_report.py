@@ -85,3 +85,20 @@ def test_report_without_report_json_still_draws_the_curves(tmp_path):
   _write_run(tmp_path)
   (tmp_path / "report.json").unlink()
   assert report.render(str(tmp_path)).endswith("report.png")
+
+
+def test_the_wall_time_bar_shows_productive_steps_then_the_largest_losses(tmp_path):
+  goodput = {"productive_s": 10.0, "lost_s": {"compile": 2.0, "eval": 5.0, "checkpoint": 0.0}}
+  goodput["lost_s"]["redone_steps"] = 3.0
+  assert report.wall_split({"goodput": goodput}) == [
+    ("productive steps", 10.0),
+    ("eval", 5.0),
+    ("redone steps", 3.0),
+    ("compile", 2.0),
+  ]
+  assert report.wall_split(None) == [] and report.wall_split({"wall_time_s": 3.0}) == []
+  _write_run(tmp_path)
+  with_bar = json.loads((tmp_path / "report.json").read_text()) | {"goodput": goodput}
+  (tmp_path / "report.json").write_text(json.dumps(with_bar))
+  assert report.main(["report", str(tmp_path)]) == 0
+  assert (tmp_path / "report.png").read_bytes().startswith(PNG_SIGNATURE)

@@ -1,7 +1,9 @@
 """``python -m train.report DIR``: the run's curves and meter summary, drawn to ``DIR/report.png``.
 
 Reads ``DIR/metrics.jsonl`` (train and eval loss, tokens/s and MFU per logged step) and, when the
-run has finished, ``DIR/report.json`` (the meter). Drawn with matplotlib's Agg backend: no display.
+run has finished, ``DIR/report.json`` (the meter): where the wall time went is one stacked bar
+(productive steps, then each loss of goodput, largest first), above the meter's figures. Drawn
+with matplotlib's Agg backend: no display.
 """
 
 from __future__ import annotations
@@ -44,6 +46,46 @@ def series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[flo
       steps.append(int(record["step"]))
       values.append(float(value))
   return steps, values
+
+
+WALL_PARTS = {  # goodput's names -> the bar's labels
+  "productive": "productive steps",
+  "compile": "compile",
+  "checkpoint": "checkpoint",
+  "input_wait": "input wait",
+  "eval": "eval",
+  "restore_or_init": "restore / init",
+  "redone_steps": "redone steps",
+  "other": "other",
+}
+
+
+def wall_split(report: dict[str, Any] | None) -> list[tuple[str, float]]:
+  """(label, seconds) of the run's wall time: productive steps first, then each loss, largest
+  first; empty for a report without goodput (older or unfinished runs)."""
+  goodput = (report or {}).get("goodput")
+  if not isinstance(goodput, dict) or "productive_s" not in goodput:
+    return []
+  parts = [(WALL_PARTS["productive"], float(goodput["productive_s"]))]
+  lost = sorted(goodput.get("lost_s", {}).items(), key=lambda item: -item[1])
+  parts += [(WALL_PARTS.get(name, name), float(seconds)) for name, seconds in lost if seconds > 0]
+  return parts
+
+
+def _draw_wall_bar(ax, parts: list[tuple[str, float]]) -> None:
+  total = sum(seconds for _, seconds in parts) or 1.0
+  left = 0.0
+  colors = ["tab:green", "tab:orange", "tab:blue", "tab:red", "tab:purple", "tab:brown"]
+  colors += ["tab:pink", "tab:gray", "tab:olive"]
+  for (label, seconds), color in zip(parts, colors, strict=False):
+    share = seconds / total
+    ax.barh(0, share, left=left, color=color, label=f"{label} {seconds:.1f} s ({share:.0%})")
+    if share > 0.08:
+      ax.text(left + share / 2, 0, f"{share:.0%}", ha="center", va="center", fontsize=8)
+    left += share
+  ax.set(xlim=(0, 1), yticks=[], xticks=[])
+  ax.set_title(f"Where the {total:.1f} s of wall time went (report.json goodput)")
+  ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=3, fontsize=7, frameon=False)
 
 
 def summary_text(report: dict[str, Any] | None) -> str:
@@ -92,18 +134,20 @@ def render(workdir: str, out_path: str | None = None) -> str:
     ax.grid(alpha=0.3)
     if ax.has_data():
       ax.legend()
-  meter_ax = axes.flat[3]
-  meter_ax.axis("off")
-  meter_ax.set_title("Meter (report.json)")
-  meter_ax.text(
+  panel = axes.flat[3]
+  panel.axis("off")
+  parts = wall_split(report)
+  if parts:
+    _draw_wall_bar(panel.inset_axes([0.0, 0.82, 1.0, 0.1]), parts)
+  panel.text(
     0.0,
-    1.0,
+    0.52 if parts else 1.0,
     summary_text(report),
     va="top",
     ha="left",
     family="monospace",
-    fontsize=7,
-    transform=meter_ax.transAxes,
+    fontsize=6 if parts else 7,
+    transform=panel.transAxes,
     wrap=True,
   )
   fig.suptitle(os.fspath(root))
