@@ -47,6 +47,9 @@ class LoomError(Exception):
   """An error whose message tells the user what to change; a command prints it in one line."""
 
   exit_code = EXIT_BAD_INPUT
+  # False where threads of the process may still hang (a given-up save): leave at once, without
+  # the cluster's shutdown, even after an exit code every process agreed on.
+  orderly_exit = True
 
 
 def error(problem: BaseException | str, code: int = EXIT_BAD_INPUT) -> int:
@@ -148,7 +151,7 @@ def run(
       error(f"unexpected arguments: {argv[1 + positional :]}")
       print(usage, file=sys.stderr)
       sys.exit(EXIT_BAD_INPUT)
-    started, code = False, EXIT_BUG
+    started, code, orderly = False, EXIT_BUG, True
     try:
       if multi_process:
         try:
@@ -160,14 +163,14 @@ def run(
       setup_logging(is_main=main_process or every_process_logs)
       code = main(argv) or EXIT_OK
     except LoomError as e:
-      code = error(e, e.exit_code)
+      code, orderly = error(e, e.exit_code), e.orderly_exit
     except bad_input as e:
       code = error(e)
     except BaseException:
       if not started:
         raise  # absl prints the traceback; exit 1
       traceback.print_exc()  # a cluster must still be ended below
-    distributed.end(started, code, orderly=code in agreed_codes)
+    distributed.end(started, code, orderly=orderly and code in agreed_codes)
 
   app.run(run_main, flags_parser=parse)
 

@@ -43,6 +43,7 @@ class CheckpointSaveInterrupted(LoomError, RuntimeError):
   """A stop was asked for while a save hung; the save was given up, older checkpoints intact."""
 
   exit_code = EXIT_PREEMPTED
+  orderly_exit = False  # the given-up save's threads may still wait: no shutdown barrier
 
 
 class CheckpointCorruptError(LoomError, ValueError):
@@ -50,7 +51,7 @@ class CheckpointCorruptError(LoomError, ValueError):
 
 
 # How long a save may go on after a stop was asked for (SIGTERM): preemptions give ~30 s.
-GRACE_AFTER_STOP_S = 20.0
+GRACE_AFTER_STOP_S = 15.0
 # Failures that the same store will give again: no point retrying them at the next save.
 _PERMANENT = (
   "no space left",
