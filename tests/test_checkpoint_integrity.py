@@ -104,7 +104,8 @@ def test_agreement_with_one_process_is_immediate():
 def test_a_save_failure_is_told_in_one_line_that_keeps_what_classifies_it():
   """TensorStore puts the OS error after a long spec: the one-line cause is cut to ~400
   characters, yet a full disk must still read as one (no retry)."""
-  from train.checkpoint.manager import _describe, _permanent
+  from train.checkpoint.save_outcome import describe as _describe
+  from train.checkpoint.save_outcome import permanent as _permanent
 
   spec = "tensorstore_spec=" + "{...}" * 200
   full_disk = ValueError(
@@ -115,3 +116,24 @@ def test_a_save_failure_is_told_in_one_line_that_keeps_what_classifies_it():
   assert line.startswith("ValueError: RESOURCE_EXHAUSTED") and _permanent(line)
   store_error = ValueError(f"Error writing in OCDBT database: {spec} [http_response_code='400']")
   assert not _permanent(_describe(store_error))  # may pass: the next save retries
+
+
+def test_every_process_reaches_the_same_verdict_on_a_save_from_the_outcomes():
+  from train.checkpoint import save_outcome as so
+
+  store = "ValueError: Error writing [http_response_code='400']"
+  disk = "ValueError: RESOURCE_EXHAUSTED ... [OS error 28: No space left on device]"
+  assert so.decide(["", ""], failed_in_a_row=0, retries=2, last=False).action == "ok"
+  retry = so.decide([so.PEER, store], failed_in_a_row=1, retries=2, last=False)
+  assert retry.action == "retry" and retry.where == f"process 1: {store}"
+  assert so.decide([store, so.PEER], failed_in_a_row=3, retries=2, last=False).why == (
+    "3 failed saves in a row"
+  )
+  assert "last save" in so.decide([store, ""], failed_in_a_row=1, retries=2, last=True).why
+  stuck = so.decide([store, so.PEER_STUCK], failed_in_a_row=1, retries=2, last=False)
+  assert stuck.action == "stop" and "still waited" in stuck.why
+  full = so.decide([disk, so.PEER], failed_in_a_row=1, retries=2, last=False)
+  assert full.action == "stop" and full.why == ""  # the cause says it all
+  late = [f"{so.UNFINISHED} after 15 s", so.PEER]
+  late = so.decide(late, failed_in_a_row=1, retries=2, last=False)
+  assert late.action == "interrupted"

@@ -24,6 +24,7 @@ import orbax.checkpoint as ocp
 from input_pipeline.host import agreement, storage
 from input_pipeline.host.command import EXIT_IO, EXIT_PREEMPTED, LoomError
 from models.config import ModelConfig
+from train.checkpoint import save_outcome
 from train.checkpoint.integrity import is_sealed, num_parts, parts_for, seal, verify
 
 log = logging.getLogger("loom")
@@ -52,37 +53,12 @@ class CheckpointCorruptError(LoomError, ValueError):
 
 # How long a save may go on after a stop was asked for (SIGTERM): preemptions give ~30 s.
 GRACE_AFTER_STOP_S = 15.0
-# Failures that the same store will give again: no point retrying them at the next save.
-_PERMANENT = (
-  "no space left",
-  "permission denied",
-  "permission_denied",
-  "read-only file system",
-  "disk quota",
-)
-_PEER = "peer"  # a process's outcome when it gave up because another process's part failed
-# ... when its own part still waited on the failed one (Orbax's futures, not its barriers) this
-# long after the failure was published: its save threads are left behind, so no retry.
-_PEER_STUCK = "peer, left waiting"
+# How long a process waits for its own save threads after another process's part failed.
 PEER_GRACE_S = 10.0
-_UNFINISHED = "unfinished"  # given up after a stop was asked for
 
 
 class _OwnPartFailed(agreement.BarrierAborted):
   """Raised at Orbax's barrier by the process whose own part of a save failed."""
-
-
-def _describe(error: BaseException) -> str:
-  """The error in one line of at most ~400 characters, keeping what classifies it (TensorStore
-  puts the OS error last, after a long spec)."""
-  text = " ".join(str(error).split())
-  short = text[:400]
-  kept = [word for word in _PERMANENT if word in text.lower() and word not in short.lower()]
-  return f"{type(error).__name__}: {short}" + (f" … [{', '.join(kept)}]" if kept else "")
-
-
-def _permanent(cause: str) -> bool:
-  return any(word in cause.lower() for word in _PERMANENT)
 
 
 class Checkpointer:
@@ -96,11 +72,11 @@ class Checkpointer:
   A save that fails ends in bounded time on every process (docs/reliability.md): Orbax's
   barriers between processes are ``agreement.watched_barrier``s, and the process whose part
   failed says so in the coordination service before it leaves them, so the others stop waiting
-  at once instead of at Orbax's timeout. ``wait()`` then agrees the outcome: a failure that may
-  pass is logged and the next save tries again (``save_retries`` failures in a row at most);
-  one that will not (full disk, permissions) stops the run with one line naming the step, the
-  process and the cause. ``stop_requested`` (a preemption notice) bounds a hanging save to
-  GRACE_AFTER_STOP_S.
+  at once instead of at Orbax's timeout. ``wait()`` then agrees the verdict (``save_outcome.py``):
+  a failure that may pass is logged and the next save tries again (``save_retries`` failures in
+  a row at most); one that will not (full disk, permissions) stops the run with one line naming
+  the step, the process and the cause. ``stop_requested`` (a preemption notice) bounds a hanging
+  save to GRACE_AFTER_STOP_S.
   """
 
   def __init__(
@@ -199,7 +175,7 @@ class Checkpointer:
 
   def _publish_failure(self, failure: BaseException) -> None:
     step = self._saving_step
-    cause = _describe(failure)
+    cause = save_outcome.describe(failure)
     log.error("saving step %s failed on process %d: %s", step, self.process, cause)
     agreement.publish(f"save-failed/{step}/{self.process}", cause)
 
@@ -274,52 +250,40 @@ class Checkpointer:
     if agree and self.num_processes > 1:
       outcomes = agreement.gather(f"saved-{step}", outcome, timeout_s=self.save_timeout_s)
     self._sealer, self._sealing_step = None, None
-    if not any(outcomes):
-      self.failed_saves = 0
+    failed_in_a_row = self.failed_saves + 1 if any(outcomes) else 0
+    verdict = save_outcome.decide(
+      outcomes, failed_in_a_row=failed_in_a_row, retries=self.save_retries, last=last
+    )
+    self.failed_saves = failed_in_a_row
+    if verdict.action == "ok":
       return
     latest = [s for s in self.all_steps() if s != step]
     latest = max(latest) if latest else "none"
-    causes = {p: o for p, o in enumerate(outcomes) if o and o not in (_PEER, _PEER_STUCK)}
-    if any(o.startswith(_UNFINISHED) for o in causes.values()):
-      self._abandoned = self._failed = True
-      raise CheckpointSaveInterrupted(
-        f"a stop was asked for while the checkpoint of step {step} was being saved under "
-        f"{self.directory}, and the save did not end within {GRACE_AFTER_STOP_S:.0f} s: it was "
-        f"given up. The latest complete checkpoint is step {latest}; rerun the same command to "
-        f"resume from it."
-      )
-    where = "; ".join(f"process {p}: {cause}" for p, cause in causes.items()) or "unknown cause"
-    self.failed_saves += 1
-    stuck = _PEER_STUCK in outcomes  # its save threads still wait: Orbax cannot save again
-    if (
-      self.failed_saves <= self.save_retries
-      and not stuck
-      and not last
-      and not any(map(_permanent, causes.values()))
-    ):
+    if verdict.action == "retry":
       self.retried_saves += 1
       log.warning(
         "saving the checkpoint of step %d failed (%s); failure %d of at most %d in a row: the "
         "next save tries again, training goes on (latest complete checkpoint: %s)",
         step,
-        where,
+        verdict.where,
         self.failed_saves,
         self.save_retries,
         latest,
       )
       return
     self._failed = True
-    why = ""
-    if not any(map(_permanent, causes.values())):
-      if stuck:
-        why = " (no retry: another process's save still waited on the failed part)"
-      elif last:
-        why = " (the run's last save: no later one to retry it)"
-      else:
-        why = f" ({self.failed_saves} failed saves in a row)"
+    if verdict.action == "interrupted":
+      self._abandoned = True
+      raise CheckpointSaveInterrupted(
+        f"a stop was asked for while the checkpoint of step {step} was being saved under "
+        f"{self.directory}, and the save did not end within {GRACE_AFTER_STOP_S:.0f} s: it was "
+        f"given up. The latest complete checkpoint is step {latest}; rerun the same command to "
+        f"resume from it."
+      )
+    why = f" ({verdict.why})" if verdict.why else ""
     raise CheckpointSaveError(
-      f"saving the checkpoint of step {step} under {self.directory} failed on {where}{why}. "
-      f"Older checkpoints are intact (latest: {latest}); fix the cause (free disk space? "
+      f"saving the checkpoint of step {step} under {self.directory} failed on {verdict.where}"
+      f"{why}. Older checkpoints are intact (latest: {latest}); fix the cause (free disk space? "
       f"permissions?) and rerun the same command to resume."
     )
 
@@ -348,7 +312,7 @@ class Checkpointer:
           peer_failed_at = time.monotonic()
         if peer_failed_at is not None and time.monotonic() > peer_failed_at + PEER_GRACE_S:
           self._abandoned = True
-          return _PEER_STUCK
+          return save_outcome.PEER_STUCK
       if grace_ends is None and self._sealer.is_alive() and self._stop_requested():
         grace_ends = time.monotonic() + GRACE_AFTER_STOP_S
         log.warning(
@@ -358,15 +322,15 @@ class Checkpointer:
         )
       if grace_ends is not None and time.monotonic() > grace_ends and self._sealer.is_alive():
         self._abandoned = True  # Orbax's threads leave their barriers; nobody joins them
-        return f"{_UNFINISHED} after {GRACE_AFTER_STOP_S:.0f} s of grace"
+        return f"{save_outcome.UNFINISHED} after {GRACE_AFTER_STOP_S:.0f} s of grace"
     error, self._sealer_error = self._sealer_error, None
     if error is None:
       return ""
     if isinstance(error, _OwnPartFailed):
-      return _describe(error.__context__ or error)  # what failed before Orbax's barrier
+      return save_outcome.describe(error.__context__ or error)  # what failed before Orbax's barrier
     if isinstance(error, agreement.BarrierAborted):
-      return _PEER
-    return _describe(error)
+      return save_outcome.PEER
+    return save_outcome.describe(error)
 
   def quarantine(self, step: int, reason: str) -> str:
     """Moves a bad checkpoint aside (never deletes it) so the run can go on without it.
