@@ -77,6 +77,16 @@ def get_config() -> ml_collections.ConfigDict:
   # Attention kernel: "auto" (cuDNN flash attention on GPUs in bf16/fp16, Pallas splash attention
   # on TPUs, the XLA einsum elsewhere) | "xla" | "cudnn" | "splash" (interpreted off TPUs: slow).
   c.model.attention = "auto"
+  # cuDNN attention takes packed rows as ragged sequences, at most this many per row (documents,
+  # padding counted as one); its float32 softmax statistics grow with it (B·M·heads·length). A
+  # batch with a fuller row stops the run with an error naming this key.
+  c.model.max_segments = 64
+  # The projections' matmuls (attention q/k/v/out, the MLP), forward and backward: "none" |
+  # "fp8" (e4m3/e5m2, tensorwise current scaling; H100/H200) | "int8" (per-channel, int32 sums;
+  # TPUs, A100 and later). Where the hardware table says the chips cannot run it natively (CPUs,
+  # fp8 on a TPU), quant_emulation=True must say that running it as an emulation is meant.
+  c.model.quant = "none"
+  c.model.quant_emulation = False
   c.model.attention_block = 64  # causal attention by blocks of this many queries (0 = whole rows)
   c.model.init_std = 0.02  # std of the normal initialiser of dense and embedding weights
   c.model.lora_rank = 0  # > 0: train low-rank adapters of this rank only, the rest frozen

@@ -77,13 +77,15 @@ def implementation(choice: str, dtype, length: int, where: str | None = None) ->
   return choice
 
 
-def segment_runs(segment_ids_BL: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Packed rows in cuDNN's ragged form: (lengths [B, L], offsets [B, L + 1]), int32.
+def segment_runs(segment_ids_BL: jax.Array, max_runs: int) -> tuple[jax.Array, jax.Array]:
+  """Packed rows in cuDNN's ragged form: (lengths [B, M], offsets [B, M + 1]), int32, M = max_runs.
 
   Each run of equal segment ids (padding's 0s included, so every token is in some run) is one
   sequence: offsets[b, m] is where run m starts, lengths[b, m] how long it is; -1 past the last
-  run. L runs is the most a row can hold, so no row is ever cut short (the trap of a fixed
-  "max segments" smaller than the data's).
+  run. cuDNN keeps float32 softmax statistics for B·M sequences of the full row length, so M is
+  a bound (``model.max_segments``), not the row length: at M = L a 2048-token row needs
+  quadratic memory (gpt2_small, 16 rows: a 257 GiB allocation on an H200). Runs past M would be
+  dropped, so the host checks every batch first (``check_runs``).
   """
   b, length = segment_ids_BL.shape
   starts_BL = jnp.concatenate(
@@ -91,17 +93,35 @@ def segment_runs(segment_ids_BL: jax.Array) -> tuple[jax.Array, jax.Array]:
   )
   run_BL = jnp.cumsum(starts_BL, axis=1) - 1  # which run each token is in
   rows_B1 = jnp.arange(b)[:, None]
-  lengths = jnp.zeros((b, length), jnp.int32).at[rows_B1, run_BL].add(1)
+  lengths = jnp.zeros((b, max_runs), jnp.int32).at[rows_B1, run_BL].add(1, mode="drop")
   runs_B1 = run_BL[:, -1:] + 1
-  lengths = jnp.where(jnp.arange(length)[None] < runs_B1, lengths, -1)
-  target_BL = jnp.where(starts_BL, run_BL, length + 1)  # past the end: dropped
-  offsets = jnp.full((b, length + 1), -1, jnp.int32)
+  lengths = jnp.where(jnp.arange(max_runs)[None] < runs_B1, lengths, -1)
+  target_BL = jnp.where(starts_BL & (run_BL < max_runs), run_BL, max_runs + 1)  # else dropped
+  offsets = jnp.full((b, max_runs + 1), -1, jnp.int32)
   index_BL = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
   offsets = offsets.at[rows_B1, target_BL].set(index_BL, mode="drop")
   return lengths, offsets
 
 
-def cudnn_attention(q_BLNH, k_BSKH, v_BSKH, segment_ids_BL, scale: float) -> jax.Array:
+def runs_per_row(segment_ids_BL: np.ndarray) -> np.ndarray:
+  """Host side: how many runs of equal segment ids (documents and padding) each row holds."""
+  return 1 + np.count_nonzero(segment_ids_BL[:, 1:] != segment_ids_BL[:, :-1], axis=1)
+
+
+def check_runs(segment_ids_BL: np.ndarray, max_segments: int) -> None:
+  """Raises ValueError if a packed row holds more runs than cuDNN attention is built for."""
+  most = int(runs_per_row(np.asarray(segment_ids_BL)).max(initial=0))
+  if most > max_segments:
+    raise ValueError(
+      f"a packed row holds {most} documents (padding counted as one), more than "
+      f"model.max_segments={max_segments} that cuDNN attention is compiled for; set "
+      f"model.max_segments to at least {most}, or model.attention='xla'"
+    )
+
+
+def cudnn_attention(
+  q_BLNH, k_BSKH, v_BSKH, segment_ids_BL, scale: float, max_segments: int
+) -> jax.Array:
   """cuDNN flash attention, causal, with packed rows as ragged sequences (GPU only).
 
   ``jax.nn.dot_product_attention`` cannot express segments except as a materialised [B, 1, L, L]
@@ -114,7 +134,7 @@ def cudnn_attention(q_BLNH, k_BSKH, v_BSKH, segment_ids_BL, scale: float) -> jax
     return cudnn.dot_product_attention(
       q_BLNH, k_BSKH, v_BSKH, scale=scale, mask_type=cudnn.MaskType.CAUSAL, qkv_layout="BTNH"
     )
-  lengths, offsets = segment_runs(segment_ids_BL)
+  lengths, offsets = segment_runs(segment_ids_BL, min(max_segments, q_BLNH.shape[1]))
   return cudnn.dot_product_attention(
     q_BLNH,
     k_BSKH,
@@ -216,6 +236,8 @@ class Attention(nnx.Module):
     self.scale = 1.0 / math.sqrt(cfg.head_dim)
     self.block = cfg.attention_block
     self.attention = cfg.attention
+    self.quant = cfg.quant
+    self.max_segments = cfg.max_segments
     d, n, k, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     init = normal(cfg.init_std)
     self.q_kernel = make_param(rngs, init, (d, n, h), ("embed", "heads", "head_dim"), cfg)
@@ -245,7 +267,7 @@ class Attention(nnx.Module):
       self.q_norm = self.k_norm = None
 
   def _project(self, x_BLD: jax.Array, kernel: nnx.Param, bias, adapter) -> jax.Array:
-    y_BLnH = dense(x_BLD, kernel[...].astype(self.dtype))
+    y_BLnH = dense(x_BLD, kernel[...].astype(self.dtype), quant=self.quant)
     if adapter is not None:
       y_BLnH = y_BLnH + adapter(x_BLD)
     return y_BLnH if bias is None else y_BLnH + bias[...].astype(self.dtype)
@@ -295,14 +317,18 @@ class Attention(nnx.Module):
     if kernel == "xla" and mask_BLS is None:  # the reference, for a caller that built no mask
       mask_BLS = causal_segment_mask(segment_ids_BL, length)
     if kernel != "xla":
-      attend = cudnn_attention if kernel == "cudnn" else splash_attention
-      out_BLNH = attend(q_BLNH, k_BSKH, v_BSKH, segment_ids_BL, self.scale)
+      if kernel == "cudnn":
+        out_BLNH = cudnn_attention(
+          q_BLNH, k_BSKH, v_BSKH, segment_ids_BL, self.scale, self.max_segments
+        )
+      else:
+        out_BLNH = splash_attention(q_BLNH, k_BSKH, v_BSKH, segment_ids_BL, self.scale)
     elif cache is None and 0 < self.block < length:
       out_BLNH = self._attend_blocked(q_BLNH, k_BSKH, v_BSKH, mask_BLS)
     else:
       out_BLNH = self._attend(q_BLNH, k_BSKH, v_BSKH, mask_BLS)
     out_BLNH = checkpoint_name(out_BLNH, "attention")
-    y_BLD = dense(out_BLNH, self.out_kernel[...].astype(self.dtype), contract=2)
+    y_BLD = dense(out_BLNH, self.out_kernel[...].astype(self.dtype), contract=2, quant=self.quant)
     if self.out_lora is not None:
       y_BLD = y_BLD + self.out_lora(out_BLNH)
     if self.out_bias is not None:

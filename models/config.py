@@ -15,6 +15,8 @@ REMATS = ("none", "full", "save_dots", "save_attention", "save_mlp", "save_atten
 ATTENTIONS = ("auto", "xla", "cudnn", "splash")
 DTYPES = ("float32", "bfloat16", "float16")
 ROPE_SCALINGS = ("none", "llama3")
+# The projections' matmuls in a low format, forward and backward (models/quant.py).
+QUANTS = ("none", "fp8", "int8")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +59,10 @@ class ModelConfig:
   # (0 = whole rows). Exact; on a 2-core CPU at R's shape 2.4x faster per layer at 64.
   attention_block: int
   attention: str
+  # Packed documents per row that cuDNN attention is compiled for (its ragged form's bound).
+  max_segments: int
+  quant: str  # "none", "fp8" (tensorwise current scaling) or "int8" (per-channel)
+  quant_emulation: bool  # the quant may run emulated where the chips have no such units
   init_std: float
   # Low-rank adapters: rank > 0 adds A·B·alpha/rank beside each targeted kernel; only adapters
   # train (models/lora.py). Targets: q, k, v, out (attention), gate, up, down (MLP).
@@ -80,6 +86,7 @@ class ModelConfig:
       "head_dim",
       "mlp_dim",
       "max_seq_len",
+      "max_segments",
     ):
       value = getattr(self, name)
       if not isinstance(value, int) or value < 1:
@@ -93,6 +100,7 @@ class ModelConfig:
       "dtype": DTYPES,
       "param_dtype": DTYPES,
       "rope_scaling": ROPE_SCALINGS,
+      "quant": QUANTS,
     }
     for name, valid in choices.items():
       if getattr(self, name) not in valid:

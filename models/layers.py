@@ -15,6 +15,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from models import lora
+from models import quant as quant_lib
 from models.config import ModelConfig
 from models.params import make_param, normal
 from models.sharding import LogicalNames, active_spec, constrain
@@ -30,7 +31,12 @@ def out_proj_std(cfg: ModelConfig) -> float:
 
 
 def dense(
-  x: jax.Array, kernel: jax.Array, contract: int = 1, kernel_axes=None, **dot_kwargs
+  x: jax.Array,
+  kernel: jax.Array,
+  contract: int = 1,
+  kernel_axes=None,
+  quant: str = "none",
+  **dot_kwargs,
 ) -> jax.Array:
   """x [B, L, *in] · kernel [*in, *out] -> [B, L, *out], contracting x's last ``contract`` axes
   with the kernel's first ones (or its ``kernel_axes``: (1,) for a [V, D] table used as [D, V]).
@@ -40,9 +46,23 @@ def dense(
   canonicalisation first copies the activations into a transposed [*in, B·L] buffer for every
   kernel gradient; on XLA:CPU that strided copy cost a fifth of config R's train step. When
   "length" is sharded (a sequence-parallel rule) the axes stay apart, as the mesh splits them.
+
+  ``quant`` "fp8" or "int8" runs the forward and both backward matmuls in that format
+  (``models/quant.py``) on the merged [tokens, in] x [in, out] form, whatever the sharding.
   """
   lead, inner = x.shape[: x.ndim - contract], x.shape[x.ndim - contract :]
   kernel_axes = tuple(range(contract)) if kernel_axes is None else tuple(kernel_axes)
+  if quant != "none":
+    if kernel_axes != tuple(range(contract)):
+      raise ValueError(f"quantised dense() takes kernels [*in, *out] (kernel_axes={kernel_axes})")
+    out = kernel.shape[contract:]
+    y_TO = quant_lib.matmul(
+      x.reshape(math.prod(lead), math.prod(inner)),
+      kernel.reshape(math.prod(inner), math.prod(out)),
+      quant,
+      dot_kwargs.get("preferred_element_type"),
+    )
+    return y_TO.reshape(*lead, *out)
   spec = active_spec(("batch", "length"))
   if len(lead) != 2 or (len(spec) > 1 and spec[1] is not None):
     axes = (tuple(range(len(lead), x.ndim)), kernel_axes)
@@ -158,6 +178,7 @@ class MLP(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.kind = cfg.mlp
     self.dtype = jnp.dtype(cfg.dtype)
+    self.quant = cfg.quant
     d, f = cfg.d_model, cfg.mlp_dim
     init = normal(cfg.init_std)
     self.up_kernel = make_param(rngs, init, (d, f), ("embed", "mlp"), cfg)
@@ -178,7 +199,7 @@ class MLP(nnx.Module):
     self.down_lora = lora.adapter(cfg, "down", (f, d), ("mlp", "embed"), 1, rngs)
 
   def _in(self, x_BLD: jax.Array, kernel: nnx.Param, bias, adapter) -> jax.Array:
-    h_BLF = dense(x_BLD, kernel[...].astype(self.dtype))
+    h_BLF = dense(x_BLD, kernel[...].astype(self.dtype), quant=self.quant)
     if adapter is not None:
       h_BLF = h_BLF + adapter(x_BLD)
     return h_BLF if bias is None else h_BLF + bias[...].astype(self.dtype)
@@ -193,7 +214,7 @@ class MLP(nnx.Module):
     else:
       h_BLF = jax.nn.gelu(h_BLF, approximate=True)
     h_BLF = constrain(h_BLF, ("batch", "length", "mlp"))
-    y_BLD = dense(h_BLF, self.down_kernel[...].astype(self.dtype))
+    y_BLD = dense(h_BLF, self.down_kernel[...].astype(self.dtype), quant=self.quant)
     if self.down_lora is not None:
       y_BLD = y_BLD + self.down_lora(h_BLF)
     if self.down_bias is not None:

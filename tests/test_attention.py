@@ -132,7 +132,7 @@ def test_cudnn_runs_are_the_packed_segments():
 
   _, _, segments = _packed_batch(length=24)
   segments = segments.at[0].set(jnp.arange(24) // 2 + 1)  # twelve two-token documents
-  lengths, offsets = segment_runs(segments)
+  lengths, offsets = segment_runs(segments, 24)
   lengths, offsets = np.asarray(lengths), np.asarray(offsets)
   rows, length = segments.shape
   for b in range(rows):

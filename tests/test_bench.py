@@ -3,6 +3,7 @@ its matmul floor (``--what matmuls``)."""
 
 import dataclasses
 import json
+import math
 import subprocess
 import sys
 
@@ -70,3 +71,23 @@ def test_bench_matmuls_times_the_steps_dots_alone():
   report = bench_matmuls(tiny.get_config(), repeats=1)
   assert report["matmuls"] == 2 * 7 * 3 + 3 + 1 * 6 * 2
   assert report["matmul_time_s"] > 0 and report["tokens_per_second_bound"] > 0
+
+
+def test_the_gpu_suite_refuses_a_cpu_and_runs_its_cases_shrunk(capsys):
+  """``python -m train.bench_gpu``: one JSON line per case; on a CPU only with --shrink (the
+  quantisation then runs as the emulation it is there)."""
+  from train import bench_gpu
+
+  assert bench_gpu.main([]) == 2
+  assert "this suite needs one" in capsys.readouterr().err
+  argv = ["--shrink", "64,8,1", "--cases", "gpt2_small:xla:int8", "--steps", "1", "--warmup", "1"]
+  assert bench_gpu.main(argv) == 0
+  lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+  assert [r["case"] for r in lines] == ["environment", "gpt2_small"]
+  case = lines[1]
+  assert case["quant"] == "int8" and case["seq_len"] == 64 and case["tokens_per_second"] > 0
+  assert "error" not in case and math.isfinite(case["final_loss"])
+  hlo = 'custom_call_target="__cudnn$fmhaSoftmax" custom_call_target="__cublas$lt$matmul$f8"'
+  assert bench_gpu.kernels_in(hlo) == {
+    "cudnn_attention": 1, "fp8_gemm": 1, "cublas_gemm": 0, "triton_gemm": 0
+  }  # fmt: skip

@@ -29,6 +29,7 @@ from train import health, optimizer
 from train import state as state_lib
 from train.cluster import mesh as mesh_lib
 from train.inference import tasks as task_index
+from train.meter import hardware
 
 SOURCE_PREFIXES = ("stdlib", "files:", "tfds:", "chat:")
 
@@ -75,6 +76,10 @@ def validate(
   _check_batch(config, mesh, rules, process_count)
   _check_tensor_within_hosts(mesh.devices, mesh.axis_names)
   _check_model_on_mesh(model_cfg, mesh, rules)
+  try:
+    hardware.check_quant(model_cfg.quant, model_cfg.quant_emulation, mesh.devices.flat[0])
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
   if workdir is not None:
     check_workdir(workdir)
   return Resolved(model_cfg, mesh, rules)

@@ -21,6 +21,7 @@ import numpy as np
 import input_pipeline
 import models
 from input_pipeline.host import settings, storage
+from models import attention
 from models.config import ModelConfig
 from train import config as config_lib
 from train import faults, init_from, loop, metrics_writer
@@ -85,9 +86,24 @@ class Run:
     batches = self.pipeline.train_batches(
       global_batch_size=self.config.train.batch_size, start_step=position
     )
-    return faults.inject(
+    batches = faults.inject(
       batches, self.config.debug, first_position=position + 1, vocab_size=self.model_cfg.vocab_size
     )
+    return self.checked(batches)
+
+  def checked(self, batches: Iterator[dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
+    """The batches, each first checked to fit the compiled attention (cuDNN's bound on the
+    documents per packed row, ``model.max_segments``): a fuller row stops the run, named."""
+    cfg = self.model_cfg
+    if attention.implementation(cfg.attention, cfg.dtype, self.config.data.seq_len) != "cudnn":
+      yield from batches
+      return
+    for batch in batches:
+      try:
+        attention.check_runs(batch["segment_ids"], cfg.max_segments)
+      except ValueError as e:
+        raise config_lib.ConfigError(str(e)) from e
+      yield batch
 
 
 def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:

@@ -40,9 +40,11 @@ class Validation:
     self.run, self.config = run, run.config
     self.batches = [
       input_pipeline.to_global(batch, run.batch_sharding)
-      for batch in run.pipeline.eval_batches(
-        global_batch_size=self.config.train.batch_size,
-        num_batches=self.config.train.eval_batches,
+      for batch in run.checked(
+        run.pipeline.eval_batches(
+          global_batch_size=self.config.train.batch_size,
+          num_batches=self.config.train.eval_batches,
+        )
       )
     ]
     self._model: Model | None = None

@@ -9,6 +9,8 @@ Every figure that MFU, the energy estimate and ``train.plan`` need about a chip 
 - ``hbm_bytes``: memory per JAX device (binary units, as JAX reports it).
 - ``power_watts``: typical board power under training load. Vendor TDP for GPUs; for TPUs an
   estimate where Google publishes none (each entry says which).
+- ``quant``: the low-precision matmul formats (``model.quant``) the chip runs natively: fp8 on
+  Hopper and Ada GPUs, int8 on TPUs from v4 on and NVIDIA GPUs from Ampere on.
 
 CPUs have no datasheet peak here (it depends on the model, the cores and their clocks): their MFU
 divides by a matmul peak measured in the process (``train/meter/flops.py``). Sources: NVIDIA's
@@ -38,23 +40,25 @@ class Accelerator:
   hbm_bytes: int  # per JAX device
   power_watts: float  # per JAX device, under training load
   power_source: str
+  quant: tuple[str, ...] = ()  # model.quant formats with native matmul units
 
 
-def _tpu(name, bf16, hbm_gib, watts, power_source):
-  return Accelerator(name, {"bfloat16": bf16, "float32": bf16}, hbm_gib * GiB, watts, power_source)
+def _tpu(name, bf16, hbm_gib, watts, power_source, quant=("int8",)):
+  peaks = {"bfloat16": bf16, "float32": bf16}
+  return Accelerator(name, peaks, hbm_gib * GiB, watts, power_source, quant)
 
 
-def _gpu(name, bf16, tf32, hbm_gib, watts):
+def _gpu(name, bf16, tf32, hbm_gib, watts, quant=("fp8", "int8")):
   peaks = {"bfloat16": bf16, "float16": bf16, "float32": tf32}
-  return Accelerator(name, peaks, int(hbm_gib * GiB), watts, "NVIDIA TDP")
+  return Accelerator(name, peaks, int(hbm_gib * GiB), watts, "NVIDIA TDP", quant)
 
 
 # Keyed by a lower-case substring of ``jax.Device.device_kind``; the first match wins, so more
 # specific names come first ("tpu v5 lite" before "tpu v5", "h100 pcie" before "h100").
 ACCELERATORS: dict[str, Accelerator] = {
   # v2 and v3 chips hold two TensorCores, each its own JAX device: figures per core.
-  "tpu v2": _tpu("TPU v2", 22.5e12, 8, 140.0, "estimate: half a chip's ~280 W"),
-  "tpu v3": _tpu("TPU v3", 61.5e12, 16, 225.0, "estimate: half a chip's ~450 W"),
+  "tpu v2": _tpu("TPU v2", 22.5e12, 8, 140.0, "estimate: half a chip's ~280 W", ()),
+  "tpu v3": _tpu("TPU v3", 61.5e12, 16, 225.0, "estimate: half a chip's ~450 W", ()),
   "tpu v4": _tpu("TPU v4", 275e12, 32, 192.0, "TPU v4 paper (ISCA 2023): 170-192 W per chip"),
   "tpu v5 lite": _tpu("TPU v5e", 197e12, 16, 170.0, "estimate: scaled from v4 by peak per watt"),
   "tpu v5e": _tpu("TPU v5e", 197e12, 16, 170.0, "estimate: scaled from v4 by peak per watt"),
@@ -65,7 +69,7 @@ ACCELERATORS: dict[str, Accelerator] = {
   "h200": _gpu("NVIDIA H200 SXM", 989e12, 494.5e12, 141 * 1e9 / GiB, 700.0),
   "h100 pcie": _gpu("NVIDIA H100 PCIe", 756e12, 378e12, 80 * 1e9 / GiB, 350.0),
   "h100": _gpu("NVIDIA H100 SXM", 989e12, 494.5e12, 80 * 1e9 / GiB, 700.0),
-  "a100": _gpu("NVIDIA A100 SXM", 312e12, 156e12, 80 * 1e9 / GiB, 400.0),
+  "a100": _gpu("NVIDIA A100 SXM", 312e12, 156e12, 80 * 1e9 / GiB, 400.0, ("int8",)),
   "l4": _gpu("NVIDIA L4", 121e12, 60e12, 24 * 1e9 / GiB, 72.0),
 }
 
@@ -82,6 +86,24 @@ def lookup(device_kind: str) -> Accelerator | None:
     if key in kind:
       return accelerator
   return None
+
+
+def check_quant(quant: str, emulation: bool, device: Any) -> None:
+  """Raises ValueError when ``model.quant`` has no native units on ``device``'s chips and
+  ``model.quant_emulation`` does not say that an emulation is meant."""
+  if quant == "none" or emulation:
+    return
+  accelerator = None if device.platform == "cpu" else lookup(device.device_kind)
+  native = accelerator.quant if accelerator else ()
+  if quant in native:
+    return
+  name = accelerator.name if accelerator else f"{device.platform} ({device.device_kind})"
+  would = f"model.quant={native[0]!r} or " if native else ""
+  raise ValueError(
+    f"model.quant={quant!r}: {name} has no {quant} matmul units (native there: "
+    f"{', '.join(native) or 'none'}); use {would}'none', or model.quant_emulation=True to run "
+    f"it emulated (for checking: no faster than 'none')"
+  )
 
 
 def datasheet_peak(device: Any, dtype: str) -> float | None:
