@@ -19,24 +19,9 @@ A batch is a dict of numpy arrays, each [rows, seq_len]: "inputs", "targets", "p
 document, 0 on padding and across document boundaries).
 """
 
-import importlib
-
-# Loaded on first use, so that importing a subpackage (``input_pipeline.host``, which the train
-# step's modules use) does not import TensorFlow: a GPU or TPU host that only steps the model, and
-# a command that never reads data, need none of it.
-_EXPORTS = {
-  "DataError": "input_pipeline.errors",
-  "Pipeline": "input_pipeline.pipeline",
-  "build": "input_pipeline.preparation",
-  "to_global": "input_pipeline.device",
-}
+from input_pipeline.device import to_global
+from input_pipeline.errors import DataError
+from input_pipeline.pipeline import Pipeline
+from input_pipeline.preparation import build
 
 __all__ = ["DataError", "Pipeline", "build", "to_global"]
-
-
-def __getattr__(name: str):
-  if name not in _EXPORTS:
-    raise AttributeError(f"module 'input_pipeline' has no attribute {name!r}")
-  value = getattr(importlib.import_module(_EXPORTS[name]), name)
-  globals()[name] = value
-  return value

@@ -9,8 +9,8 @@ GEMMs). First it checks that cuDNN attention on packed rows equals the XLA refer
 gradients). Everything is bounded by ``--budget_s`` (default 420 s): cases that would start after
 it are reported as skipped, never silently dropped.
 
-It imports no TensorFlow and reads no data (synthetic packed rows), so it runs on an accelerator
-image that has JAX, Flax, Optax and ml_collections and nothing else of Loom's dependencies.
+It reads no data (synthetic packed rows). The train step's modules import the input_pipeline
+package, and with it TensorFlow: an accelerator image without TensorFlow cannot run it yet.
 """
 
 from __future__ import annotations
