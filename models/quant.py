@@ -50,7 +50,7 @@ def _fp8_qdq(a: jax.Array, dtype) -> jax.Array:
   scale = jnp.maximum(amax, _TINY) / limit  # a = q * scale
   q = jnp.clip(a.astype(jnp.float32) / scale, -limit, limit).astype(dtype)
   # The barrier keeps the rounding: XLA's GPU simplifier otherwise drops the cast to fp8 and back
-  # as "excess precision" (seen on an H200 and when compiling for an H100: no f8 left at all).
+  # (compiled for an H100: no f8 left in the program; the H200 runs of docs/gpus.md were unrounded).
   q, scale = jax.lax.optimization_barrier((q, scale))
   return q.astype(a.dtype) * scale.astype(a.dtype)
 
