@@ -19,9 +19,40 @@ A batch is a dict of numpy arrays, each [rows, seq_len]: "inputs", "targets", "p
 document, 0 on padding and across document boundaries).
 """
 
-from input_pipeline.device import to_global
-from input_pipeline.errors import DataError
-from input_pipeline.pipeline import Pipeline
-from input_pipeline.preparation import build
+import importlib
+import importlib.util
 
 __all__ = ["DataError", "Pipeline", "build", "to_global"]
+
+
+def _has_tensorflow() -> bool:
+  try:
+    return importlib.util.find_spec("tensorflow") is not None
+  except ValueError:  # sys.modules["tensorflow"] is None: imports of it are blocked
+    return False
+
+
+if _has_tensorflow():
+  from input_pipeline.device import to_global
+  from input_pipeline.errors import DataError
+  from input_pipeline.pipeline import Pipeline
+  from input_pipeline.preparation import build
+else:
+  # A host without TensorFlow (an accelerator image running ``python -m train.bench_gpu``): the
+  # train step's modules import ``input_pipeline.host`` and need no data, so the exports load on
+  # first use, and the ones that read data fail then, naming TensorFlow. (Loading them lazily
+  # everywhere changed when TensorFlow was imported in a training process, and one of two
+  # processes stopping after a failed save aborted at exit: imports stay eager where TF is.)
+  _EXPORTS = {
+    "DataError": "input_pipeline.errors",
+    "Pipeline": "input_pipeline.pipeline",
+    "build": "input_pipeline.preparation",
+    "to_global": "input_pipeline.device",
+  }
+
+  def __getattr__(name: str):
+    if name not in _EXPORTS:
+      raise AttributeError(f"module 'input_pipeline' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value

@@ -91,3 +91,23 @@ def test_the_gpu_suite_refuses_a_cpu_and_runs_its_cases_shrunk(capsys):
   assert bench_gpu.kernels_in(hlo) == {
     "cudnn_attention": 1, "fp8_gemm": 1, "cublas_gemm": 0, "triton_gemm": 0
   }  # fmt: skip
+
+
+def test_the_gpu_suite_imports_on_a_host_without_tensorflow():
+  """The lent accelerator image has JAX, Flax and Optax but no TensorFlow: the suite's modules
+  (the model, the train step, its programs) must import there; reading data then names TF."""
+  script = (
+    "import sys; sys.modules['tensorflow'] = None\n"
+    "from train import bench_gpu\n"
+    "import input_pipeline\n"
+    "assert input_pipeline.DataError and input_pipeline.to_global\n"
+    "try:\n"
+    "  input_pipeline.build\n"
+    "except ImportError as e:\n"
+    "  print('refused:', e)\n"
+  )
+  result = subprocess.run(
+    [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120
+  )
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "refused:" in result.stdout and "tensorflow" in result.stdout

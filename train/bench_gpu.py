@@ -9,8 +9,9 @@ GEMMs). First it checks that cuDNN attention on packed rows equals the XLA refer
 gradients). Everything is bounded by ``--budget_s`` (default 420 s): cases that would start after
 it are reported as skipped, never silently dropped.
 
-It reads no data (synthetic packed rows). The train step's modules import the input_pipeline
-package, and with it TensorFlow: an accelerator image without TensorFlow cannot run it yet.
+It reads no data (synthetic packed rows) and runs where TensorFlow is not installed (the
+input_pipeline package then loads its exports on first use): an accelerator image that has JAX,
+Flax, Optax and ml_collections will do.
 """
 
 from __future__ import annotations
