@@ -11,10 +11,22 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 
 import pytest
 from cli_helpers import copy_run, train_in_process
-from cluster_helpers import SAVED_AT, SETTINGS, STEPS, json_lines, launch, losses, run_command
+from cluster_helpers import (
+  SAVED_AT,
+  SETTINGS,
+  STEPS,
+  free_port,
+  json_lines,
+  launch,
+  losses,
+  process_env,
+  run_command,
+)
 
 from input_pipeline.host import distributed
 
@@ -309,3 +321,42 @@ def test_two_processes_prepare_one_store_in_parallel_byte_for_byte(tmp_path):
       a, b = ({k: v for k, v in json.loads(x).items() if k != "prepare_seconds"} for x in (a, b))
     assert a == b, name
   assert os.listdir(caches[2] / "stores") == [alone.fingerprint]  # shares removed
+
+
+# Two processes leave after an outcome they agreed on but that is not orderly (a failed or given-up
+# save): process 1 is still tearing down when process 0 is ready to exit.
+LEAVING = """
+import sys, time
+from input_pipeline.host import distributed
+index = int(sys.argv[2])
+distributed.initialize(sys.argv[1], 2, index)
+if index == 1:
+  time.sleep(3)  # a slow teardown (under load: the input pipeline's threads)
+distributed.end(True, 4, orderly=False)
+"""
+
+
+@pytest.mark.multiprocess
+def test_a_process_slower_to_leave_keeps_its_exit_code():
+  """Process 0 hosts the coordination service: had it exited at once, process 1 would lose the
+  service and abort (-6) instead of ending with the code every process agreed on."""
+  address = f"127.0.0.1:{free_port()}"
+  procs = [
+    subprocess.Popen(
+      [sys.executable, "-c", LEAVING, address, str(i)],
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+      env=process_env(1),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for i in range(2)
+  ]
+  try:
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  codes = [p.returncode for p in procs]
+  assert codes == [4, 4], f"exit codes {codes}\n" + "\n".join(o[-2000:] for o in outputs)

@@ -135,10 +135,15 @@ def _kill(procs) -> None:
     p.wait()
 
 
-def _wait(procs, timeout: float) -> float:
-  """Waits for every process to end (at most ``timeout``); returns the seconds waited."""
+def _wait(procs, timeout: float, ended: dict | None = None) -> float:
+  """Waits for every process to end (at most ``timeout``); returns the seconds waited.
+  ``ended`` receives each process's end, in seconds after the start of the wait."""
   start = time.monotonic()
-  while any(p.poll() is None for p in procs) and time.monotonic() - start < timeout:
+  ended = {} if ended is None else ended
+  while len(ended) < len(procs) and time.monotonic() - start < timeout:
+    for i, p in enumerate(procs):
+      if i not in ended and p.poll() is not None:
+        ended[i] = round(time.monotonic() - start, 1)
     time.sleep(0.1)
   return time.monotonic() - start
 
@@ -427,17 +432,21 @@ def test_sigterm_during_a_save_that_hangs_ends_every_process_within_30_s(tmp_pat
         time.sleep(0.2)
       time.sleep(10)  # the processes train on to step 15 and wait there for step 10's save
       assert all(p.poll() is None for p in procs)
+      signalled = time.strftime("%H:%M:%S")
       for p in procs:
         os.killpg(p.pid, signal.SIGTERM)
-      waited = _wait(procs, 60)
+      ended = {}
+      waited = _wait(procs, 60, ended)
       codes = [p.returncode for p in procs]
     finally:
       _kill(procs)
   finally:
     _stop(server)
   outputs = [open(path).read() for path in paths]
-  shown = "\n".join(f"--- process {i}:\n{out[-4000:]}" for i, out in enumerate(outputs))
-  assert codes == [75, 75] and waited < 30, f"exit codes {codes} after {waited:.1f} s\n{shown}"
+  shown = "\n".join(f"--- process {i}:\n{out[-8000:]}" for i, out in enumerate(outputs))
+  assert codes == [75, 75] and waited < 30, (
+    f"exit codes {codes}; SIGTERM at {signalled}, processes ended {ended} s later\n{shown}"
+  )
   for output in outputs:
     assert "while the checkpoint of step 10 was being saved" in output, output[-3000:]
     assert "The latest complete checkpoint is step 5" in output

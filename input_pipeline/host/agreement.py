@@ -147,6 +147,27 @@ def published(directory: str) -> dict[str, str]:
   return {key[len(prefix) :]: value for key, value in _client().key_value_dir_get(prefix)}
 
 
+def leave(timeout_s: float = 5.0) -> None:
+  """Says that this process is leaving; process 0, whose process hosts the coordination service,
+  waits (at most ``timeout_s``) until every other process has said so. Without this a process
+  still tearing down when process 0 exits loses the service and aborts (exit -6) instead of ending
+  with its own exit code. Never raises: the process is on its way out."""
+  if not _multi():
+    return
+  try:
+    client = _client()
+    client.key_value_set(f"loom/leaving/{jax.process_index()}", "")
+    if jax.process_index() != 0:
+      return
+    deadline = time.monotonic() + timeout_s
+    while len(client.key_value_dir_get("loom/leaving/")) < jax.process_count():
+      if time.monotonic() > deadline:
+        return  # a process that never comes (hung, crashed): its heartbeats end it
+      time.sleep(0.05)
+  except Exception:  # noqa: BLE001 - the service may be gone already
+    return
+
+
 def preemption_noticed() -> bool:
   """Whether any process of the cluster has received a preemption notice (SIGTERM) so far.
 

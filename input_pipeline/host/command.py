@@ -152,6 +152,11 @@ def run(
       print(usage, file=sys.stderr)
       sys.exit(EXIT_BAD_INPUT)
     started, code, orderly = False, EXIT_BUG, True
+    # The error is held until the process ends: freeing it would first tear down what its frames
+    # hold (the input pipeline's iterators and their threads), which a cluster's exit must not
+    # wait for (under load that took long enough for process 0 to exit first and take the
+    # coordination service with it).
+    failure = None
     try:
       if multi_process:
         try:
@@ -163,14 +168,16 @@ def run(
       setup_logging(is_main=main_process or every_process_logs)
       code = main(argv) or EXIT_OK
     except LoomError as e:
-      code, orderly = error(e, e.exit_code), e.orderly_exit
+      code, orderly, failure = error(e, e.exit_code), e.orderly_exit, e
     except bad_input as e:
-      code = error(e)
-    except BaseException:
+      code, failure = error(e), e
+    except BaseException as e:
       if not started:
         raise  # absl prints the traceback; exit 1
       traceback.print_exc()  # a cluster must still be ended below
+      failure = e
     distributed.end(started, code, orderly=orderly and code in agreed_codes)
+    del failure  # not reached with a cluster: end() exits at once
 
   app.run(run_main, flags_parser=parse)
 

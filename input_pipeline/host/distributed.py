@@ -30,6 +30,8 @@ from collections.abc import Callable, Mapping
 import jax
 from absl import flags
 
+from input_pipeline.host import agreement
+
 log = logging.getLogger("loom")
 
 # The variables JAX's SlurmCluster needs (jax/_src/clusters/slurm_cluster.py): all are set inside a
@@ -200,10 +202,13 @@ def end(started: bool, code: int, *, orderly: bool | None = None) -> None:
   if started:
     sys.stdout.flush()
     sys.stderr.flush()
-    # After a failure peers may be waiting for this process in a collective: leave at once (the
-    # coordination service's heartbeats end them). A result every process agreed on (orderly)
-    # ends the cluster properly.
+    # A result every process agreed on (orderly) ends the cluster properly. After a failure peers
+    # may be waiting for this process in a collective: no shutdown barrier, only a short wait on
+    # process 0 for the others that are leaving too (the coordination service's heartbeats end
+    # the ones that never come).
     if code in ORDERLY_CODES if orderly is None else orderly:
       jax.distributed.shutdown()
+    else:
+      agreement.leave()
     os._exit(code)
   sys.exit(code)
