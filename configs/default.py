@@ -92,6 +92,19 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.lora_rank = 0  # > 0: train low-rank adapters of this rank only, the rest frozen
   c.model.lora_alpha = 16.0  # adapter scale: the update is A·B·lora_alpha/lora_rank
   c.model.lora_targets = ("q", "k", "v", "out")  # adapted kernels: q k v out gate up down
+  # Mixture of experts (models/moe.py) in place of every layer's MLP; num_experts = 0: dense.
+  c.model.moe = ml_collections.ConfigDict()
+  c.model.moe.num_experts = 0  # E routed experts per layer (0 = a dense MLP)
+  c.model.moe.experts_per_token = 2  # K experts each token is sent to
+  c.model.moe.expert_dim = -1  # each expert's hidden width (-1 = model.mlp_dim)
+  c.model.moe.shared_experts = 0  # experts every token also passes through (Qwen2-MoE, DeepSeek)
+  c.model.moe.router = "softmax"  # "softmax" (Mixtral, Qwen3) | "sigmoid" + a bias (DeepSeek-V3)
+  c.model.moe.norm_topk = True  # renormalise the K chosen weights to sum to 1
+  c.model.moe.dispatch = "dropless"  # "dropless" (grouped matmul) | "capacity" (drops overflow)
+  c.model.moe.capacity_factor = 1.25  # capacity dispatch: slots per expert × K·tokens / E
+  c.model.moe.balance_loss = 0.01  # weight of the load-balancing loss (1 at balance; 0 = off)
+  c.model.moe.router_z_loss = 0.001  # weight of the router z-loss (0 = off)
+  c.model.moe.bias_rate = 0.001  # sigmoid router: the selection bias's step toward equal load
 
   # --- mesh: device mesh sizes and the one table from logical axis names to mesh axes.
   c.mesh = ml_collections.ConfigDict()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 NORMS = ("rms", "layer")
@@ -17,6 +18,59 @@ DTYPES = ("float32", "bfloat16", "float16")
 ROPE_SCALINGS = ("none", "llama3")
 # The projections' matmuls in a low format, forward and backward (models/quant.py).
 QUANTS = ("none", "fp8", "int8")
+
+
+ROUTERS = ("softmax", "sigmoid")
+DISPATCHES = ("dropless", "capacity")
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+  """An MoE layer's shape and routing (``model.moe.*`` in the run config; models/moe.py)."""
+
+  num_experts: int  # E
+  experts_per_token: int  # K
+  expert_dim: int  # F, each expert's hidden width
+  shared_experts: int  # experts every token passes through (Qwen2-MoE, DeepSeek), width F each
+  router: str  # ROUTERS
+  norm_topk: bool
+  dispatch: str  # DISPATCHES
+  capacity_factor: float
+  # Weights of the router's losses in the training loss, and the sigmoid router's bias step.
+  balance_loss: float
+  router_z_loss: float
+  bias_rate: float
+
+  def validate(self) -> None:
+    """Raises ValueError naming the ``model.moe`` key, its value and what would be valid."""
+    for name in ("num_experts", "experts_per_token", "expert_dim"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"model.moe.{name}={value!r}: must be a positive integer")
+    if self.experts_per_token > self.num_experts:
+      raise ValueError(
+        f"model.moe.experts_per_token={self.experts_per_token} exceeds model.moe.num_experts="
+        f"{self.num_experts}: each token picks at most every expert"
+      )
+    if not isinstance(self.shared_experts, int) or self.shared_experts < 0:
+      raise ValueError(f"model.moe.shared_experts={self.shared_experts!r}: must be an integer >= 0")
+    if self.router not in ROUTERS:
+      raise ValueError(f"model.moe.router={self.router!r}: must be one of {', '.join(ROUTERS)}")
+    if self.dispatch not in DISPATCHES:
+      raise ValueError(
+        f"model.moe.dispatch={self.dispatch!r}: must be one of {', '.join(DISPATCHES)}"
+      )
+    if not self.capacity_factor > 0:
+      raise ValueError(f"model.moe.capacity_factor={self.capacity_factor!r}: must be > 0")
+    for name in ("balance_loss", "router_z_loss", "bias_rate"):
+      value = getattr(self, name)
+      if not isinstance(value, int | float) or value < 0:
+        raise ValueError(f"model.moe.{name}={value!r}: must be a number >= 0 (0 = off)")
+
+  def capacity(self, tokens: int) -> int:
+    """C: how many assignments each expert takes in ``capacity`` dispatch."""
+    assignments = tokens * self.experts_per_token
+    return max(1, math.ceil(self.capacity_factor * assignments / self.num_experts))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,10 +123,13 @@ class ModelConfig:
   lora_rank: int
   lora_alpha: float
   lora_targets: tuple[str, ...]
+  # Mixture of experts in every layer's place of the MLP, or None (model.moe.num_experts = 0).
+  moe: MoEConfig | None
 
   def __post_init__(self):
     # JSON (checkpoint metadata) turns the tuple into a list; the config must stay hashable.
     object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+    object.__setattr__(self, "moe", _moe_config(self.moe, self.mlp_dim))
     self.validate()
 
   def validate(self) -> None:
@@ -124,6 +181,19 @@ class ModelConfig:
       )
     if self.positions == "rope" and self.head_dim % 2:
       raise ValueError(f"model.head_dim={self.head_dim} must be even for RoPE")
+    if self.moe is not None:
+      self.moe.validate()
+      adapted = sorted({"gate", "up", "down"} & set(self.lora_targets))
+      if self.lora_rank and adapted:
+        raise ValueError(
+          f"model.lora_targets={self.lora_targets}: {adapted} are MLP kernels, which an MoE "
+          f"model (model.moe.num_experts={self.moe.num_experts}) does not have; adapt q, k, v, out"
+        )
+      if self.quant != "none":
+        raise ValueError(
+          f"model.quant={self.quant!r}: the experts of an MoE model (model.moe.num_experts="
+          f"{self.moe.num_experts}) run unquantised; use model.quant='none'"
+        )
 
   @classmethod
   def from_config(cls, model: Any, *, seq_len: int, vocab_size: int) -> ModelConfig:
@@ -162,3 +232,22 @@ class ModelConfig:
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
+
+
+def _moe_config(value: Any, mlp_dim: int) -> MoEConfig | None:
+  """The ``model.moe`` group (a mapping, from a config or JSON) as a MoEConfig, None when dense;
+  its expert_dim -1 is the dense MLP's width."""
+  if value is None or isinstance(value, MoEConfig):
+    return value
+  values = dict(value)
+  if values.get("num_experts") == 0:
+    return None
+  fields = {f.name for f in dataclasses.fields(MoEConfig)}
+  unknown, missing = sorted(set(values) - fields), sorted(fields - set(values))
+  if unknown or missing:
+    raise ValueError(
+      f"model.moe: unknown keys {unknown}, missing keys {missing}; valid keys: {sorted(fields)}"
+    )
+  if values["expert_dim"] == -1:
+    values["expert_dim"] = mlp_dim
+  return MoEConfig(**values)

@@ -37,56 +37,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.config import ModelConfig
+from models.config import ModelConfig, MoEConfig
+from models.layers import MLP
 from models.params import make_param, normal
-
-ROUTERS = ("softmax", "sigmoid")
-DISPATCHES = ("dropless", "capacity")
+from models.sharding import partitioned
 
 
-@dataclasses.dataclass(frozen=True)
-class MoEConfig:
-  """An MoE layer's shape and routing (``model.moe.*`` in the run config)."""
-
-  num_experts: int  # E
-  experts_per_token: int  # K
-  expert_dim: int  # F, each expert's hidden width
-  shared_experts: int = 0  # experts every token passes through (Qwen2-MoE, DeepSeek), width F each
-  router: str = "softmax"
-  norm_topk: bool = True
-  dispatch: str = "dropless"
-  capacity_factor: float = 1.25
-
-  def validate(self) -> None:
-    """Raises ValueError naming the ``model.moe`` key, its value and what would be valid."""
-    for name in ("num_experts", "experts_per_token", "expert_dim"):
-      value = getattr(self, name)
-      if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"model.moe.{name}={value!r}: must be a positive integer")
-    if self.experts_per_token > self.num_experts:
-      raise ValueError(
-        f"model.moe.experts_per_token={self.experts_per_token} exceeds model.moe.num_experts="
-        f"{self.num_experts}: each token picks at most every expert"
-      )
-    if not isinstance(self.shared_experts, int) or self.shared_experts < 0:
-      raise ValueError(f"model.moe.shared_experts={self.shared_experts!r}: must be an integer >= 0")
-    if self.router not in ROUTERS:
-      raise ValueError(f"model.moe.router={self.router!r}: must be one of {', '.join(ROUTERS)}")
-    if self.dispatch not in DISPATCHES:
-      raise ValueError(
-        f"model.moe.dispatch={self.dispatch!r}: must be one of {', '.join(DISPATCHES)}"
-      )
-    if not self.capacity_factor > 0:
-      raise ValueError(f"model.moe.capacity_factor={self.capacity_factor!r}: must be > 0")
-
-  def capacity(self, tokens: int) -> int:
-    """C: how many assignments each expert takes in ``capacity`` dispatch."""
-    assignments = tokens * self.experts_per_token
-    return max(1, math.ceil(self.capacity_factor * assignments / self.num_experts))
-
-
-class RouterBias(nnx.Variable):
-  """The sigmoid router's selection bias: changed by ``balance_bias``, never by gradients."""
+class RouterBias(nnx.Param):
+  """The sigmoid router's selection bias: set by the train step with ``balance_bias``, never by
+  gradients (it only chooses experts, so its gradient is zero). A Param so that it lives in the
+  train state and its checkpoints like every weight."""
 
 
 # --- routing -------------------------------------------------------------------------------------
@@ -139,6 +99,41 @@ def balance_bias(bias_E: jax.Array, load_E: jax.Array, rate: float) -> jax.Array
   """DeepSeek-V3's update: raise the bias of experts below the mean load by ``rate``, lower
   those above it (sign of the error, so the step is the same at any batch size)."""
   return bias_E + rate * jnp.sign(jnp.mean(load_E) - load_E).astype(bias_E.dtype)
+
+
+def rebalance(params: Any, old_params: Any, load_LE: jax.Array, rate: float) -> Any:
+  """``params`` (a model's pure dict) with every layer's router bias set to ``balance_bias`` of
+  its value in ``old_params``, by that layer's load (``load_LE``, [num_layers, E])."""
+
+  def walk(new, old, layer):
+    if not isinstance(new, dict):
+      return new
+    out = {}
+    for key, value in new.items():
+      index = key if isinstance(key, int) else layer
+      if key == "router_bias":
+        load = load_LE if index is None else load_LE[index]  # scanned: [L, E]; unrolled: [E]
+        out[key] = balance_bias(old[key], load, rate)
+      else:
+        out[key] = walk(value, old[key], index)
+    return out
+
+  return walk(params, old_params, None)
+
+
+def metrics(stats: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """The train metrics of the routers' statistics (each stacked over layers): the losses'
+  means, and per layer the largest and smallest expert share and the dropped fraction."""
+  out = {
+    "moe/balance_loss": jnp.mean(stats["balance_loss"]),
+    "moe/z_loss": jnp.mean(stats["z_loss"]),
+    "moe/router_loss": stats["router_loss"],
+  }
+  for i in range(stats["load"].shape[0]):
+    out[f"moe/load_max/layer_{i}"] = jnp.max(stats["load"][i])
+    out[f"moe/load_min/layer_{i}"] = jnp.min(stats["load"][i])
+    out[f"moe/dropped/layer_{i}"] = stats["dropped"][i]
+  return out
 
 
 # --- dispatch ------------------------------------------------------------------------------------
@@ -226,7 +221,10 @@ class MoE(nnx.Module):
     init = normal(cfg.init_std)
     down_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
     self.router_kernel = make_param(rngs, init, (d, e), ("embed", None), cfg)
-    self.router_bias = RouterBias(jnp.zeros((e,), jnp.float32)) if moe.router == "sigmoid" else None
+    zeros = partitioned(nnx.initializers.zeros, ("expert",))
+    self.router_bias = (  # float32 whatever param_dtype: its steps are small
+      RouterBias(zeros(rngs.params(), (e,), jnp.float32)) if moe.router == "sigmoid" else None
+    )
     self.up_kernel = make_param(rngs, init, (e, d, f), ("expert", "embed", "mlp"), cfg)
     self.gate_kernel = (
       make_param(rngs, init, (e, d, f), ("expert", "embed", "mlp"), cfg)
@@ -236,8 +234,6 @@ class MoE(nnx.Module):
     down_names = ("expert", "mlp", "embed")
     self.down_kernel = make_param(rngs, normal(down_std), (e, f, d), down_names, cfg)
     if moe.shared_experts:
-      from models.layers import MLP  # noqa: PLC0415 - models.layers will import this module
-
       shared = dataclasses.replace(cfg, mlp_dim=moe.shared_experts * f)
       self.shared = MLP(shared, rngs=rngs)
     else:

@@ -5,8 +5,11 @@ from __future__ import annotations
 from models.config import ModelConfig
 
 
-def param_count(cfg: ModelConfig, *, embeddings: bool = True) -> int:
+def param_count(cfg: ModelConfig, *, embeddings: bool = True, active: bool = False) -> int:
   """Number of parameters of ``Transformer(cfg)``.
+
+  With ``active`` an MoE model counts what one token uses: the router, its K experts and the
+  shared ones (FLOPs follow the active count; memory the total).
 
   With ``embeddings=False`` the token and learned-position tables are left out (the usual
   "non-embedding" count behind FLOPs/token = 6 N + attention); a tied table counts once and is
@@ -20,6 +23,14 @@ def param_count(cfg: ModelConfig, *, embeddings: bool = True) -> int:
   attention += 2 * h if cfg.qk_norm else 0  # qk-norm scales, no bias
   mlp_in = 2 if cfg.mlp == "swiglu" else 1
   mlp = mlp_in * (d * f + bias * f) + f * d + bias * d
+  if cfg.moe is not None:
+    moe, fe = cfg.moe, cfg.moe.expert_dim
+    expert = mlp_in * d * fe + fe * d  # no biases
+    fs = moe.shared_experts * fe
+    shared = mlp_in * (d * fs + bias * fs) + fs * d + bias * d if fs else 0
+    routed = moe.experts_per_token if active else moe.num_experts
+    bias_e = moe.num_experts if moe.router == "sigmoid" and not active else 0
+    mlp = d * moe.num_experts + bias_e + routed * expert + shared
   blocks = cfg.num_layers * (2 * norm + attention + mlp)
   total = blocks + norm  # final norm
   if not cfg.tie_embeddings:

@@ -40,6 +40,7 @@ from models.attention import (
 )
 from models.config import ModelConfig
 from models.layers import MLP, Embed, Norm, dense
+from models.moe import MoE
 from models.params import make_param, normal
 from models.sharding import constrain
 
@@ -61,14 +62,15 @@ _REMAT_POLICIES = {
 
 
 class Block(nnx.Module):
-  """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+  """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)); the MLP is a mixture
+  of experts (models/moe.py) when ``cfg.moe`` is set."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     norm_args = dict(kind=cfg.norm, use_bias=cfg.use_bias, rngs=rngs)
     self.attn_norm = Norm(cfg, cfg.d_model, ("embed",), **norm_args)
     self.attn = Attention(cfg, rngs=rngs)
     self.mlp_norm = Norm(cfg, cfg.d_model, ("embed",), **norm_args)
-    self.mlp = MLP(cfg, rngs=rngs)
+    self.mlp = MoE(cfg, cfg.moe, rngs=rngs) if cfg.moe is not None else MLP(cfg, rngs=rngs)
 
   def __call__(
     self,
@@ -78,13 +80,17 @@ class Block(nnx.Module):
     cache: KVCache | None = None,
     cache_index: jax.Array | int | None = None,
     segment_ids_BL: jax.Array | None = None,
-  ) -> tuple[jax.Array, KVCache | None]:
+  ) -> tuple[jax.Array, KVCache | None, dict[str, jax.Array]]:
+    """(x, the updated cache, the MoE router's statistics: {} for a dense MLP)."""
     h_BLD, cache = self.attn(
       self.attn_norm(x_BLD), positions_BL, mask_BLS, cache, cache_index, segment_ids_BL
     )
     x_BLD = x_BLD + h_BLD
-    x_BLD = x_BLD + self.mlp(self.mlp_norm(x_BLD))
-    return constrain(x_BLD, ("batch", "length", "embed")), cache
+    h_BLD, stats = self.mlp(self.mlp_norm(x_BLD)), {}
+    if isinstance(self.mlp, MoE):
+      h_BLD, stats = h_BLD
+    x_BLD = x_BLD + h_BLD
+    return constrain(x_BLD, ("batch", "length", "embed")), cache, stats
 
 
 def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
@@ -136,7 +142,20 @@ class Transformer(nnx.Module):
     segment_ids_BL: packing ids; a token attends to earlier-or-same positions of its own segment.
     None means one segment per row.
     """
-    return self._logits(self._hidden(tokens_BL, positions_BL, segment_ids_BL))
+    return self._logits(self._hidden(tokens_BL, positions_BL, segment_ids_BL)[0])
+
+  def logits_and_stats(
+    self,
+    tokens_BL: jax.Array,
+    positions_BL: jax.Array,
+    segment_ids_BL: jax.Array | None = None,
+    *,
+    features: bool = False,
+  ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """``__call__`` (or ``features`` when ``features``) and the MoE routers' statistics, each
+    stacked over layers ([num_layers] scalars, [num_layers, E] loads); {} for a dense model."""
+    x_BLD, stats = self._hidden(tokens_BL, positions_BL, segment_ids_BL)
+    return (self.final_norm(x_BLD) if features else self._logits(x_BLD)), stats
 
   def features(
     self,
@@ -148,7 +167,7 @@ class Transformer(nnx.Module):
 
     For a loss computed in chunks of positions, so that [B, L, V] logits never exist whole.
     """
-    return self.final_norm(self._hidden(tokens_BL, positions_BL, segment_ids_BL))
+    return self.final_norm(self._hidden(tokens_BL, positions_BL, segment_ids_BL)[0])
 
   def output_kernel(self) -> jax.Array:
     """The output projection [D, V] in the compute dtype (the embedding's transpose if tied)."""
@@ -156,17 +175,17 @@ class Transformer(nnx.Module):
       return self.embed.table[...].astype(self.embed.dtype).T
     return self.unembed[...].astype(jnp.dtype(self.cfg.dtype))
 
-  def _hidden(self, tokens_BL, positions_BL, segment_ids_BL) -> jax.Array:
+  def _hidden(self, tokens_BL, positions_BL, segment_ids_BL) -> tuple[jax.Array, dict]:
     length = tokens_BL.shape[1]
     # The einsum reference takes one [B, L, L] mask, built once for all layers; the kernels take
     # the segment ids themselves and never see a mask.
     kernel = implementation(self.cfg.attention, self.cfg.dtype, length)
     mask_BLL = causal_segment_mask(segment_ids_BL, length) if kernel == "xla" else None
     x_BLD = self._embed(tokens_BL, positions_BL)
-    x_BLD, _ = self._run_blocks(
+    x_BLD, _, stats = self._run_blocks(
       x_BLD, positions_BL, mask_BLL, None, None, self.cfg.remat, segment_ids_BL
     )
-    return x_BLD
+    return x_BLD, stats
 
   def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> dict[str, jax.Array]:
     """An empty KV cache {"k", "v"}: [num_layers, batch, max_len, K, H] each (axes CACHE_AXES).
@@ -194,7 +213,7 @@ class Transformer(nnx.Module):
     """
     mask_1LS = decode_mask(cache_index, tokens_BL.shape[1], cache["k"].shape[2])
     x_BLD = self._embed(tokens_BL, positions_BL)
-    x_BLD, cache = self._run_blocks(x_BLD, positions_BL, mask_1LS, cache, cache_index, "none")
+    x_BLD, cache, _ = self._run_blocks(x_BLD, positions_BL, mask_1LS, cache, cache_index, "none")
     return self._logits(x_BLD), cache
 
   def _embed(self, tokens_BL: jax.Array, positions_BL: jax.Array) -> jax.Array:
@@ -221,8 +240,9 @@ class Transformer(nnx.Module):
     cache_index: jax.Array | int | None,
     remat: str,
     segment_ids_BL: jax.Array | None = None,
-  ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
-    """Applies the blocks as pure functions of their split state (scan or python loop)."""
+  ) -> tuple[jax.Array, dict[str, jax.Array] | None, dict[str, jax.Array]]:
+    """Applies the blocks as pure functions of their split state (scan or python loop); returns
+    (x, the cache, the blocks' statistics stacked over layers)."""
 
     def block_fn(graphdef: nnx.GraphDef, prevent_cse: bool) -> Callable:
       def apply(state: nnx.State, x_BLD: jax.Array, layer_cache: KVCache | None):
@@ -237,19 +257,23 @@ class Transformer(nnx.Module):
       apply = block_fn(graphdef, prevent_cse=False)
 
       def body(x_BLD: jax.Array, layer: tuple[nnx.State, KVCache | None]):
-        return apply(layer[0], x_BLD, layer[1])
+        x_BLD, layer_cache, stats = apply(layer[0], x_BLD, layer[1])
+        return x_BLD, (layer_cache, stats)
 
-      return jax.lax.scan(body, x_BLD, (stacked, cache))
+      x_BLD, (cache, stats) = jax.lax.scan(body, x_BLD, (stacked, cache))
+      return x_BLD, cache, stats
 
-    new_layers = []
+    new_layers, layer_stats = [], []
     for i, block in enumerate(self.blocks):
       graphdef, state = nnx.split(block)
       layer_cache = None if cache is None else {name: c[i] for name, c in cache.items()}
-      x_BLD, layer_cache = block_fn(graphdef, prevent_cse=True)(state, x_BLD, layer_cache)
+      x_BLD, layer_cache, stats = block_fn(graphdef, prevent_cse=True)(state, x_BLD, layer_cache)
       new_layers.append(layer_cache)
+      layer_stats.append(stats)
+    stats = jax.tree.map(lambda *xs: jnp.stack(xs), *layer_stats)
     if cache is None:
-      return x_BLD, None
-    return x_BLD, {name: jnp.stack([c[name] for c in new_layers]) for name in cache}
+      return x_BLD, None, stats
+    return x_BLD, {name: jnp.stack([c[name] for c in new_layers]) for name in cache}, stats
 
 
 def _maybe_remat(fn: Callable, remat: str, *, prevent_cse: bool) -> Callable:

@@ -10,7 +10,9 @@ import pytest
 from flax import nnx
 from model_configs import model_config
 
+from configs import default
 from models import moe as moe_lib
+from models.config import MoEConfig
 
 D, E, K, F = 16, 4, 2, 24
 CFG = model_config(
@@ -18,7 +20,14 @@ CFG = model_config(
     max_seq_len=8, mlp="swiglu", norm="rms", positions="rope", use_bias=False,
     tie_embeddings=False, dtype="float32", param_dtype="float32",
 )  # fmt: skip
-MOE = moe_lib.MoEConfig(num_experts=E, experts_per_token=K, expert_dim=F)
+MOE = MoEConfig(
+  **{
+    **default.get_config().model.moe.to_dict(),
+    "num_experts": E,
+    "experts_per_token": K,
+    "expert_dim": F,
+  }
+)
 
 
 def dense_reference(layer: moe_lib.MoE, x_BLD):
@@ -168,3 +177,122 @@ def test_jit_and_bfloat16_run():
   y, stats = nnx.jit(lambda m, x: m(x))(layer, _x().astype(jnp.bfloat16))
   assert y.dtype == jnp.bfloat16 and y.shape == (2, 8, D)
   assert float(jnp.sum(stats["load"])) == pytest.approx(1.0)
+
+
+# --- the MoE model: parameters, the train step on meshes, a run, bad configs ---
+
+
+def _moe_settings(**fields) -> dict:
+  return {**default.get_config().model.moe.to_dict(), "num_experts": E, **fields}
+
+
+@pytest.mark.parametrize("scan", [True, False])
+@pytest.mark.parametrize("router", ["softmax", "sigmoid"])
+def test_an_moe_transformer_has_the_parameters_it_counts(scan, router):
+  import models
+
+  cfg = dataclasses.replace(
+    CFG, scan_layers=scan, moe=_moe_settings(router=router, shared_experts=1, expert_dim=F)
+  )
+  model = models.Transformer(cfg, rngs=nnx.Rngs(0))
+  params = nnx.state(model, nnx.Param)
+  assert sum(x.size for x in jax.tree.leaves(params)) == models.param_count(cfg)
+  dense = dataclasses.replace(CFG, scan_layers=scan)
+  per_layer = models.param_count(cfg, active=True) - models.param_count(dense)
+  swiglu = 3 * D * F  # one expert (or the shared one, of width F)
+  # Active: the router, K experts and the shared expert in place of the dense MLP (width 32).
+  assert per_layer == cfg.num_layers * (D * E + (K + 1) * swiglu - 3 * D * 32)
+  tokens = jnp.zeros((2, 8), jnp.int32)
+  positions = jnp.broadcast_to(jnp.arange(8), (2, 8))
+  logits, stats = model.logits_and_stats(tokens, positions)
+  assert logits.shape == (2, 8, 64)
+  assert stats["load"].shape == (cfg.num_layers, E) and stats["balance_loss"].shape == (2,)
+
+
+def _moe_config(**moe):
+  from configs import tiny
+
+  config = tiny.get_config()
+  config.model.moe.update({"num_experts": E, "experts_per_token": K, **moe})
+  return config
+
+
+def _losses_on(config, mesh_sizes, steps=3):
+  from models.config import ModelConfig
+  from train import state as state_lib
+  from train import trainer
+  from train.bench import synthetic_batch
+  from train.cluster import mesh as mesh_lib
+
+  config = config.copy_and_resolve_references()
+  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = mesh_sizes
+  mesh = mesh_lib.make_mesh(config.mesh, jax.devices()[: int(np.prod(mesh_sizes))])
+  rules = mesh_lib.logical_rules(config.mesh)
+  model_cfg = ModelConfig.from_config(config.model, seq_len=config.data.seq_len, vocab_size=258)
+  built = trainer.build_steps(config, mesh, rules, model_cfg)
+  spec = built.programs.spec
+  state = state_lib.init_state(spec, model_cfg, built.programs.tx, mesh, rules, config.seed)
+  first = jax.device_get(state["params"])
+  losses, metrics = [], None
+  for i in range(steps):
+    batch = synthetic_batch(config, 258, built.programs.batch_sharding, seed=i)
+    state, metrics = built.compiled_step(state, batch)
+    losses.append(float(metrics["train/loss"]))
+  return losses, jax.device_get(metrics), first, jax.device_get(state["params"])
+
+
+@pytest.mark.parametrize("router", ["softmax", "sigmoid"])
+def test_the_train_step_on_8_devices_equals_one_device_and_moves_only_the_bias_by_load(router):
+  config = _moe_config(router=router, bias_rate=0.01)
+  reference, metrics, first, last = _losses_on(config, (1, 1, 1))
+  losses, _, _, _ = _losses_on(config, (2, 2, 2))
+  np.testing.assert_allclose(losses, reference, rtol=2e-5)
+  layers = config.model.num_layers
+  for i in range(layers):
+    assert 0 <= metrics[f"moe/load_min/layer_{i}"] <= 1 / E <= metrics[f"moe/load_max/layer_{i}"]
+    assert metrics[f"moe/dropped/layer_{i}"] == 0.0
+  assert 0 < metrics["moe/balance_loss"] <= E and metrics["moe/z_loss"] > 0
+  bias = last["blocks"]["mlp"].get("router_bias")
+  if router == "sigmoid":  # three steps of ±rate per expert (0 where exactly at the mean)
+    steps = np.round(np.asarray(bias) / 0.01)
+    assert np.all(np.abs(steps) <= 3) and np.any(steps != 0), bias
+  else:
+    assert bias is None
+
+
+def test_a_run_reports_active_parameters_and_logs_the_routers(tmp_path, cache_dir):
+  import json
+
+  from cli_helpers import train_in_process
+
+  overrides = {"train.steps": 6, "train.eval_every": 6, "log.every": 3, "checkpoint.every": 6}
+  config_moe = {"model.moe": {**default.get_config().model.moe.to_dict(), "num_experts": E}}
+  report = train_in_process(tmp_path / "run", cache_dir, {**overrides, **config_moe})
+  assert report["params_active"] < report["params"]
+  lines = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
+  logged = [x for x in lines if "moe/load_max/layer_0" in x]
+  assert logged and all(np.isfinite(x["train/loss"]) for x in logged)
+  assert any("eval/loss" in x for x in lines)
+
+
+@pytest.mark.parametrize(
+  "moe, model, message",
+  [
+    ({"num_experts": 0, "router": "sigmoid"}, {}, "model.moe.router='sigmoid' set on a dense"),
+    ({"num_experts": 4, "experts_per_token": 5}, {}, "model.moe.experts_per_token=5 exceeds"),
+    ({"num_experts": 4}, {"quant": "int8"}, "model.quant='int8': the experts of an MoE model"),
+    (
+      {"num_experts": 4},
+      {"lora_rank": 2, "lora_targets": ("q", "up")},
+      r"\['up'\] are MLP kernels",
+    ),
+  ],
+)
+def test_bad_moe_configs_are_one_line_errors_before_any_work(moe, model, message):
+  from train import config as config_lib
+
+  config = _moe_config()
+  config.model.moe.update(moe)
+  config.model.update(model)
+  with pytest.raises(config_lib.ConfigError, match=message):
+    config_lib.model_config(config)

@@ -87,6 +87,7 @@ def validate(
 
 def model_config(config: ml_collections.ConfigDict, *, with_tokenizer: bool = True) -> ModelConfig:
   """The model config with its -1 defaults resolved from the data config (no data prepared)."""
+  _check_dense_has_no_moe_settings(config.model)
   vocab = tokenizers.vocab_size_from_config(config.data)
   try:
     model_cfg = ModelConfig.from_config(config.model, seq_len=config.data.seq_len, vocab_size=vocab)
@@ -103,6 +104,20 @@ def model_config(config: ml_collections.ConfigDict, *, with_tokenizer: bool = Tr
       f"{config.data.seq_len}; use -1 or at least {config.data.seq_len}"
     )
   return model_cfg
+
+
+def _check_dense_has_no_moe_settings(model) -> None:
+  """MoE settings on a dense model (model.moe.num_experts = 0) would be silently ignored."""
+  if model.get("moe") is None or model.moe.num_experts:
+    return  # an MoE model, or a dense one whose config came from a ModelConfig (moe None)
+  defaults = default.get_config().model.moe
+  changed = [key for key in defaults if key != "num_experts" and model.moe[key] != defaults[key]]
+  if changed:
+    settings = ", ".join(f"model.moe.{key}={model.moe[key]!r}" for key in changed)
+    raise ConfigError(
+      f"{settings} set on a dense model (model.moe.num_experts=0): set model.moe.num_experts "
+      f"to make the MLPs mixtures of experts, or leave these at their defaults"
+    )
 
 
 def saved_model_config(saved: dict[str, Any]) -> ModelConfig:

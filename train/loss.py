@@ -1,5 +1,6 @@
 """The training loss: next-token cross-entropy over weighted targets, optionally in chunks of
-positions, and PaLM's z-loss. Pure functions of (params, graph definition, batch).
+positions, PaLM's z-loss, and an MoE model's router losses (models/moe.py). Pure functions of
+(params, graph definition, batch).
 """
 
 from __future__ import annotations
@@ -25,20 +26,31 @@ def loss_sums(
 def loss_terms(
   params: nnx.State, graphdef: nnx.GraphDef, batch: Batch, *, chunk: int = 0, z: bool = False
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """(cross-entropy sum, sum of logsumexp², weight sum) over the batch's weighted targets.
+  """(cross-entropy sum, sum of logsumexp², weight sum) over the batch's weighted targets
+  (``forward_terms`` without the MoE statistics).
 
   ``chunk`` > 0: the output projection and the cross-entropy run over ``chunk`` positions at a
   time under ``jax.checkpoint``, so the fp32 [B, L, V] logits never exist whole (the backward
   pass recomputes each chunk's logits). Same values and gradients as ``chunk=0``. The
   logsumexp² sum (for the z-loss) is computed only with ``z``; it is zero otherwise.
   """
+  return forward_terms(params, graphdef, batch, chunk=chunk, z=z)[:3]
+
+
+def forward_terms(
+  params: nnx.State, graphdef: nnx.GraphDef, batch: Batch, *, chunk: int = 0, z: bool = False
+) -> tuple[jax.Array, jax.Array, jax.Array, dict[str, jax.Array]]:
+  """``loss_terms`` and the MoE routers' statistics, per layer, with ``router_loss``: their
+  losses weighted by ``model.moe``'s coefficients and averaged over layers ({} when dense)."""
   model = nnx.merge(graphdef, params)
   weights_BL = batch["weights"].astype(jnp.float32)
+  inputs = (batch["inputs"], batch["positions"], batch["segment_ids"])
+  moe = model.cfg.moe
   if not chunk:
-    logits_BLV = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+    logits_BLV, stats = model.logits_and_stats(*inputs)
     ce_sum, lse2_sum = cross_entropy(logits_BLV, batch["targets"], weights_BL, z)
-    return ce_sum, lse2_sum, jnp.sum(weights_BL)
-  h_BLD = model.features(batch["inputs"], batch["positions"], batch["segment_ids"])
+    return ce_sum, lse2_sum, jnp.sum(weights_BL), _with_router_loss(stats, moe)
+  h_BLD, stats = model.logits_and_stats(*inputs, features=True)
   kernel_DV = model.output_kernel()
   b, length, d = h_BLD.shape
 
@@ -57,7 +69,15 @@ def loss_terms(
   zero = jnp.zeros((), jnp.float32)
   xs = (in_chunks(h_BLD), in_chunks(batch["targets"]), in_chunks(weights_BL))
   (ce_sum, lse2_sum), _ = jax.lax.scan(body, (zero, zero), xs)
-  return ce_sum, lse2_sum, jnp.sum(weights_BL)
+  return ce_sum, lse2_sum, jnp.sum(weights_BL), _with_router_loss(stats, moe)
+
+
+def _with_router_loss(stats: dict[str, jax.Array], moe) -> dict[str, jax.Array]:
+  if not stats:
+    return stats
+  router = moe.balance_loss * jnp.mean(stats["balance_loss"])
+  router = router + moe.router_z_loss * jnp.mean(stats["z_loss"])
+  return {**stats, "router_loss": router}
 
 
 def cross_entropy(logits_BLV, targets_BL, weights_BL, z: bool) -> tuple[jax.Array, jax.Array]:
@@ -71,6 +91,12 @@ def cross_entropy(logits_BLV, targets_BL, weights_BL, z: bool) -> tuple[jax.Arra
 
 
 def objective(params, graphdef, batch: Batch, chunk: int, z_loss: float):
-  """What the gradient is of: cross-entropy plus z_loss × logsumexp² (PaLM's z-loss)."""
-  ce_sum, lse2_sum, weight_sum = loss_terms(params, graphdef, batch, chunk=chunk, z=z_loss > 0)
-  return ce_sum + z_loss * lse2_sum, (ce_sum, weight_sum)
+  """What the gradient is of: cross-entropy plus z_loss × logsumexp² (PaLM's z-loss), plus an
+  MoE model's router losses per token (the sums are divided by the token count later)."""
+  ce_sum, lse2_sum, weight_sum, stats = forward_terms(
+    params, graphdef, batch, chunk=chunk, z=z_loss > 0
+  )
+  total = ce_sum + z_loss * lse2_sum
+  if stats:
+    total = total + stats["router_loss"] * weight_sum
+  return total, (ce_sum, weight_sum, stats)

@@ -81,6 +81,7 @@ def jit_programs(
       frozen=optimizer.frozen_mask(spec.abstract["params"]) if lora_only else None,
       loss_chunk=config.train.loss_chunk,
       z_loss=config.optim.z_loss,
+      moe=model_cfg.moe,
     ),
     in_shardings=(spec.shardings, batch_sharding),
     out_shardings=(spec.shardings, replicated),

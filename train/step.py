@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from models import moe as moe_lib
+from models.config import MoEConfig
 from train import health
 from train import loss as loss_lib
 from train.loss import Batch
@@ -41,30 +43,34 @@ def gradients(params, graphdef, batch: Batch, microbatches: int, chunk: int = 0,
 
   Sums (not means) are accumulated and divided by the total token count once at the end, so k
   micro-batches give the same update as one full batch, up to float summation order. Returns
-  the mean cross-entropy (z-loss excluded), the token count and the gradients.
+  the mean cross-entropy (z-loss excluded), the token count, the gradients and an MoE model's
+  router statistics (means over micro-batches; {} when dense).
   """
   grad_fn = jax.value_and_grad(loss_lib.objective, has_aux=True)
   if microbatches == 1:
-    (_, (loss_sum, weight_sum)), grad_sums = grad_fn(params, graphdef, batch, chunk, z_loss)
+    (_, (loss_sum, weight_sum, stats)), grad_sums = grad_fn(params, graphdef, batch, chunk, z_loss)
   else:
+    micros = _split_microbatches(batch, microbatches)
 
     def accumulate(carry, micro):
-      (_, (loss_sum, weight_sum)), grads = grad_fn(params, graphdef, micro, chunk, z_loss)
-      acc_loss, acc_weight, acc_grads = carry
+      (_, (loss_sum, weight_sum, stats)), grads = grad_fn(params, graphdef, micro, chunk, z_loss)
+      acc_loss, acc_weight, acc_stats, acc_grads = carry
       return (
         acc_loss + loss_sum,
         acc_weight + weight_sum,
+        jax.tree.map(lambda a, x: a + x / microbatches, acc_stats, stats),
         jax.tree.map(jnp.add, acc_grads, grads),
       ), None
 
+    first = jax.tree.map(lambda x: x[0], micros)
+    stats_shape = jax.eval_shape(lambda: grad_fn(params, graphdef, first, chunk, z_loss)[0][1][2])
+    zero_stats = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), stats_shape)
     zeros = jax.tree.map(jnp.zeros_like, params)
-    init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros)
-    (loss_sum, weight_sum, grad_sums), _ = jax.lax.scan(
-      accumulate, init, _split_microbatches(batch, microbatches)
-    )
+    init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zero_stats, zeros)
+    (loss_sum, weight_sum, stats, grad_sums), _ = jax.lax.scan(accumulate, init, micros)
   denominator = jnp.maximum(weight_sum, 1.0)
   grads = jax.tree.map(lambda g: g / denominator, grad_sums)
-  return loss_sum / denominator, weight_sum, grads
+  return loss_sum / denominator, weight_sum, grads, stats
 
 
 def train_step(
@@ -79,6 +85,7 @@ def train_step(
   frozen: Any = None,
   loss_chunk: int = 0,
   z_loss: float = 0.0,
+  moe: MoEConfig | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on one global batch.
 
@@ -89,7 +96,9 @@ def train_step(
   params_in = state["params"]
   if frozen is not None:  # LoRA: no gradient flows into (or is computed for) frozen weights
     params_in = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params_in, frozen)
-  loss, tokens, grads = gradients(params_in, graphdef, batch, microbatches, loss_chunk, z_loss)
+  loss, tokens, grads, moe_stats = gradients(
+    params_in, graphdef, batch, microbatches, loss_chunk, z_loss
+  )
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   ema = state["loss_ema"]
@@ -97,6 +106,9 @@ def train_step(
   accept = finite & ~spike
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
   params = optax.apply_updates(state["params"], updates)
+  if moe_stats and moe is not None and moe.router == "sigmoid":
+    # The selection bias moves by the measured load, not by its (zero) gradient.
+    params = moe_lib.rebalance(params, state["params"], moe_stats["load"], moe.bias_rate)
   # The learning rate this step applies: the schedule at the optimizer's own count, which skipped
   # steps do not advance; 0 when this step is skipped.
   counts = optax.tree_utils.tree_get_all_with_path(state["opt_state"], "count")
@@ -126,6 +138,8 @@ def train_step(
     "train/skipped_nonfinite_total": new_state["skipped_nonfinite"],
     "train/skipped_spikes_total": new_state["skipped_spikes"],
   }
+  if moe_stats:
+    metrics.update(moe_lib.metrics(moe_stats))
   metrics.update(health.layer_norms("grad_norm", grads))
   metrics.update(health.layer_norms("update_norm", updates, scale=accept.astype(jnp.float32)))
   return new_state, metrics

@@ -213,7 +213,13 @@ def log_startup(run: Run, start_step: int) -> None:
     f"({jax.devices()[0].device_kind}, {jax.devices()[0].platform})",
     f"mesh: {mesh_lib.describe(run.mesh)}",
     f"model: {params:,} params ({models.param_count(run.model_cfg, embeddings=False):,} "
-    f"without embeddings); {run.meter.flops_per_token:,} train FLOPs/token",
+    f"without embeddings"
+    + (
+      f"; {models.param_count(run.model_cfg, active=True):,} active per token"
+      if run.model_cfg.moe
+      else ""
+    )
+    + f"); {run.meter.flops_per_token:,} train FLOPs/token",
     f"batch: global {batch} × {config.data.seq_len} tokens; per process "
     f"{batch // jax.process_count()}; per data-parallel shard "
     f"{batch // mesh_lib.data_parallel_size(run.mesh, run.rules)}; micro-batches "
@@ -295,6 +301,7 @@ def write_report(run: Run, summary: dict[str, Any]) -> dict[str, Any]:
   report = run.meter.report(
     params=models.param_count(run.model_cfg),
     params_nonembedding=models.param_count(run.model_cfg, embeddings=False),
+    params_active=models.param_count(run.model_cfg, active=True),
     devices=jax.devices(),
     pue=config.meter.pue,
     grid_kg_per_kwh=config.meter.grid_kg_per_kwh,

@@ -37,6 +37,12 @@ DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.f
 
 def family_for(cfg: ModelConfig, source: dict[str, Any] | None) -> Family:
   """The HF family to write: the imported one, else the one whose layout the model has."""
+  if cfg.moe is not None:
+    raise ConversionError(
+      f"this is a mixture-of-experts model (model.moe.num_experts={cfg.moe.num_experts}); "
+      f"Loom does not write MoE models in a Hugging Face layout yet, only dense ones "
+      f"({', '.join(sorted(families.FAMILIES))})"
+    )
   if source and source.get("model_type") in families.FAMILIES:
     return families.FAMILIES[source["model_type"]]
   if cfg.positions == "learned" and cfg.norm == "layer" and cfg.mlp == "gelu" and cfg.use_bias:

@@ -29,8 +29,9 @@ from train.meter import hardware
 
 
 def matmul_params(cfg: ModelConfig) -> int:
-  """Weights that take part in a matmul per token: non-embedding params plus the output layer."""
-  return models.param_count(cfg, embeddings=False) + cfg.d_model * cfg.vocab_size
+  """Weights that take part in a matmul per token: non-embedding params plus the output layer
+  (of an MoE model, the active ones: the router and the experts a token goes to)."""
+  return models.param_count(cfg, embeddings=False, active=True) + cfg.d_model * cfg.vocab_size
 
 
 def attention_flops_per_token(cfg: ModelConfig, seq_len: int) -> int:

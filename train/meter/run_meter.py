@@ -66,6 +66,7 @@ class Meter:
     *,
     params: int,
     params_nonembedding: int,
+    params_active: int | None = None,
     devices: list[jax.Device],
     pue: float,
     grid_kg_per_kwh: float,
@@ -86,6 +87,8 @@ class Meter:
     report = {
       "params": params,
       "params_nonembedding": params_nonembedding,
+      # What one token uses (an MoE model's router and chosen experts): FLOPs count these.
+      "params_active": params if params_active is None else params_active,
       "flops_per_token": self.flops_per_token,
       "tokens": self.tokens,
       "total_flops": self.flops_per_token * self.tokens,
