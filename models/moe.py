@@ -30,7 +30,6 @@ and the dropped fraction.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import jax
@@ -38,7 +37,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.config import ModelConfig, MoEConfig
-from models.layers import MLP
+from models.layers import MLP, out_proj_std
 from models.params import make_param, normal
 from models.sharding import partitioned
 
@@ -219,7 +218,6 @@ class MoE(nnx.Module):
     self.dtype = jnp.dtype(cfg.dtype)
     e, d, f = moe.num_experts, cfg.d_model, moe.expert_dim
     init = normal(cfg.init_std)
-    down_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
     self.router_kernel = make_param(rngs, init, (d, e), ("embed", None), cfg)
     zeros = partitioned(nnx.initializers.zeros, ("expert",))
     self.router_bias = (  # float32 whatever param_dtype: its steps are small
@@ -232,7 +230,7 @@ class MoE(nnx.Module):
       else None
     )
     down_names = ("expert", "mlp", "embed")
-    self.down_kernel = make_param(rngs, normal(down_std), (e, f, d), down_names, cfg)
+    self.down_kernel = make_param(rngs, normal(out_proj_std(cfg)), (e, f, d), down_names, cfg)
     if moe.shared_experts:
       shared = dataclasses.replace(cfg, mlp_dim=moe.shared_experts * f)
       self.shared = MLP(shared, rngs=rngs)
