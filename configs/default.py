@@ -110,12 +110,15 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = 1  # pure data-parallel replicas (-1 = the rest of the devices)
   c.mesh.fsdp = -1  # parameter-sharded data parallelism (-1 = the rest of the devices)
+  c.mesh.expert = 1  # expert parallelism: MoE experts split over it, tokens sent by all-to-all
   c.mesh.tensor = 1  # tensor (model) parallelism over heads and MLP
   c.mesh.dcn_data = 1  # multi-slice / multi-node: data replicas across slices (× mesh.data)
   c.mesh.dcn_fsdp = 1  # multi-slice / multi-node: fsdp sharding across slices (× mesh.fsdp)
+  c.mesh.dcn_expert = 1  # multi-slice / multi-node: experts split across slices (× mesh.expert)
   c.mesh.dcn_tensor = 1  # multi-slice / multi-node: tensor split across slices (× mesh.tensor)
   c.mesh.rules = (  # logical axis -> mesh axes (None = replicated)
-    ("batch", ("data", "fsdp")),
+    ("batch", ("data", "fsdp", "expert")),  # outside the experts, the expert axis splits batch
+    ("expert", "expert"),  # with mesh.expert=1 the experts' kernels shard over fsdp (embed)
     ("embed", "fsdp"),
     ("mlp", "tensor"),
     ("heads", "tensor"),

@@ -20,6 +20,16 @@ Dispatch:
   choices first (GShard's priority); the rest are dropped (the token keeps its residual stream
   and its other experts) and counted. Fixed shapes [E, C, D]: batched matmuls on any backend.
 
+Experts over the mesh: when the rule table splits the experts' axis over mesh axes (the
+``expert`` mesh axis), ``exchange`` runs the dispatch inside ``shard_map``: each device sorts its
+own tokens' assignments by the device that holds their expert, sends them there with one
+``jax.lax.all_to_all``, multiplies what it received by its local experts (grouped matmul), and
+sends the results back with a second all-to-all. The buffers are fixed-shape: per peer, room for
+every local assignment when dropless (nothing can drop; memory ``expert``× the assignments), or
+``capacity_factor`` × the even share in capacity mode (overflow dropped, first choices first, and
+counted). Without an expert axis the experts' kernels shard like a dense MLP's (their embed axis
+over fsdp) and the dispatch above runs under the compiler's partitioning.
+
 Both return the same result when no assignment is dropped (tests/test_moe.py proves it against a
 dense reference that runs every expert on every token). The router's statistics come back with
 the output: the load-balancing loss (Switch/GShard: E · Σ_e f_e · P_e, 1 at perfect balance),
@@ -30,12 +40,14 @@ and the dropped fraction.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from models import sharding
 from models.config import ModelConfig, MoEConfig
 from models.layers import MLP, out_proj_std
 from models.params import make_param, normal
@@ -194,6 +206,117 @@ def with_capacity(x_TD, weights_TK, experts_TK, kernels: dict[str, jax.Array], k
   return y_TD.astype(x_TD.dtype), jnp.sum(~kept_A)
 
 
+KERNEL_NAMES = {
+  "up": ("expert", "embed", "mlp"),
+  "gate": ("expert", "embed", "mlp"),
+  "down": ("expert", "mlp", "embed"),
+}
+
+
+def _axes(entry) -> tuple[str, ...]:
+  return (entry,) if isinstance(entry, str) else tuple(entry or ())
+
+
+def expert_axes(batch: int) -> tuple[str, ...]:
+  """The mesh axes the experts are split over, when ``exchange`` applies: a mesh and rules are
+  active, the experts' axis is split more than one way, and a batch of ``batch`` rows splits
+  evenly over the batch's mesh axes (else, as for a single decoded sequence, ``()``: the
+  dispatch runs unsplit)."""
+  if not sharding.is_active():
+    return ()
+  mesh = jax.sharding.get_abstract_mesh()
+  axes = _axes(sharding.active_spec(("expert",))[0])
+  if math.prod(mesh.shape[a] for a in axes) <= 1:
+    return ()
+  batch_axes = _axes(sharding.active_spec(("batch",))[0])
+  missing = [a for a in axes if a not in batch_axes]
+  if missing:
+    raise ValueError(
+      f"the experts are split over the mesh axes {axes} but the batch is not split over "
+      f"{missing} (mesh.rules maps batch to {batch_axes}); add them to the batch rule so that "
+      f"each expert shard holds different tokens"
+    )
+  if batch % math.prod(mesh.shape[a] for a in batch_axes):
+    return ()
+  return axes
+
+
+def exchange(
+  x_TD, weights_TK, experts_TK, kernels: dict[str, jax.Array], kind: str, cap: int | None
+) -> tuple[jax.Array, jax.Array]:
+  """The dispatch with the experts split over the mesh (``expert_axes``): tokens go to their
+  experts' devices and back by all-to-all. ``cap``: assignments one device may send one peer
+  (None: all of its own, so none drops). Returns ([T, D] in x's dtype, dropped count)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  specs = {name: sharding.active_spec(KERNEL_NAMES[name]) for name in kernels}
+  ex_axes = _axes(specs["up"][0])
+  peers = math.prod(mesh.shape[a] for a in ex_axes)
+  mlp_axes = _axes(specs["up"][2])
+  if _axes(specs["down"][1]) != mlp_axes:
+    raise ValueError(f"the experts' mlp axis is split unlike its up projection: {specs}")
+  batch_axes = _axes(sharding.active_spec(("batch",))[0])
+  rows = jax.sharding.PartitionSpec(batch_axes, None)
+
+  def local(x, weights, experts, shards):
+    full = {}  # each local expert's whole embed axis (an FSDP gather; its transpose scatters)
+    for name, shard in shards.items():
+      dim = 2 if name == "down" else 1
+      gather = _axes(specs[name][dim])
+      full[name] = jax.lax.all_gather(shard, gather, axis=dim, tiled=True) if gather else shard
+    t, k = experts.shape
+    d = x.shape[-1]
+    local_experts = shards["up"].shape[0]
+    a = t * k
+    room = a if cap is None else min(cap, a)
+    # Choice-major, so a peer's overflow drops second choices before first ones.
+    expert_A = experts.T.reshape(-1)
+    token_A = jnp.tile(jnp.arange(t), k)
+    weight_A = weights.T.reshape(-1)
+    peer_A = expert_A // local_experts
+    order_A = jnp.argsort(peer_A, stable=True)
+    peer_A, expert_A = peer_A[order_A], expert_A[order_A]
+    token_A, weight_A = token_A[order_A], weight_A[order_A]
+    counts_P = jnp.bincount(peer_A, length=peers)
+    position_A = jnp.arange(a) - (jnp.cumsum(counts_P) - counts_P)[peer_A]
+    kept_A = position_A < room
+    slot_A = jnp.where(kept_A, position_A, room)  # out of range: dropped by the scatters
+    send_x = jnp.zeros((peers, room, d), x.dtype).at[peer_A, slot_A].set(x[token_A], mode="drop")
+    send_e = (
+      jnp.full((peers, room), local_experts, jnp.int32)  # local_experts marks an empty slot
+      .at[peer_A, slot_A]
+      .set(expert_A % local_experts, mode="drop")
+    )
+    got_x = jax.lax.all_to_all(send_x, ex_axes, 0, 0, tiled=True).reshape(peers * room, d)
+    got_e = jax.lax.all_to_all(send_e, ex_axes, 0, 0, tiled=True).reshape(peers * room)
+    order_R = jnp.argsort(got_e, stable=True)
+    sizes_E = jnp.bincount(got_e, length=local_experts + 1)[:local_experts].astype(jnp.int32)
+    xs_R = got_x[order_R]
+
+    def grouped(h, kernel):
+      out = jax.lax.ragged_dot(h, kernel, sizes_E, preferred_element_type=jnp.float32)
+      return out.astype(x.dtype)
+
+    h_R = _activate(grouped(xs_R, full["up"]), full, kind, lambda w: grouped(xs_R, w))
+    ys_R = grouped(h_R, full["down"])
+    filled_R = jnp.arange(peers * room) < jnp.sum(sizes_E)  # the empty slots sorted last
+    ys_R = jnp.where(filled_R[:, None], ys_R, 0)
+    back = jnp.zeros_like(ys_R).at[order_R].set(ys_R).reshape(peers, room, d)
+    back = jax.lax.all_to_all(back, ex_axes, 0, 0, tiled=True)
+    out_AD = back[peer_A, jnp.minimum(slot_A, room - 1)].astype(jnp.float32)
+    out_AD = jnp.where(kept_A[:, None], out_AD * weight_A[:, None], 0.0)
+    y = jnp.zeros((t, d), jnp.float32).at[token_A].add(out_AD)
+    if mlp_axes:  # each device computed its slice of the experts' width: sum the slices
+      y = jax.lax.psum(y, mlp_axes)
+    return y.astype(x.dtype), jnp.sum(~kept_A).reshape(1)
+
+  y_TD, dropped = jax.shard_map(
+    local,
+    in_specs=(rows, rows, rows, specs),
+    out_specs=(rows, jax.sharding.PartitionSpec(batch_axes)),
+  )(x_TD, weights_TK, experts_TK, kernels)
+  return y_TD, jnp.sum(dropped)
+
+
 def _activate(up, kernels, kind: str, project):
   if kind == "swiglu":
     return jax.nn.silu(project(kernels["gate"])) * up
@@ -251,7 +374,18 @@ class MoE(nnx.Module):
     )  # the router in float32: its choices are discrete and its softmax sensitive
     bias_E = None if self.router_bias is None else self.router_bias[...]
     weights_TK, experts_TK, probs_TE = route(logits_TE, self.moe, bias_E)
-    if self.moe.dispatch == "dropless":
+    split_over = expert_axes(b)
+    if split_over:
+      cap = None
+      if self.moe.dispatch == "capacity":  # capacity_factor × the even share per peer
+        mesh_shape = jax.sharding.get_abstract_mesh().shape
+        peers = math.prod(mesh_shape[a] for a in split_over)
+        shards = math.prod(mesh_shape[a] for a in _axes(sharding.active_spec(("batch",))[0]))
+        share = b * length // shards * self.moe.experts_per_token / peers
+        cap = max(1, math.ceil(self.moe.capacity_factor * share))
+      y_TD, count = exchange(x_TD, weights_TK, experts_TK, self.kernels(), self.kind, cap)
+      dropped = count.astype(jnp.float32) / experts_TK.size
+    elif self.moe.dispatch == "dropless":
       y_TD = dropless(x_TD, weights_TK, experts_TK, self.kernels(), self.kind)
       dropped = jnp.zeros((), jnp.float32)
     else:

@@ -139,7 +139,8 @@ def test_one_rule_resolver_for_parameters_activations_and_the_cache():
   assert key_kernel.sharding.spec == PartitionSpec(None, "fsdp", None, None)
   # The inference cache [layers, batch, length, kv_heads, head_dim]: batch takes fsdp first.
   engine = engine_lib.Engine(spec.graphdef, model_cfg, mesh, rules)
-  assert engine.cache_sharding.spec == PartitionSpec(None, ("data", "fsdp"), None, None, None)
+  batch = ("data", "fsdp", "expert")
+  assert engine.cache_sharding.spec == PartitionSpec(None, batch, None, None, None)
 
 
 def test_the_hardware_table_is_the_one_source_for_mfu_energy_and_plans():

@@ -217,7 +217,7 @@ def _moe_config(**moe):
   return config
 
 
-def _losses_on(config, mesh_sizes, steps=3):
+def _losses_on(config, mesh_sizes, steps=3, hlo=None):
   from models.config import ModelConfig
   from train import state as state_lib
   from train import trainer
@@ -225,7 +225,7 @@ def _losses_on(config, mesh_sizes, steps=3):
   from train.cluster import mesh as mesh_lib
 
   config = config.copy_and_resolve_references()
-  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = mesh_sizes
+  config.mesh.update(dict(zip(("data", "fsdp", "expert", "tensor"), mesh_sizes, strict=True)))
   mesh = mesh_lib.make_mesh(config.mesh, jax.devices()[: int(np.prod(mesh_sizes))])
   rules = mesh_lib.logical_rules(config.mesh)
   model_cfg = ModelConfig.from_config(config.model, seq_len=config.data.seq_len, vocab_size=258)
@@ -233,6 +233,8 @@ def _losses_on(config, mesh_sizes, steps=3):
   spec = built.programs.spec
   state = state_lib.init_state(spec, model_cfg, built.programs.tx, mesh, rules, config.seed)
   first = jax.device_get(state["params"])
+  if hlo is not None:
+    hlo.append(built.compiled_step.as_text())
   losses, metrics = [], None
   for i in range(steps):
     batch = synthetic_batch(config, 258, built.programs.batch_sharding, seed=i)
@@ -244,8 +246,8 @@ def _losses_on(config, mesh_sizes, steps=3):
 @pytest.mark.parametrize("router", ["softmax", "sigmoid"])
 def test_the_train_step_on_8_devices_equals_one_device_and_moves_only_the_bias_by_load(router):
   config = _moe_config(router=router, bias_rate=0.01)
-  reference, metrics, first, last = _losses_on(config, (1, 1, 1))
-  losses, _, _, _ = _losses_on(config, (2, 2, 2))
+  reference, metrics, first, last = _losses_on(config, (1, 1, 1, 1))
+  losses, _, _, _ = _losses_on(config, (2, 2, 1, 2))
   np.testing.assert_allclose(losses, reference, rtol=2e-5)
   layers = config.model.num_layers
   for i in range(layers):
@@ -258,6 +260,33 @@ def test_the_train_step_on_8_devices_equals_one_device_and_moves_only_the_bias_b
     assert np.all(np.abs(steps) <= 3) and np.any(steps != 0), bias
   else:
     assert bias is None
+
+
+@pytest.mark.parametrize(
+  "mesh_sizes, dispatch",
+  [
+    ((2, 2, 2, 1), "dropless"),  # data × fsdp × expert: the experts exchanged by all-to-all
+    ((1, 2, 2, 2), "capacity"),  # expert × tensor: each device holds a slice of its experts
+    ((1, 8, 1, 1), "dropless"),  # no expert axis: the experts' kernels over fsdp
+  ],
+)
+def test_experts_over_the_mesh_give_one_device_s_losses_and_parameters(mesh_sizes, dispatch):
+  config = _moe_config(dispatch=dispatch, capacity_factor=float(E))  # capacity: room for all
+  reference, _, _, last_reference = _losses_on(config, (1, 1, 1, 1))
+  hlo = []
+  losses, metrics, _, last = _losses_on(config, mesh_sizes, hlo=hlo)
+  np.testing.assert_allclose(losses, reference, rtol=2e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5), last, last_reference)
+  assert all(metrics[f"moe/dropped/layer_{i}"] == 0.0 for i in range(config.model.num_layers))
+  if mesh_sizes[2] > 1:  # (the partitioner may also choose all-to-all without an expert axis)
+    assert "all-to-all" in hlo[0]
+
+
+def test_a_small_capacity_over_the_expert_axis_drops_and_counts():
+  config = _moe_config(dispatch="capacity", capacity_factor=0.5)
+  _, metrics, _, _ = _losses_on(config, (1, 2, 4, 1), steps=1)
+  dropped = [metrics[f"moe/dropped/layer_{i}"] for i in range(config.model.num_layers)]
+  assert all(0.5 <= x < 1 for x in dropped), dropped  # at most half the assignments fit
 
 
 def test_a_run_reports_active_parameters_and_logs_the_routers(tmp_path, cache_dir):
@@ -296,3 +325,25 @@ def test_bad_moe_configs_are_one_line_errors_before_any_work(moe, model, message
   config.model.update(model)
   with pytest.raises(config_lib.ConfigError, match=message):
     config_lib.model_config(config)
+
+
+@pytest.mark.parametrize(
+  "moe, mesh, message",
+  [
+    ({"num_experts": 6}, {"expert": 4, "fsdp": 2}, r"num_experts=6 is not divisible by 4"),
+    ({"num_experts": 0}, {"expert": 2, "fsdp": 4}, r"split experts .* but the model is dense"),
+    (
+      {"num_experts": 4},
+      {"expert": 2, "fsdp": 4, "rules": (("batch", ("data", "fsdp")), ("expert", "expert"))},
+      r"splits the experts over \('expert',\) but the batch only over \('data', 'fsdp'\)",
+    ),
+  ],
+)
+def test_an_expert_axis_that_cannot_hold_the_experts_is_refused(moe, mesh, message):
+  from train import config as config_lib
+
+  config = _moe_config()
+  config.model.moe.update(moe)
+  config.mesh.update(mesh)
+  with pytest.raises(config_lib.ConfigError, match=message):
+    config_lib.validate(config, with_tokenizer=False)

@@ -149,7 +149,7 @@ def test_ahead_of_time_compilation_for_a_64_chip_pod():
   config = small_llama()
   result = plan_lib.plan(config, topology, tokens=10**9)
   assert result["method"].startswith("compiled"), result
-  assert result["chips"] == 64 and result["mesh"] == "data=1 × fsdp=64 × tensor=1"
+  assert result["chips"] == 64 and result["mesh"] == "data=1 × fsdp=64 × expert=1 × tensor=1"
   breakdown = result["memory_breakdown_bytes"]
   # The arguments are this chip's shards of the train state, plus its batch rows.
   model_cfg = config_lib.model_config(config, with_tokenizer=False)

@@ -308,9 +308,37 @@ def _check_model_on_mesh(model_cfg: ModelConfig, mesh: Mesh, rules) -> None:
         f"split {logical!r} ({mesh_lib.describe(mesh)}); use mesh sizes whose product divides "
         f"{value}"
       )
+  _check_experts_on_mesh(model_cfg, mesh, rules)
   # Shapes only (jax.eval_shape): no parameter is allocated.
   params = state_lib.state_spec(model_cfg, optax.identity(), mesh, rules).abstract["params"]
   jax.tree_util.tree_map_with_path(lambda path, leaf: _check_divisible(path, leaf, mesh), params)
+
+
+def _check_experts_on_mesh(model_cfg: ModelConfig, mesh: Mesh, rules) -> None:
+  """The mesh axes that split the experts: none for a dense model; for an MoE model they must
+  divide the expert count and also split the batch (each expert shard its own tokens)."""
+  split, axes = mesh_lib.ways(mesh, rules, "expert")
+  if split == 1:
+    return
+  if model_cfg.moe is None:
+    raise ConfigError(
+      f"mesh axes {axes} of size {split} split experts ({mesh_lib.describe(mesh)}) but the "
+      f"model is dense (model.moe.num_experts=0); set mesh.expert=1 and put the devices on "
+      f"data or fsdp, or make the model a mixture of experts"
+    )
+  if model_cfg.moe.num_experts % split:
+    raise ConfigError(
+      f"model.moe.num_experts={model_cfg.moe.num_experts} is not divisible by {split}, the "
+      f"size of mesh axes {axes} that split the experts ({mesh_lib.describe(mesh)}); use an "
+      f"expert count that {split} divides or a smaller mesh.expert"
+    )
+  _, batch_axes = mesh_lib.ways(mesh, rules, "batch")
+  missing = [axis for axis in axes if axis not in batch_axes]
+  if missing:
+    raise ConfigError(
+      f"mesh.rules splits the experts over {axes} but the batch only over {batch_axes}: add "
+      f"{missing} to the batch rule, so that each expert shard holds its own tokens"
+    )
 
 
 def _check_divisible(path, leaf, mesh: Mesh) -> None:

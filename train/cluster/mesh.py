@@ -17,8 +17,11 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from models import sharding
 
-MESH_AXES = ("data", "fsdp", "tensor")
-TENSOR = MESH_AXES[2]  # the axis that must stay within a host (train/config.py checks it)
+# Outermost first: the later an axis, the closer its devices (tensor innermost, on the fastest
+# links; expert next, for its all-to-all).
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+TENSOR = "tensor"  # the axis that must stay within a host (train/config.py checks it)
+EXPERT = "expert"  # shards a mixture of experts' experts (models/moe.py); 1 = none
 
 log = logging.getLogger("loom")
 
@@ -26,10 +29,12 @@ Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 
 
 def _sizes(mesh_config, prefix: str) -> dict[str, int]:
-  # Meshes from before the DCN keys existed (a checkpoint's saved config, a fallback built in
-  # code) have no dcn_* entries: they mean one slice.
+  # Meshes from before the DCN and expert keys existed (a checkpoint's saved config, a fallback
+  # built in code) have no dcn_* or expert entries: they mean one slice and no expert axis.
   return {
-    axis: int(mesh_config.get(f"{prefix}{axis}", 1) if prefix else mesh_config[axis])
+    axis: int(
+      mesh_config.get(f"{prefix}{axis}", 1) if prefix or axis == EXPERT else mesh_config[axis]
+    )
     for axis in MESH_AXES
   }
 
@@ -43,8 +48,8 @@ def _describe_config(ici: dict[str, int], dcn: dict[str, int]) -> str:
 def hybrid_mesh_shape(mesh_config, num_devices: int) -> tuple[dict[str, int], dict[str, int]]:
   """Per-slice (ICI) and across-slice (DCN) sizes of each mesh axis for ``num_devices``.
 
-  ``mesh.data/fsdp/tensor`` size the mesh inside one slice (one of them may be -1: the rest of a
-  slice's devices); ``mesh.dcn_data/dcn_fsdp/dcn_tensor`` multiply them across slices (TPU slices
+  ``mesh.data/fsdp/expert/tensor`` size the mesh inside one slice (one of them may be -1: the
+  rest of a slice's devices); the ``mesh.dcn_*`` sizes multiply them across slices (TPU slices
   joined by the data-centre network, or GPU nodes). An axis's full size is ICI × DCN; with every
   DCN size 1 the mesh is one slice and ``mesh.*`` are the whole mesh.
   """
@@ -153,7 +158,7 @@ def _hybrid_device_array(
 
 
 def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """Builds the (data, fsdp, tensor) mesh over ``devices`` (default: all global devices).
+  """Builds the (data, fsdp, expert, tensor) mesh over ``devices`` (default: all global devices).
 
   With any ``mesh.dcn_*`` size above 1 the mesh is hybrid: each slice holds an ICI-shaped block,
   and the blocks are tiled across slices (mesh_utils.create_hybrid_device_mesh), so the axes that
