@@ -14,7 +14,8 @@ and the mesh. Sample from it with ``train.generate``, export it, or train from i
 ``export`` writes ``model.safetensors`` (sharded with an index above --max_shard_bytes),
 ``config.json``, ``generation_config.json`` and the run's tokenizer files, loadable with
 ``transformers.AutoModelForCausalLM.from_pretrained(OUT_DIR)``. Families: GPT-2, Llama (2, 3,
-3.1/3.2), Mistral, Qwen2/2.5, Qwen3. The last line printed is one JSON object.
+3.1/3.2), Mistral, Qwen2/2.5, Qwen3, and the mixtures of experts Mixtral and Qwen3-MoE. The last
+line printed is one JSON object.
 """
 
 from __future__ import annotations

@@ -5,9 +5,10 @@ fresh and the run starts at step 0 (continued pretraining or fine-tuning on any 
 
 ``adopt(config)`` runs before validation: the source decides the architecture (every model field
 but the numerics, layout and adapters: dtype, param_dtype, scan_layers, remat, init_std,
-attention, attention_block, lora_*), and its tokenizer when the config keeps the default one. A
-model field the config sets to something other than the default and other than the source's
-value is a conflict, named field by field.
+attention, attention_block, lora_*, and an MoE's dispatch and router-loss weights: moe.dispatch,
+capacity_factor, balance_loss, router_z_loss, bias_rate), and its tokenizer when the config keeps
+the default one. A model field the config sets to something other than the default and other
+than the source's value is a conflict, named field by field.
 ``load_params`` then builds the parameters in the run's shardings.
 """
 
@@ -28,7 +29,7 @@ from train import state as state_lib
 from train.checkpoint import integrity, manager
 from train.config import ConfigError
 from train.hf import families
-from train.hf.importing import LORA_KEYS, MODEL_KEYS
+from train.hf.importing import LORA_KEYS, MODEL_KEYS, MOE_RUN_KEYS
 from train.hf.importing import load_params as load_hf_params
 from train.hf.safetensors_io import HFCheckpoint
 
@@ -79,6 +80,19 @@ def _source_model(config, kind: str, path: str, step: int | None) -> tuple[dict,
   return {**metadata["model_config"], **numerics}, tokenizer
 
 
+# The run's own model fields: numerics, layout, adapters, an MoE's dispatch and loss weights.
+RUN_KEYS = MODEL_KEYS + LORA_KEYS + tuple(f"moe.{key}" for key in MOE_RUN_KEYS)
+
+
+def _fields(model: Any) -> dict[str, Any]:
+  """Model fields with the ``moe`` group's keys as ``moe.KEY`` (a dense source's: moe.num_experts
+  = 0 alone), so that an MoE source and the config are compared, and adopted, key by key."""
+  out = {key: value for key, value in dict(model).items() if key != "moe"}
+  moe = {"num_experts": 0} if model["moe"] is None else dict(model["moe"])
+  out.update({f"moe.{key}": value for key, value in moe.items()})
+  return out
+
+
 def adopt(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """``config`` with the source's architecture and tokenizer (unchanged without init_from)."""
   spec = config.checkpoint.init_from
@@ -87,15 +101,17 @@ def adopt(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   kind, path, step = _parse(spec)
   source, tokenizer = _source_model(config, kind, path, step)
   defaults = default.get_config()
+  fields, default_fields = _fields(config.model), _fields(defaults.model)
   adopted = ml_collections.ConfigDict(config.to_dict())
   conflicts = []
-  for key, theirs in source.items():
-    ours = config.model[key]
-    if key in MODEL_KEYS + LORA_KEYS or ours == theirs:
+  for key, theirs in _fields(source).items():
+    ours = fields[key]
+    if key in RUN_KEYS or ours == theirs:
       continue
-    if ours != defaults.model[key]:
+    if ours != default_fields[key]:
       conflicts.append(f"model.{key}={ours!r} in the config, {theirs!r} in the source")
-    adopted.model[key] = theirs
+    group, _, name = key.rpartition(".")
+    (adopted.model[group] if group else adopted.model)[name] = theirs
   ours = config.data.tokenizer
   if tokenizer is not None and ours != tokenizer:
     if ours != defaults.data.tokenizer:

@@ -15,7 +15,7 @@ import dataclasses
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -38,16 +38,14 @@ DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.f
 def family_for(cfg: ModelConfig, source: dict[str, Any] | None) -> Family:
   """The HF family to write: the imported one, else the one whose layout the model has."""
   if cfg.moe is not None:
-    raise ConversionError(
-      f"this is a mixture-of-experts model (model.moe.num_experts={cfg.moe.num_experts}); "
-      f"Loom does not write MoE models in a Hugging Face layout yet, only dense ones "
-      f"({', '.join(sorted(families.FAMILIES))})"
-    )
+    return _moe_family_for(cfg)
   if source and source.get("model_type") in families.FAMILIES:
-    return families.FAMILIES[source["model_type"]]
+    family = families.FAMILIES[source["model_type"]]
+    if not family.moe:
+      return family
   if cfg.positions == "learned" and cfg.norm == "layer" and cfg.mlp == "gelu" and cfg.use_bias:
     return families.FAMILIES["gpt2"]
-  if cfg.positions == "rope" and cfg.norm == "rms" and cfg.mlp == "swiglu" and not cfg.use_bias:
+  if _llama_layout(cfg):
     if cfg.qk_norm and not cfg.qkv_bias:
       return families.FAMILIES["qwen3"]
     if cfg.qkv_bias and not cfg.qk_norm:
@@ -59,6 +57,36 @@ def family_for(cfg: ModelConfig, source: dict[str, Any] | None) -> Family:
     f"{cfg.use_bias}, qk_norm={cfg.qk_norm}, qkv_bias={cfg.qkv_bias}) matches no Hugging Face "
     f"family Loom writes ({', '.join(sorted(families.FAMILIES))})"
   )
+
+
+def _llama_layout(cfg: ModelConfig) -> bool:
+  return cfg.positions == "rope" and cfg.norm == "rms" and cfg.mlp == "swiglu" and not cfg.use_bias
+
+
+def _moe_family_for(cfg: ModelConfig) -> Family:
+  """Qwen3-MoE with QK-norm, Mixtral without (its top-k weights always renormalised); a router,
+  shared experts or block that neither has is refused, named. The dispatch is not the
+  architecture: HF runs every assignment, as Loom's dropless dispatch does."""
+  moe, unexpressed = cfg.moe, []
+  if moe.router != "softmax":
+    unexpressed.append(f"model.moe.router={moe.router!r}")
+  if moe.shared_experts:
+    unexpressed.append(f"model.moe.shared_experts={moe.shared_experts}")
+  if not _llama_layout(cfg) or cfg.qkv_bias:
+    unexpressed.append(
+      f"positions={cfg.positions}, norm={cfg.norm}, mlp={cfg.mlp}, use_bias={cfg.use_bias}, "
+      f"qkv_bias={cfg.qkv_bias}"
+    )
+  if not cfg.qk_norm and not moe.norm_topk:
+    unexpressed.append("model.moe.norm_topk=False without model.qk_norm")
+  if unexpressed:
+    raise ConversionError(
+      f"this mixture-of-experts model ({'; '.join(unexpressed)}) matches no Hugging Face MoE "
+      "family Loom writes: Mixtral (a softmax router with its top-k weights renormalised, SwiGLU "
+      "experts, no shared ones, Llama's attention) or Qwen3-MoE (the same with QK-norm, "
+      "norm_topk either way)"
+    )
+  return families.FAMILIES["qwen3_moe" if cfg.qk_norm else "mixtral"]
 
 
 def _host(array: jax.Array) -> np.ndarray:
@@ -90,8 +118,22 @@ def hf_tensors(params: Any, cfg: ModelConfig, family: Family, dtype) -> Iterator
     else:
       layer = blocks[i] if isinstance(blocks, list) else blocks[str(i) if str(i) in blocks else i]
       get = lambda s, layer=layer: _host(leaf(layer, s))  # noqa: E731
+    get = _last_one(get)  # an MoE layer's experts are cut from one kernel, gathered once
     for name, rule in family.block_export(cfg).items():
       yield emit(prefix + name, rule, get)
+
+
+def _last_one(fetch: Callable[[str], np.ndarray]) -> Callable[[str], np.ndarray]:
+  """``fetch`` that remembers its last result (one parameter's layer on the host at a time)."""
+  last: dict[str, np.ndarray] = {}
+
+  def get(source: str) -> np.ndarray:
+    if source not in last:
+      last.clear()
+      last[source] = fetch(source)
+    return last[source]
+
+  return get
 
 
 def export_checkpoint(

@@ -7,7 +7,21 @@ numpy reshapes and transposes: PyTorch's ``nn.Linear`` stores ``[out, in]``, GPT
 ``[in, out]``; Loom keeps ``[in, ...out]`` with heads split out (``q_kernel`` is ``[D, N, H]``).
 
 Families: GPT-2 (``gpt2``), Llama 2/3/3.1/3.2 (``llama``, with the ``llama3`` RoPE scaling),
-Mistral (``mistral``), Qwen2/2.5 (``qwen2``, q/k/v biases) and Qwen3 (``qwen3``, QK-norm).
+Mistral (``mistral``), Qwen2/2.5 (``qwen2``, q/k/v biases) and Qwen3 (``qwen3``, QK-norm), and
+the mixtures of experts Mixtral (``mixtral``) and Qwen3-MoE (``qwen3_moe``): Llama's and Qwen3's
+attention with a softmax router and SwiGLU experts in every layer (Loom's ``models/moe.py``).
+
+An MoE family's config gives the experts' shape and routing (``model.moe``'s num_experts,
+experts_per_token, expert_dim, norm_topk); how they are dispatched and the router losses' weights
+are the run config's (``model_config_from_hf``'s ``base``), like the numerics: HF adds its
+``router_aux_loss_coef`` only when ``output_router_logits`` is set, and it weighs a loss K times
+Loom's (HF counts each of a token's K choices as a whole token), so the export writes
+``router_aux_loss_coef = model.moe.balance_loss / K``. Expert weights are read and written one
+tensor per expert (``experts.{e}.w1/w2/w3`` in Mixtral, ``experts.{e}.gate_proj/up_proj/
+down_proj`` in Qwen3-MoE), the form of the Hub's checkpoints and of ``save_pretrained``; the
+import also reads the fused ``experts.gate_up_proj`` / ``experts.down_proj`` that transformers
+holds in memory (``save_pretrained(save_original_format=False)``). Qwen2-MoE is not converted:
+its shared expert has a sigmoid gate (``shared_expert_gate``), which Loom's shared experts lack.
 """
 
 from __future__ import annotations
@@ -23,6 +37,9 @@ from models.config import ModelConfig
 
 # (HF tensor names, the function of those tensors that gives the Loom array)
 Rule = tuple[tuple[str, ...], Callable[..., np.ndarray]]
+# An import table's entry: a rule, or a list of the forms a checkpoint may hold (the first whose
+# tensors are all there is read; a missing tensor is named from the first form).
+Rules = Rule | list[Rule]
 
 
 class ConversionError(LoomError, ValueError):
@@ -38,10 +55,11 @@ class Family:
   block_prefix: str  # HF names of block i start with block_prefix.format(i=i)
   config_from_hf: Callable[[dict[str, Any]], dict[str, Any]]
   config_to_hf: Callable[[ModelConfig], dict[str, Any]]
-  block_rules: Callable[[ModelConfig], dict[str, Rule]]  # Loom block leaf -> rule
-  top_rules: Callable[[ModelConfig], dict[str, Rule]]  # Loom leaf outside the blocks -> rule
+  block_rules: Callable[[ModelConfig], dict[str, Rules]]  # Loom block leaf -> rule(s)
+  top_rules: Callable[[ModelConfig], dict[str, Rules]]  # Loom leaf outside the blocks -> rule(s)
   block_export: Callable[[ModelConfig], dict[str, Rule]]  # HF tensor (in a block) -> rule
   top_export: Callable[[ModelConfig], dict[str, Rule]]
+  moe: bool = False  # a mixture of experts in every layer (model.moe set)
 
 
 def _get(hf: dict[str, Any], key: str, default: Any = None, *, required: bool = False) -> Any:
@@ -128,6 +146,7 @@ def _llama_config(qkv_bias: bool, qk_norm: bool):
       "tie_embeddings": bool(_get(hf, "tie_word_embeddings", False)),
       "use_bias": False,
       "qkv_bias": qkv_bias or bool(_get(hf, "attention_bias", False)),
+      "moe": None,
       **_rope(hf),
     }
 
@@ -252,6 +271,162 @@ def _llama_like(model_type: str, architecture: str, *, qkv_bias=False, qk_norm=F
   )
 
 
+# --- Mixtral, Qwen3-MoE: Llama's and Qwen3's attention, a softmax router and SwiGLU experts ---
+
+
+@dataclasses.dataclass(frozen=True)
+class _Experts:
+  """Where an MoE family keeps its router and experts, below ``block_prefix``: the Hub's form."""
+
+  router: str  # nn.Linear [E, D]
+  expert: str  # expert e's prefix, "{e}" in it
+  gate: str  # its projections, nn.Linear [out, in]: gate and up [F, D], down [D, F]
+  up: str
+  down: str
+
+
+MIXTRAL_EXPERTS = _Experts(
+  "block_sparse_moe.gate.weight", "block_sparse_moe.experts.{e}.", "w1.weight", "w3.weight",
+  "w2.weight",
+)  # fmt: skip
+QWEN3_MOE_EXPERTS = _Experts(
+  "mlp.gate.weight", "mlp.experts.{e}.", "gate_proj.weight", "up_proj.weight", "down_proj.weight"
+)
+# transformers' own form, in memory and with save_pretrained(save_original_format=False): every
+# expert in one tensor, gate and up concatenated ([E, 2F, D]; down [E, D, F]).
+FUSED_ROUTER, FUSED_GATE_UP, FUSED_DOWN = (
+  "mlp.gate.weight", "mlp.experts.gate_up_proj", "mlp.experts.down_proj",
+)  # fmt: skip
+
+
+def _moe_config(model_type: str, qk_norm: bool):
+  attention = _llama_config(qkv_bias=False, qk_norm=qk_norm)
+
+  def from_hf(hf: dict[str, Any]) -> dict[str, Any]:
+    out = attention(hf)
+    if model_type == "qwen3_moe":
+      # Loom's MoE models have experts in every layer; these keys put dense MLPs between them.
+      dense_layers = list(_get(hf, "mlp_only_layers", []))
+      if dense_layers:
+        raise ConversionError(
+          f"config.json mlp_only_layers={dense_layers}: those layers have a dense MLP, and "
+          "Loom's MoE models have experts in every layer (mlp_only_layers must be [])"
+        )
+      step = _get(hf, "decoder_sparse_step", 1)
+      if step != 1:
+        raise ConversionError(
+          f"config.json decoder_sparse_step={step}: experts in one layer of every {step}, dense "
+          "MLPs in the others, and Loom's MoE models have experts in every layer "
+          "(decoder_sparse_step must be 1)"
+        )
+      width = int(_get(hf, "moe_intermediate_size", required=True))
+      norm_topk = bool(_get(hf, "norm_topk_prob", False))
+    else:  # Mixtral's experts are intermediate_size wide and its top-k weights always sum to 1
+      width, norm_topk = out["mlp_dim"], True
+    # transformers 5 writes num_local_experts for both; Qwen3-MoE's Hub configs num_experts.
+    experts = _get(hf, "num_local_experts", _get(hf, "num_experts"))
+    if experts is None:
+      raise ConversionError("config.json has neither 'num_local_experts' nor 'num_experts'")
+    out["moe"] = {
+      "num_experts": int(experts),
+      "experts_per_token": int(_get(hf, "num_experts_per_tok", required=True)),
+      "expert_dim": width,
+      "shared_experts": 0,
+      "router": "softmax",
+      "norm_topk": norm_topk,
+    }
+    return out
+
+  return from_hf
+
+
+def _moe_config_to_hf(model_type: str):
+  def to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    moe = cfg.moe
+    out = _llama_config_to_hf(cfg)
+    out.pop("mlp_bias")
+    out.update(
+      num_experts_per_tok=moe.experts_per_token,
+      # HF's loss is K times Loom's at one weight (see the module docstring), added only when
+      # output_router_logits is set (in training, by the caller).
+      router_aux_loss_coef=moe.balance_loss / moe.experts_per_token,
+      output_router_logits=False,
+      sliding_window=None,
+    )
+    if model_type == "mixtral":
+      out.pop("attention_bias")
+      out.update(num_local_experts=moe.num_experts, intermediate_size=moe.expert_dim)
+    else:
+      out.update(
+        num_experts=moe.num_experts,
+        moe_intermediate_size=moe.expert_dim,
+        norm_topk_prob=moe.norm_topk,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        use_sliding_window=False,
+      )
+    return out
+
+  return to_hf
+
+
+def _expert_rules(experts: _Experts, cfg: ModelConfig) -> dict[str, Rules]:
+  """Loom's router and expert kernels ([D, E]; [E, D, F] and [E, F, D]) from one tensor per
+  expert, or from transformers' fused form."""
+  each = lambda name: tuple(experts.expert.format(e=e) + name for e in range(cfg.moe.num_experts))
+  stack = lambda *ws: np.stack([w.T for w in ws])  # E x [out, in] -> [E, in, out]
+  gate_up = lambda part: lambda w: np.split(w, 2, axis=1)[part].transpose(0, 2, 1)
+  return {
+    "mlp.router_kernel": [((experts.router,), lambda w: w.T), ((FUSED_ROUTER,), lambda w: w.T)],
+    "mlp.gate_kernel": [(each(experts.gate), stack), ((FUSED_GATE_UP,), gate_up(0))],
+    "mlp.up_kernel": [(each(experts.up), stack), ((FUSED_GATE_UP,), gate_up(1))],
+    "mlp.down_kernel": [
+      (each(experts.down), stack),
+      ((FUSED_DOWN,), lambda w: w.transpose(0, 2, 1)),
+    ],
+  }
+
+
+def _expert_export(experts: _Experts, cfg: ModelConfig) -> dict[str, Rule]:
+  """One tensor per expert; each projection's experts in a row (each kernel gathered once)."""
+  table: dict[str, Rule] = {experts.router: (("mlp.router_kernel",), lambda w: w.T)}
+  for name, leaf in (
+    (experts.gate, "mlp.gate_kernel"),
+    (experts.up, "mlp.up_kernel"),
+    (experts.down, "mlp.down_kernel"),
+  ):
+    for e in range(cfg.moe.num_experts):
+      table[experts.expert.format(e=e) + name] = ((leaf,), lambda w, e=e: w[e].T)
+  return table
+
+
+def _moe_like(model_type: str, architecture: str, experts: _Experts, *, qk_norm: bool) -> Family:
+  """Llama's (Mixtral) or Qwen3's (Qwen3-MoE) block with the dense MLP's tensors replaced."""
+  attention = _llama_block_rules(qkv_bias=False, qk_norm=qk_norm)
+  attention_export = _llama_block_export(qkv_bias=False, qk_norm=qk_norm)
+
+  def block_rules(cfg: ModelConfig) -> dict[str, Rules]:
+    table = {k: v for k, v in attention(cfg).items() if not k.startswith("mlp.")}
+    return {**table, **_expert_rules(experts, cfg)}
+
+  def block_export(cfg: ModelConfig) -> dict[str, Rule]:
+    table = {k: v for k, v in attention_export(cfg).items() if not k.startswith("mlp.")}
+    return {**table, **_expert_export(experts, cfg)}
+
+  return Family(
+    model_type=model_type,
+    architecture=architecture,
+    block_prefix="model.layers.{i}.",
+    config_from_hf=_moe_config(model_type, qk_norm),
+    config_to_hf=_moe_config_to_hf(model_type),
+    block_rules=block_rules,
+    top_rules=_llama_top_rules,
+    block_export=block_export,
+    top_export=_llama_top_export,
+    moe=True,
+  )
+
+
 # --- GPT-2: Conv1D [in, out] weights, fused q/k/v, learned positions, LayerNorm with biases ---
 
 
@@ -279,6 +454,7 @@ def _gpt2_config(hf: dict[str, Any]) -> dict[str, Any]:
     "tie_embeddings": bool(_get(hf, "tie_word_embeddings", True)),
     "use_bias": True,
     "qkv_bias": False,
+    "moe": None,
   }
 
 
@@ -390,6 +566,8 @@ FAMILIES: dict[str, Family] = {
   "mistral": _llama_like("mistral", "MistralForCausalLM"),
   "qwen2": _llama_like("qwen2", "Qwen2ForCausalLM", qkv_bias=True),
   "qwen3": _llama_like("qwen3", "Qwen3ForCausalLM", qk_norm=True),
+  "mixtral": _moe_like("mixtral", "MixtralForCausalLM", MIXTRAL_EXPERTS, qk_norm=False),
+  "qwen3_moe": _moe_like("qwen3_moe", "Qwen3MoeForCausalLM", QWEN3_MOE_EXPERTS, qk_norm=True),
 }
 
 
@@ -407,9 +585,12 @@ def model_config_from_hf(
   hf_config: dict[str, Any], path: str, base: Mapping[str, Any]
 ) -> ModelConfig:
   """Loom's ModelConfig for an HF config.json: the architecture from it, every other field
-  (numerics, layout, adapters) from ``base``, a run config's ``model`` group."""
+  (numerics, layout, adapters; an MoE's dispatch and router-loss weights) from ``base``, a run
+  config's ``model`` group."""
   family = family_of(hf_config, path)
   values = {**dict(base), **family.config_from_hf(hf_config)}
+  if values["moe"] is not None:
+    values["moe"] = {**dict(base["moe"] or {}), **values["moe"]}
   try:
     return ModelConfig(**values)
   except ValueError as e:

@@ -3,8 +3,9 @@
 ``load_params(checkpoint, family, spec)`` builds every parameter of ``spec`` (a born-sharded
 state spec) on this host's devices: for each parameter it reads the HF tensors it comes from one
 layer at a time, transforms them (``train/hf/families.py``) and copies into each local device's
-shard only that device's slice. A host holds at most one HF tensor plus its own shards of the
-parameter being built, never the whole model. ``import_checkpoint`` writes the result as a Loom
+shard only that device's slice. A host holds at most one layer's HF tensors of one parameter
+(one tensor; the E experts' tensors of an MoE projection) plus its own shards of the parameter
+being built, never the whole model. ``import_checkpoint`` writes the result as a Loom
 checkpoint (parameters, the model config derived from HF's config.json, the tokenizer).
 """
 
@@ -56,6 +57,9 @@ MODEL_KEYS = (
   "attention_block",
 )
 LORA_KEYS = ("lora_rank", "lora_alpha", "lora_targets")  # a run's, never a checkpoint's
+# From the run config's model.moe: how the experts are dispatched and the router losses' weights
+# (training choices; an HF config holds none of them in Loom's form, see train/hf/families.py).
+MOE_RUN_KEYS = ("dispatch", "capacity_factor", "balance_loss", "router_z_loss", "bias_rate")
 
 
 def _path_names(path) -> list[str]:
@@ -95,7 +99,9 @@ def _value(checkpoint, prefix, rules, leaf, abstract, *, layer: bool = False) ->
   """One Loom parameter (one layer's slice of it when ``layer``) from its HF tensors."""
   if leaf not in rules:
     raise ConversionError(f"no HF tensor maps to Loom parameter {leaf!r} ({checkpoint.path})")
-  names, transform = rules[leaf]
+  forms = rules[leaf] if isinstance(rules[leaf], list) else [rules[leaf]]
+  held = [form for form in forms if all(checkpoint.has(prefix + name) for name in form[0])]
+  names, transform = (held or forms)[0]  # none held: the first form names the missing tensor
   tensors = [checkpoint.tensor(prefix + name) for name in names]
   expected = abstract.shape[1:] if layer else abstract.shape
   try:

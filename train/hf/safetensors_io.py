@@ -64,6 +64,13 @@ class HFCheckpoint:
       return short
     raise ConversionError(f"{self.path}: tensor {name!r} is missing from the checkpoint")
 
+  def has(self, name: str) -> bool:
+    try:
+      self.stored_name(name)
+    except ConversionError:
+      return False
+    return True
+
   def tensor(self, name: str) -> np.ndarray:
     stored = self.stored_name(name)
     file = self.files[stored]
