@@ -98,6 +98,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.moe.experts_per_token = 2  # K experts each token is sent to
   c.model.moe.expert_dim = -1  # each expert's hidden width (-1 = model.mlp_dim)
   c.model.moe.shared_experts = 0  # experts every token also passes through (Qwen2-MoE, DeepSeek)
+  c.model.moe.first_dense = 0  # the first k layers keep the dense MLP (DeepSeek-V3: 3)
   c.model.moe.router = "softmax"  # "softmax" (Mixtral, Qwen3) | "sigmoid" + a bias (DeepSeek-V3)
   c.model.moe.norm_topk = True  # renormalise the K chosen weights to sum to 1
   c.model.moe.dispatch = "dropless"  # "dropless" (grouped matmul) | "capacity" (drops overflow)

@@ -32,6 +32,7 @@ class MoEConfig:
   experts_per_token: int  # K
   expert_dim: int  # F, each expert's hidden width
   shared_experts: int  # experts every token passes through (Qwen2-MoE, DeepSeek), width F each
+  first_dense: int  # the first layers keep a dense MLP (DeepSeek-V3: 3); the rest are MoE
   router: str  # ROUTERS
   norm_topk: bool
   dispatch: str  # DISPATCHES
@@ -52,8 +53,10 @@ class MoEConfig:
         f"model.moe.experts_per_token={self.experts_per_token} exceeds model.moe.num_experts="
         f"{self.num_experts}: each token picks at most every expert"
       )
-    if not isinstance(self.shared_experts, int) or self.shared_experts < 0:
-      raise ValueError(f"model.moe.shared_experts={self.shared_experts!r}: must be an integer >= 0")
+    for name in ("shared_experts", "first_dense"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"model.moe.{name}={value!r}: must be an integer >= 0")
     if self.router not in ROUTERS:
       raise ValueError(f"model.moe.router={self.router!r}: must be one of {', '.join(ROUTERS)}")
     if self.dispatch not in DISPATCHES:
@@ -183,6 +186,11 @@ class ModelConfig:
       raise ValueError(f"model.head_dim={self.head_dim} must be even for RoPE")
     if self.moe is not None:
       self.moe.validate()
+      if self.moe.first_dense >= self.num_layers:
+        raise ValueError(
+          f"model.moe.first_dense={self.moe.first_dense} leaves no MoE layer of "
+          f"model.num_layers={self.num_layers}; use fewer dense layers, or model.moe.num_experts=0"
+        )
       adapted = sorted({"gate", "up", "down"} & set(self.lora_targets))
       if self.lora_rank and adapted:
         raise ValueError(
@@ -242,6 +250,7 @@ def _moe_config(value: Any, mlp_dim: int) -> MoEConfig | None:
   values = dict(value)
   if values.get("num_experts") == 0:
     return None
+  values.setdefault("first_dense", 0)  # saved by runs from before the key: every layer MoE
   fields = {f.name for f in dataclasses.fields(MoEConfig)}
   unknown, missing = sorted(set(values) - fields), sorted(fields - set(values))
   if unknown or missing:

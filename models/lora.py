@@ -95,7 +95,8 @@ def merge(params: dict[str, Any], cfg: ModelConfig) -> dict[str, Any]:
     for key, value in tree.items():
       if key.endswith("_lora"):
         continue
-      out[key] = walk(value, stacked or (key == "blocks" and cfg.scan_layers))
+      stacks = key in ("blocks", "dense_blocks") and cfg.scan_layers
+      out[key] = walk(value, stacked or stacks)
     for key, value in tree.items():
       if key.endswith("_lora"):
         kernel_key = key[: -len("_lora")] + "_kernel"

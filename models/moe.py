@@ -112,9 +112,12 @@ def balance_bias(bias_E: jax.Array, load_E: jax.Array, rate: float) -> jax.Array
   return bias_E + rate * jnp.sign(jnp.mean(load_E) - load_E).astype(bias_E.dtype)
 
 
-def rebalance(params: Any, old_params: Any, load_LE: jax.Array, rate: float) -> Any:
+def rebalance(
+  params: Any, old_params: Any, load_LE: jax.Array, rate: float, first_dense: int = 0
+) -> Any:
   """``params`` (a model's pure dict) with every layer's router bias set to ``balance_bias`` of
-  its value in ``old_params``, by that layer's load (``load_LE``, [num_layers, E])."""
+  its value in ``old_params``, by that layer's load (``load_LE``, [MoE layers, E]; the MoE
+  layers follow ``first_dense`` dense ones)."""
 
   def walk(new, old, layer):
     if not isinstance(new, dict):
@@ -122,8 +125,8 @@ def rebalance(params: Any, old_params: Any, load_LE: jax.Array, rate: float) -> 
     out = {}
     for key, value in new.items():
       index = key if isinstance(key, int) else layer
-      if key == "router_bias":
-        load = load_LE if index is None else load_LE[index]  # scanned: [L, E]; unrolled: [E]
+      if key == "router_bias":  # scanned: [L, E] (the MoE stack); unrolled: [E] of layer index
+        load = load_LE if index is None else load_LE[index - first_dense]
         out[key] = balance_bias(old[key], load, rate)
       else:
         out[key] = walk(value, old[key], index)
@@ -132,18 +135,20 @@ def rebalance(params: Any, old_params: Any, load_LE: jax.Array, rate: float) -> 
   return walk(params, old_params, None)
 
 
-def metrics(stats: dict[str, jax.Array]) -> dict[str, jax.Array]:
-  """The train metrics of the routers' statistics (each stacked over layers): the losses'
-  means, and per layer the largest and smallest expert share and the dropped fraction."""
+def metrics(stats: dict[str, jax.Array], first_dense: int = 0) -> dict[str, jax.Array]:
+  """The train metrics of the routers' statistics (each stacked over the MoE layers, which
+  follow ``first_dense`` dense ones): the losses' means, and per layer (named by its index in
+  the model) the largest and smallest expert share and the dropped fraction."""
   out = {
     "moe/balance_loss": jnp.mean(stats["balance_loss"]),
     "moe/z_loss": jnp.mean(stats["z_loss"]),
     "moe/router_loss": stats["router_loss"],
   }
   for i in range(stats["load"].shape[0]):
-    out[f"moe/load_max/layer_{i}"] = jnp.max(stats["load"][i])
-    out[f"moe/load_min/layer_{i}"] = jnp.min(stats["load"][i])
-    out[f"moe/dropped/layer_{i}"] = stats["dropped"][i]
+    layer = i + first_dense
+    out[f"moe/load_max/layer_{layer}"] = jnp.max(stats["load"][i])
+    out[f"moe/load_min/layer_{layer}"] = jnp.min(stats["load"][i])
+    out[f"moe/dropped/layer_{layer}"] = stats["dropped"][i]
   return out
 
 

@@ -22,7 +22,8 @@ def param_count(cfg: ModelConfig, *, embeddings: bool = True, active: bool = Fal
   attention = d * (q_dim + 2 * kv_dim) + q_dim * d + bias * (q_dim + 2 * kv_dim + d)
   attention += 2 * h if cfg.qk_norm else 0  # qk-norm scales, no bias
   mlp_in = 2 if cfg.mlp == "swiglu" else 1
-  mlp = mlp_in * (d * f + bias * f) + f * d + bias * d
+  mlp = dense_mlp = mlp_in * (d * f + bias * f) + f * d + bias * d
+  first = 0  # layers with the dense MLP before the MoE ones
   if cfg.moe is not None:
     moe, fe = cfg.moe, cfg.moe.expert_dim
     expert = mlp_in * d * fe + fe * d  # no biases
@@ -31,7 +32,9 @@ def param_count(cfg: ModelConfig, *, embeddings: bool = True, active: bool = Fal
     routed = moe.experts_per_token if active else moe.num_experts
     bias_e = moe.num_experts if moe.router == "sigmoid" and not active else 0
     mlp = d * moe.num_experts + bias_e + routed * expert + shared
-  blocks = cfg.num_layers * (2 * norm + attention + mlp)
+    first = moe.first_dense
+  blocks = cfg.num_layers * (2 * norm + attention) + first * dense_mlp
+  blocks += (cfg.num_layers - first) * mlp
   total = blocks + norm  # final norm
   if not cfg.tie_embeddings:
     total += d * cfg.vocab_size

@@ -63,14 +63,15 @@ _REMAT_POLICIES = {
 
 class Block(nnx.Module):
   """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)); the MLP is a mixture
-  of experts (models/moe.py) when ``cfg.moe`` is set."""
+  of experts (models/moe.py) when ``cfg.moe`` is set, unless ``dense`` (the first layers')."""
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dense: bool = False):
     norm_args = dict(kind=cfg.norm, use_bias=cfg.use_bias, rngs=rngs)
     self.attn_norm = Norm(cfg, cfg.d_model, ("embed",), **norm_args)
     self.attn = Attention(cfg, rngs=rngs)
     self.mlp_norm = Norm(cfg, cfg.d_model, ("embed",), **norm_args)
-    self.mlp = MoE(cfg, cfg.moe, rngs=rngs) if cfg.moe is not None else MLP(cfg, rngs=rngs)
+    sparse = cfg.moe is not None and not dense
+    self.mlp = MoE(cfg, cfg.moe, rngs=rngs) if sparse else MLP(cfg, rngs=rngs)
 
   def __call__(
     self,
@@ -93,15 +94,20 @@ class Block(nnx.Module):
     return constrain(x_BLD, ("batch", "length", "embed")), cache, stats
 
 
-def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
-  """num_layers blocks whose parameters are stacked on a leading "layers" axis."""
+def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs, count: int, dense: bool = False) -> Block:
+  """``count`` blocks whose parameters are stacked on a leading "layers" axis."""
 
-  @nnx.split_rngs(splits=cfg.num_layers)
+  @nnx.split_rngs(splits=count)
   @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
   def create(rngs: nnx.Rngs) -> Block:
-    return Block(cfg, rngs=rngs)
+    return Block(cfg, rngs=rngs, dense=dense)
 
   return create(rngs)
+
+
+def first_dense(cfg: ModelConfig) -> int:
+  """How many of the first layers keep the dense MLP (an MoE model's ``model.moe.first_dense``)."""
+  return 0 if cfg.moe is None else cfg.moe.first_dense
 
 
 class Transformer(nnx.Module):
@@ -115,10 +121,15 @@ class Transformer(nnx.Module):
       if cfg.positions == "learned"
       else None
     )
+    # An MoE model's first dense layers, scanned, are a stack of their own ("dense_blocks"):
+    # one scan body per kind of block. Unrolled, they are the first entries of "blocks".
+    k = first_dense(cfg)
+    self.dense_blocks = _stacked_blocks(cfg, rngs, k, dense=True) if cfg.scan_layers and k else None
     if cfg.scan_layers:
-      self.blocks = _stacked_blocks(cfg, rngs)
+      self.blocks = _stacked_blocks(cfg, rngs, cfg.num_layers - k)
     else:
-      self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+      blocks = [Block(cfg, rngs=rngs, dense=i < k) for i in range(cfg.num_layers)]
+      self.blocks = nnx.List(blocks)
     self.final_norm = Norm(
       cfg, cfg.d_model, ("embed",), kind=cfg.norm, use_bias=cfg.use_bias, rngs=rngs
     )
@@ -242,7 +253,7 @@ class Transformer(nnx.Module):
     segment_ids_BL: jax.Array | None = None,
   ) -> tuple[jax.Array, dict[str, jax.Array] | None, dict[str, jax.Array]]:
     """Applies the blocks as pure functions of their split state (scan or python loop); returns
-    (x, the cache, the blocks' statistics stacked over layers)."""
+    (x, the cache, the MoE blocks' statistics stacked over those layers)."""
 
     def block_fn(graphdef: nnx.GraphDef, prevent_cse: bool) -> Callable:
       def apply(state: nnx.State, x_BLD: jax.Array, layer_cache: KVCache | None):
@@ -252,15 +263,30 @@ class Transformer(nnx.Module):
       return _maybe_remat(apply, remat, prevent_cse=prevent_cse)
 
     if self.cfg.scan_layers:
-      graphdef, stacked = nnx.split(self.blocks)
-      # Under scan, CSE across iterations is impossible anyway; prevent_cse only costs speed.
-      apply = block_fn(graphdef, prevent_cse=False)
 
-      def body(x_BLD: jax.Array, layer: tuple[nnx.State, KVCache | None]):
-        x_BLD, layer_cache, stats = apply(layer[0], x_BLD, layer[1])
-        return x_BLD, (layer_cache, stats)
+      def scan(blocks, x_BLD, cache):
+        graphdef, stacked = nnx.split(blocks)
+        # Under scan, CSE across iterations is impossible anyway; prevent_cse only costs speed.
+        apply = block_fn(graphdef, prevent_cse=False)
 
-      x_BLD, (cache, stats) = jax.lax.scan(body, x_BLD, (stacked, cache))
+        def body(x_BLD: jax.Array, layer: tuple[nnx.State, KVCache | None]):
+          x_BLD, layer_cache, stats = apply(layer[0], x_BLD, layer[1])
+          return x_BLD, (layer_cache, stats)
+
+        x_BLD, (cache, stats) = jax.lax.scan(body, x_BLD, (stacked, cache))
+        return x_BLD, cache, stats
+
+      if self.dense_blocks is None:
+        return scan(self.blocks, x_BLD, cache)
+      k = first_dense(self.cfg)
+      parts = [None, None] if cache is None else [
+        {name: c[:k] for name, c in cache.items()},
+        {name: c[k:] for name, c in cache.items()},
+      ]  # fmt: skip
+      x_BLD, first, _ = scan(self.dense_blocks, x_BLD, parts[0])
+      x_BLD, rest, stats = scan(self.blocks, x_BLD, parts[1])
+      if cache is not None:
+        cache = {name: jnp.concatenate([first[name], rest[name]]) for name in cache}
       return x_BLD, cache, stats
 
     new_layers, layer_stats = [], []
@@ -269,8 +295,9 @@ class Transformer(nnx.Module):
       layer_cache = None if cache is None else {name: c[i] for name, c in cache.items()}
       x_BLD, layer_cache, stats = block_fn(graphdef, prevent_cse=True)(state, x_BLD, layer_cache)
       new_layers.append(layer_cache)
-      layer_stats.append(stats)
-    stats = jax.tree.map(lambda *xs: jnp.stack(xs), *layer_stats)
+      if stats:  # the MoE layers' (a dense block has none)
+        layer_stats.append(stats)
+    stats = jax.tree.map(lambda *xs: jnp.stack(xs), *layer_stats) if layer_stats else {}
     if cache is None:
       return x_BLD, None, stats
     return x_BLD, {name: jnp.stack([c[name] for c in new_layers]) for name in cache}, stats

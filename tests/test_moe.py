@@ -209,6 +209,42 @@ def test_an_moe_transformer_has_the_parameters_it_counts(scan, router):
   assert stats["load"].shape == (cfg.num_layers, E) and stats["balance_loss"].shape == (2,)
 
 
+@pytest.mark.parametrize("scan", [True, False])
+def test_the_first_layers_can_stay_dense(scan):
+  import models
+
+  moe = _moe_settings(expert_dim=F, first_dense=2)
+  cfg = dataclasses.replace(CFG, num_layers=3, scan_layers=scan, moe=moe)
+  model = models.Transformer(cfg, rngs=nnx.Rngs(0))
+  params = nnx.state(model, nnx.Param)
+  assert sum(x.size for x in jax.tree.leaves(params)) == models.param_count(cfg)
+  if scan:  # two stacks: the dense layers' and the MoE ones'
+    assert params["dense_blocks"]["mlp"]["up_kernel"].shape == (2, D, 32)
+    assert params["blocks"]["mlp"]["up_kernel"].shape == (1, E, D, F)
+  else:
+    assert params["blocks"][1]["mlp"]["up_kernel"].shape == (D, 32)
+    assert params["blocks"][2]["mlp"]["up_kernel"].shape == (E, D, F)
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 8)), jnp.int32)
+  positions = jnp.broadcast_to(jnp.arange(8), (2, 8))
+  logits, stats = model.logits_and_stats(tokens, positions)
+  assert stats["load"].shape == (1, E)  # the one MoE layer's
+  # The decode path splits the KV cache between the stacks and joins it again.
+  decoded, cache = model.decode(tokens, positions, model.init_cache(2, 8), 0)
+  np.testing.assert_allclose(decoded, logits, atol=1e-5)
+  assert cache["k"].shape[0] == 3 and float(jnp.abs(cache["k"][0]).max()) > 0
+  grads = nnx.state(model, nnx.Param)
+  from train import health
+
+  norms = health.layer_norms("p", nnx.to_pure_dict(grads))
+  assert {f"p/layer_{i}" for i in range(3)} <= set(norms)
+
+
+@pytest.mark.parametrize("first_dense", [3, -1])
+def test_first_dense_must_leave_moe_layers(first_dense):
+  with pytest.raises(ValueError, match=f"model.moe.first_dense={first_dense}"):
+    dataclasses.replace(CFG, num_layers=3, moe=_moe_settings(first_dense=first_dense)).validate()
+
+
 def _moe_config(**moe):
   from configs import tiny
 
@@ -245,12 +281,14 @@ def _losses_on(config, mesh_sizes, steps=3, hlo=None):
 
 @pytest.mark.parametrize("router", ["softmax", "sigmoid"])
 def test_the_train_step_on_8_devices_equals_one_device_and_moves_only_the_bias_by_load(router):
-  config = _moe_config(router=router, bias_rate=0.01)
+  dense = 1 if router == "sigmoid" else 0  # and a first dense layer (scanned: its own stack)
+  config = _moe_config(router=router, bias_rate=0.01, first_dense=dense)
   reference, metrics, first, last = _losses_on(config, (1, 1, 1, 1))
   losses, _, _, _ = _losses_on(config, (2, 2, 1, 2))
   np.testing.assert_allclose(losses, reference, rtol=2e-5)
   layers = config.model.num_layers
-  for i in range(layers):
+  assert ("moe/load_max/layer_0" in metrics) == (not dense)
+  for i in range(dense, layers):
     assert 0 <= metrics[f"moe/load_min/layer_{i}"] <= 1 / E <= metrics[f"moe/load_max/layer_{i}"]
     assert metrics[f"moe/dropped/layer_{i}"] == 0.0
   assert 0 < metrics["moe/balance_loss"] <= E and metrics["moe/z_loss"] > 0

@@ -37,8 +37,11 @@ class DivergenceError(LoomError, RuntimeError):
 def layer_norms(prefix: str, tree: Any, scale: jax.Array | float = 1.0) -> dict[str, jax.Array]:
   """L2 norms per layer (``<prefix>/layer_<i>``) and per other top-level part (``embed``,
   ``final_norm``, ...). Layers are ``blocks/<i>`` (unrolled) or the leading axis of ``blocks``
-  (scanned): the same names either way."""
+  (scanned; an MoE model's first dense layers the leading axis of ``dense_blocks``, numbered
+  before the ``blocks``): the same names either way."""
   squares: dict[str, jax.Array] = {}
+  dense = tree.get("dense_blocks") if hasattr(tree, "get") else None
+  first = jax.tree.leaves(dense)[0].shape[0] if dense else 0
 
   def add(name: str, value: jax.Array) -> None:
     squares[name] = squares.get(name, 0.0) + value
@@ -46,14 +49,15 @@ def layer_norms(prefix: str, tree: Any, scale: jax.Array | float = 1.0) -> dict[
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
     keys = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
     leaf = leaf.astype(jnp.float32)
-    if keys[0] != "blocks":
+    if keys[0] not in ("blocks", "dense_blocks"):
       add(keys[0], jnp.sum(jnp.square(leaf)))
     elif keys[1].isdigit():
       add(f"layer_{keys[1]}", jnp.sum(jnp.square(leaf)))
     else:  # stacked on a leading layers axis
       per_layer = jnp.sum(jnp.square(leaf), axis=tuple(range(1, leaf.ndim)))
+      offset = first if keys[0] == "blocks" else 0
       for i in range(leaf.shape[0]):
-        add(f"layer_{i}", per_layer[i])
+        add(f"layer_{i + offset}", per_layer[i])
   return {f"{prefix}/{name}": jnp.sqrt(value) * scale for name, value in sorted(squares.items())}
 
 

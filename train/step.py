@@ -108,7 +108,9 @@ def train_step(
   params = optax.apply_updates(state["params"], updates)
   if moe_stats and moe is not None and moe.router == "sigmoid":
     # The selection bias moves by the measured load, not by its (zero) gradient.
-    params = moe_lib.rebalance(params, state["params"], moe_stats["load"], moe.bias_rate)
+    params = moe_lib.rebalance(
+      params, state["params"], moe_stats["load"], moe.bias_rate, moe.first_dense
+    )
   # The learning rate this step applies: the schedule at the optimizer's own count, which skipped
   # steps do not advance; 0 when this step is skipped.
   counts = optax.tree_utils.tree_get_all_with_path(state["opt_state"], "count")
@@ -139,7 +141,7 @@ def train_step(
     "train/skipped_spikes_total": new_state["skipped_spikes"],
   }
   if moe_stats:
-    metrics.update(moe_lib.metrics(moe_stats))
+    metrics.update(moe_lib.metrics(moe_stats, 0 if moe is None else moe.first_dense))
   metrics.update(health.layer_norms("grad_norm", grads))
   metrics.update(health.layer_norms("update_norm", updates, scale=accept.astype(jnp.float32)))
   return new_state, metrics

@@ -72,6 +72,8 @@ def _moe_family_for(cfg: ModelConfig) -> Family:
     unexpressed.append(f"model.moe.router={moe.router!r}")
   if moe.shared_experts:
     unexpressed.append(f"model.moe.shared_experts={moe.shared_experts}")
+  if moe.first_dense:
+    unexpressed.append(f"model.moe.first_dense={moe.first_dense}")
   if not _llama_layout(cfg) or cfg.qkv_bias:
     unexpressed.append(
       f"positions={cfg.positions}, norm={cfg.norm}, mlp={cfg.mlp}, use_bias={cfg.use_bias}, "

@@ -332,6 +332,7 @@ def _moe_config(model_type: str, qk_norm: bool):
       "experts_per_token": int(_get(hf, "num_experts_per_tok", required=True)),
       "expert_dim": width,
       "shared_experts": 0,
+      "first_dense": 0,  # every layer MoE (dense ones refused above)
       "router": "softmax",
       "norm_topk": norm_topk,
     }
