@@ -101,7 +101,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.moe.first_dense = 0  # the first k layers keep the dense MLP (DeepSeek-V3: 3)
   c.model.moe.router = "softmax"  # "softmax" (Mixtral, Qwen3) | "sigmoid" + a bias (DeepSeek-V3)
   c.model.moe.norm_topk = True  # renormalise the K chosen weights to sum to 1
-  c.model.moe.dispatch = "dropless"  # "dropless" (grouped matmul) | "capacity" (drops overflow)
+  # "dropless" (grouped matmul) | "capacity" (drops overflow) | "auto" (capacity on CPUs, else
+  # dropless; models/moe.py)
+  c.model.moe.dispatch = "dropless"
   c.model.moe.capacity_factor = 1.25  # capacity dispatch: slots per expert × K·tokens / E
   c.model.moe.balance_loss = 0.01  # weight of the load-balancing loss (1 at balance; 0 = off)
   c.model.moe.router_z_loss = 0.001  # weight of the router z-loss (0 = off)

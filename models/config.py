@@ -21,7 +21,7 @@ QUANTS = ("none", "fp8", "int8")
 
 
 ROUTERS = ("softmax", "sigmoid")
-DISPATCHES = ("dropless", "capacity")
+DISPATCHES = ("auto", "dropless", "capacity")  # auto: models/moe.py resolve_dispatch
 
 
 @dataclasses.dataclass(frozen=True)

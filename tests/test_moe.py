@@ -111,6 +111,21 @@ def test_capacity_that_fits_everything_equals_dropless_and_a_small_one_drops_and
   assert np.all(np.isfinite(np.asarray(y)))
 
 
+def test_auto_dispatch_is_capacity_on_cpus_and_dropless_on_accelerators():
+  assert [moe_lib.resolve_dispatch("auto", p) for p in ("cpu", "tpu", "gpu")] == [
+    "capacity",
+    "dropless",
+    "dropless",
+  ]
+  assert moe_lib.resolve_dispatch("dropless", "cpu") == "dropless"
+  x = _x(seed=2, b=4, length=8)
+  auto = _layer(dataclasses.replace(MOE, dispatch="auto", capacity_factor=0.5))
+  tight = _layer(dataclasses.replace(MOE, dispatch="capacity", capacity_factor=0.5))
+  (y_auto, stats_auto), (y_tight, stats_tight) = auto(x), tight(x)
+  np.testing.assert_array_equal(y_auto, y_tight)  # this test runs on the CPU backend
+  assert float(stats_auto["dropped"]) == float(stats_tight["dropped"]) > 0
+
+
 def test_the_balancing_loss_has_its_textbook_values():
   t = 8
   uniform = jnp.full((t, E), 1.0 / E)
