@@ -348,13 +348,31 @@ def test_a_run_reports_active_parameters_and_logs_the_routers(tmp_path, cache_di
   from cli_helpers import train_in_process
 
   overrides = {"train.steps": 6, "train.eval_every": 6, "log.every": 3, "checkpoint.every": 6}
-  config_moe = {"model.moe": {**default.get_config().model.moe.to_dict(), "num_experts": E}}
+  config_moe = {
+    "model.moe": {**default.get_config().model.moe.to_dict(), "num_experts": E},
+    "mesh.expert": 2,  # experts exchanged by all-to-all in training; not in small decodes
+  }
   report = train_in_process(tmp_path / "run", cache_dir, {**overrides, **config_moe})
   assert report["params_active"] < report["params"]
   lines = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
   logged = [x for x in lines if "moe/load_max/layer_0" in x]
   assert logged and all(np.isfinite(x["train/loss"]) for x in logged)
   assert any("eval/loss" in x for x in lines)
+
+  # Generation and the evaluation harness take the MoE checkpoint unchanged.
+  from train.inference import generation, harness, loading
+
+  model = loading.load(str(tmp_path / "run"))
+  prompts = ["def ", "import "]
+  texts = generation.generate(model, prompts, max_new_tokens=6, temperature=0.0).texts
+
+  class Request:
+    def __init__(self, *args):
+      self.args = args
+
+  pairs = [Request(*p) for p in zip(prompts, texts, strict=True)]
+  scores = harness.loom_lm(model, 4).loglikelihood(pairs)
+  assert all(np.isfinite(value) and greedy for value, greedy in scores), (texts, scores)
 
 
 @pytest.mark.parametrize(
