@@ -51,7 +51,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models import sharding
+from models import attention, sharding
 from models.config import ModelConfig, MoEConfig
 from models.layers import MLP, out_proj_std
 from models.params import make_param, normal
@@ -160,11 +160,13 @@ def metrics(stats: dict[str, jax.Array], first_dense: int = 0) -> dict[str, jax.
 
 
 def resolve_dispatch(dispatch: str, platform: str | None = None) -> str:
-  """``model.moe.dispatch`` for ``platform`` (default: JAX's default backend): ``auto`` is
-  ``capacity`` on CPUs and ``dropless`` elsewhere; the others are themselves."""
+  """``model.moe.dispatch`` for ``platform`` (default: the platform the program being traced
+  is for, ``models.attention.platform``: an ahead-of-time TPU plan traced on a CPU host is for
+  the TPU): ``auto`` is ``capacity`` on CPUs and ``dropless`` elsewhere; the others are
+  themselves."""
   if dispatch != "auto":
     return dispatch
-  platform = jax.default_backend() if platform is None else platform
+  platform = attention.platform() if platform is None else platform
   return "capacity" if platform == "cpu" else "dropless"
 
 

@@ -28,9 +28,12 @@ def _gib(value: float) -> str:
 
 
 def summary_lines(result: dict[str, Any]) -> list[str]:
+  active = result["params_active"]
   lines = [
     f"{result['topology']} ({result['libtpu_topology']}, {result['chips']} chips), mesh "
-    f"{result['mesh']}, {result['params']:,} params; method: {result['method']}",
+    f"{result['mesh']}, {result['params']:,} params"
+    + (f" ({active:,} active per token)" if active != result["params"] else "")
+    + f"; method: {result['method']}",
     f"memory per chip: {_gib(result['memory_per_chip_bytes'])} of "
     f"{_gib(result['hbm_per_chip_bytes'])} HBM: {'fits' if result['fits'] else 'DOES NOT FIT'}"
     f" (analytic estimate {_gib(result['analytic_memory_per_chip_bytes']['total'])})",
@@ -49,10 +52,33 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
     f"{result['time_to_train_s'] / 3600:,.1f} h ({result['chip_hours']:,.0f} chip-hours), "
     f"~{result['energy_kwh']:,.0f} kWh (estimated, PUE {result['pue']})",
   ]
-  for key in ("note", "flops_note", "compile_error"):
+  if "moe" in result:
+    lines.append(moe_line(result))
+  for key in ("note", "memory_note", "flops_note", "compile_error"):
     if key in result:
       lines.append(f"{key.replace('_', ' ')}: {result[key]}")
   return lines
+
+
+def moe_line(result: dict[str, Any]) -> str:
+  """The MoE dispatch a plan is for: the experts, how tokens reach them, what the buffers hold."""
+  moe = result["moe"]
+  line = (
+    f"MoE: {moe['num_experts']} experts (top-{moe['experts_per_token']}, width "
+    f"{moe['expert_dim']:,}), {moe['dispatch']} dispatch"
+  )
+  if moe["setting"] != moe["dispatch"]:
+    line += f" (model.moe.dispatch={moe['setting']}, as on TPUs)"
+  if moe["dispatch"] == "capacity":
+    line += f" (capacity_factor {moe['capacity_factor']})"
+  if moe["expert_ways"] > 1:
+    line += f"; experts split {moe['expert_ways']} ways, tokens exchanged by all-to-all"
+    if "expert_all_to_all_in_program" in result:
+      found = result["expert_all_to_all_in_program"]
+      line += " (in the compiled program)" if found else " (NOT in the compiled program)"
+  else:
+    line += "; experts not split (no expert axis): the compiler partitions the dispatch"
+  return line + f"; buffers {moe['buffer_rows_per_token']:g} rows per token"
 
 
 _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice, e.g. v5p-128, v5e-256.")

@@ -22,6 +22,7 @@ import ml_collections
 from flax import nnx
 
 import models
+from models import moe as moe_lib
 from models.attention import implementation
 from models.config import ModelConfig
 from train import config as config_lib
@@ -39,24 +40,66 @@ def _ways(sizes: dict[str, int], rules, logical: str) -> int:
   return math.prod(sizes[axis] for axis in axes)
 
 
+def parameter_bytes_per_chip(model_cfg: ModelConfig, sizes: dict[str, int], rules) -> int:
+  """One chip's share of the parameters: each parameter's shape (``nnx.eval_shape``: nothing is
+  allocated) split over the mesh axes its logical names map to (an MoE model's experts over
+  expert × fsdp, its attention over fsdp alone), rounded up per dimension."""
+
+  def init():
+    return nnx.split(models.Transformer(model_cfg, rngs=nnx.Rngs(params=0)), nnx.Param)[1]
+
+  total = 0
+  variables = jax.tree.leaves(nnx.eval_shape(init), is_leaf=lambda x: isinstance(x, nnx.Variable))
+  for variable in variables:
+    names = variable.get_metadata().get("out_sharding") or (None,) * variable.ndim
+    shard = [
+      -(-size // (_ways(sizes, rules, name) if name else 1))
+      for size, name in zip(variable.shape, names, strict=True)
+    ]
+    total += math.prod(shard) * jnp.dtype(variable.dtype).itemsize
+  return total
+
+
+def moe_dispatch(model_cfg: ModelConfig, sizes: dict[str, int], rules) -> dict[str, Any] | None:
+  """How an MoE model's tokens reach their experts on this mesh (models/moe.py), or None for a
+  dense model: the dispatch, the ways the experts are split and the rows of [*, D] and [*, F]
+  buffers each local token fills (dropless across ``e`` expert shards: room for every local
+  assignment per peer, K·e rows; capacity: capacity_factor·K rows)."""
+  moe = model_cfg.moe
+  if moe is None:
+    return None
+  expert_ways = _ways(sizes, rules, "expert")
+  k = moe.experts_per_token
+  rows = k * moe.capacity_factor if moe.dispatch == "capacity" else k * expert_ways
+  out = {
+    "num_experts": moe.num_experts,
+    "experts_per_token": k,
+    "expert_dim": moe.expert_dim,
+    "dispatch": moe.dispatch,
+    "expert_ways": expert_ways,
+    "exchange": "all_to_all in shard_map" if expert_ways > 1 else "compiler-partitioned",
+    "buffer_rows_per_token": rows,
+  }
+  if moe.dispatch == "capacity":
+    out["capacity_factor"] = moe.capacity_factor
+  return out
+
+
 def analytic_memory(
   config: ml_collections.ConfigDict, model_cfg: ModelConfig, sizes: dict[str, int], rules
 ) -> dict[str, int]:
-  """Bytes per chip by a rough formula: state and gradients sharded like the parameters,
-  activations kept for the backward pass (by remat policy) sharded like the batch.
+  """Bytes per chip by a rough formula: state and gradients sharded like the parameters (leaf by
+  leaf), activations kept for the backward pass (by remat policy) sharded like the batch, and an
+  MoE layer's dispatch buffers (``moe_dispatch``).
 
   It read 1.4x the compiler's figure for llama_1b on v5p-128 (the one pod config compiled both
   ways); it ignores padding, fusion and scheduling.
   """
-  params = models.param_count(model_cfg)
-  param_bytes = jnp.dtype(model_cfg.param_dtype).itemsize
   act_bytes = jnp.dtype(model_cfg.dtype).itemsize
-  # Every large weight has an "embed" dimension and one of heads / mlp / vocab.
-  state_ways = _ways(sizes, rules, "embed") * max(
-    _ways(sizes, rules, "mlp"), _ways(sizes, rules, "heads")
-  )
-  state = params * param_bytes * 3 // state_ways  # parameters, Adam's mu and nu
-  gradients = params * param_bytes // state_ways
+  param_bytes = parameter_bytes_per_chip(model_cfg, sizes, rules)
+  state = param_bytes * 3  # parameters, Adam's mu and nu (in the parameters' dtype)
+  # One micro-batch's gradients, and with several the running sum they are added to.
+  gradients = param_bytes * (2 if config.train.microbatches > 1 else 1)
   tokens = (
     config.train.batch_size
     * config.data.seq_len
@@ -69,8 +112,19 @@ def analytic_memory(
   scores_full = 2 * 4 * model_cfg.num_heads * config.data.seq_len // heads_ways
   kernel = attention_kernel(model_cfg, config.data.seq_len)
   scores = scores_full if kernel == "xla" else 0
+  experts = 0  # an MoE layer's working set per token: its dispatch buffers' rows, empty or not
+  dispatch = moe_dispatch(model_cfg, sizes, rules)
+  if dispatch:
+    f = model_cfg.moe.expert_dim
+    mlp = model_cfg.moe.shared_experts * f  # the shared experts' MLP
+    # Per buffer row ~4 [D] rows (sent, received, sorted, sent back) and ~6 [F] ones (gate, up,
+    # their product; float32 matmul outputs; the backward's): fitted to the compiled figures of
+    # mixtral_8x7b and qwen3_30b_a3b on v5p (docs/moe.md). Plus float32 router logits and probs.
+    rows = dispatch["buffer_rows_per_token"]
+    experts = int(act_bytes * rows * (4 * d + 6 * f)) + 2 * 4 * model_cfg.moe.num_experts
+    mlp += int(rows * f)  # the experts' hidden rows, for the policies that save them
   # One layer's full working set per token: norms, q/k/v/o, residuals, MLP in and out.
-  layer_live = act_bytes * (8 * d + kv + 4 * mlp) + scores
+  layer_live = act_bytes * (8 * d + kv + 4 * mlp) + scores + experts
   saved = {
     "full": act_bytes * d,  # the block input only; the rest is recomputed
     "save_dots": act_bytes * (4 * d + kv + 3 * mlp),  # matmul outputs
@@ -107,12 +161,25 @@ _SIZE = r"([\d.]+)([KMGT]?)"
 _UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 
 
-def _out_of_memory_bytes(message: str) -> int | None:
-  """The bytes the compiler wanted, from its "Used 40.1G of 15.7G hbm" out-of-memory error."""
+def _out_of_memory_bytes(message: str, arguments: int = 0) -> int | None:
+  """The bytes the compiler wanted, from its out-of-memory error: "Used 40.1G of 15.7G hbm" (the
+  total), or "the total memory required for HLO temporaries (125.01G) exceeds available HBM"
+  (temporaries alone: ``arguments``, the program's inputs, are added)."""
   match = re.search(rf"Used {_SIZE} of {_SIZE} hbm", message)
-  if not match:
-    return None
-  return int(float(match.group(1)) * _UNITS[match.group(2)])
+  if match:
+    return int(float(match.group(1)) * _UNITS[match.group(2)])
+  match = re.search(rf"memory required for HLO temporaries \({_SIZE}\) exceeds", message)
+  if match:
+    return int(float(match.group(1)) * _UNITS[match.group(2)]) + arguments
+  return None
+
+
+def _shard_bytes(tree) -> int:
+  """One device's bytes of a pytree of sharded ShapeDtypeStructs."""
+  return sum(
+    math.prod(leaf.sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
+    for leaf in jax.tree.leaves(tree)
+  )
 
 
 def compile_for(
@@ -128,7 +195,8 @@ def compile_for(
     try:
       compiled = lowered.compile()
     except Exception as e:  # XLA reports an HBM overflow as a compile error
-      wanted = _out_of_memory_bytes(str(e))
+      arguments = _shard_bytes([programs.spec.abstract, programs.abstract_batch])
+      wanted = _out_of_memory_bytes(str(e), arguments)
       if "RESOURCE_EXHAUSTED" not in str(e) and wanted is None:
         raise
       return {
@@ -156,7 +224,7 @@ def compile_for(
   )
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return {
+  out = {
     "mesh": mesh_lib.describe(mesh),
     "memory_per_chip_bytes": int(total),
     "memory_breakdown_bytes": breakdown,
@@ -164,6 +232,28 @@ def compile_for(
     # The compiled program is one chip's share of the SPMD step.
     "flops_per_step_compiled": float(cost.get("flops", 0.0)) * len(devices),
   }
+  if model_cfg.moe is not None:  # the experts' exchange, as compiled (models/moe.py)
+    out["expert_all_to_all_in_program"] = _has_expert_exchange(compiled.as_text())
+  return out
+
+
+def _has_expert_exchange(hlo: str) -> bool:
+  """Whether a compiled program holds the experts' all-to-all: one traced from
+  ``jax.lax.all_to_all`` inside ``shard_map`` (the compiler adds all-to-alls of its own, e.g. for
+  the embedding's gather, which a dense model has too)."""
+  return any("all-to-all" in line and "shard_map/all_to_all" in line for line in hlo.splitlines())
+
+
+def dispatch_for_tpu(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """``config`` with ``model.moe.dispatch=auto`` resolved as on the TPU slice (dropless).
+
+  ``auto`` picks by the backend that traces the step (``models.moe.resolve_dispatch``), and a
+  plan traces on this CPU host: unresolved, it would compile the CPU's capacity dispatch."""
+  if not config.model.moe.num_experts or config.model.moe.dispatch != "auto":
+    return config
+  config = config.copy_and_resolve_references()
+  config.model.moe.dispatch = moe_lib.resolve_dispatch("auto", "tpu")
+  return config
 
 
 def plan(
@@ -177,6 +267,8 @@ def plan(
   """The plan as a dict (the JSON ``train.plan`` prints)."""
   if not 0 < mfu <= 1:
     raise ValueError(f"--mfu={mfu} must be in (0, 1]")
+  setting = config.model.moe.dispatch
+  config = dispatch_for_tpu(config)
   model_cfg = config_lib.model_config(config, with_tokenizer=False)
   chip = topology.chip
   sizes = mesh_lib.mesh_shape(config.mesh, topology.chips)
@@ -189,12 +281,17 @@ def plan(
     "device_kind": chip.name,
     "mesh": " × ".join(f"{axis}={size}" for axis, size in sizes.items()),
     "params": models.param_count(model_cfg),
+    # What one token uses (an MoE model's router and K experts): the FLOPs below count these.
+    "params_active": models.param_count(model_cfg, active=True),
     "tokens_per_step": config.train.batch_size * config.data.seq_len,
     "hbm_per_chip_bytes": chip.hbm_bytes,
     "analytic_memory_per_chip_bytes": estimate,
     "attention": attention_kernel(model_cfg, config.data.seq_len),
     "loss_chunk": config.train.loss_chunk,
   }
+  dispatch = moe_dispatch(model_cfg, sizes, mesh_lib.logical_rules(config.mesh))
+  if dispatch:
+    result["moe"] = dict(dispatch, setting=setting)  # setting: model.moe.dispatch as given
   result.update(_memory(config, model_cfg, topology, estimate, use_compiler))
   result.setdefault("fits", result["memory_per_chip_bytes"] <= chip.hbm_bytes)
   if "flops_per_step_compiled" in result:
@@ -225,6 +322,7 @@ def _memory(config, model_cfg, topology, estimate, use_compiler: bool) -> dict[s
       compiled["method"] = "compiled (libtpu, ahead of time)"
       if compiled["memory_per_chip_bytes"] is None:  # out of memory, no figure in the message
         compiled["memory_per_chip_bytes"] = estimate["total"]
+        compiled["memory_note"] = "the compiler's error gave no figure: the analytic estimate"
       return compiled
   return {"note": note, "method": "analytic", "memory_per_chip_bytes": estimate["total"]}
 
