@@ -11,11 +11,17 @@ Every figure that MFU, the energy estimate and ``train.plan`` need about a chip 
   estimate where Google publishes none (each entry says which).
 - ``quant``: the low-precision matmul formats (``model.quant``) the chip runs natively: fp8 on
   Hopper and Ada GPUs, int8 on TPUs from v4 on and NVIDIA GPUs from Ampere on.
+- ``gpu``: for the GPUs ``train.plan`` compiles for without one (H100 SXM, H200), what XLA's GPU
+  compiler needs to know of the device (``GpuSpec``); ``gpu_target_config`` writes it as the
+  ``GpuTargetConfigProto`` text that the CUDA plugin's compile-only devices are made from.
 
 CPUs have no datasheet peak here (it depends on the model, the cores and their clocks): their MFU
 divides by a matmul peak measured in the process (``train/meter/flops.py``). Sources: NVIDIA's
 A100, H100 and H200 datasheets; Google Cloud's "TPU versions" pages (cloud.google.com/tpu/docs/v2
 ... /v6e); the TPU v4 paper (ISCA 2023) for v4's power.
+
+GPU names are ``KIND:N`` or ``KIND:NxNODES`` (``h100:8``, ``h200:8x4``: N GPUs per node, NODES
+nodes joined over the data-centre network); ``parse`` gives a ``GpuNodes``.
 
 Slice names follow Cloud TPU: v2/v3/v4/v5p-N count TensorCores (two per chip), v5e-N (also
 v5litepod-N) and v6e-N count chips. ``parse("v5p-128")`` gives the slice's chips and the libtpu
@@ -32,6 +38,25 @@ GiB = 1024**3
 
 
 @dataclasses.dataclass(frozen=True)
+class GpuSpec:
+  """What XLA's GPU compiler needs to know of an NVIDIA GPU it compiles for without one: the
+  fields of the ``gpu_device_info`` its cost model and kernel emitters read. Figures as the CUDA
+  driver reports them for the device (as XLA's own published target configs record them)."""
+
+  description: str  # the device name the driver reports (becomes jax.Device.device_kind)
+  compute_capability: tuple[int, int]
+  sm_count: int
+  clock_ghz: float  # SM boost clock
+  memory_bandwidth: int  # bytes/s, datasheet
+  l2_cache_bytes: int
+  shared_memory_per_sm: int = 233_472  # 228 KiB (Hopper)
+  shared_memory_per_block_optin: int = 232_448  # 227 KiB (Hopper)
+
+
+_HOPPER = dict(compute_capability=(9, 0), sm_count=132, clock_ghz=1.98, l2_cache_bytes=50 * 2**20)
+
+
+@dataclasses.dataclass(frozen=True)
 class Accelerator:
   """Datasheet figures of one kind of JAX device."""
 
@@ -41,6 +66,7 @@ class Accelerator:
   power_watts: float  # per JAX device, under training load
   power_source: str
   quant: tuple[str, ...] = ()  # model.quant formats with native matmul units
+  gpu: GpuSpec | None = None  # what XLA's GPU compiler is told (train.plan's GPU targets)
 
 
 def _tpu(name, bf16, hbm_gib, watts, power_source, quant=("int8",)):
@@ -48,9 +74,10 @@ def _tpu(name, bf16, hbm_gib, watts, power_source, quant=("int8",)):
   return Accelerator(name, peaks, hbm_gib * GiB, watts, power_source, quant)
 
 
-def _gpu(name, bf16, tf32, hbm_gib, watts, quant=("fp8", "int8")):
+def _gpu(name, bf16, tf32, hbm_gib, watts, quant=("fp8", "int8"), hbm_bytes=None, gpu=None):
   peaks = {"bfloat16": bf16, "float16": bf16, "float32": tf32}
-  return Accelerator(name, peaks, int(hbm_gib * GiB), watts, "NVIDIA TDP", quant)
+  hbm = hbm_bytes or int(hbm_gib * GiB)
+  return Accelerator(name, peaks, hbm, watts, "NVIDIA TDP", quant, gpu)
 
 
 # Keyed by a lower-case substring of ``jax.Device.device_kind``; the first match wins, so more
@@ -66,9 +93,30 @@ ACCELERATORS: dict[str, Accelerator] = {
   "tpu v5": _tpu("TPU v5p", 459e12, 95, 300.0, "estimate: ~1.6x v4 per chip"),
   "tpu v6 lite": _tpu("TPU v6e", 918e12, 32, 200.0, "estimate: Google's '67% more efficient'"),
   "tpu v6e": _tpu("TPU v6e", 918e12, 32, 200.0, "estimate: Google's '67% more efficient'"),
-  "h200": _gpu("NVIDIA H200 SXM", 989e12, 494.5e12, 141 * 1e9 / GiB, 700.0),
+  # H200 and H100 SXM: the memory is what the CUDA driver reports as the device's total
+  # (cuDeviceTotalMem, as XLA's published target configs for the two GPUs record it): the
+  # H200's "141 GB" is exactly 141 GiB = 151,397,597,184 bytes; the H100's "80 GB" is
+  # 84,942,979,072 bytes (79.1 GiB). Bandwidths: NVIDIA's datasheets (H200 4.8 TB/s; H100 SXM
+  # 3.35 TB/s, 3,352,320,000,000 as the driver reports it).
+  "h200": _gpu(
+    "NVIDIA H200 SXM",
+    989e12,
+    494.5e12,
+    None,
+    700.0,
+    hbm_bytes=151_397_597_184,
+    gpu=GpuSpec("NVIDIA H200 141GB HBM3e", memory_bandwidth=4_800_000_000_000, **_HOPPER),
+  ),
   "h100 pcie": _gpu("NVIDIA H100 PCIe", 756e12, 378e12, 80 * 1e9 / GiB, 350.0),
-  "h100": _gpu("NVIDIA H100 SXM", 989e12, 494.5e12, 80 * 1e9 / GiB, 700.0),
+  "h100": _gpu(
+    "NVIDIA H100 SXM",
+    989e12,
+    494.5e12,
+    None,
+    700.0,
+    hbm_bytes=84_942_979_072,
+    gpu=GpuSpec("NVIDIA H100 80GB HBM3", memory_bandwidth=3_352_320_000_000, **_HOPPER),
+  ),
   "a100": _gpu("NVIDIA A100 SXM", 312e12, 156e12, 80 * 1e9 / GiB, 400.0, ("int8",)),
   "l4": _gpu("NVIDIA L4", 121e12, 60e12, 24 * 1e9 / GiB, 72.0),
 }
@@ -195,12 +243,18 @@ def valid_names() -> list[str]:
   ]
 
 
-def parse(name: str, num_slices: int = 1) -> Topology:
-  """A Cloud TPU slice name ("v5p-128", "v5e-256", "v5litepod-16", "v6e-64") as a Topology."""
+def parse(name: str, num_slices: int = 1) -> Topology | GpuNodes:
+  """A Cloud TPU slice name ("v5p-128", "v5e-256", "v5litepod-16", "v6e-64") as a Topology, or
+  GPUs per node and nodes ("h100:8", "h200:8x4") as GpuNodes."""
+  if ":" in name:
+    return parse_gpus(name, num_slices)
   match = re.fullmatch(r"(v\d+[a-z]*)-(\d+)", name.strip().lower())
   generation = ALIASES.get(match.group(1), match.group(1)) if match else None
   if generation not in SLICE_FAMILIES:
-    raise ValueError(f"unknown TPU topology {name!r}; valid: {', '.join(valid_names())}")
+    raise ValueError(
+      f"unknown TPU topology {name!r}; valid: {', '.join(valid_names())}; or GPUs as "
+      f"{GPU_NAME_FORM}"
+    )
   family = SLICE_FAMILIES[generation]
   chips, remainder = divmod(int(match.group(2)), family.cores_per_name_unit)
   if remainder or chips not in family.layouts:
@@ -211,3 +265,104 @@ def parse(name: str, num_slices: int = 1) -> Topology:
   if num_slices < 1:
     raise ValueError(f"--num_slices={num_slices} must be at least 1")
   return Topology(name, family, chips, num_slices)
+
+
+# --- GPU nodes: the names train.plan accepts, and the target configs it compiles for ---
+
+GPU_NAME_FORM = "KIND:N or KIND:NxNODES (N GPUs per node, up to 8; e.g. h100:8, h200:8x4)"
+GPUS_PER_NODE = (1, 2, 4, 8)  # an NVLink node (HGX) holds up to 8
+
+
+def gpu_kinds() -> list[str]:
+  """The table's GPUs that train.plan can compile for (those with a ``GpuSpec``)."""
+  return [key for key, accelerator in ACCELERATORS.items() if accelerator.gpu is not None]
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuNodes:
+  """Nodes of NVIDIA GPUs: NVLink within a node, the data-centre network between nodes."""
+
+  name: str  # as given, e.g. "h100:8x4"
+  kind: str  # key into ACCELERATORS
+  gpus_per_node: int
+  nodes: int = 1
+
+  @property
+  def chip(self) -> Accelerator:
+    return ACCELERATORS[self.kind]
+
+  @property
+  def chips(self) -> int:
+    return self.gpus_per_node * self.nodes
+
+  @property
+  def num_slices(self) -> int:
+    """The nodes: each one the DCN-side block of a hybrid mesh, as a TPU slice is."""
+    return self.nodes
+
+  @property
+  def cuda_topology(self) -> str:
+    """The CUDA plugin's topology string: nodes (slices) × hosts per node × GPUs per host."""
+    return f"{self.nodes}x1x{self.gpus_per_node}"
+
+
+def parse_gpus(name: str, num_slices: int = 1) -> GpuNodes:
+  """``KIND:N`` or ``KIND:NxNODES`` ("h100:8", "h200:8x4") as GpuNodes; ``num_slices`` (the
+  plan's --num_slices) multiplies the nodes."""
+  match = re.fullmatch(r"([a-z0-9]+):(\d+)(?:x(\d+))?", name.strip().lower())
+  kinds = gpu_kinds()
+  if not match or match.group(1) not in kinds:
+    raise ValueError(
+      f"unknown GPU hardware {name!r}: write {GPU_NAME_FORM} with KIND one of {', '.join(kinds)}"
+    )
+  per_node, nodes = int(match.group(2)), int(match.group(3) or 1)
+  if per_node not in GPUS_PER_NODE or nodes < 1:
+    raise ValueError(
+      f"unknown GPU hardware {name!r}: {per_node} GPUs per node and {nodes} nodes; GPUs per "
+      f"node must be one of {', '.join(map(str, GPUS_PER_NODE))} and nodes at least 1"
+    )
+  if num_slices < 1:
+    raise ValueError(f"--num_slices={num_slices} must be at least 1")
+  return GpuNodes(name, match.group(1), per_node, nodes * num_slices)
+
+
+def gpu_target_config(accelerator: Accelerator) -> str:
+  """The ``GpuTargetConfigProto`` text (XLA's stream_executor device description) of a GPU in
+  the table, from which the CUDA plugin makes compile-only devices. Only the fields this jaxlib
+  parses: XLA's own published spec files carry newer ones (collective_memory_granularity) that
+  jaxlib 0.10.2 rejects. The fixed figures are NVIDIA's limits for every GPU since Volta."""
+  gpu = accelerator.gpu
+  if gpu is None:
+    raise ValueError(
+      f"{accelerator.name} has no GPU target config (compile targets: {gpu_kinds()})"
+    )
+  major, minor = gpu.compute_capability
+  info = {
+    "threads_per_block_limit": 1024,
+    "threads_per_warp": 32,
+    "shared_memory_per_block": 49152,
+    "shared_memory_per_core": gpu.shared_memory_per_sm,
+    "threads_per_core_limit": 2048,
+    "core_count": gpu.sm_count,
+    "fpus_per_core": 128,
+    "block_dim_limit_x": 2**31 - 1,
+    "block_dim_limit_y": 65535,
+    "block_dim_limit_z": 65535,
+    "memory_bandwidth": gpu.memory_bandwidth,
+    "l2_cache_size": gpu.l2_cache_bytes,
+    "clock_rate_ghz": gpu.clock_ghz,
+    "device_memory_size": accelerator.hbm_bytes,
+    "shared_memory_per_block_optin": gpu.shared_memory_per_block_optin,
+  }
+  lines = ["gpu_device_info {", *(f"  {key}: {value}" for key, value in info.items())]
+  lines += [
+    f"  cuda_compute_capability {{ major: {major} minor: {minor} }}",
+    "  registers_per_core_limit: 65536",
+    "  registers_per_block_limit: 65536",
+    "}",
+    'platform_name: "CUDA"',
+    # The cuDNN release the compiler may assume; 9.10 has every fused-attention form Loom uses.
+    "dnn_version_info { major: 9 minor: 10 }",
+    f'device_description_str: "{gpu.description}"',
+  ]
+  return "\n".join(lines) + "\n"
