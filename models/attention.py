@@ -6,9 +6,11 @@ G = N // K query heads per kv head, H head_dim.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -117,6 +119,42 @@ def check_runs(segment_ids_BL: np.ndarray, max_segments: int) -> None:
       f"model.max_segments={max_segments} that cuDNN attention is compiled for; set "
       f"model.max_segments to at least {most}, or model.attention='xla'"
     )
+
+
+@contextlib.contextmanager
+def cudnn_checks_for(device: jax.Device):
+  """While a program for ``device`` is traced, JAX's cuDNN attention checks read its compute
+  capability.
+
+  JAX's binding checks the head dim (up to 256 from Hopper on, else 128) and packed rows (Hopper
+  on) against the first GPU of the *default* backend. A plan traces on a CPU host for
+  compile-only GPUs, where those checks find no GPU: they would refuse packed rows and head dim
+  256 for an H100. Within this context the binding's two capability checks answer for
+  ``device`` instead (its checks of shapes and the cuDNN release still run). A no-op unless
+  ``device`` is a GPU and the default backend is not. Process-wide while it lasts: trace one
+  program at a time inside it. The checks run when the backward pass is traced, which for a
+  rematerialised or scanned layer is after the layer's call returns, so the caller wraps the
+  whole lowering (``train/planning.py``), not the attention call.
+  """
+  capability = getattr(device, "compute_capability", None)
+  if device.platform != "gpu" or capability is None or jax.default_backend() == "gpu":
+    yield
+    return
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn  # noqa: PLC0415 (GPU only)
+
+  have = tuple(int(x) for x in str(capability).split("."))
+
+  def at_least(wanted: str) -> bool:
+    return have >= tuple(int(x) for x in wanted.split("."))
+
+  def equal(wanted: str) -> bool:
+    return have == tuple(int(x) for x in wanted.split("."))
+
+  with (
+    mock.patch.object(cudnn, "check_compute_capability", at_least),
+    mock.patch.object(cudnn, "is_cuda_compute_capability_equal", equal),
+  ):
+    yield
 
 
 def cudnn_attention(

@@ -1,12 +1,13 @@
-"""``python -m train.plan --config configs/X.py --topology v5p-128 [--tokens N] [--mfu 0.4]``.
+"""``python -m train.plan --config configs/X.py --hardware v5p-128|h100:8|h200:8x4 [--tokens N]``.
 
-Plans a run on a TPU slice without the slice (``train/planning.py``): the memory per chip
-the compiler needs for the trainer's own train step (ahead of time, on libtpu's compile-only
-devices), whether it fits the chip's HBM, the FLOPs of a step, and at a stated MFU the step
-time, the time to train N tokens and the energy. Without libtpu it falls back to an analytic
-estimate and says so. The last line printed is one JSON object (DESIGN.md: ``topology``,
-``fits``, ``memory_per_chip_bytes``, ``hbm_per_chip_bytes``, ``flops_per_step``, ``step_time_s``,
-``time_to_train_s``, ``energy_kwh``, and more).
+Plans a run on a TPU slice or on GPU nodes without them (``train/planning.py``): the memory per
+chip the compiler needs for the trainer's own train step (ahead of time, on libtpu's or the CUDA
+plugin's compile-only devices), whether it fits the chip's HBM, the FLOPs of a step, and at a
+stated MFU the step time, the time to train N tokens and the energy; for GPUs also the attention
+kernel and the collectives in the compiled program. Without libtpu (the CUDA plugin) it falls
+back to an analytic estimate and says so. The last line printed is one JSON object (DESIGN.md:
+``topology``, ``fits``, ``memory_per_chip_bytes``, ``hbm_per_chip_bytes``, ``flops_per_step``,
+``step_time_s``, ``time_to_train_s``, ``energy_kwh``, and more).
 """
 
 from __future__ import annotations
@@ -29,9 +30,12 @@ def _gib(value: float) -> str:
 
 def summary_lines(result: dict[str, Any]) -> list[str]:
   active = result["params_active"]
+  target = result.get("libtpu_topology") or f"CUDA {result['cuda_topology']}"
   lines = [
-    f"{result['topology']} ({result['libtpu_topology']}, {result['chips']} chips), mesh "
-    f"{result['mesh']}, {result['params']:,} params"
+    f"{result['topology']} ({target}, {result['chips']} × {result['device_kind']}), mesh "
+    f"{result['mesh']}"
+    + (f" (across nodes: {result['dcn']})" if "dcn" in result else "")
+    + f", {result['params']:,} params"
     + (f" ({active:,} active per token)" if active != result["params"] else "")
     + f"; method: {result['method']}",
     f"memory per chip: {_gib(result['memory_per_chip_bytes'])} of "
@@ -52,6 +56,15 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
     f"{result['time_to_train_s'] / 3600:,.1f} h ({result['chip_hours']:,.0f} chip-hours), "
     f"~{result['energy_kwh']:,.0f} kWh (estimated, PUE {result['pue']})",
   ]
+  if "attention_in_program" in result:
+    lines.append(f"attention in the compiled program: {', '.join(result['attention_in_program'])}")
+  if result.get("collectives"):
+    lines.append(
+      "collectives in the program (a loop body once): "
+      + ", ".join(
+        f"{kind} ×{c['count']} ({_gib(c['bytes'])})" for kind, c in result["collectives"].items()
+      )
+    )
   if "moe" in result:
     lines.append(moe_line(result))
   for key in ("note", "memory_note", "flops_note", "compile_error"):
@@ -81,14 +94,19 @@ def moe_line(result: dict[str, Any]) -> str:
   return line + f"; buffers {moe['buffer_rows_per_token']:g} rows per token"
 
 
-_TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice, e.g. v5p-128, v5e-256.")
+_TOPOLOGY = flags.DEFINE_string(
+  "topology", None, "TPU slice (v5p-128, v5e-256) or GPUs per node x nodes (h100:8, h200:8x4)."
+)
 _HARDWARE = flags.DEFINE_string("hardware", None, "Alias of --topology.")
 _TOKENS = flags.DEFINE_integer("tokens", 0, "Tokens to train (0 = train.steps × batch).")
 _MFU = flags.DEFINE_float("mfu", 0.4, "Model FLOPs utilisation assumed for the times.")
-_SLICES = flags.DEFINE_integer("num_slices", 1, "Identical slices joined over DCN.")
+_SLICES = flags.DEFINE_integer("num_slices", 1, "Identical slices (GPU nodes) joined over DCN.")
 _ANALYTIC = flags.DEFINE_boolean("analytic", False, "Skip compilation; formulas only.")
 
-USAGE = "usage: python -m train.plan [--config FILE] --topology NAME [--tokens N] [--mfu 0.4]"
+USAGE = (
+  "usage: python -m train.plan [--config FILE] --hardware v5p-128|h100:8|h100:8x4 [--tokens N] "
+  "[--mfu 0.4]"
+)
 
 
 def main(argv: list[str]) -> int:
@@ -97,7 +115,8 @@ def main(argv: list[str]) -> int:
   name = _TOPOLOGY.value or _HARDWARE.value
   if name is None:
     raise ValueError(
-      f"pass --topology (or --hardware), one of: {', '.join(hardware.valid_names())}"
+      f"pass --topology (or --hardware), one of: {', '.join(hardware.valid_names())}; or GPUs "
+      f"as {hardware.GPU_NAME_FORM}"
     )
   topology = hardware.parse(name, _SLICES.value)
   result = planning.plan(

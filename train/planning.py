@@ -1,12 +1,14 @@
-"""Planning a run on a TPU slice without the slice (the library behind ``python -m train.plan``).
+"""Planning a run on a TPU slice or GPU nodes without them (the library behind ``train.plan``).
 
 ``plan(config, hardware.parse("v5p-128"))`` compiles the trainer's own train step ahead of time
 for the slice's devices (libtpu's compile-only topology descriptions, on this CPU machine) and
 reports what the compiler says it needs per chip, whether that fits the chip's HBM, the FLOPs of
 one step, and — at a stated MFU, from the chip's datasheet bf16 peak and power in the hardware
 table (``train/meter/hardware.py``) — the step time, the time to train N tokens and the energy.
-Without libtpu it falls back to an analytic estimate (parameters + optimizer state + gradients +
-activations) and says so.
+``hardware.parse("h100:8x4")`` does the same for NVIDIA GPUs through the CUDA plugin's
+compile-only devices (``train/cluster/gpu_nodes.py``), and reports the attention kernel and the
+collectives found in the compiled program. Without libtpu (or the CUDA plugin) it falls back to
+an analytic estimate (parameters + optimizer state + gradients + activations) and says so.
 """
 
 from __future__ import annotations
@@ -23,11 +25,11 @@ from flax import nnx
 
 import models
 from models import moe as moe_lib
-from models.attention import implementation
+from models.attention import cudnn_checks_for, implementation
 from models.config import ModelConfig
 from train import config as config_lib
+from train.cluster import gpu_nodes, tpu_slice
 from train.cluster import mesh as mesh_lib
-from train.cluster import tpu_slice
 from train.meter import flops, hardware
 from train.programs import jit_programs
 
@@ -86,7 +88,11 @@ def moe_dispatch(model_cfg: ModelConfig, sizes: dict[str, int], rules) -> dict[s
 
 
 def analytic_memory(
-  config: ml_collections.ConfigDict, model_cfg: ModelConfig, sizes: dict[str, int], rules
+  config: ml_collections.ConfigDict,
+  model_cfg: ModelConfig,
+  sizes: dict[str, int],
+  rules,
+  platform: str = "tpu",
 ) -> dict[str, int]:
   """Bytes per chip by a rough formula: state and gradients sharded like the parameters (leaf by
   leaf), activations kept for the backward pass (by remat policy) sharded like the batch, and an
@@ -110,7 +116,7 @@ def analytic_memory(
   heads_ways = _ways(sizes, rules, "heads")
   # fp32 scores and probabilities of one layer, unless a kernel streams them (kept: O(L) stats)
   scores_full = 2 * 4 * model_cfg.num_heads * config.data.seq_len // heads_ways
-  kernel = attention_kernel(model_cfg, config.data.seq_len)
+  kernel = attention_kernel(model_cfg, config.data.seq_len, platform)
   scores = scores_full if kernel == "xla" else 0
   experts = 0  # an MoE layer's working set per token: its dispatch buffers' rows, empty or not
   dispatch = moe_dispatch(model_cfg, sizes, rules)
@@ -150,9 +156,16 @@ def analytic_memory(
   }
 
 
-def attention_kernel(model_cfg: ModelConfig, seq_len: int) -> str:
-  """The attention kernel the train step uses on a TPU slice (``model.attention`` resolved)."""
-  return implementation(model_cfg.attention, model_cfg.dtype, seq_len, where="tpu")
+def attention_kernel(model_cfg: ModelConfig, seq_len: int, platform: str = "tpu") -> str:
+  """The attention kernel the train step asks for on ``platform`` ("tpu" or "gpu"):
+  ``model.attention`` resolved. On GPUs the plan also reports what the compiled program holds
+  (``attention_in_program``)."""
+  return implementation(model_cfg.attention, model_cfg.dtype, seq_len, where=platform)
+
+
+def platform_of(topology) -> str:
+  """ "gpu" for GPU nodes, "tpu" for a TPU slice."""
+  return "gpu" if isinstance(topology, hardware.GpuNodes) else "tpu"
 
 
 # --- ahead-of-time compilation for the slice ---
@@ -190,7 +203,7 @@ def compile_for(
   mesh, rules = resolved.mesh, resolved.rules
   programs = jit_programs(config, mesh, rules, model_cfg)
   start = time.perf_counter()
-  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules), cudnn_checks_for(devices[0]):
     lowered = programs.train_step.lower(programs.spec.abstract, programs.abstract_batch)
     try:
       compiled = lowered.compile()
@@ -222,19 +235,75 @@ def compile_for(
     + breakdown["temporaries"]
     + breakdown["generated_code"]
   )
-  cost = compiled.cost_analysis()
+  cost = compiled.cost_analysis()  # None on the CUDA plugin's compile-only devices
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  hlo = compiled.as_text()
   out = {
     "mesh": mesh_lib.describe(mesh),
     "memory_per_chip_bytes": int(total),
     "memory_breakdown_bytes": breakdown,
     "compile_time_s": seconds,
-    # The compiled program is one chip's share of the SPMD step.
-    "flops_per_step_compiled": float(cost.get("flops", 0.0)) * len(devices),
+    "collectives": collectives(hlo),
   }
+  if cost:  # the compiled program is one chip's share of the SPMD step
+    out["flops_per_step_compiled"] = float(cost.get("flops", 0.0)) * len(devices)
+  if devices[0].platform == "gpu":
+    out["attention_in_program"] = cudnn_attention_calls(hlo) or ["XLA"]
   if model_cfg.moe is not None:  # the experts' exchange, as compiled (models/moe.py)
     out["expert_all_to_all_in_program"] = _has_expert_exchange(compiled.as_text())
   return out
+
+
+_COLLECTIVE = re.compile(
+  r"= (\(.*?\)|\S+) (all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)"
+  r"(-start)?\("
+)
+_ARRAY = re.compile(r"\b(pred|[bsuf]\d+|bf16|f8e\w+)\[([\d,]*)\]")
+_BITS = {"pred": 8, "bf16": 16}
+
+
+def _array_bytes(shape: str) -> int:
+  """Bytes of the arrays in an HLO shape string ("bf16[8,64]{1,0}" or a tuple of them)."""
+  total = 0
+  for dtype, dims in _ARRAY.findall(shape):
+    bits = _BITS.get(dtype) or int(re.sub(r"\D", "", dtype.split("e")[0]) or 8)
+    total += math.prod(int(d) for d in dims.split(",") if d) * bits // 8
+  return total
+
+
+def _tuple_elements(shape: str) -> list[str]:
+  """The top-level elements of an HLO tuple shape "(a, (b, c))" -> ["a", "(b, c)"]."""
+  inner, depth, parts, current = shape[1:-1], 0, [], ""
+  for char in inner:
+    depth += {"(": 1, "[": 1, "{": 1, ")": -1, "]": -1, "}": -1}.get(char, 0)
+    if char == "," and depth == 0:
+      parts.append(current)
+      current = ""
+    else:
+      current += char
+  return [*parts, current]
+
+
+def collectives(hlo: str) -> dict[str, dict[str, int]]:
+  """The collectives of a compiled program, by kind: how many and the bytes of their results on
+  one device, as written in the program's text. A loop's body (a scanned layer stack) is counted
+  once, though it runs once per iteration. An asynchronous ``-start`` (but all-reduce's) returns
+  (operands, outputs): its outputs are counted."""
+  found: dict[str, dict[str, int]] = {}
+  for shape, kind, start in _COLLECTIVE.findall(re.sub(r"/\*.*?\*/", "", hlo)):
+    if start and kind != "all-reduce" and shape.startswith("("):
+      elements = _tuple_elements(shape)
+      shape = elements[1] if len(elements) > 1 else shape
+    entry = found.setdefault(kind, {"count": 0, "bytes": 0})
+    entry["count"] += 1
+    entry["bytes"] += _array_bytes(shape)
+  return found
+
+
+def cudnn_attention_calls(hlo: str) -> list[str]:
+  """The cuDNN fused-attention custom calls in a compiled GPU program ("__cudnn$fmhaSoftmax",
+  "__cudnn$fmhaSoftmaxBackward", ...): the kernel the compiler kept, not the config's wish."""
+  return sorted(set(re.findall(r'custom_call_target="(__cudnn\$fmha[^"]*)"', hlo)))
 
 
 def _has_expert_exchange(hlo: str) -> bool:
@@ -244,15 +313,32 @@ def _has_expert_exchange(hlo: str) -> bool:
   return any("all-to-all" in line and "shard_map/all_to_all" in line for line in hlo.splitlines())
 
 
-def dispatch_for_tpu(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """``config`` with ``model.moe.dispatch=auto`` resolved as on the TPU slice (dropless).
+def dispatch_for_tpu(
+  config: ml_collections.ConfigDict, platform: str = "tpu"
+) -> ml_collections.ConfigDict:
+  """``config`` with ``model.moe.dispatch=auto`` resolved as on the TPU slice (dropless), or on
+  ``platform``.
 
   ``auto`` picks by the backend that traces the step (``models.moe.resolve_dispatch``), and a
   plan traces on this CPU host: unresolved, it would compile the CPU's capacity dispatch."""
   if not config.model.moe.num_experts or config.model.moe.dispatch != "auto":
     return config
   config = config.copy_and_resolve_references()
-  config.model.moe.dispatch = moe_lib.resolve_dispatch("auto", "tpu")
+  config.model.moe.dispatch = moe_lib.resolve_dispatch("auto", platform)
+  return config
+
+
+DCN_AXES = ("dcn_data", "dcn_fsdp", "dcn_expert", "dcn_tensor")
+
+
+def nodes_over_dcn(config: ml_collections.ConfigDict, topology) -> ml_collections.ConfigDict:
+  """``config`` with its slices (TPU slices, GPU nodes) on ``mesh.dcn_data`` where the config
+  sets no ``mesh.dcn_*`` size: data-parallel replicas across nodes, the mesh.* axes within one
+  (the hybrid layout, as a multi-node run would declare it)."""
+  if topology.num_slices == 1 or math.prod(config.mesh.get(a, 1) for a in DCN_AXES) != 1:
+    return config
+  config = config.copy_and_resolve_references()
+  config.mesh.dcn_data = topology.num_slices
   return config
 
 
@@ -268,14 +354,22 @@ def plan(
   if not 0 < mfu <= 1:
     raise ValueError(f"--mfu={mfu} must be in (0, 1]")
   setting = config.model.moe.dispatch
-  config = dispatch_for_tpu(config)
+  platform = platform_of(topology)
+  config = nodes_over_dcn(dispatch_for_tpu(config, platform), topology)
   model_cfg = config_lib.model_config(config, with_tokenizer=False)
   chip = topology.chip
   sizes = mesh_lib.mesh_shape(config.mesh, topology.chips)
-  estimate = analytic_memory(config, model_cfg, sizes, mesh_lib.logical_rules(config.mesh))
+  rules = mesh_lib.logical_rules(config.mesh)
+  estimate = analytic_memory(config, model_cfg, sizes, rules, platform)
   result: dict[str, Any] = {
     "topology": topology.name,
-    "libtpu_topology": topology.libtpu_name,
+    # The compile-only devices' name for it: libtpu's ("v5p:4x4x4") or the CUDA plugin's
+    # (nodes x 1 x GPUs per node).
+    **(
+      {"cuda_topology": topology.cuda_topology}
+      if platform == "gpu"
+      else {"libtpu_topology": topology.libtpu_name}
+    ),
     "chips": topology.chips,
     "num_slices": topology.num_slices,
     "device_kind": chip.name,
@@ -286,10 +380,12 @@ def plan(
     "tokens_per_step": config.train.batch_size * config.data.seq_len,
     "hbm_per_chip_bytes": chip.hbm_bytes,
     "analytic_memory_per_chip_bytes": estimate,
-    "attention": attention_kernel(model_cfg, config.data.seq_len),
+    "attention": attention_kernel(model_cfg, config.data.seq_len, platform),
     "loss_chunk": config.train.loss_chunk,
   }
-  dispatch = moe_dispatch(model_cfg, sizes, mesh_lib.logical_rules(config.mesh))
+  if topology.num_slices > 1:
+    result["dcn"] = " × ".join(f"{a}={config.mesh.get(a, 1)}" for a in DCN_AXES)
+  dispatch = moe_dispatch(model_cfg, sizes, rules)
   if dispatch:
     result["moe"] = dict(dispatch, setting=setting)  # setting: model.moe.dispatch as given
   result.update(_memory(config, model_cfg, topology, estimate, use_compiler))
@@ -309,17 +405,32 @@ def plan(
 
 
 def _memory(config, model_cfg, topology, estimate, use_compiler: bool) -> dict[str, Any]:
-  """Memory per chip from the compiler where libtpu is here, else from the analytic estimate."""
+  """Memory per chip from the compiler where libtpu (or the CUDA plugin) is here, else from the
+  analytic estimate."""
+  gpu = platform_of(topology) == "gpu"
   if not use_compiler:
     note = "analytic estimate only (--analytic)"
   else:
     try:
-      devices = tpu_slice.compile_only_devices(topology)
+      source = gpu_nodes if gpu else tpu_slice
+      devices = source.compile_only_devices(topology)
     except RuntimeError as e:
       note = f"analytic estimate only: {e}"
     else:
       compiled = compile_for(config, model_cfg, devices)
-      compiled["method"] = "compiled (libtpu, ahead of time)"
+      compiled["method"] = (
+        "compiled (CUDA plugin, ahead of time, no GPU)"
+        if gpu
+        else "compiled (libtpu, ahead of time)"
+      )
+      if gpu:
+        # XLA's GPU compiler does not refuse a program larger than the memory: the plan
+        # compares. No autotuning without a GPU, so a real compile's temporaries may differ
+        # a little; and JAX preallocates 75% of a GPU's memory unless told otherwise.
+        compiled["memory_note"] = (
+          "GPU programs: compared with the whole HBM; a run over 75% of it needs "
+          "XLA_PYTHON_CLIENT_MEM_FRACTION raised (JAX preallocates 75% by default)"
+        )
       if compiled["memory_per_chip_bytes"] is None:  # out of memory, no figure in the message
         compiled["memory_per_chip_bytes"] = estimate["total"]
         compiled["memory_note"] = "the compiler's error gave no figure: the analytic estimate"
