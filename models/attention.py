@@ -160,19 +160,45 @@ def cudnn_checks_for(device: jax.Device):
 def cudnn_attention(
   q_BLNH, k_BSKH, v_BSKH, segment_ids_BL, scale: float, max_segments: int
 ) -> jax.Array:
-  """cuDNN flash attention, causal, with packed rows as ragged sequences (GPU only).
+  """cuDNN flash attention, causal, with packed rows as ragged sequences (GPU only), sharded
+  over batch and heads by shard_map.
 
   ``jax.nn.dot_product_attention`` cannot express segments except as a materialised [B, 1, L, L]
   mask (or one length per row, which ignores packing, the trap of MaxText #4476), so this uses
-  the cuDNN binding under it, which takes each row's runs as offsets and lengths.
+  the cuDNN binding under it, which takes each row's runs as offsets and lengths. Each device
+  runs it on its own rows: left to the binding's own partitioning, a program for 8 GPUs passed
+  cuDNN the lengths of a device's 2 rows but the offsets of all 16 (gathered), so every device
+  would read the first rows' document boundaries for its own (seen compiling for 8 H100s,
+  tests/test_plan_gpu.py).
   """
+  runs = min(max_segments, q_BLNH.shape[1])
+
+  def attend(q_BLNH, k_BSKH, v_BSKH, segment_ids_BL):
+    return _cudnn_local(q_BLNH, k_BSKH, v_BSKH, segment_ids_BL, scale, runs)
+
+  if not is_active():
+    return attend(q_BLNH, k_BSKH, v_BSKH, segment_ids_BL)
+  n, kv = q_BLNH.shape[2], k_BSKH.shape[2]
+  q_spec = active_spec(("batch", None, "heads", None))
+  kv_spec = active_spec(("batch", None, "kv_heads", None))
+  if q_spec[2] is not None and kv_spec[2] != q_spec[2]:
+    k_BSKH, v_BSKH = (jnp.repeat(x, n // kv, axis=2) for x in (k_BSKH, v_BSKH))
+    kv_spec = q_spec
+  ids_spec = None if segment_ids_BL is None else jax.sharding.PartitionSpec(q_spec[0], None)
+  return jax.shard_map(
+    attend, in_specs=(q_spec, kv_spec, kv_spec, ids_spec), out_specs=q_spec, check_vma=False
+  )(q_BLNH, k_BSKH, v_BSKH, segment_ids_BL)
+
+
+def _cudnn_local(q_BLNH, k_BSKH, v_BSKH, segment_ids_BL, scale: float, runs: int) -> jax.Array:
+  """One device's cuDNN attention (``cudnn_attention``): ``runs`` ragged sequences per row."""
   from jax._src.cudnn import fused_attention_stablehlo as cudnn  # noqa: PLC0415 (GPU only)
 
   if segment_ids_BL is None:
     return cudnn.dot_product_attention(
       q_BLNH, k_BSKH, v_BSKH, scale=scale, mask_type=cudnn.MaskType.CAUSAL, qkv_layout="BTNH"
     )
-  lengths, offsets = segment_runs(segment_ids_BL, min(max_segments, q_BLNH.shape[1]))
+  lengths, offsets = segment_runs(segment_ids_BL, runs)
   return cudnn.dot_product_attention(
     q_BLNH,
     k_BSKH,
