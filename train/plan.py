@@ -57,7 +57,12 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
     f"~{result['energy_kwh']:,.0f} kWh (estimated, PUE {result['pue']})",
   ]
   if "attention_in_program" in result:
-    lines.append(f"attention in the compiled program: {', '.join(result['attention_in_program'])}")
+    calls = result.get("attention_calls") or []
+    packed = sorted({c["ragged_offsets"] for c in calls if c["ragged_offsets"]})
+    lines.append(
+      f"attention in the compiled program: {', '.join(result['attention_in_program'])}"
+      + (f" (packed rows, ragged offsets {', '.join(packed)} per GPU)" if packed else "")
+    )
   if result.get("collectives"):
     lines.append(
       "collectives in the program (a loop body once): "

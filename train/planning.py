@@ -248,7 +248,9 @@ def compile_for(
   if cost:  # the compiled program is one chip's share of the SPMD step
     out["flops_per_step_compiled"] = float(cost.get("flops", 0.0)) * len(devices)
   if devices[0].platform == "gpu":
-    out["attention_in_program"] = cudnn_attention_calls(hlo) or ["XLA"]
+    calls = cudnn_attention_calls(hlo)
+    out["attention_in_program"] = sorted({call["target"] for call in calls}) or ["XLA"]
+    out["attention_calls"] = calls
   if model_cfg.moe is not None:  # the experts' exchange, as compiled (models/moe.py)
     out["expert_all_to_all_in_program"] = _has_expert_exchange(compiled.as_text())
   return out
@@ -300,10 +302,28 @@ def collectives(hlo: str) -> dict[str, dict[str, int]]:
   return found
 
 
-def cudnn_attention_calls(hlo: str) -> list[str]:
-  """The cuDNN fused-attention custom calls in a compiled GPU program ("__cudnn$fmhaSoftmax",
-  "__cudnn$fmhaSoftmaxBackward", ...): the kernel the compiler kept, not the config's wish."""
-  return sorted(set(re.findall(r'custom_call_target="(__cudnn\$fmha[^"]*)"', hlo)))
+def cudnn_attention_calls(hlo: str) -> list[dict[str, Any]]:
+  """The cuDNN fused-attention custom calls in a compiled GPU program, one entry per distinct
+  form: ``target`` ("__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward", ...: the kernel the
+  compiler kept, not the config's wish), ``mask_type`` ("CAUSAL"; "PADDING_CAUSAL" for packed
+  rows) and ``ragged_offsets``, the shape of one device's packed-row offsets operand
+  ("s32[2,65]": its 2 rows, 64 runs each), or None without packed rows."""
+  found = {}
+  for line in hlo.splitlines():
+    target = re.search(r'custom_call_target="(__cudnn\$fmha[^"]*)"', line)
+    if not target:
+      continue
+    mask = re.search(r'"mask_type": ?"(\w+)"', line)
+    operands = re.search(r"operand_layout_constraints=\{(.*?)\}, api_version", line)
+    ints = re.findall(r"s32\[[\d,]+\]", operands.group(1)) if operands else []
+    call = {
+      "target": target.group(1),
+      "mask_type": mask.group(1) if mask else None,
+      # Lengths, then offsets (one more column: where each run starts, and the end).
+      "ragged_offsets": ints[-1] if len(ints) == 4 else None,
+    }
+    found[tuple(call.values())] = call
+  return sorted(found.values(), key=lambda call: call["target"])
 
 
 def _has_expert_exchange(hlo: str) -> bool:
