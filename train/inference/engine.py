@@ -155,6 +155,15 @@ class Engine:
       self.compile_seconds += time.perf_counter() - start
     return self._compiled[key]
 
+  def compile(
+    self, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, sampling: Sampling
+  ) -> tuple[Any, Any, list[tuple[int, Any]]]:
+    """Compiles, without running, what ``run`` would: the cache initialiser, the decode step
+    and the prefill chunks [(length, program)]. ``params`` may be ShapeDtypeStructs with
+    shardings (compiling for devices this process does not drive, as the GPU plan's tests do)."""
+    layout = _Layout.of(prompts, max_new_tokens, self.model_cfg.max_seq_len, self.data_parallel)
+    return self._programs(params, layout, sampling)
+
   def _put(self, array: np.ndarray, sharding: NamedSharding) -> jax.Array:
     # Every process holds the same host array; each places only its addressable shards.
     return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
