@@ -409,7 +409,16 @@ def plan(
   if dispatch:
     result["moe"] = dict(dispatch, setting=setting)  # setting: model.moe.dispatch as given
   result.update(_memory(config, model_cfg, topology, estimate, use_compiler))
+  # XLA's GPU compiler does not refuse a program larger than the memory: the plan compares.
   result.setdefault("fits", result["memory_per_chip_bytes"] <= chip.hbm_bytes)
+  if (
+    platform == "gpu" and result["fits"] and result["memory_per_chip_bytes"] > 0.75 * chip.hbm_bytes
+  ):
+    result.setdefault(
+      "memory_note",
+      "over the 75% of a GPU's memory that JAX preallocates by default: run with "
+      "XLA_PYTHON_CLIENT_MEM_FRACTION raised (e.g. 0.95)",
+    )
   if "flops_per_step_compiled" in result:
     undercounts = []
     if model_cfg.scan_layers:
@@ -443,14 +452,6 @@ def _memory(config, model_cfg, topology, estimate, use_compiler: bool) -> dict[s
         if gpu
         else "compiled (libtpu, ahead of time)"
       )
-      if gpu:
-        # XLA's GPU compiler does not refuse a program larger than the memory: the plan
-        # compares. No autotuning without a GPU, so a real compile's temporaries may differ
-        # a little; and JAX preallocates 75% of a GPU's memory unless told otherwise.
-        compiled["memory_note"] = (
-          "GPU programs: compared with the whole HBM; a run over 75% of it needs "
-          "XLA_PYTHON_CLIENT_MEM_FRACTION raised (JAX preallocates 75% by default)"
-        )
       if compiled["memory_per_chip_bytes"] is None:  # out of memory, no figure in the message
         compiled["memory_per_chip_bytes"] = estimate["total"]
         compiled["memory_note"] = "the compiler's error gave no figure: the analytic estimate"
