@@ -93,6 +93,15 @@ def test_collectives_and_attention_calls_are_read_from_the_program_text():
   ]
 
 
+def test_a_plan_over_what_jax_preallocates_says_how_to_run_it():
+  hbm = hardware.ACCELERATORS["h100"].hbm_bytes
+  # gpt2_small with XLA attention on 8 H100s: 69.3 GiB of 79.1 (docs/gpus.md).
+  note = plan_lib.preallocation_note(int(69.26 * GiB), hbm)
+  assert note.startswith("88% of the GPU's memory") and "XLA_PYTHON_CLIENT_MEM_FRACTION" in note
+  assert plan_lib.preallocation_note(int(33.6 * GiB), hbm) is None
+  assert plan_lib.preallocation_note(hbm + 1, hbm) is None  # does not fit: no way to run it
+
+
 @pytest.fixture(scope="module")
 def h100x8():
   try:

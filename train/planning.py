@@ -252,7 +252,7 @@ def compile_for(
     out["attention_in_program"] = sorted({call["target"] for call in calls}) or ["XLA"]
     out["attention_calls"] = calls
   if model_cfg.moe is not None:  # the experts' exchange, as compiled (models/moe.py)
-    out["expert_all_to_all_in_program"] = _has_expert_exchange(compiled.as_text())
+    out["expert_all_to_all_in_program"] = _has_expert_exchange(hlo)
   return out
 
 
@@ -411,14 +411,9 @@ def plan(
   result.update(_memory(config, model_cfg, topology, estimate, use_compiler))
   # XLA's GPU compiler does not refuse a program larger than the memory: the plan compares.
   result.setdefault("fits", result["memory_per_chip_bytes"] <= chip.hbm_bytes)
-  if (
-    platform == "gpu" and result["fits"] and result["memory_per_chip_bytes"] > 0.75 * chip.hbm_bytes
-  ):
-    result.setdefault(
-      "memory_note",
-      "over the 75% of a GPU's memory that JAX preallocates by default: run with "
-      "XLA_PYTHON_CLIENT_MEM_FRACTION raised (e.g. 0.95)",
-    )
+  note = preallocation_note(result["memory_per_chip_bytes"], chip.hbm_bytes)
+  if platform == "gpu" and note:
+    result.setdefault("memory_note", note)
   if "flops_per_step_compiled" in result:
     undercounts = []
     if model_cfg.scan_layers:
@@ -431,6 +426,16 @@ def plan(
       )
   result.update(_time_and_energy(config, model_cfg, topology, tokens, mfu))
   return result
+
+
+def preallocation_note(memory: int, hbm: int) -> str | None:
+  """What a GPU run needs when a plan fits its memory but not the 75% of it JAX preallocates."""
+  if 0.75 * hbm < memory <= hbm:
+    return (
+      f"{memory / hbm:.0%} of the GPU's memory, over the 75% that JAX preallocates by default: "
+      "run with XLA_PYTHON_CLIENT_MEM_FRACTION raised (e.g. 0.95)"
+    )
+  return None
 
 
 def _memory(config, model_cfg, topology, estimate, use_compiler: bool) -> dict[str, Any]:
