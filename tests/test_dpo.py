@@ -23,6 +23,7 @@ from configs import tiny
 from input_pipeline import errors, packing, preference
 from train import config as config_lib
 from train import dpo, trainer
+from train import programs as programs_lib
 from train import state as state_lib
 from train.cluster import mesh as mesh_lib
 from train.hf import families, importing
@@ -162,6 +163,27 @@ def test_bad_dpo_configs_are_one_line_errors(tmp_path, change, message):
   with pytest.raises(config_lib.ConfigError, match=message) as e:
     config_lib.validate(config)
   assert "\n" not in str(e.value)
+
+
+def test_the_reference_copy_is_sharded_like_the_policy_and_lora_or_simpo_need_none(tmp_path):
+  config = _prefs_config(tmp_path, tmp_path / "p.jsonl")
+  config.mesh.fsdp, config.mesh.tensor = 4, 2
+  resolved = config_lib.validate(config)
+  spec = programs_lib.jit_programs(config, resolved.mesh, resolved.rules, resolved.model_cfg).spec
+  assert jax.tree.structure(spec.abstract["reference"]) == jax.tree.structure(
+    spec.abstract["params"]
+  )
+  assert spec.shardings["reference"] == spec.shardings["params"]
+  assert any(
+    s.spec != jax.sharding.PartitionSpec() for s in jax.tree.leaves(spec.shardings["reference"])
+  )
+  for key, value in (("model.lora_rank", 4), ("dpo.loss", "simpo")):
+    other = _prefs_config(tmp_path, tmp_path / "p.jsonl")
+    group, name = key.split(".")
+    other[group][name] = value
+    resolved = config_lib.validate(other)
+    spec = programs_lib.jit_programs(other, resolved.mesh, resolved.rules, resolved.model_cfg).spec
+    assert "reference" not in spec.abstract, key
 
 
 # --- parity with TRL: the same tiny transformers model (policy) and a perturbed copy (reference).
@@ -347,14 +369,14 @@ def test_lora_reference_is_the_base_model_and_only_adapters_change(tmp_path):
   mesh, rules, model_cfg = resolved.mesh, resolved.rules, resolved.model_cfg
   pipeline = input_pipeline.build(config)
   built = trainer.build_steps(config, mesh, rules, model_cfg)
-  programs = built.programs
-  assert "reference" not in programs.spec.abstract  # no second copy of the weights
-  state = state_lib.init_state(programs.spec, model_cfg, programs.tx, mesh, rules, 0)
+  jitted = built.programs
+  assert "reference" not in jitted.spec.abstract  # no second copy of the weights
+  state = state_lib.init_state(jitted.spec, model_cfg, jitted.tx, mesh, rules, 0)
   before = dict(jax.tree_util.tree_leaves_with_path(jax.tree.map(np.asarray, state["params"])))
   batches = pipeline.train_batches(global_batch_size=8, process_index=0, process_count=1)
   first = None
   for _ in range(3):
-    batch = input_pipeline.to_global(next(batches), programs.batch_sharding)
+    batch = input_pipeline.to_global(next(batches), jitted.batch_sharding)
     state, metrics = built.compiled_step(state, batch)
     first = first or {k: float(v) for k, v in metrics.items()}
   # Step 1: the policy is its reference (B = 0), so every reward is exactly zero.
@@ -376,9 +398,9 @@ def test_lora_reference_is_the_base_model_and_only_adapters_change(tmp_path):
   batch = packing.make_batch(*_all_rows(pipeline))
   logps = jax.jit(dpo.sequence_logps, static_argnums=(1, 3))
   with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-    ref = logps(dpo.adapters_off(state["params"]), programs.spec.graphdef, batch, MAX_PAIRS)[0]
+    ref = logps(dpo.adapters_off(state["params"]), jitted.spec.graphdef, batch, MAX_PAIRS)[0]
     base = logps(base_params, base_spec.graphdef, batch, MAX_PAIRS)[0]
-    policy = logps(state["params"], programs.spec.graphdef, batch, MAX_PAIRS)[0]
+    policy = logps(state["params"], jitted.spec.graphdef, batch, MAX_PAIRS)[0]
   np.testing.assert_allclose(np.asarray(ref), np.asarray(base), atol=1e-5, rtol=0)
   assert np.abs(np.asarray(policy) - np.asarray(base)).max() > 1e-3  # the adapters did learn
 
