@@ -136,6 +136,10 @@ def test_bad_records_are_reported_with_line_numbers_and_none_valid_is_an_error(t
     'line 9: "chosen" is empty',
   ):
     assert text in caplog.text
+  too_long = _prefs_config(tmp_path, source, seq_len=16)  # byte ids: every pair > 17 tokens
+  fits = r"none of the 5 train pairs fits a row of data.seq_len \+ 1 = 17 tokens"
+  with pytest.raises(errors.DataError, match=fits):
+    input_pipeline.build(too_long)
   only_bad = _prefs_file(tmp_path / "bad.jsonl", [], BAD_LINES)
   with pytest.raises(errors.DataError, match="no valid preference record in .*bad.jsonl") as e:
     preference.read(f"prefs:{only_bad}", 0)
