@@ -475,6 +475,9 @@ def test_a_dpo_run_learns_the_preferred_answers_and_resumes_exactly(tmp_path):
     np.mean(accuracies[-4:]) >= 0.7 and np.mean(accuracies[-4:]) > np.mean(accuracies[:4]) + 0.3
   ), accuracies
   assert records[-1]["train/rewards/margins"] > 0 and records[-1]["train/loss"] < math.log(2)
+  evals = [r for r in read_metrics(workdir) if "eval/loss" in r]
+  assert [r["step"] for r in evals] == [10, 16] and evals[0]["eval/pairs"] > 0
+  assert all(0 <= r["eval/rewards/accuracies"] <= 1 for r in evals)
   resumed = copy_run(workdir, tmp_path / "resumed", 16)
   report = train_in_process(resumed, tmp_path / "cache", overrides)
   assert report["restarted_from_step"] == 8  # the reference came back from the checkpoint

@@ -39,7 +39,7 @@ class Programs:
   batch_sharding: jax.sharding.NamedSharding
   abstract_batch: dict[str, jax.ShapeDtypeStruct]
   train_step: Any  # jitted (state, batch) -> (state, metrics); state donated
-  eval_step: Any  # jitted (params, batch) -> {"loss_sum", "tokens"}
+  eval_step: Any  # jitted (params, batch[, reference]) -> {"loss_sum", "tokens"[, DPO sums]}
   mesh: jax.sharding.Mesh
   rules: Any
 
@@ -91,9 +91,19 @@ def jit_programs(
     out_shardings=(spec.shardings, replicated),
     donate_argnums=0,
   )
+  # DPO's eval also takes the reference copy, where the state holds one: (params, batch, ref).
+  eval_shardings = (spec.shardings["params"], batch_sharding)
+  if reference:
+    eval_shardings += (spec.shardings["reference"],)
   eval_step = jax.jit(
-    functools.partial(step.eval_step, graphdef=spec.graphdef, loss_chunk=config.train.loss_chunk),
-    in_shardings=(spec.shardings["params"], batch_sharding),
+    functools.partial(
+      step.eval_step,
+      graphdef=spec.graphdef,
+      loss_chunk=config.train.loss_chunk,
+      preference=preference,
+      adapters=lora_only,
+    ),
+    in_shardings=eval_shardings,
     out_shardings=replicated,
   )
   return Programs(

@@ -174,8 +174,28 @@ def train_step(
 
 
 def eval_step(
-  params: nnx.State, batch: Batch, *, graphdef: nnx.GraphDef, loss_chunk: int = 0
+  params: nnx.State,
+  batch: Batch,
+  reference: Any = None,
+  *,
+  graphdef: nnx.GraphDef,
+  loss_chunk: int = 0,
+  preference: dpo.Preference | None = None,
+  adapters: bool = False,
 ) -> dict[str, jax.Array]:
-  """Summed loss and token count of one eval batch (the caller sums over the eval set)."""
+  """Summed loss and token count of one eval batch (the caller sums over the eval set).
+
+  With ``preference`` also the pair count and the sums of ``dpo.METRICS`` over the batch's
+  pairs; the reference is ``reference`` (the state's copy), or with LoRA (``adapters``) the same
+  parameters with the adapters off, or none for SimPO, as in ``train_step``.
+  """
   loss_sum, weight_sum = loss_lib.loss_sums(params, graphdef, batch, chunk=loss_chunk)
-  return {"loss_sum": loss_sum, "tokens": weight_sum}
+  out = {"loss_sum": loss_sum, "tokens": weight_sum}
+  if preference is not None:
+    if preference.uses_reference and adapters:
+      reference = dpo.adapters_off(params)
+    _, (_, pairs, _, sums) = dpo.objective(
+      params, graphdef, batch, 0, 0.0, reference=reference, settings=preference
+    )
+    out.update(sums, pairs=pairs)
+  return out
