@@ -360,7 +360,6 @@ def test_smoothed_dpo_and_simpo_equal_their_formulas_on_trl_log_probs(
   np.testing.assert_allclose(ours["rewards/rejected"], rejected_reward.numpy(), atol=1e-4, rtol=0)
 
 
-@pytest.mark.slow
 def test_micro_batches_give_the_same_dpo_update(models):
   """Pairs stay in their rows, so k micro-batches sum the same pair losses and counts."""
   batch = {k: np.concatenate([v, np.zeros_like(v[:1])]) for k, v in models["batch"].items()}
