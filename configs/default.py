@@ -18,7 +18,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   # --- data: where text comes from and how it becomes fixed-length training rows.
   c.data = ml_collections.ConfigDict()
-  c.data.source = "stdlib"  # "stdlib" | "files:<dir|glob>" | "tfds:<name>[:<ver>]" | "chat:<jsonl>"
+  # "stdlib" | "files:<dir|glob>" | "tfds:<name>[:<ver>]" | "chat:<jsonl>" | "prefs:<jsonl>"
+  c.data.source = "stdlib"
   # Weighted mixture instead of data.source: ((source, weight), ...), each row's source drawn
   # from the weights (input_pipeline/mixture.py); () = off.
   c.data.store_shard_mb = 256.0  # prepared stores are written in shards of about this many MB
@@ -150,6 +151,8 @@ def get_config() -> ml_collections.ConfigDict:
   # --- train: the loop.
   c.train = ml_collections.ConfigDict()
   c.train.steps = 250  # optimizer steps
+  # "lm" (next-token cross-entropy) | "dpo" (preference pairs of a prefs: source; the dpo group)
+  c.train.objective = "lm"
   c.train.batch_size = 16  # global batch, in rows of data.seq_len tokens
   c.train.microbatches = 1  # gradient accumulation: split each batch into this many parts
   c.train.loss_chunk = 0  # positions per chunk of the output layer + loss (0 = all at once)
@@ -160,6 +163,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.spike_factor = 2.5  # a spike is a loss above this × the running mean of accepted losses
   c.train.max_consecutive_skips = 20  # stop the run after this many skipped steps in a row
   c.train.max_rollbacks = 3  # stop the run after this many rollbacks ("rollback" policy)
+
+  # --- dpo: preference tuning on prefs: pairs (train.objective = "dpo"; train/dpo.py).
+  c.dpo = ml_collections.ConfigDict()
+  c.dpo.beta = 0.1  # β: strength of the implicit KL to the reference (SimPO: its reward scale)
+  c.dpo.loss = "sigmoid"  # "sigmoid" (DPO) | "ipo" | "simpo" (reference-free)
+  c.dpo.label_smoothing = 0.0  # ε: the share of pairs assumed flipped (cDPO; sigmoid and simpo)
+  c.dpo.simpo_gamma = 0.5  # γ: SimPO's target reward margin
 
   # --- harness: EleutherAI lm-eval tasks at each eval (python -m train.evaluate runs them on
   # any checkpoint). Off by default; needs the [eval] extra.

@@ -25,6 +25,7 @@ import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -78,7 +79,7 @@ def read(spec: str, validation_percent: int) -> ChatSource:
       f"data.source={spec!r}: no conversation in {path} has an assistant turn, so there is "
       f"nothing to train on ({len(good)} good lines, {len(bad)} bad{detail})"
     )
-  splits = _split(good, validation_percent)
+  splits = split_lines(good, validation_percent, "conversation")
   identity = {
     "kind": "chat",
     "file_sha256": hashlib.sha256(raw).hexdigest(),
@@ -105,19 +106,21 @@ def _parse(line: str) -> tuple[str, list[dict[str, str]]]:
   return "", [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
-def _split(good, validation_percent: int) -> dict[str, list]:
+def split_lines(good: list[tuple[str, Any]], validation_percent: int, what: str) -> dict[str, list]:
+  """Good (line, item) pairs into train and validation: by a hash of the line's text, or by
+  position when that leaves either split empty. ``what`` names an item in messages."""
   splits: dict[str, list] = {"train": [], "validation": []}
-  for line, messages in good:
+  for line, item in good:
     bucket = int(hashlib.sha256(line.encode()).hexdigest()[:8], 16) % 100
-    splits["validation" if bucket < validation_percent else "train"].append(messages)
+    splits["validation" if bucket < validation_percent else "train"].append(item)
   if validation_percent and (not splits["train"] or not splits["validation"]):
     if len(good) < 2:
       raise errors.DataError(
-        f"{len(good)} good conversation(s) cannot make both a train and a validation split; "
-        "add conversations or set data.validation_percent=0"
+        f"{len(good)} good {what}(s) cannot make both a train and a validation split; "
+        f"add {what}s or set data.validation_percent=0"
       )
     cut = max(1, min(len(good) - 1, round(len(good) * (1 - validation_percent / 100))))
-    _log.info("chat split by position: %d train, %d validation", cut, len(good) - cut)
+    _log.info("%s split by position: %d train, %d validation", what, cut, len(good) - cut)
     splits = {"train": [m for _, m in good[:cut]], "validation": [m for _, m in good[cut:]]}
   return splits
 

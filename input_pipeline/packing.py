@@ -176,3 +176,78 @@ def make_batch(
     "segment_ids": in_seg_BL,
     "weights": weights_BL,
   }
+
+
+class PairPacker:
+  """Packs preference pairs (``input_pipeline/preference.py``) whole into rows of seq_len + 1.
+
+  Why pairs share a row: a row is the unit everything downstream moves (the step-indexed sampler
+  permutes rows, each process reads its own rows, the batch is sharded by rows and micro-batches
+  take rows). A pair packed as two adjacent segments of one row (chosen = segment 2k - 1,
+  rejected = segment 2k) therefore stays together in every batch, on every device and in every
+  micro-batch, with no change to the sampler, the store format or the sharding; the segment ids
+  keep the two sequences from attending to each other and their positions restart at 0, as if
+  each were alone. Several pairs share a row (first fit in order), which paired rows (one row
+  per sequence, padded) would waste. A pair longer than a row is skipped and counted.
+  """
+
+  def __init__(self, seq_len: int, pad_id: int, token_dtype: np.dtype, rows_per_block: int = 1024):
+    self.width = seq_len + 1
+    self.pad_id = pad_id
+    self.token_dtype = np.dtype(token_dtype)
+    self.rows_per_block = rows_per_block
+    self._rows: list[tuple[np.ndarray, ...]] = []
+    self._row: list[tuple[np.ndarray, np.ndarray]] = []  # the open row's (ids, mask) segments
+    self._used = 0
+    self.num_documents = 0  # pairs packed
+    self.too_long = 0  # pairs longer than a row, skipped
+    self.real_slots = 0
+    self.total_slots = 0
+
+  def add(
+    self, chosen: np.ndarray, chosen_mask: np.ndarray, rejected: np.ndarray, rejected_mask
+  ) -> Iterator[tuple[np.ndarray, ...]]:
+    """Places one pair (each sequence already ends with eod) and yields full blocks of rows."""
+    size = len(chosen) + len(rejected)
+    if size > self.width:
+      self.too_long += 1
+      return
+    if self._used + size > self.width:
+      self._close_row()
+    self._row += [(chosen, chosen_mask), (rejected, rejected_mask)]
+    self._used += size
+    self.num_documents += 1
+    if len(self._rows) >= self.rows_per_block:
+      yield self._block()
+
+  def finish(self) -> Iterator[tuple[np.ndarray, ...]]:
+    self._close_row()
+    if self._rows:
+      yield self._block()
+
+  def _close_row(self) -> None:
+    if not self._row:
+      return
+    tokens = np.full(self.width, self.pad_id, self.token_dtype)
+    segment_ids, positions, mask = (np.zeros(self.width, np.int64) for _ in range(3))
+    start = 0
+    for number, (ids, flags) in enumerate(self._row, start=1):
+      stop = start + len(ids)
+      tokens[start:stop] = ids
+      segment_ids[start:stop] = number
+      positions[start:stop] = np.arange(len(ids))
+      mask[start:stop] = flags
+      start = stop
+    self._rows.append((tokens, segment_ids, positions, mask.astype(np.uint8)))
+    self.real_slots += start
+    self.total_slots += self.width
+    self._row, self._used = [], 0
+
+  def _block(self) -> tuple[np.ndarray, ...]:
+    block = tuple(np.stack(arrays) for arrays in zip(*self._rows, strict=True))
+    self._rows = []
+    return block
+
+  @property
+  def efficiency(self) -> float:
+    return self.real_slots / self.total_slots if self.total_slots else 0.0

@@ -16,7 +16,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from input_pipeline import chat, errors, mixture, sampler, sources, store, tokenizers
+from input_pipeline import chat, errors, mixture, preference, sampler, sources, store, tokenizers
 from input_pipeline import shares as shares_lib
 from input_pipeline.host import storage
 
@@ -112,7 +112,7 @@ def build_local(config: ml_collections.ConfigDict, *, shares: int = 1, resolved=
     _check(data)
     if tuple(data.get("mixture", ())):
       return _build_mixture(config, cache_dir)
-    if data.source.startswith("chat:"):
+    if data.source.startswith(("chat:", preference.PREFIX)):
       return _build_chat(config, cache_dir)
     resolved = source_and_tokenizer(config)
   source, tokenizer = resolved
@@ -219,8 +219,10 @@ class MixturePipeline(Pipeline):
 def _build_mixture(config: ml_collections.ConfigDict, cache_dir: Path) -> Pipeline:
   data = config.data
   specs, _, table = mixture.parse(tuple(data.mixture), tuple(data.get("mixture_stages", ())))
-  if any(spec.startswith("chat:") for spec in specs):
-    raise errors.DataError(f"data.mixture {specs}: chat sources cannot be mixed (yet); use one")
+  if any(spec.startswith(("chat:", preference.PREFIX)) for spec in specs):
+    raise errors.DataError(
+      f"data.mixture {specs}: chat and prefs sources cannot be mixed (yet); use one"
+    )
   resolved = [sources.from_spec(spec, data, cache_dir) for spec in specs]
   tokenizer = tokenizers.build_tokenizer(
     data.tokenizer,
@@ -246,20 +248,35 @@ def _build_mixture(config: ml_collections.ConfigDict, cache_dir: Path) -> Pipeli
 
 def _build_chat(config: ml_collections.ConfigDict, cache_dir: Path) -> Pipeline:
   """chat:PATH: conversations rendered with the tokenizer's chat template, loss on assistant
-  turns only (input_pipeline/chat.py)."""
+  turns only (input_pipeline/chat.py). prefs:PATH: preference pairs, rendered the same way,
+  packed whole into rows, loss on the completions only (input_pipeline/preference.py)."""
   data = config.data
+  kind = data.source.partition(":")[0]
   if data.tokenizer == "sentencepiece" and not data.spm_model:
     raise errors.DataError(
-      "data.source='chat:...' needs a ready tokenizer: use data.tokenizer='hf:DIR' (its chat "
-      "template), 'byte', or data.spm_model; a SentencePiece model is not trained on chats"
+      f"data.source='{kind}:...' needs a ready tokenizer: use data.tokenizer='hf:DIR' (its chat "
+      f"template), 'byte', or data.spm_model; a SentencePiece model is not trained on {kind} data"
     )
-  source = chat.read(data.source, int(data.validation_percent))
   tokenizer = tokenizers.load_tokenizer(data)
   template = getattr(tokenizer, "chat_template", None)
-  renderer = chat.Renderer(template)
+  if kind == "chat":
+    source = chat.read(data.source, int(data.validation_percent))
+    renderer = chat.Renderer(template)
+  else:
+    source = preference.read(data.source, int(data.validation_percent))
+    renderer = preference.PairRenderer(template, tokenizer)
   template_hash = hashlib.sha256((template or chat.FALLBACK_TEMPLATE).encode()).hexdigest()
   source = dataclasses.replace(source, identity={**source.identity, "template": template_hash})
   prepared = _prepare(source, tokenizer, data, cache_dir, renderer=renderer)
+  for split, stats in prepared.manifest["splits"].items():
+    if stats.get("pairs_too_long"):
+      _log.warning(
+        "%s: %d %s pairs longer than data.seq_len + 1 = %d tokens skipped",
+        data.source,
+        stats["pairs_too_long"],
+        split,
+        int(data.seq_len) + 1,
+      )
   return _ready(config, tokenizer, prepared)
 
 

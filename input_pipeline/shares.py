@@ -119,7 +119,7 @@ def remove(cache_dir, fp: str) -> None:
 
 def check_supported(data) -> None:
   """data.parallel_prepare covers one text source; say so for the others."""
-  if tuple(data.get("mixture", ())) or str(data.source).startswith("chat:"):
+  if tuple(data.get("mixture", ())) or str(data.source).startswith(("chat:", "prefs:")):
     raise errors.DataError(
       f"data.parallel_prepare=True prepares one text source (data.source stdlib, files:... or "
       f"tfds:...), not {'data.mixture' if tuple(data.get('mixture', ())) else repr(data.source)}; "

@@ -54,7 +54,7 @@ FORMAT_VERSION = 2  # 2: arrays in shards with an index (1: one file per array)
 PACKING_SCHEME = "stream-overlap1"  # see packing.py
 ARRAYS = ("tokens", "segment_ids", "positions")
 SPLITS = ("train", "validation")
-MASK = "loss_mask"  # chat stores only: which tokens may be targets (assistant turns)
+MASK = "loss_mask"  # chat and preference stores only: which tokens may be targets (completions)
 _NpyWriter = shards.NpyWriter  # the writer of every shard (tests patch it)
 _ENCODE_CHUNK = 256  # documents tokenized per call (SentencePiece batches them over threads)
 DEFAULT_SHARD_MB = 256  # tokens per shard file, roughly
@@ -124,7 +124,9 @@ def prepare(
   """Returns the store for these inputs, packing it first unless a verified one already exists.
 
   ``renderer`` (chat sources, ``input_pipeline/chat.py``) turns each conversation into pieces
-  whose tokens carry a loss mask; the store then has a fourth array, ``loss_mask``.
+  whose tokens carry a loss mask; the store then has a fourth array, ``loss_mask``. A preference
+  source's renderer (``input_pipeline/preference.py``) makes each record a pair of masked
+  documents, packed whole into rows (``packing.PairPacker``).
   ``tokenized(split)``: the split's documents already tokenized (an iterable of id arrays in the
   source's order, e.g. every process's share read back: ``input_pipeline/shares.py``) instead of
   tokenizing ``source.documents(split)`` here; the store is the same byte for byte.
@@ -172,7 +174,14 @@ def prepare(
       manifest["splits"][split] = stats
       manifest["arrays"].update(arrays)
       manifest["shards"][split] = shards
-    if manifest["splits"]["train"]["rows"] == 0:
+    train = manifest["splits"]["train"]
+    if train["rows"] == 0 and train.get("pairs_too_long"):
+      raise errors.DataError(
+        f"data.source={source.spec!r}: none of the {train['pairs_too_long']} train pairs fits "
+        f"a row of data.seq_len + 1 = {seq_len + 1} tokens (prompt + chosen + prompt + "
+        "rejected); raise data.seq_len or shorten the records"
+      )
+    if train["rows"] == 0:
       raise errors.DataError(
         f"data.source={source.spec!r}: the train split holds no text (empty corpus)"
       )
@@ -284,9 +293,13 @@ def _write_split(
 ):
   token_dtype = packing.row_dtype(tokenizer.vocab_size - 1)
   index_dtype = packing.row_dtype(seq_len + 1)
-  packer = packing.Packer(
-    seq_len, tokenizer.eod_id, tokenizer.pad_id, token_dtype, with_mask=renderer is not None
-  )
+  pairs = hasattr(renderer, "pair")  # preference records (input_pipeline/preference.py)
+  if pairs:
+    packer = packing.PairPacker(seq_len, tokenizer.pad_id, token_dtype)
+  else:
+    packer = packing.Packer(
+      seq_len, tokenizer.eod_id, tokenizer.pad_id, token_dtype, with_mask=renderer is not None
+    )
   names = ARRAYS + ((MASK,) if renderer else ())
   dtypes = dict(zip(names, (token_dtype, index_dtype, index_dtype, np.uint8), strict=False))
   # The same rows per shard for every array: sized by the token array's bytes.
@@ -311,9 +324,11 @@ def _write_split(
         filled[0] += take
         start += take
 
-  # items: conversations (with a renderer) or each document's token ids.
+  # items: preference records, conversations (with a renderer) or each document's token ids.
   for item in items:
-    if renderer is not None:
+    if pairs:
+      write(packer.add(*renderer.pair(item)))
+    elif renderer is not None:
       write(packer.add(*_masked_tokens(renderer.pieces(item), tokenizer)))
     else:
       write(packer.add(item))
@@ -334,6 +349,8 @@ def _write_split(
     "real_tokens": packer.real_slots,
     "packing_efficiency": round(packer.efficiency, 6),
   }
+  if pairs:  # preference pairs longer than a row are skipped (input_pipeline/packing.py)
+    stats["pairs_too_long"] = packer.too_long
   return stats, arrays, shard_rows_list
 
 

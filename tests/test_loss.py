@@ -58,7 +58,7 @@ def test_z_loss_adds_the_squared_log_normaliser():
   )
   lse2 = jnp.sum(jnp.square(jax.nn.logsumexp(logits, axis=-1)) * batch["weights"])
   for chunk in (0, 8):
-    objective, (ce, _, _) = loss.objective(params, spec.graphdef, batch, chunk, 1e-2)
+    objective, (ce, _, _, _) = loss.objective(params, spec.graphdef, batch, chunk, 1e-2)
     np.testing.assert_allclose(float(objective), float(ce + 1e-2 * lse2), rtol=1e-5)
     assert float(objective) > float(ce)
 

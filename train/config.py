@@ -25,13 +25,13 @@ from input_pipeline import mixture, tokenizers
 from input_pipeline.host import storage
 from input_pipeline.host.command import LoomError
 from models.config import ModelConfig
-from train import health, optimizer
+from train import dpo, health, optimizer
 from train import state as state_lib
 from train.cluster import mesh as mesh_lib
 from train.inference import tasks as task_index
 from train.meter import hardware
 
-SOURCE_PREFIXES = ("stdlib", "files:", "tfds:", "chat:")
+SOURCE_PREFIXES = ("stdlib", "files:", "tfds:", "chat:", "prefs:")
 
 
 class ConfigError(LoomError, ValueError):
@@ -62,6 +62,7 @@ def validate(
   tokenizer file) naming what to change.
   """
   _check_train(config)
+  _check_objective(config)
   _check_optim(config.optim)
   _check_data(config.data)
   _check_meter(config.meter)
@@ -179,6 +180,53 @@ def _check_train(config) -> None:
       raise ConfigError(f"debug.{key}={steps} must hold step numbers >= 1")
 
 
+def _check_objective(config) -> None:
+  """train.objective against the data and the dpo group: preference pairs and DPO go together."""
+  objective, source = config.train.objective, config.data.source
+  if objective not in dpo.OBJECTIVES:
+    raise ConfigError(f"train.objective={objective!r} is not one of {dpo.OBJECTIVES}")
+  prefs = isinstance(source, str) and source.startswith("prefs:") and not tuple(config.data.mixture)
+  if objective == "lm":
+    if prefs:
+      raise ConfigError(
+        f"data.source={source!r} holds preference pairs, which train.objective='lm' would "
+        "train on both completions of; set train.objective='dpo'"
+      )
+    return
+  if not prefs:
+    given = (
+      f"data.mixture={tuple(config.data.mixture)}"
+      if tuple(config.data.mixture)
+      else (f"data.source={source!r}")
+    )
+    raise ConfigError(
+      f"train.objective='dpo' needs preference data, not {given}; use "
+      "data.source='prefs:<pairs.jsonl>' (one source)"
+    )
+  d = config.dpo
+  if d.loss not in dpo.LOSSES:
+    raise ConfigError(f"dpo.loss={d.loss!r} is not one of {dpo.LOSSES}")
+  number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+  if not number(d.beta) or not d.beta > 0:
+    raise ConfigError(f"dpo.beta={d.beta!r} must be > 0")
+  if not number(d.label_smoothing) or not 0 <= d.label_smoothing < 0.5:
+    raise ConfigError(f"dpo.label_smoothing={d.label_smoothing!r} must be in [0, 0.5)")
+  if d.loss == "ipo" and d.label_smoothing:
+    raise ConfigError(
+      f"dpo.label_smoothing={d.label_smoothing!r} has no meaning for dpo.loss='ipo'; set it to "
+      "0, or use dpo.loss 'sigmoid' or 'simpo'"
+    )
+  if not number(d.simpo_gamma) or d.simpo_gamma < 0:
+    raise ConfigError(f"dpo.simpo_gamma={d.simpo_gamma!r} must be >= 0")
+  for key in ("train.loss_chunk", "optim.z_loss"):
+    group, name = key.split(".")
+    if value := config[group][name]:
+      raise ConfigError(
+        f"{key}={value!r} is not supported with train.objective='dpo' (its log-probs use the "
+        "whole logits); set it to 0"
+      )
+
+
 # optim keys: (what a valid value is, the test of it).
 _OPTIM_RANGES = {
   "learning_rate": ("> 0", lambda v: v > 0),
@@ -216,7 +264,7 @@ def _check_source(spec, key: str) -> None:
   if not isinstance(spec, str) or not any(spec == p or spec.startswith(p) for p in SOURCE_PREFIXES):
     raise ConfigError(
       f"{key}={spec!r} is not one of the forms stdlib, files:<dir or glob>, "
-      f"tfds:<name>[:<version>], chat:<conversations.jsonl>"
+      f"tfds:<name>[:<version>], chat:<conversations.jsonl>, prefs:<pairs.jsonl>"
     )
 
 

@@ -235,7 +235,9 @@ class _Loop:
 
   def run_eval(self, step_number: int) -> None:
     with self.meter.phase("eval"):
-      eval_metrics, sample = self.validation(self.state["params"], step_number)
+      eval_metrics, sample = self.validation(
+        self.state["params"], step_number, self.state.get("reference")
+      )
     self.writer.write(step_number, eval_metrics)
     self.summary.update(eval_metrics)
     if self.run.is_main:

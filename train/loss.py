@@ -49,7 +49,7 @@ def forward_terms(
   if not chunk:
     logits_BLV, stats = model.logits_and_stats(*inputs)
     ce_sum, lse2_sum = cross_entropy(logits_BLV, batch["targets"], weights_BL, z)
-    return ce_sum, lse2_sum, jnp.sum(weights_BL), _with_router_loss(stats, moe)
+    return ce_sum, lse2_sum, jnp.sum(weights_BL), with_router_loss(stats, moe)
   h_BLD, stats = model.logits_and_stats(*inputs, features=True)
   kernel_DV = model.output_kernel()
   b, length, d = h_BLD.shape
@@ -69,10 +69,10 @@ def forward_terms(
   zero = jnp.zeros((), jnp.float32)
   xs = (in_chunks(h_BLD), in_chunks(batch["targets"]), in_chunks(weights_BL))
   (ce_sum, lse2_sum), _ = jax.lax.scan(body, (zero, zero), xs)
-  return ce_sum, lse2_sum, jnp.sum(weights_BL), _with_router_loss(stats, moe)
+  return ce_sum, lse2_sum, jnp.sum(weights_BL), with_router_loss(stats, moe)
 
 
-def _with_router_loss(stats: dict[str, jax.Array], moe) -> dict[str, jax.Array]:
+def with_router_loss(stats: dict[str, jax.Array], moe) -> dict[str, jax.Array]:
   if not stats:
     return stats
   router = moe.balance_loss * jnp.mean(stats["balance_loss"])
@@ -92,11 +92,15 @@ def cross_entropy(logits_BLV, targets_BL, weights_BL, z: bool) -> tuple[jax.Arra
 
 def objective(params, graphdef, batch: Batch, chunk: int, z_loss: float):
   """What the gradient is of: cross-entropy plus z_loss × logsumexp² (PaLM's z-loss), plus an
-  MoE model's router losses per token (the sums are divided by the token count later)."""
+  MoE model's router losses per token (the sums are divided by the token count later).
+
+  Returns (total, (loss sum, count, router statistics, metric sums)): the step divides the
+  total's gradient, the loss sum and the metric sums by the count of the whole batch (tokens
+  here, pairs for ``train/dpo.py``'s objective); the statistics are means over micro-batches."""
   ce_sum, lse2_sum, weight_sum, stats = forward_terms(
     params, graphdef, batch, chunk=chunk, z=z_loss > 0
   )
   total = ce_sum + z_loss * lse2_sum
   if stats:
     total = total + stats["router_loss"] * weight_sum
-  return total, (ce_sum, weight_sum, stats)
+  return total, (ce_sum, weight_sum, stats, {})

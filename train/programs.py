@@ -19,7 +19,7 @@ import optax
 from flax import nnx
 
 from models.config import ModelConfig
-from train import optimizer, step
+from train import dpo, optimizer, step
 from train import state as state_lib
 from train.cluster import mesh as mesh_lib
 
@@ -39,7 +39,7 @@ class Programs:
   batch_sharding: jax.sharding.NamedSharding
   abstract_batch: dict[str, jax.ShapeDtypeStruct]
   train_step: Any  # jitted (state, batch) -> (state, metrics); state donated
-  eval_step: Any  # jitted (params, batch) -> {"loss_sum", "tokens"}
+  eval_step: Any  # jitted (params, batch[, reference]) -> {"loss_sum", "tokens"[, DPO sums]}
   mesh: jax.sharding.Mesh
   rules: Any
 
@@ -66,7 +66,10 @@ def jit_programs(
   lora_only = model_cfg.lora_rank > 0
   tx = optimizer.make_optimizer(config.optim, config.train.steps, lora_only=lora_only)
   schedule = optimizer.learning_rate_schedule(config.optim, config.train.steps)
-  spec = state_lib.state_spec(model_cfg, tx, mesh, rules, seed=config.seed)
+  preference = dpo.Preference.from_config(config)
+  # DPO's reference: with LoRA the adapters switched off, else a frozen copy in the state.
+  reference = preference is not None and preference.uses_reference and not lora_only
+  spec = state_lib.state_spec(model_cfg, tx, mesh, rules, seed=config.seed, reference=reference)
   batch_sharding = mesh_lib.batch_sharding(mesh, rules)
   replicated = mesh_lib.replicated(mesh)
   spike_factor = 0.0 if config.train.spike_policy == "off" else config.train.spike_factor
@@ -82,14 +85,25 @@ def jit_programs(
       loss_chunk=config.train.loss_chunk,
       z_loss=config.optim.z_loss,
       moe=model_cfg.moe,
+      preference=preference,
     ),
     in_shardings=(spec.shardings, batch_sharding),
     out_shardings=(spec.shardings, replicated),
     donate_argnums=0,
   )
+  # DPO's eval also takes the reference copy, where the state holds one: (params, batch, ref).
+  eval_shardings = (spec.shardings["params"], batch_sharding)
+  if reference:
+    eval_shardings += (spec.shardings["reference"],)
   eval_step = jax.jit(
-    functools.partial(step.eval_step, graphdef=spec.graphdef, loss_chunk=config.train.loss_chunk),
-    in_shardings=(spec.shardings["params"], batch_sharding),
+    functools.partial(
+      step.eval_step,
+      graphdef=spec.graphdef,
+      loss_chunk=config.train.loss_chunk,
+      preference=preference,
+      adapters=lora_only,
+    ),
+    in_shardings=eval_shardings,
     out_shardings=replicated,
   )
   return Programs(

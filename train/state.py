@@ -37,9 +37,9 @@ def _init_params(model_cfg: ModelConfig, seed: int) -> tuple[nnx.GraphDef, nnx.S
   return nnx.split(model, nnx.Param)
 
 
-def _train_state(params, tx: optax.GradientTransformation) -> dict[str, Any]:
+def _train_state(params, tx: optax.GradientTransformation, reference: bool) -> dict[str, Any]:
   """The train state pytree (see train/step.py for what each entry means)."""
-  return {
+  state = {
     "step": jnp.zeros((), jnp.int32),
     "data_offset": jnp.zeros((), jnp.int32),
     "params": params,
@@ -48,12 +48,24 @@ def _train_state(params, tx: optax.GradientTransformation) -> dict[str, Any]:
     "skipped_nonfinite": jnp.zeros((), jnp.int32),
     "skipped_spikes": jnp.zeros((), jnp.int32),
   }
+  if reference:  # DPO without LoRA: the frozen starting weights, a copy sharded like params
+    state["reference"] = jax.tree.map(lambda x: x, params)  # its own buffers once jitted
+  return state
 
 
 def state_spec(
-  model_cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh, rules, seed: int = 0
+  model_cfg: ModelConfig,
+  tx: optax.GradientTransformation,
+  mesh: Mesh,
+  rules,
+  seed: int = 0,
+  reference: bool = False,
 ) -> StateSpec:
-  """Shapes and shardings of the train state, without allocating it."""
+  """Shapes and shardings of the train state, without allocating it. ``reference``: the state
+  also holds a frozen copy of the starting parameters (DPO's reference model, train/dpo.py).
+
+  The reference is saved with the state, so a resumed run reads it from its own checkpoint,
+  exactly, and never goes back to ``checkpoint.init_from`` (which may have moved or changed)."""
   # Shapes and logical names only, outside any mesh: the names are resolved to mesh axes below
   # by the one resolver (flax would otherwise resolve them itself under an active mesh).
   graphdef, abstract_vars = nnx.eval_shape(lambda: _init_params(model_cfg, seed))
@@ -68,7 +80,7 @@ def state_spec(
   abstract_params = jax.tree.map(
     lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(abstract_vars)
   )
-  abstract = jax.eval_shape(lambda: _train_state(abstract_params, tx))
+  abstract = jax.eval_shape(lambda: _train_state(abstract_params, tx, reference))
 
   def named(spec):
     return NamedSharding(mesh, spec)
@@ -85,6 +97,8 @@ def state_spec(
   )
   shardings = {key: named(PartitionSpec()) for key in abstract}  # scalars: replicated
   shardings.update(params=param_shardings, opt_state=opt_shardings)
+  if reference:
+    shardings["reference"] = param_shardings
   abstract = jax.tree.map(
     lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings
   )
@@ -103,7 +117,7 @@ def init_state(
 
   def init():
     _, params = _init_params(model_cfg, seed)
-    return _train_state(nnx.to_pure_dict(params), tx)
+    return _train_state(nnx.to_pure_dict(params), tx, "reference" in spec.abstract)
 
   with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
     return jax.jit(init, out_shardings=spec.shardings)()
@@ -111,6 +125,7 @@ def init_state(
 
 def state_from_params(spec: StateSpec, tx: optax.GradientTransformation, params: Any) -> Any:
   """A fresh train state (step 0, new optimizer) around given parameters, in its shardings."""
-  return jax.jit(lambda p: _train_state(p, tx), out_shardings=spec.shardings, donate_argnums=0)(
-    params
-  )
+  reference = "reference" in spec.abstract
+  return jax.jit(
+    lambda p: _train_state(p, tx, reference), out_shardings=spec.shardings, donate_argnums=0
+  )(params)

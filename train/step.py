@@ -9,6 +9,7 @@ they are ordinary functions (as in the tests).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -18,13 +19,14 @@ from flax import nnx
 
 from models import moe as moe_lib
 from models.config import MoEConfig
-from train import health
+from train import dpo, health
 from train import loss as loss_lib
 from train.loss import Batch
 
 # The train state is a plain dict pytree: {"step": int32[], "params": {...}, "opt_state": ...,
 # "data_offset": int32[] (data positions skipped by rollbacks), "loss_ema": float32[],
-# "skipped_nonfinite": int32[], "skipped_spikes": int32[]}.
+# "skipped_nonfinite": int32[], "skipped_spikes": int32[]}, and for DPO without LoRA
+# "reference": the frozen starting parameters.
 TrainState = dict[str, Any]
 
 
@@ -38,39 +40,48 @@ def _split_microbatches(batch: Batch, microbatches: int) -> Batch:
   return jax.tree.map(split, batch)
 
 
-def gradients(params, graphdef, batch: Batch, microbatches: int, chunk: int = 0, z_loss=0.0):
-  """Gradient of the mean token loss over the whole batch, accumulated over micro-batches.
+def gradients(
+  params, graphdef, batch: Batch, microbatches: int, chunk: int = 0, z_loss=0.0, objective=None
+):
+  """Gradient of the mean loss over the whole batch, accumulated over micro-batches.
 
-  Sums (not means) are accumulated and divided by the total token count once at the end, so k
-  micro-batches give the same update as one full batch, up to float summation order. Returns
-  the mean cross-entropy (z-loss excluded), the token count, the gradients and an MoE model's
-  router statistics (means over micro-batches; {} when dense).
+  ``objective`` (default ``train/loss.py``'s token cross-entropy; ``train/dpo.py``'s for pairs)
+  returns sums and the count they are means over (tokens, or pairs). Sums (not means) are
+  accumulated and divided by the batch's total count once at the end, so k micro-batches give
+  the same update as one full batch, up to float summation order. Returns the mean loss (z-loss
+  excluded), the count, the gradients, an MoE model's router statistics (means over
+  micro-batches; {} when dense) and the objective's metrics (means over the count; {} for LM).
   """
-  grad_fn = jax.value_and_grad(loss_lib.objective, has_aux=True)
+  grad_fn = jax.value_and_grad(objective or loss_lib.objective, has_aux=True)
   if microbatches == 1:
-    (_, (loss_sum, weight_sum, stats)), grad_sums = grad_fn(params, graphdef, batch, chunk, z_loss)
+    (_, aux), grad_sums = grad_fn(params, graphdef, batch, chunk, z_loss)
+    loss_sum, weight_sum, stats, sums = aux
   else:
     micros = _split_microbatches(batch, microbatches)
 
     def accumulate(carry, micro):
-      (_, (loss_sum, weight_sum, stats)), grads = grad_fn(params, graphdef, micro, chunk, z_loss)
-      acc_loss, acc_weight, acc_stats, acc_grads = carry
+      (_, (loss_sum, weight_sum, stats, sums)), grads = grad_fn(
+        params, graphdef, micro, chunk, z_loss
+      )
+      acc_loss, acc_weight, acc_stats, acc_sums, acc_grads = carry
       return (
         acc_loss + loss_sum,
         acc_weight + weight_sum,
         jax.tree.map(lambda a, x: a + x / microbatches, acc_stats, stats),
+        jax.tree.map(jnp.add, acc_sums, sums),
         jax.tree.map(jnp.add, acc_grads, grads),
       ), None
 
     first = jax.tree.map(lambda x: x[0], micros)
-    stats_shape = jax.eval_shape(lambda: grad_fn(params, graphdef, first, chunk, z_loss)[0][1][2])
-    zero_stats = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), stats_shape)
+    aux_shape = jax.eval_shape(lambda: grad_fn(params, graphdef, first, chunk, z_loss)[0][1])
+    zero = lambda tree: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), tree)
     zeros = jax.tree.map(jnp.zeros_like, params)
-    init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zero_stats, zeros)
-    (loss_sum, weight_sum, stats, grad_sums), _ = jax.lax.scan(accumulate, init, micros)
+    init = (*zero(aux_shape), zeros)
+    (loss_sum, weight_sum, stats, sums, grad_sums), _ = jax.lax.scan(accumulate, init, micros)
   denominator = jnp.maximum(weight_sum, 1.0)
   grads = jax.tree.map(lambda g: g / denominator, grad_sums)
-  return loss_sum / denominator, weight_sum, grads, stats
+  means = {name: value / denominator for name, value in sums.items()}
+  return loss_sum / denominator, weight_sum, grads, stats, means
 
 
 def train_step(
@@ -86,18 +97,30 @@ def train_step(
   loss_chunk: int = 0,
   z_loss: float = 0.0,
   moe: MoEConfig | None = None,
+  preference: dpo.Preference | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on one global batch.
 
   A step whose loss or gradients are not finite never reaches the parameters or the optimizer
   state: it is skipped and counted. With ``spike_factor > 0`` a loss above ``spike_factor`` × the
   running mean of accepted losses is skipped too (a loss spike). The data position still advances.
+
+  ``preference`` (``train.objective = "dpo"``): the loss is ``train/dpo.py``'s over the batch's
+  pairs. Its reference model is the frozen starting weights: with LoRA the same parameters with
+  the adapters switched off, otherwise ``state["reference"]``, a copy sharded like the policy
+  (``train/state.py``) that this step passes through unchanged.
   """
   params_in = state["params"]
   if frozen is not None:  # LoRA: no gradient flows into (or is computed for) frozen weights
     params_in = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params_in, frozen)
-  loss, tokens, grads, moe_stats = gradients(
-    params_in, graphdef, batch, microbatches, loss_chunk, z_loss
+  objective = None
+  if preference is not None:
+    reference = None
+    if preference.uses_reference:
+      reference = dpo.adapters_off(params_in) if frozen is not None else state["reference"]
+    objective = functools.partial(dpo.objective, reference=reference, settings=preference)
+  loss, count, grads, moe_stats, means = gradients(
+    params_in, graphdef, batch, microbatches, loss_chunk, z_loss, objective
   )
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -120,6 +143,7 @@ def train_step(
     return jax.tree.map(lambda n, o: jnp.where(accept, n, o), new, old)
 
   new_state = {
+    **state,  # what the step does not change (a DPO run's frozen reference)
     "step": state["step"] + 1,
     "data_offset": state["data_offset"],
     "params": choose(params, state["params"]),
@@ -134,12 +158,14 @@ def train_step(
     "train/grad_norm": grad_norm,
     "train/param_norm": optax.tree.norm(new_state["params"]),
     "train/learning_rate": jnp.where(accept, schedule(applied_count), 0.0),
-    "train/tokens": tokens,
+    # The count the loss is a mean over: target tokens, or a preference batch's pairs.
+    "train/pairs" if preference is not None else "train/tokens": count,
     "train/skipped": (~accept).astype(jnp.int32),
     "train/spike": spike.astype(jnp.int32),
     "train/skipped_nonfinite_total": new_state["skipped_nonfinite"],
     "train/skipped_spikes_total": new_state["skipped_spikes"],
   }
+  metrics.update({f"train/{name}": value for name, value in means.items()})
   if moe_stats:
     metrics.update(moe_lib.metrics(moe_stats, 0 if moe is None else moe.first_dense))
   metrics.update(health.layer_norms("grad_norm", grads))
@@ -148,8 +174,28 @@ def train_step(
 
 
 def eval_step(
-  params: nnx.State, batch: Batch, *, graphdef: nnx.GraphDef, loss_chunk: int = 0
+  params: nnx.State,
+  batch: Batch,
+  reference: Any = None,
+  *,
+  graphdef: nnx.GraphDef,
+  loss_chunk: int = 0,
+  preference: dpo.Preference | None = None,
+  adapters: bool = False,
 ) -> dict[str, jax.Array]:
-  """Summed loss and token count of one eval batch (the caller sums over the eval set)."""
+  """Summed loss and token count of one eval batch (the caller sums over the eval set).
+
+  With ``preference`` also the pair count and the sums of ``dpo.METRICS`` over the batch's
+  pairs; the reference is ``reference`` (the state's copy), or with LoRA (``adapters``) the same
+  parameters with the adapters off, or none for SimPO, as in ``train_step``.
+  """
   loss_sum, weight_sum = loss_lib.loss_sums(params, graphdef, batch, chunk=loss_chunk)
-  return {"loss_sum": loss_sum, "tokens": weight_sum}
+  out = {"loss_sum": loss_sum, "tokens": weight_sum}
+  if preference is not None:
+    if preference.uses_reference and adapters:
+      reference = dpo.adapters_off(params)
+    _, (_, pairs, _, sums) = dpo.objective(
+      params, graphdef, batch, 0, 0.0, reference=reference, settings=preference
+    )
+    out.update(sums, pairs=pairs)
+  return out

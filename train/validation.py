@@ -14,22 +14,33 @@ from typing import Any
 import jax
 
 import input_pipeline
+from train import dpo
 from train.inference import generation, harness
 from train.inference.engine import Engine
 from train.inference.loading import Model
 
 
-def validation_loss(eval_step, params, batches: list, bytes_per_token: float) -> dict[str, float]:
-  """Loss, perplexity and bits per byte over ``batches`` (sums of losses over tokens)."""
-  totals = [eval_step(params, batch) for batch in batches]
+def validation_loss(
+  eval_step, params, batches: list, bytes_per_token: float, reference=None
+) -> dict[str, float]:
+  """Loss, perplexity and bits per byte over ``batches`` (sums of losses over tokens); for DPO
+  also ``dpo.METRICS`` as means over the validation pairs (``reference``: the state's copy)."""
+  extra = () if reference is None else (reference,)
+  totals = [eval_step(params, batch, *extra) for batch in batches]
   loss_sum = sum(float(t["loss_sum"]) for t in totals)
   tokens = sum(float(t["tokens"]) for t in totals)
   loss = loss_sum / max(tokens, 1.0)
-  return {
+  metrics = {
     "eval/loss": loss,
     "eval/perplexity": math.exp(min(loss, 50.0)),
     "eval/bits_per_byte": loss / math.log(2) / bytes_per_token,
   }
+  if "pairs" in totals[0]:
+    pairs = sum(float(t["pairs"]) for t in totals)
+    metrics["eval/pairs"] = pairs
+    for name in dpo.METRICS:
+      metrics[f"eval/{name}"] = sum(float(t[name]) for t in totals) / max(pairs, 1.0)
+  return metrics
 
 
 class Validation:
@@ -67,11 +78,12 @@ class Validation:
       )
     return dataclasses.replace(self._model, params=params, step=step)
 
-  def __call__(self, params, step: int) -> tuple[dict[str, float], str | None]:
-    """The eval metrics at ``step`` and the greedy sample (None when ``log.sample_tokens`` is 0)."""
+  def __call__(self, params, step: int, reference=None) -> tuple[dict[str, float], str | None]:
+    """The eval metrics at ``step`` and the greedy sample (None when ``log.sample_tokens`` is 0).
+    ``reference``: a DPO run's frozen reference copy (``train/dpo.py``), when its state has one."""
     log, harness_config = self.config.log, self.config.harness
     metrics = validation_loss(
-      self.run.eval_step, params, self.batches, self.run.pipeline.bytes_per_token
+      self.run.eval_step, params, self.batches, self.run.pipeline.bytes_per_token, reference
     )
     sample = None
     if log.sample_tokens > 0:

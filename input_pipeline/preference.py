@@ -1,0 +1,183 @@
+"""Preference data for DPO and its kin: ``data.source = "prefs:PATH"``.
+
+PATH is a JSON-lines file, one comparison per line: ``{"prompt": "...", "chosen": "...",
+"rejected": "..."}`` with plain strings, or ``{"messages": [turns], "chosen": ..., "rejected":
+...}`` (or ``"prompt": [turns]``) where the prompt is a conversation and each completion is an
+assistant turn (a string, a message dict, or a one-message list). Conversations are rendered with
+the tokenizer's chat template as ``chat:`` renders them (``input_pipeline/chat.py``): the prompt
+with the generation prompt, the completion as the text the template adds for the assistant turn.
+
+Each comparison becomes two documents, prompt + chosen and prompt + rejected, each ended by the
+end-of-document id; only the completion tokens and that end-of-document id carry loss weight
+(TRL's ``completion_mask``, with its end-of-sequence token).
+
+Bad lines (not JSON, no prompt, no ``chosen`` or ``rejected``, wrong types, empty completions)
+are counted and reported with their line numbers; a file without a good line is an error naming
+it. Comparisons go to validation by a hash of their line's text (``data.validation_percent``),
+or by position when that leaves either split empty, as ``chat:`` splits conversations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from input_pipeline import chat, errors
+
+_log = logging.getLogger(__name__)
+
+PREFIX = "prefs:"
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+  """One comparison: the prompt (a string or chat turns) and its two completions."""
+
+  prompt: str | list[dict[str, str]]
+  chosen: str
+  rejected: str
+
+
+@dataclasses.dataclass(frozen=True)
+class PreferenceSource:
+  """A JSON-lines preference file: comparisons split into train and validation."""
+
+  spec: str
+  identity: dict
+  records: dict[str, list[Record]]  # split -> comparisons
+  kind: str = "prefs"
+
+  def documents(self, split: str) -> Iterator[Record]:
+    yield from self.records[split]
+
+
+def read(spec: str, validation_percent: int) -> PreferenceSource:
+  """Parses and splits ``prefs:PATH``; bad lines are reported, never silently dropped."""
+  path = Path(spec[len(PREFIX) :]).expanduser()
+  if not path.is_file():
+    raise errors.DataNotFoundError(f"data.source={spec!r}: no such file {path}")
+  good: list[tuple[str, Record]] = []
+  bad: list[tuple[int, str]] = []
+  raw = path.read_bytes()
+  for number, line in enumerate(raw.decode("utf-8", errors="replace").splitlines(), start=1):
+    if not line.strip():
+      continue
+    problem, record = parse(line)
+    if problem:
+      bad.append((number, problem))
+    else:
+      good.append((line, record))
+  shown = "; ".join(f"line {n}: {p}" for n, p in bad[:5]) + " ..." * (len(bad) > 5)
+  if bad:
+    _log.warning("%s: %d bad lines skipped (%s)", path, len(bad), shown)
+  if not good:
+    raise errors.DataError(
+      f"data.source={spec!r}: no valid preference record in {path} ({len(bad)} bad lines: "
+      f"{shown or 'the file is empty'}); each line needs a prompt or messages, chosen and rejected"
+    )
+  identity = {
+    "kind": "prefs",
+    "file_sha256": hashlib.sha256(raw).hexdigest(),
+    "validation_percent": validation_percent,
+    "bad_lines": len(bad),
+  }
+  return PreferenceSource(spec, identity, chat.split_lines(good, validation_percent, "comparison"))
+
+
+def parse(line: str) -> tuple[str, Record | None]:
+  """(problem, record): problem is "" for a good line."""
+  try:
+    record = json.loads(line)
+  except json.JSONDecodeError as e:
+    return f"not JSON ({e.msg})", None
+  if not isinstance(record, dict):
+    return "not a JSON object", None
+  prompt = record.get("prompt", record.get("messages"))
+  if prompt is None:
+    return 'no "prompt" or "messages"', None
+  if isinstance(prompt, list):
+    problem, prompt = _turns(prompt, "prompt")
+    if problem:
+      return problem, None
+  elif not isinstance(prompt, str):
+    return '"prompt" is neither a string nor a list of messages', None
+  completions = []
+  for key in ("chosen", "rejected"):
+    if key not in record:
+      return f'no "{key}"', None
+    problem, text = _completion(record[key], key, chat_prompt=isinstance(prompt, list))
+    if problem:
+      return problem, None
+    completions.append(text)
+  return "", Record(prompt, *completions)
+
+
+def _turns(messages: list, key: str) -> tuple[str, list[dict[str, str]]]:
+  if not messages:
+    return f'"{key}" is an empty list', []
+  for i, message in enumerate(messages):
+    if not isinstance(message, dict) or message.get("role") not in chat.ROLES:
+      return f"{key} message {i} has no role in {chat.ROLES}", []
+    if not isinstance(message.get("content"), str):
+      return f"{key} message {i} has no string content", []
+  return "", [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def _completion(value, key: str, chat_prompt: bool) -> tuple[str, str]:
+  """A completion as text: a string, or (after a chat prompt) one assistant message."""
+  if isinstance(value, list) and len(value) == 1:
+    value = value[0]
+  if isinstance(value, dict):
+    if not chat_prompt:
+      return f'"{key}" is a message but the prompt is a plain string', ""
+    if value.get("role") != "assistant" or not isinstance(value.get("content"), str):
+      return f'"{key}" is not an assistant message with string content', ""
+    value = value["content"]
+  if not isinstance(value, str):
+    return f'"{key}" is not a string or an assistant message', ""
+  if not value:
+    return f'"{key}" is empty', ""
+  return "", value
+
+
+class PairRenderer:
+  """Turns a record into the token ids and loss masks of its two documents."""
+
+  def __init__(self, template: str | None, tokenizer):
+    self.chat = chat.Renderer(template)
+    self.tokenizer = tokenizer
+
+  def texts(self, record: Record) -> tuple[str, str, str]:
+    """(prompt, chosen, rejected) as text: chat prompts rendered with the generation prompt,
+    chat completions as what the template adds for the assistant turn."""
+    if isinstance(record.prompt, str):
+      return record.prompt, record.chosen, record.rejected
+    prompt = self.chat.render(record.prompt, generation_prompt=True)
+    completions = []
+    for text in (record.chosen, record.rejected):
+      turn = [*record.prompt, {"role": "assistant", "content": text}]
+      full = self.chat.render(turn, generation_prompt=False)
+      if not full.startswith(prompt):
+        raise errors.DataError("the chat template does not render conversations prefix-wise")
+      completions.append(full[len(prompt) :])
+    return prompt, completions[0], completions[1]
+
+  def pair(self, record: Record) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(chosen ids, chosen mask, rejected ids, rejected mask): prompt + completion + eod, the
+    mask 1 on the completion and the eod. Prompt and completion are tokenized apart (as TRL's
+    collator joins ``prompt_ids`` and ``chosen_ids``), so no token straddles the boundary."""
+    prompt, chosen, rejected = self.texts(record)
+    prompt_ids = self.tokenizer.encode(prompt) if prompt else []
+    out = []
+    for completion in (chosen, rejected):
+      ids = prompt_ids + self.tokenizer.encode(completion) + [self.tokenizer.eod_id]
+      mask = np.zeros(len(ids), np.uint8)
+      mask[len(prompt_ids) :] = 1
+      out += [np.asarray(ids, np.int64), mask]
+    return tuple(out)
