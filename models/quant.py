@@ -5,16 +5,16 @@
 and ``dw = xᵀ·dy`` backward — each take both operands in the low format:
 
 - ``fp8``, current (just-in-time) tensorwise scaling, the recipe torchtitan trains Llama 3 with:
-  each operand is scaled by ``FP8_MAX / amax(|operand|)`` of that very tensor, cast to
+  each operand is scaled by ``FP8_MAX / amax(|operand|)`` of that very tensor and cast to
   float8_e4m3fn (activations, weights) or float8_e5m2 (the output gradient: more range, less
-  precision), and cast back and unscaled just before a dot that accumulates in float32: an exact
-  emulation of the fp8 rounding on every backend. No state: no amax history to checkpoint, and a
-  resumed run is the same program. Not yet a speed-up on GPUs: XLA rewrites such a
-  quantise-dequantise pattern into one cuBLASLt fp8 GEMM (``__cublas$lt$matmul$f8``) only when
-  the scales are fixed (measured on an H200: a constant scale gives the fp8 GEMM at 786-826
-  TFLOP/s against bf16's 703; a scale computed from the tensor gives a bf16 GEMM), so fp8 here
-  runs bf16 GEMMs on rounded operands (docs/gpus.md). Delayed scaling, whose scales are inputs of
-  the step, is the way to the fp8 GEMM.
+  precision); the dot takes the fp8 operands themselves, sums in float32, and the two scales are
+  applied to its result. No state: no amax history to checkpoint, and a resumed run is the same
+  program. On an H100/H200 XLA compiles each such dot to one fp8 GEMM (a Triton GEMM on fp8
+  operands, or cuBLASLt's ``__cublas$lt$matmul$f8``: ``train.plan`` counts them in the compiled
+  program); other backends widen the fp8 operands exactly (a product of two fp8 values is exact
+  in float32), so the CPU emulation rounds as the GPU does. The quantise-dequantise form (fp8
+  cast back and scaled before a bf16 dot) compiled to bf16 GEMMs on the rounded operands
+  (docs/gpus.md).
 - ``int8``, per-channel symmetric scaling with int32 accumulation (the AQT/Qwix recipe for
   TPUs): each operand is scaled per row or column that the dot does not contract (per token for
   activations and gradients, per output or input channel for the weight), rounded to int8, and
@@ -40,24 +40,26 @@ INT8_MAX = 127.0
 _TINY = 1e-12  # an all-zero operand gets a finite scale
 
 
-def _fp8_qdq(a: jax.Array, dtype) -> jax.Array:
-  """``a`` rounded to the fp8 ``dtype`` under tensorwise current scaling, back in a's dtype.
-
-  Written as XLA's GPU compiler expects a dequantised fp8 operand (convert to the wide type, then
-  multiply by a scalar scale), so that the dot it feeds becomes one fp8 GEMM there."""
+def _fp8(a: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+  """``a`` in the fp8 ``dtype`` under tensorwise current scaling, and its float32 scale
+  (``a ≈ q * scale``)."""
   amax = jnp.max(jnp.abs(a)).astype(jnp.float32)
   limit = float(jnp.finfo(dtype).max)
-  scale = jnp.maximum(amax, _TINY) / limit  # a = q * scale
-  q = jnp.clip(a.astype(jnp.float32) / scale, -limit, limit).astype(dtype)
-  # The barrier keeps the rounding: XLA's GPU simplifier otherwise drops the cast to fp8 and back
-  # (compiled for an H100: no f8 left in the program; the H200 runs of docs/gpus.md were unrounded).
-  q, scale = jax.lax.optimization_barrier((q, scale))
-  return q.astype(a.dtype) * scale.astype(a.dtype)
+  scale = jnp.maximum(amax, _TINY) / limit
+  return jnp.clip(a.astype(jnp.float32) / scale, -limit, limit).astype(dtype), scale
 
 
 def _fp8_dot(a, b, dims, a_format, b_format, out_dtype):
-  qa, qb = _fp8_qdq(a, a_format), _fp8_qdq(b, b_format)
-  return jax.lax.dot_general(qa, qb, dims, preferred_element_type=jnp.float32).astype(out_dtype)
+  """The dot of the fp8 operands themselves, float32 sums, unscaled after: XLA's GPU compiler
+  makes it one fp8 GEMM (a cuBLASLt ``__cublas$lt$matmul$f8`` or a Triton GEMM on fp8 operands),
+  and other backends (the CPU emulation) widen the fp8 operands exactly. A product of two fp8
+  values is exact in float32, so this is the quantise-dequantise matmul up to summation order;
+  that form (fp8 cast back to the wide type and scaled before the dot) compiled to a bf16 GEMM
+  on the rounded operands, and its rounding needed a barrier to survive XLA's simplifier."""
+  qa, sa = _fp8(a, a_format)
+  qb, sb = _fp8(b, b_format)
+  acc = jax.lax.dot_general(qa, qb, dims, preferred_element_type=jnp.float32)
+  return (acc * (sa * sb)).astype(out_dtype)
 
 
 def _int8(a: jax.Array, contracted: int) -> tuple[jax.Array, jax.Array]:

@@ -363,6 +363,10 @@ def gpu_target_config(accelerator: Accelerator) -> str:
     'platform_name: "CUDA"',
     # The cuDNN release the compiler may assume; 9.10 has every fused-attention form Loom uses.
     "dnn_version_info { major: 9 minor: 10 }",
+    # The CUDA runtime (the jax-cuda12 wheels bring 12.9). Left out, the compiler assumes a
+    # release before 12.0 and makes no fp8 GEMM (cuBLASLt's need CUDA 12): model.quant="fp8"
+    # would compile to bf16 GEMMs here though an H100 runs fp8 ones.
+    "runtime_version { major: 12 minor: 9 }",
     f'device_description_str: "{gpu.description}"',
   ]
   return "\n".join(lines) + "\n"
