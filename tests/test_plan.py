@@ -133,6 +133,11 @@ def test_cli_prints_one_json_object_last_and_rejects_bad_names():
   bad = run_plan("--config=configs/llama_8b.py", "--topology=v5p-100", "--analytic")
   assert bad.returncode == 2
   assert "valid v5p slices: v5p-8, v5p-16" in bad.stderr
+  fp8 = run_plan(
+    "--config=configs/llama_8b.py", "--hardware=v5e-256", "--analytic", "--config.model.quant=fp8"
+  )
+  assert fp8.returncode == 2
+  assert "model.quant='fp8': TPU v5e has no fp8 matmul units" in fp8.stderr.strip().splitlines()[-1]
 
 
 def small_llama():
@@ -191,6 +196,43 @@ def test_ahead_of_time_compilation_for_a_64_chip_pod():
   ratio = result["flops_per_step_compiled"] / result["flops_per_step"]
   assert 0.95 < ratio < 1.4, ratio
   assert result["step_time_s"] > 0 and result["energy_kwh"] > 0
+  # bf16 projections: no int8 (or fp8) dot in the program.
+  assert result["low_precision_in_program"] == {"fp8": 0, "int8": 0}
+
+
+def test_int8_projections_compile_to_int8_dots_on_a_v5e_slice():
+  """model.quant=int8 on v5e-8 (int8 MXU): small_llama's 2 layers x 7 projections (q, k, v,
+  out; gate, up, down) are 14 dots of int8 operands forward and 28 backward (the input and the
+  weight gradients), as XLA's TPU compiler writes them (convolutions of s8 operands). One row of
+  128 tokens per chip: the claim is the dots, not the memory."""
+  topology = topology_lib.parse("v5e-8")
+  try:
+    tpu_slice.compile_only_devices(topology)
+  except RuntimeError as e:
+    pytest.skip(f"libtpu is not installed here (.ci/run installs it): {e}")
+  config = small_llama()
+  config.model.quant = "int8"
+  config.data.seq_len, config.train.batch_size = 128, 8
+  result = plan_lib.plan(config, topology)
+  assert result["method"].startswith("compiled"), result
+  assert result["low_precision_in_program"] == {"fp8": 0, "int8": 42}
+  forms = {(g["pass"], g["operands"]): g["count"] for g in result["low_precision_gemms"]}
+  assert forms == {("forward", "s8 x s8"): 14, ("backward", "s8 x s8"): 28}
+  assert result["fits"]
+  assert plan_cli.low_precision_line(result).endswith(
+    ": int8 ×42 (forward 14, backward 28; convolution)"
+  )
+
+
+def test_fp8_on_a_tpu_without_fp8_units_is_refused_before_planning():
+  """The hardware table's check (train/meter/hardware.py), before any compile: --analytic too."""
+  config = small_llama()
+  config.model.quant = "fp8"
+  message = r"model.quant='fp8': TPU v5e has no fp8 matmul units .*use model.quant='int8' or"
+  with pytest.raises(ValueError, match=message):
+    plan_lib.plan(config, topology_lib.parse("v5e-8"), use_compiler=False)
+  config.model.quant_emulation = True  # asked for: planned (the emulation, no faster)
+  assert plan_lib.plan(config, topology_lib.parse("v5e-8"), use_compiler=False)["fits"]
 
 
 @pytest.mark.slow

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from models import attention as attention_lib
+from models import quant as quant_lib
 from train import config as config_lib
 from train import plan as plan_cli
 from train import planning as plan_lib
@@ -65,6 +66,8 @@ def test_target_config_is_written_from_the_table():
     assert f'device_description_str: "{accelerator.gpu.description}"' in text
     # A field of XLA's newer spec files that jaxlib 0.10.2 cannot parse.
     assert "collective_memory_granularity" not in text
+    # Without a CUDA 12 runtime the compiler makes no fp8 GEMM.
+    assert "runtime_version { major: 12 minor: 9 }" in text
   with pytest.raises(ValueError, match="NVIDIA A100 SXM has no GPU target config"):
     hardware.gpu_target_config(hardware.ACCELERATORS["a100"])
 
@@ -90,6 +93,64 @@ def test_collectives_and_attention_calls_are_read_from_the_program_text():
   }
   assert plan_lib.cudnn_attention_calls(hlo) == [
     {"target": "__cudnn$fmhaSoftmax", "mask_type": "PADDING_CAUSAL", "ragged_offsets": "s32[2,65]"}
+  ]
+
+
+def test_low_precision_gemms_are_read_from_the_program_text():
+  """fp8 and int8 matmuls by their operands' element types: a Triton GEMM fusion counted per
+  call (two calls of one deduplicated computation), a cuBLASLt call, a TPU convolution; a bf16
+  dot and a cuDNN call are not counted."""
+  hlo = "\n".join(
+    [
+      "%gemm_fusion_dot.1_computation (parameter_0: f8e4m3fn[64,32], parameter_1: f8e5m2[16,32]) "
+      "-> f32[64,16] {",
+      "  %parameter_0 = f8e4m3fn[64,32]{1,0} parameter(0)",
+      "  %parameter_1 = f8e5m2[16,32]{1,0} parameter(1)",
+      "  ROOT %dot.1 = f32[64,16]{1,0} dot(%parameter_0, %parameter_1), lhs_contracting_dims={1}",
+      "}",
+      "",
+      "ENTRY %main (a: f8e4m3fn[64,32], b: f8e5m2[16,32], c: s8[8,8]) -> f32[64,16] {",
+      "  %a = f8e4m3fn[64,32]{1,0} parameter(0)",
+      "  %b = f8e5m2[16,32]{1,0} parameter(1)",
+      "  %c = s8[8,8]{1,0:T(8,128)(4,1)} parameter(2)",
+      "  %x = bf16[8,8]{1,0} parameter(3)",
+      "  %g.1 = f32[64,16]{1,0} fusion(%a, %b), kind=kCustom, calls=%gemm_fusion_dot.1_computa"
+      'tion, metadata={op_name="jit(step)/transpose(jvp())/dot_general"}, backend_config={"kind'
+      '":"__triton_nested_gemm_fusion"}',
+      "  %g.2 = f32[64,16]{1,0} fusion(%a, %b), kind=kCustom, calls=%gemm_fusion_dot.1_computa"
+      'tion, metadata={op_name="jit(step)/transpose(jvp())/dot_general"}, backend_config={"kind'
+      '":"__triton_nested_gemm_fusion"}',
+      "  %cc = (bf16[64,64]{1,0}, s8[0]{0}) custom-call(%a, %a, %s, %s), custom_call_target="
+      '"__cublas$lt$matmul$f8", metadata={op_name="jit(step)/jvp()/dot_general"}',
+      "  %i = s32[8,8]{1,0:T(8,128)} convolution(%c, %c), dim_labels=bf_io->bf, metadata={op_na"
+      'me="jit(step)/jvp()/dot_general"}',
+      "  %w = bf16[8,8]{1,0} dot(%x, %x), lhs_contracting_dims={1}, rhs_contracting_dims={0}",
+      '  %f = bf16[8,8]{1,0} custom-call(%x, %x), custom_call_target="__cudnn$fmhaSoftmax"',
+      "}",
+    ]
+  )
+  assert plan_lib.low_precision_gemms(hlo) == [
+    {
+      "format": "fp8",
+      "kernel": "__cublas$lt$matmul$f8",
+      "pass": "forward",
+      "operands": "f8e4m3fn x f8e4m3fn",
+      "count": 1,
+    },
+    {
+      "format": "fp8",
+      "kernel": "triton",
+      "pass": "backward",
+      "operands": "f8e4m3fn x f8e5m2",
+      "count": 2,
+    },
+    {
+      "format": "int8",
+      "kernel": "convolution",
+      "pass": "forward",
+      "operands": "s8 x s8",
+      "count": 1,
+    },
   ]
 
 
@@ -169,6 +230,81 @@ def test_the_attention_kernel_keeps_the_scores_out_of_memory(gpt2_plan, h100x8):
   assert any(
     "__cudnn$fmhaSoftmaxBackward (packed rows, ragged offsets s32[2,65]" in x for x in lines
   )
+
+
+def test_bf16_projections_compile_to_no_low_precision_gemm(gpt2_plan):
+  assert gpt2_plan["low_precision_in_program"] == {"fp8": 0, "int8": 0}
+  assert gpt2_plan["low_precision_gemms"] == []
+  lines = plan_cli.summary_lines(gpt2_plan)
+  assert "low-precision GEMMs in the compiled program (a loop body once): none" in lines
+
+
+def narrow_llama(layers: int = 2):
+  """llama_1b's projections (q, k, v, out; gate, up, down: 7 a layer) at a narrow width, rows of
+  256 tokens, ``layers`` unrolled (a scanned stack's body would appear once in the program)."""
+  config = two_layers("llama_1b", 16)
+  config.model.update(
+    dict(
+      num_layers=layers,
+      d_model=256,
+      mlp_dim=512,
+      num_heads=4,
+      num_kv_heads=2,
+      head_dim=64,
+      scan_layers=False,
+    )
+  )
+  config.data.seq_len = 256
+  return config
+
+
+@pytest.fixture(scope="module")
+def fp8_plan(h100x8):
+  config = narrow_llama()
+  config.model.quant = "fp8"
+  return plan_lib.plan(config, hardware.parse("h100:8"))
+
+
+def test_fp8_projections_compile_to_fp8_gemms_forward_and_backward(fp8_plan):
+  """2 layers x 7 projections: 14 fp8 GEMMs forward (e4m3 x e4m3), and 14 for the input
+  gradients (e5m2 output gradient x e4m3 weight) and 14 for the weight gradients backward. No
+  autotuning runs here, so each is XLA's default, a Triton GEMM on the fp8 operands; on a GPU
+  the autotuner may take cuBLASLt's instead (next test)."""
+  assert fp8_plan["low_precision_in_program"] == {"fp8": 42, "int8": 0}
+  forms = {(g["pass"], g["operands"]): g["count"] for g in fp8_plan["low_precision_gemms"]}
+  assert forms == {
+    ("forward", "f8e4m3fn x f8e4m3fn"): 14,
+    ("backward", "f8e5m2 x f8e4m3fn"): 14,
+    ("backward", "f8e4m3fn x f8e5m2"): 14,
+  }
+  assert {g["kernel"] for g in fp8_plan["low_precision_gemms"]} == {"triton"}
+  assert fp8_plan["fits"] and fp8_plan["attention_in_program"] == [
+    "__cudnn$fmhaSoftmax",
+    "__cudnn$fmhaSoftmaxBackward",
+  ]
+  lines = plan_cli.summary_lines(fp8_plan)
+  expected = "compiled program (a loop body once): fp8 ×42 (forward 14, backward 28; triton)"
+  assert any(line.endswith(expected) for line in lines), lines
+
+
+def test_without_triton_the_fp8_gemms_are_cublaslt_calls(h100x8):
+  """models/quant.py's matmul and its two gradients, with XLA's Triton GEMMs turned off (as the
+  autotuner may choose on a GPU): one cuBLASLt fp8 GEMM each."""
+  mesh = jax.sharding.Mesh(np.asarray(h100x8[:1]), ("x",))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  x = jax.ShapeDtypeStruct((256, 128), jnp.bfloat16, sharding=sharding)
+  w = jax.ShapeDtypeStruct((128, 64), jnp.bfloat16, sharding=sharding)
+
+  def loss(x, w):
+    return jnp.square(quant_lib.matmul(x, w, "fp8").astype(jnp.float32)).sum()
+
+  step = jax.jit(jax.grad(loss, argnums=(0, 1)))
+  options = {"xla_gpu_enable_triton_gemm": False}
+  hlo = step.lower(x, w).compile(compiler_options=options).as_text()
+  gemms = plan_lib.low_precision_gemms(hlo)
+  assert {g["kernel"] for g in gemms} == {"__cublas$lt$matmul$f8"}, gemms
+  assert {(g["pass"], g["count"]) for g in gemms} == {("forward", 1), ("backward", 1)}
+  assert len(gemms) == 3  # forward, input gradient, weight gradient
 
 
 def test_cudnn_checks_read_the_target_gpu(h100x8):

@@ -65,6 +65,8 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
       f"attention in the compiled program: {', '.join(result['attention_in_program'])}"
       + (f" (packed rows, ragged offsets {', '.join(packed)} per GPU)" if packed else "")
     )
+  if "low_precision_in_program" in result:
+    lines.append(low_precision_line(result))
   if result.get("collectives"):
     lines.append(
       "collectives in the program (a loop body once): "
@@ -78,6 +80,20 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
     if key in result:
       lines.append(f"{key.replace('_', ' ')}: {result[key]}")
   return lines
+
+
+def low_precision_line(result: dict[str, Any]) -> str:
+  """The fp8 and int8 GEMMs the compiled program holds (``planning.low_precision_gemms``)."""
+  found = []
+  for fmt, count in result["low_precision_in_program"].items():
+    gemms = [g for g in result["low_precision_gemms"] if g["format"] == fmt]
+    if count:
+      forward = sum(g["count"] for g in gemms if g["pass"] == "forward")
+      kernels = ", ".join(sorted({g["kernel"] for g in gemms}))
+      found.append(f"{fmt} ×{count} (forward {forward}, backward {count - forward}; {kernels})")
+  return "low-precision GEMMs in the compiled program (a loop body once): " + (
+    "; ".join(found) or "none"
+  )
 
 
 def moe_line(result: dict[str, Any]) -> str:

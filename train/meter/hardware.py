@@ -139,13 +139,21 @@ def lookup(device_kind: str) -> Accelerator | None:
 def check_quant(quant: str, emulation: bool, device: Any) -> None:
   """Raises ValueError when ``model.quant`` has no native units on ``device``'s chips and
   ``model.quant_emulation`` does not say that an emulation is meant."""
+  accelerator = None if device.platform == "cpu" else lookup(device.device_kind)
+  check_quant_on(quant, emulation, accelerator, f"{device.platform} ({device.device_kind})")
+
+
+def check_quant_on(
+  quant: str, emulation: bool, accelerator: Accelerator | None, unknown: str = "this chip"
+) -> None:
+  """``check_quant`` for a chip of the table (None: ``unknown``, which has no native formats),
+  e.g. the chips a plan compiles for."""
   if quant == "none" or emulation:
     return
-  accelerator = None if device.platform == "cpu" else lookup(device.device_kind)
   native = accelerator.quant if accelerator else ()
   if quant in native:
     return
-  name = accelerator.name if accelerator else f"{device.platform} ({device.device_kind})"
+  name = accelerator.name if accelerator else unknown
   would = f"model.quant={native[0]!r} or " if native else ""
   raise ValueError(
     f"model.quant={quant!r}: {name} has no {quant} matmul units (native there: "
