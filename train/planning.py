@@ -252,11 +252,8 @@ def compile_for(
     out["attention_in_program"] = sorted({call["target"] for call in calls}) or ["XLA"]
     out["attention_calls"] = calls
   # The low-precision matmuls as compiled (model.quant asks; the compiler may not oblige).
-  gemms = low_precision_gemms(hlo)
-  out["low_precision_in_program"] = {
-    fmt: sum(g["count"] for g in gemms if g["format"] == fmt) for fmt in ("fp8", "int8")
-  }
-  out["low_precision_gemms"] = gemms
+  out["low_precision_gemms"] = gemms = low_precision_gemms(hlo)
+  out["low_precision_in_program"] = low_precision_counts(gemms)
   if model_cfg.moe is not None:  # the experts' exchange, as compiled (models/moe.py)
     out["expert_all_to_all_in_program"] = _has_expert_exchange(hlo)
   return out
@@ -357,8 +354,9 @@ def low_precision_gemms(hlo: str) -> list[dict[str, Any]]:
   ``operands`` (their element types, "f8e4m3fn x f8e5m2"), ``kernel`` — a cuBLAS custom call
   ("__cublas$lt$matmul$f8"; "__cublas$lt$matmul" on int8), "triton" (a GEMM fusion XLA's GPU
   compiler emits with Triton) or XLA's own "dot"/"convolution" (TPUs) — and ``pass``
-  ("backward" under a transpose, else "forward"). A matmul inside a fused computation counts once
-  per call of it; a loop's body (a scanned layer stack) once, as in ``collectives``."""
+  ("backward" under a transpose, which takes in a rematerialised forward; else "forward"). A
+  matmul inside a fused computation counts once per call of it; a loop's body (a scanned layer
+  stack) once, as in ``collectives``."""
   lines = re.sub(r"/\*.*?\*/", "", hlo).splitlines()
   dtypes = {m.group(1): m.group(2) for m in map(_DEFINITION.match, lines) if m}
   callers: dict[str, list[str]] = {}  # a computation -> the lines that call it
@@ -398,6 +396,11 @@ def low_precision_gemms(hlo: str) -> list[dict[str, Any]]:
       )
       entry["count"] += 1
   return sorted(found.values(), key=lambda g: (g["format"], g["pass"] != "forward", g["kernel"]))
+
+
+def low_precision_counts(gemms: list[dict[str, Any]]) -> dict[str, int]:
+  """How many fp8 and int8 matmuls ``low_precision_gemms`` found: {"fp8": n, "int8": m}."""
+  return {fmt: sum(g["count"] for g in gemms if g["format"] == fmt) for fmt in ("fp8", "int8")}
 
 
 def _has_expert_exchange(hlo: str) -> bool:
