@@ -25,6 +25,7 @@ from train import planning as plan_lib
 from train.cluster import gpu_nodes
 from train.inference.engine import Engine
 from train.inference.sampling import Sampling
+from train.meter import gemms as gemms_lib
 from train.meter import hardware
 from train.programs import jit_programs
 
@@ -97,9 +98,10 @@ def test_collectives_and_attention_calls_are_read_from_the_program_text():
 
 
 def test_low_precision_gemms_are_read_from_the_program_text():
-  """fp8 and int8 matmuls by their operands' element types: a Triton GEMM fusion counted per
-  call (two calls of one deduplicated computation), a cuBLASLt call, a TPU convolution; a bf16
-  dot and a cuDNN call are not counted."""
+  """fp8 and int8 matmuls by their operands' element types, read within their computation
+  (names repeat across computations): a Triton GEMM fusion counted per call (two calls of one
+  deduplicated computation), a cuBLASLt call, a TPU convolution; a bf16 dot and a cuDNN call are
+  not counted."""
   hlo = "\n".join(
     [
       "%gemm_fusion_dot.1_computation (parameter_0: f8e4m3fn[64,32], parameter_1: f8e5m2[16,32]) "
@@ -113,7 +115,8 @@ def test_low_precision_gemms_are_read_from_the_program_text():
       "  %a = f8e4m3fn[64,32]{1,0} parameter(0)",
       "  %b = f8e5m2[16,32]{1,0} parameter(1)",
       "  %c = s8[8,8]{1,0:T(8,128)(4,1)} parameter(2)",
-      "  %x = bf16[8,8]{1,0} parameter(3)",
+      "  %parameter_0 = bf16[8,8]{1,0} parameter(3)",
+      "  %x = bf16[8,8]{1,0} copy(%parameter_0)",
       "  %g.1 = f32[64,16]{1,0} fusion(%a, %b), kind=kCustom, calls=%gemm_fusion_dot.1_computa"
       'tion, metadata={op_name="jit(step)/transpose(jvp())/dot_general"}, backend_config={"kind'
       '":"__triton_nested_gemm_fusion"}',
@@ -129,7 +132,7 @@ def test_low_precision_gemms_are_read_from_the_program_text():
       "}",
     ]
   )
-  assert plan_lib.low_precision_gemms(hlo) == [
+  assert gemms_lib.low_precision_gemms(hlo) == [
     {
       "format": "fp8",
       "kernel": "__cublas$lt$matmul$f8",
@@ -301,7 +304,7 @@ def test_without_triton_the_fp8_gemms_are_cublaslt_calls(h100x8):
   step = jax.jit(jax.grad(loss, argnums=(0, 1)))
   options = {"xla_gpu_enable_triton_gemm": False}
   hlo = step.lower(x, w).compile(compiler_options=options).as_text()
-  gemms = plan_lib.low_precision_gemms(hlo)
+  gemms = gemms_lib.low_precision_gemms(hlo)
   assert {g["kernel"] for g in gemms} == {"__cublas$lt$matmul$f8"}, gemms
   assert {(g["pass"], g["count"]) for g in gemms} == {("forward", 1), ("backward", 1)}
   assert len(gemms) == 3  # forward, input gradient, weight gradient

@@ -37,7 +37,7 @@ from models.config import ModelConfig
 from train import programs as programs_lib
 from train import state as state_lib
 from train.cluster import mesh as mesh_lib
-from train.meter import flops, hardware
+from train.meter import flops, gemms, hardware
 
 CONFIGS = {"gpt2_small": (gpt2_small, 16), "llama_1b": (llama_1b, 8)}  # name: (module, batch)
 SEQ_LEN = 2048
@@ -147,6 +147,8 @@ def run_case(
     "peak_bytes_in_use": stats.get("peak_bytes_in_use"),
     "kernels": kernels_in(hlo),
     "custom_calls": dict(collections.Counter(re.findall(r'custom_call_target="([^"]+)"', hlo))),
+    # By their operands: a Triton GEMM on fp8 operands has no custom call (train/meter/gemms.py).
+    "low_precision_gemms": gemms.low_precision_counts(gemms.low_precision_gemms(hlo)),
     "batch": config.train.batch_size,
     "seq_len": length,
     "final_loss": float(metrics["train/loss"]),

@@ -83,7 +83,7 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
 
 
 def low_precision_line(result: dict[str, Any]) -> str:
-  """The fp8 and int8 GEMMs the compiled program holds (``planning.low_precision_gemms``)."""
+  """The fp8 and int8 GEMMs the compiled program holds (``train/meter/gemms.py``)."""
   found = []
   for fmt, count in result["low_precision_in_program"].items():
     gemms = [g for g in result["low_precision_gemms"] if g["format"] == fmt]
