@@ -327,3 +327,44 @@ def test_the_shipped_rewards():
   )
   scores = loaded.score([""] * 4, completions, {"answer": answers})
   assert loaded.total(scores) == [1.0, 1.5, 0.0, 0.0]
+
+
+# --- the demonstration (docs/huggingface.md): python -m train.rl.digits.
+
+
+def test_the_demonstration_config_validates_and_holds_out_other_prompts(tmp_path):
+  from configs import grpo_digits
+  from train.rl import digits
+
+  train_path, held_out_path = digits.write_prompts(str(tmp_path))
+  config = grpo_digits.get_config()
+  config.rl.prompts, config.rl.eval_prompts = train_path, held_out_path
+  config_lib.validate(config)
+  read = lambda path: [json.loads(line) for line in open(path)]
+  train, held_out = read(train_path), read(held_out_path)
+  assert (len(train), len(held_out)) == (800, 100)
+  assert not {r["prompt"] for r in train} & {r["prompt"] for r in held_out}
+  assert all(r["answer"] == r["prompt"][0] for r in train + held_out)
+
+
+@pytest.mark.slow
+def test_the_demonstration_learns_the_held_out_answers(tmp_path):
+  """The documented command as a user runs it (one CPU device): held-out exact match from
+  ~0 to > 0.5. Measured: 0.00 at step 0, 0.10 at step 100, 1.00 at step 300."""
+  import subprocess
+  import sys
+
+  workdir = tmp_path / "digits"
+  result = subprocess.run(
+    [sys.executable, "-m", "train.rl.digits", f"--workdir={workdir}"],
+    cwd=REPO,
+    env=train_env(1),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  evals = [r for r in read_metrics(workdir) if "eval/reward" in r]
+  exact = [r["eval/rewards/exact_match"] for r in evals]
+  assert evals[0]["step"] == 0 and exact[0] < 0.2 and exact[-1] > 0.5, exact
+  assert "held-out exact match" in result.stdout and "wall time" in result.stdout
