@@ -213,6 +213,33 @@ def test_the_same_losses_on_one_device_and_on_the_8_device_mesh(rolled, tmp_path
       np.testing.assert_allclose(one[key], eight[key], rtol=1e-5, atol=1e-7, err_msg=key)
 
 
+def test_with_lora_the_kl_reference_is_the_base_model_and_only_adapters_change(rolled, tmp_path):
+  """No second copy: the reference is the adapters switched off (train/dpo.py's adapters_off)."""
+  overrides = {"model.lora_rank": 4, "optim.warmup_steps": 0, "rl.kl_coef": 0.5}
+  setup = _setup(tmp_path, rolled.config.rl.prompts, None, **overrides)
+  assert "reference" not in setup.state
+  batch = {
+    k: jax.make_array_from_callback(v.shape, setup.programs.batch_sharding, lambda i, v=v: v[i])
+    for k, v in rolled.batch.items()
+  }
+  before = jax.device_get(setup.state["params"])
+  compiled = setup.programs.compile_train_step()
+  state, kls = setup.state, []
+  for _ in range(3):
+    state, metrics = compiled(state, batch)
+    kls.append(float(metrics["train/kl"]))
+  assert kls[0] == 0 and kls[-1] > 0  # B starts at zero: the policy starts as the reference
+  after = jax.device_get(state["params"])
+  changed = {
+    "/".join(str(getattr(k, "key", k)) for k in path): not np.array_equal(a, b)
+    for (path, a), b in zip(
+      jax.tree_util.tree_leaves_with_path(before), jax.tree.leaves(after), strict=True
+    )
+  }
+  assert any(changed.values())
+  assert all(("lora" in name) for name, moved in changed.items() if moved), changed
+
+
 # --- a run: resume reproduces it bit for bit.
 
 

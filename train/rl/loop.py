@@ -105,6 +105,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         storage.absolute(workdir) / "config.json", config.to_json_best_effort(indent=2)
       )
     trainer.log_startup(run, start_step)
+    log.info(
+      "rollouts: %d prompts × %d completions from %d prompts in %s (%s held out); rewards %s",
+      config.train.batch_size // config.rl.group_size,
+      config.rl.group_size,
+      len(prompts),
+      config.rl.prompts,
+      len(held_out) if held_out is not None else "none",
+      ", ".join(config.rl.rewards),
+    )
     writer = metrics_writer.MetricsWriter(
       workdir,
       resume_step=start_step,
