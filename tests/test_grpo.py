@@ -15,7 +15,7 @@ from cli_helpers import REPO, copy_run, read_metrics, tiny_config, train_env
 
 from input_pipeline import tokenizers
 from train import config as config_lib
-from train import grpo, step
+from train import grpo, step, trainer
 from train import programs as programs_lib
 from train import state as state_lib
 from train.inference.engine import Engine
@@ -300,6 +300,9 @@ def test_bad_input_is_one_line_naming_the_key(tmp_path, prompt_file):
   assert message.startswith("rl.group_size=3 does not divide train.batch_size=8")
   assert "rl.inner_steps=3" in error(**{"rl.inner_steps": 3})
   assert error(**{"rl.temperature": 0.0}).startswith("rl.temperature=0.0 must be > 0")
+  with pytest.raises(config_lib.ConfigError, match="run it with python -m train.rl"):
+    trainer.setup(_config(cache, prompt_file), str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
   # A reward function that returns one value too many: named at the probe, before compiling.
   rewards = rewards_lib.load((f"{__name__}:_bad_length",), ())
   prompts = rollout.read_prompts(
