@@ -9,7 +9,7 @@ Which prompts a rollout takes is a pure function of (seed, rollout index), as th
 sampler does for text (a permutation per epoch), and so is the sampling key: a resumed run
 samples exactly what the uninterrupted one did. The completions are sampled by the KV-cache
 engine (``train/inference/engine.py``) from the train state's own parameters, in their training
-shardings; only tokens and their logits come to the host.
+shardings; only the tokens and their log-probabilities come to the host.
 """
 
 from __future__ import annotations
@@ -96,14 +96,6 @@ def sampling_seed(seed: int, rollout: int) -> int:
   return int(np.random.SeedSequence([seed, rollout]).generate_state(1)[0] >> 1)
 
 
-def token_logps(logits_KV: np.ndarray, tokens_K: np.ndarray, temperature: float) -> np.ndarray:
-  """log-softmax(logits / temperature) at the sampled tokens, in float32 like the train step."""
-  scaled = logits_KV.astype(np.float32) / np.float32(temperature)
-  top = scaled.max(axis=-1, keepdims=True)
-  lse = top[:, 0] + np.log(np.exp(scaled - top).sum(axis=-1))
-  return (scaled[np.arange(len(tokens_K)), tokens_K] - lse).astype(np.float32)
-
-
 @dataclasses.dataclass
 class Completions:
   """G completions of each of a rollout's prompts, rows grouped by prompt."""
@@ -138,15 +130,14 @@ def sample(
     sampling=sampling,
     seed=seed,
     eod_id=tokenizer.eod_id,
-    record_logits=with_logps,
+    record_logps=with_logps,  # computed on the devices: no [rows, vocab] array to the host
   )
   tokens, logps = [], []
   for i, (generated, reason) in enumerate(zip(out.tokens, out.stop_reasons, strict=True)):
     ids = generated + ([tokenizer.eod_id] if reason == "eod" else [])
     tokens.append(ids)
     if with_logps:
-      ids_K = np.asarray(ids, np.int64)
-      logps.append(token_logps(out.logits[i][: len(ids)], ids_K, sampling.temperature))
+      logps.append(out.logps[i][: len(ids)])
   texts = [tokenizer.decode(t) for t in out.tokens]
   seconds = out.time_to_first_token_s + out.decode_seconds
   return Completions(prompt_rows, tokens, logps, texts, seconds)
