@@ -2,6 +2,7 @@
 one device against eight, resume, and bad input (python -m train.rl, train/grpo.py, train/rl/)."""
 
 import dataclasses
+import functools
 import json
 import os
 
@@ -188,6 +189,25 @@ def test_with_one_inner_step_and_no_kl_the_update_is_a_reinforce_step(rolled):
   ):
     np.testing.assert_allclose(got, want, atol=1e-7, rtol=1e-5)
   assert float(metrics["train/clip_fraction"]) == 0 and float(metrics["train/kl"]) == 0
+
+
+def test_two_micro_batches_give_the_same_grpo_loss_metrics_and_gradients(rolled):
+  params = jax.device_get(rolled.state["params"])
+  batch = {k: jnp.asarray(v) for k, v in rolled.batch.items()}
+  batch["old_logps"] = batch["old_logps"] + 0.3 * batch["weights"]  # ratios away from 1: clipping
+  settings = grpo.Settings(epsilon=0.2, kl_coef=0.1, temperature=0.7)
+  objective = functools.partial(grpo.objective, reference=params, settings=settings)
+  graphdef = rolled.programs.spec.graphdef
+  one = step.gradients(params, graphdef, batch, 1, objective=objective)
+  two = step.gradients(params, graphdef, batch, 2, objective=objective)
+  np.testing.assert_allclose(one[0], two[0], rtol=1e-5)
+  assert one[1] == two[1] > 0
+  assert float(one[4]["clip_fraction"]) > 0
+  for name in grpo.METRICS:  # sums divided by the token count; the maximum kept as one
+    np.testing.assert_allclose(one[4][name], two[4][name], rtol=1e-5, err_msg=name)
+  np.testing.assert_allclose(float(one[4]["logprob_diff_max"]), 0.3, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(one[2]), jax.tree.leaves(two[2]), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
 
 
 def test_the_same_losses_on_one_device_and_on_the_8_device_mesh(rolled, tmp_path, prompt_file):
