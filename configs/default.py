@@ -152,6 +152,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict()
   c.train.steps = 250  # optimizer steps
   # "lm" (next-token cross-entropy) | "dpo" (preference pairs of a prefs: source; the dpo group)
+  # | "grpo" (rollouts of the rl group's prompts; python -m train.rl runs it)
   c.train.objective = "lm"
   c.train.batch_size = 16  # global batch, in rows of data.seq_len tokens
   c.train.microbatches = 1  # gradient accumulation: split each batch into this many parts
@@ -170,6 +171,25 @@ def get_config() -> ml_collections.ConfigDict:
   c.dpo.loss = "sigmoid"  # "sigmoid" (DPO) | "ipo" | "simpo" (reference-free)
   c.dpo.label_smoothing = 0.0  # ε: the share of pairs assumed flipped (cDPO; sigmoid and simpo)
   c.dpo.simpo_gamma = 0.5  # γ: SimPO's target reward margin
+
+  # --- rl: GRPO on sampled completions (train.objective = "grpo", python -m train.rl;
+  # train/grpo.py, train/rl/). train.batch_size counts completions, data.seq_len bounds each
+  # prompt + completion, train.steps and checkpoint.every count optimizer steps.
+  c.rl = ml_collections.ConfigDict()
+  c.rl.prompts = ""  # JSON lines {"prompt": str | "messages": [...], any other fields}
+  c.rl.eval_prompts = ""  # held-out prompts, scored greedily at each eval ("" = no eval)
+  c.rl.eval_limit = 64  # held-out prompts scored per eval (0 = all)
+  # Reward functions "package.module:function", each (prompts, completions, **fields) ->
+  # list[float], fields being the records' other fields as lists (train/rl/rewards.py ships two).
+  c.rl.rewards = ("train.rl.rewards:exact_match",)
+  c.rl.reward_weights = ()  # the rewards' weights in the total (() = 1 each)
+  c.rl.group_size = 8  # G completions per prompt; divides train.batch_size
+  c.rl.max_new_tokens = 32  # tokens sampled per completion at most
+  c.rl.temperature = 1.0  # sampling temperature (> 0); the log-probs use it too
+  c.rl.top_p = 1.0  # nucleus sampling (1 = off)
+  c.rl.inner_steps = 1  # μ: optimizer steps on each rollout batch; divides train.steps
+  c.rl.epsilon = 0.2  # ε: the importance ratio is clipped to [1 - ε, 1 + ε]
+  c.rl.kl_coef = 0.04  # β: weight of the k3 KL to the reference (0 = no reference model)
 
   # --- harness: EleutherAI lm-eval tasks at each eval (python -m train.evaluate runs them on
   # any checkpoint). Off by default; needs the [eval] extra.

@@ -149,7 +149,7 @@ def test_bad_records_are_reported_with_line_numbers_and_none_valid_is_an_error(t
 @pytest.mark.parametrize(
   "change, message",
   [
-    ({"train.objective": "ppo"}, r"train.objective='ppo' is not one of \('lm', 'dpo'\)"),
+    ({"train.objective": "ppo"}, r"train.objective='ppo' is not one of \('lm', 'dpo', 'grpo'\)"),
     ({"data.source": "stdlib"}, "train.objective='dpo' needs preference data, not data.source"),
     ({"train.objective": "lm"}, "holds preference pairs, which train.objective='lm'"),
     ({"dpo.loss": "kto"}, r"dpo.loss='kto' is not one of \('sigmoid', 'ipo', 'simpo'\)"),

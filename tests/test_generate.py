@@ -87,6 +87,22 @@ def test_generation_logits_match_full_forward(case):
     assert len(out.tokens[i]) == new and out.logits[i].shape == (new, model_cfg.vocab_size)
     expected = full[i, len(prompt) - 1 : len(prompt) - 1 + new]
     np.testing.assert_allclose(out.logits[i], expected, atol=2e-5, rtol=2e-5)
+  # record_logps (GRPO's rollouts): the same tokens, each with its log-probability at the
+  # sampling temperature, computed on the devices.
+  again = engine.run(
+    params,
+    prompts,
+    max_new_tokens=new,
+    sampling=sampling_lib.Sampling(0.9, top_k=50),
+    seed=3,
+    eod_id=None,
+    record_logps=True,
+  )
+  assert again.tokens == out.tokens and again.logits is None
+  for i, tokens in enumerate(out.tokens):
+    logp = np.asarray(jax.nn.log_softmax(out.logits[i] / 0.9, axis=-1))
+    chosen = np.take_along_axis(logp, np.asarray(tokens)[:, None], axis=1)[:, 0]
+    np.testing.assert_allclose(again.logps[i], chosen, atol=1e-5)
 
 
 def test_chunk_lengths_are_powers_of_two():

@@ -186,6 +186,9 @@ def _check_objective(config) -> None:
   if objective not in dpo.OBJECTIVES:
     raise ConfigError(f"train.objective={objective!r} is not one of {dpo.OBJECTIVES}")
   prefs = isinstance(source, str) and source.startswith("prefs:") and not tuple(config.data.mixture)
+  if objective == "grpo":
+    _check_rl(config)
+    return
   if objective == "lm":
     if prefs:
       raise ConfigError(
@@ -223,6 +226,56 @@ def _check_objective(config) -> None:
     if value := config[group][name]:
       raise ConfigError(
         f"{key}={value!r} is not supported with train.objective='dpo' (its log-probs use the "
+        "whole logits); set it to 0"
+      )
+
+
+def _check_rl(config) -> None:
+  """The rl group of a GRPO run (python -m train.rl): files, reward functions, sizes, ranges."""
+  from train.rl import rewards  # noqa: PLC0415 - imports the user's reward modules: GRPO only
+
+  r, train = config.rl, config.train
+  for key in ("prompts", "eval_prompts"):
+    path = r[key]
+    if (path or key == "prompts") and not (path and storage.absolute(path).is_file()):
+      raise ConfigError(f"rl.{key}={path!r}: no such file; give a JSON-lines file of prompts")
+  rewards.load(r.rewards, r.reward_weights)  # an import that fails is a RewardError here
+  _integers(config, ["rl.group_size"], 2, "an integer >= 2 (advantages compare within a group)")
+  _integers(config, ["rl.max_new_tokens", "rl.inner_steps"], 1, "a positive integer")
+  _integers(config, ["rl.eval_limit"], 0, "a non-negative integer (0 = all)")
+  if train.batch_size % r.group_size:
+    raise ConfigError(
+      f"rl.group_size={r.group_size} does not divide train.batch_size={train.batch_size} "
+      f"(completions per rollout); use a batch of a multiple of {r.group_size}"
+    )
+  if r.max_new_tokens >= config.data.seq_len:
+    raise ConfigError(
+      f"rl.max_new_tokens={r.max_new_tokens} leaves no room for a prompt in data.seq_len="
+      f"{config.data.seq_len}; use fewer new tokens or a longer data.seq_len"
+    )
+  mu = r.inner_steps
+  for key in ("train.steps", "checkpoint.every", "train.eval_every"):
+    group, name = key.split(".")
+    if config[group][name] % mu:
+      raise ConfigError(
+        f"{key}={config[group][name]} is not a multiple of rl.inner_steps={mu} (each rollout "
+        "batch takes that many optimizer steps); use a multiple of it"
+      )
+  number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+  ranges = {
+    "temperature": ("> 0 (GRPO's log-probs divide by it)", lambda v: v > 0),
+    "top_p": ("in (0, 1]", lambda v: 0 < v <= 1),
+    "epsilon": ("in (0, 1)", lambda v: 0 < v < 1),
+    "kl_coef": (">= 0 (0 = no reference model)", lambda v: v >= 0),
+  }
+  for name, (valid, ok) in ranges.items():
+    if not number(r[name]) or not ok(r[name]):
+      raise ConfigError(f"rl.{name}={r[name]!r} must be {valid}")
+  for key in ("train.loss_chunk", "optim.z_loss"):
+    group, name = key.split(".")
+    if value := config[group][name]:
+      raise ConfigError(
+        f"{key}={value!r} is not supported with train.objective='grpo' (its log-probs use the "
         "whole logits); set it to 0"
       )
 

@@ -34,7 +34,7 @@ from train import loss as loss_lib
 from train.loss import Batch
 
 LOSSES = ("sigmoid", "ipo", "simpo")
-OBJECTIVES = ("lm", "dpo")
+OBJECTIVES = ("lm", "dpo", "grpo")  # grpo: train/grpo.py, run by python -m train.rl
 METRICS = (
   "rewards/chosen",
   "rewards/rejected",

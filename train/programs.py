@@ -19,7 +19,7 @@ import optax
 from flax import nnx
 
 from models.config import ModelConfig
-from train import dpo, optimizer, step
+from train import dpo, grpo, optimizer, step
 from train import state as state_lib
 from train.cluster import mesh as mesh_lib
 
@@ -52,9 +52,11 @@ class Programs:
 def abstract_batch(
   config: ml_collections.ConfigDict, sharding: jax.sharding.NamedSharding
 ) -> dict[str, jax.ShapeDtypeStruct]:
-  """Shapes, dtypes and sharding of one global train batch."""
+  """Shapes, dtypes and sharding of one global train batch (a GRPO rollout batch has two more
+  fields, ``train/grpo.py``'s)."""
   shape = (config.train.batch_size, config.data.seq_len)
-  return {key: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding) for key, dtype in BATCH_FIELDS}
+  fields = BATCH_FIELDS + (grpo.FIELDS if config.train.objective == "grpo" else ())
+  return {key: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding) for key, dtype in fields}
 
 
 def jit_programs(
@@ -67,12 +69,19 @@ def jit_programs(
   tx = optimizer.make_optimizer(config.optim, config.train.steps, lora_only=lora_only)
   schedule = optimizer.learning_rate_schedule(config.optim, config.train.steps)
   preference = dpo.Preference.from_config(config)
-  # DPO's reference: with LoRA the adapters switched off, else a frozen copy in the state.
-  reference = preference is not None and preference.uses_reference and not lora_only
+  policy = grpo.Settings.from_config(config)
+  # DPO's and GRPO's reference: with LoRA the adapters switched off, else a frozen copy in the
+  # state.
+  reference = not lora_only and any(
+    settings is not None and settings.uses_reference for settings in (preference, policy)
+  )
   spec = state_lib.state_spec(model_cfg, tx, mesh, rules, seed=config.seed, reference=reference)
   batch_sharding = mesh_lib.batch_sharding(mesh, rules)
   replicated = mesh_lib.replicated(mesh)
-  spike_factor = 0.0 if config.train.spike_policy == "off" else config.train.spike_factor
+  # A GRPO loss is centred on zero (advantages are): a spike against its running mean means
+  # nothing there, so only non-finite steps are skipped.
+  off = config.train.spike_policy == "off" or policy is not None
+  spike_factor = 0.0 if off else config.train.spike_factor
   train_step = jax.jit(
     functools.partial(
       step.train_step,
@@ -86,6 +95,7 @@ def jit_programs(
       z_loss=config.optim.z_loss,
       moe=model_cfg.moe,
       preference=preference,
+      policy=policy,
     ),
     in_shardings=(spec.shardings, batch_sharding),
     out_shardings=(spec.shardings, replicated),

@@ -19,14 +19,14 @@ from flax import nnx
 
 from models import moe as moe_lib
 from models.config import MoEConfig
-from train import dpo, health
+from train import dpo, grpo, health
 from train import loss as loss_lib
 from train.loss import Batch
 
 # The train state is a plain dict pytree: {"step": int32[], "params": {...}, "opt_state": ...,
 # "data_offset": int32[] (data positions skipped by rollbacks), "loss_ema": float32[],
-# "skipped_nonfinite": int32[], "skipped_spikes": int32[]}, and for DPO without LoRA
-# "reference": the frozen starting parameters.
+# "skipped_nonfinite": int32[], "skipped_spikes": int32[]}, and for DPO (or GRPO with a KL term)
+# without LoRA "reference": the frozen starting parameters.
 TrainState = dict[str, Any]
 
 
@@ -45,12 +45,14 @@ def gradients(
 ):
   """Gradient of the mean loss over the whole batch, accumulated over micro-batches.
 
-  ``objective`` (default ``train/loss.py``'s token cross-entropy; ``train/dpo.py``'s for pairs)
-  returns sums and the count they are means over (tokens, or pairs). Sums (not means) are
-  accumulated and divided by the batch's total count once at the end, so k micro-batches give
-  the same update as one full batch, up to float summation order. Returns the mean loss (z-loss
-  excluded), the count, the gradients, an MoE model's router statistics (means over
-  micro-batches; {} when dense) and the objective's metrics (means over the count; {} for LM).
+  ``objective`` (default ``train/loss.py``'s token cross-entropy; ``train/dpo.py``'s for pairs,
+  ``train/grpo.py``'s for rollouts) returns sums and the count they are means over (tokens, or
+  pairs); a metric whose name ends in ``_max`` is a maximum instead, kept as one. Sums (not
+  means) are accumulated and divided by the batch's total count once at the end, so k
+  micro-batches give the same update as one full batch, up to float summation order. Returns
+  the mean loss (z-loss excluded), the count, the gradients, an MoE model's router statistics
+  (means over micro-batches; {} when dense) and the objective's metrics (means over the count;
+  {} for LM).
   """
   grad_fn = jax.value_and_grad(objective or loss_lib.objective, has_aux=True)
   if microbatches == 1:
@@ -68,7 +70,7 @@ def gradients(
         acc_loss + loss_sum,
         acc_weight + weight_sum,
         jax.tree.map(lambda a, x: a + x / microbatches, acc_stats, stats),
-        jax.tree.map(jnp.add, acc_sums, sums),
+        {name: _combine(name)(acc_sums[name], value) for name, value in sums.items()},
         jax.tree.map(jnp.add, acc_grads, grads),
       ), None
 
@@ -80,8 +82,15 @@ def gradients(
     (loss_sum, weight_sum, stats, sums, grad_sums), _ = jax.lax.scan(accumulate, init, micros)
   denominator = jnp.maximum(weight_sum, 1.0)
   grads = jax.tree.map(lambda g: g / denominator, grad_sums)
-  means = {name: value / denominator for name, value in sums.items()}
+  means = {
+    name: value if name.endswith("_max") else value / denominator for name, value in sums.items()
+  }
   return loss_sum / denominator, weight_sum, grads, stats, means
+
+
+def _combine(name: str):
+  """How a metric of two micro-batches combines: a maximum (``*_max``) or a sum."""
+  return jnp.maximum if name.endswith("_max") else jnp.add
 
 
 def train_step(
@@ -98,6 +107,7 @@ def train_step(
   z_loss: float = 0.0,
   moe: MoEConfig | None = None,
   preference: dpo.Preference | None = None,
+  policy: grpo.Settings | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on one global batch.
 
@@ -109,16 +119,20 @@ def train_step(
   pairs. Its reference model is the frozen starting weights: with LoRA the same parameters with
   the adapters switched off, otherwise ``state["reference"]``, a copy sharded like the policy
   (``train/state.py``) that this step passes through unchanged.
+
+  ``policy`` (``train.objective = "grpo"``): the loss is ``train/grpo.py``'s over a rollout
+  batch's completion tokens, its KL term against the same reference as DPO's.
   """
   params_in = state["params"]
   if frozen is not None:  # LoRA: no gradient flows into (or is computed for) frozen weights
     params_in = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params_in, frozen)
   objective = None
-  if preference is not None:
-    reference = None
-    if preference.uses_reference:
-      reference = dpo.adapters_off(params_in) if frozen is not None else state["reference"]
-    objective = functools.partial(dpo.objective, reference=reference, settings=preference)
+  for settings, module in ((preference, dpo), (policy, grpo)):
+    if settings is not None:
+      reference = None
+      if settings.uses_reference:
+        reference = dpo.adapters_off(params_in) if frozen is not None else state["reference"]
+      objective = functools.partial(module.objective, reference=reference, settings=settings)
   loss, count, grads, moe_stats, means = gradients(
     params_in, graphdef, batch, microbatches, loss_chunk, z_loss, objective
   )

@@ -109,6 +109,10 @@ class Run:
 def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
   """Validates the config, then builds the data, the state shapes and the compiled steps."""
   config = init_from.adopt(config)  # the source's architecture, when starting from weights
+  if config.train.objective == "grpo":  # its batches are rollouts, not a data pipeline's
+    raise config_lib.ConfigError(
+      "train.objective='grpo' trains on its own samples: run it with python -m train.rl"
+    )
   resolved = config_lib.validate(config, workdir=workdir)
   workdir = config_lib.create_workdir(workdir)
   pipeline = input_pipeline.build(config)  # prepared once for every process

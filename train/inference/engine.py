@@ -62,9 +62,13 @@ def _decode_step(
   *,
   graphdef: nnx.GraphDef,
   sampling: Sampling,
+  logps: bool = False,
 ):
   """Feeds the token at slot ``index``; returns the cache, the token for slot index + 1 and the
-  logits it was chosen from (the prompt's own token while a row is still inside its prompt)."""
+  logits it was chosen from (the prompt's own token while a row is still inside its prompt).
+  With ``logps``, instead of the logits [B, V], the chosen token's log-probability [B] under
+  the tempered logits (temperature 1 when greedy), before top-k and top-p, as GRPO's
+  train step computes it (``train/grpo.py``): no vocabulary-wide array leaves the device."""
   batch = token_B.shape[0]
   positions_B1 = jnp.full((batch, 1), index, jnp.int32)
   logits_B1V, cache = nnx.merge(graphdef, params).decode(
@@ -77,7 +81,12 @@ def _decode_step(
   )
   sampled_B = sample(logits_BV, step_keys_B, sampling)
   prompt_token_B = jax.lax.dynamic_index_in_dim(prompts_BS, slot, axis=1, keepdims=False)
-  return cache, jnp.where(slot < lengths_B, prompt_token_B, sampled_B), logits_BV
+  token_B = jnp.where(slot < lengths_B, prompt_token_B, sampled_B)
+  if logps:
+    scaled_BV = logits_BV.astype(jnp.float32) / (sampling.temperature or 1.0)
+    logp_BV = jax.nn.log_softmax(scaled_BV, axis=-1)
+    return cache, token_B, jnp.take_along_axis(logp_BV, token_B[:, None], axis=-1)[:, 0]
+  return cache, token_B, logits_BV
 
 
 def chunk_lengths(tokens: int) -> list[int]:
@@ -92,6 +101,7 @@ class Generation:
   tokens: list[list[int]]  # generated ids per prompt (the end-of-document id not included)
   stop_reasons: list[str]  # "eod" | "max_new_tokens" | "context"
   logits: list[np.ndarray] | None  # per prompt [generated, V] when record_logits, else None
+  logps: list[np.ndarray] | None  # per prompt [generated] when record_logps, else None
   compile_seconds: float
   prefill_tokens: int
   time_to_first_token_s: float
@@ -179,19 +189,25 @@ class Engine:
     eod_id: int | None,
     on_token: Callable[[int, int], None] | None = None,
     record_logits: bool = False,
+    record_logps: bool = False,
   ) -> Generation:
     """Generates up to ``max_new_tokens`` after each prompt (token ids); see the module docstring.
 
     on_token(row, token_id) is called as each generated token reaches the host.
+    ``record_logits``: each generated token's logits [V]; ``record_logps`` (not with it): each
+    one's log-probability at the sampling temperature, computed on the devices.
     """
+    if record_logits and record_logps:
+      raise ValueError("record_logits and record_logps: choose one")
     layout = _Layout.of(prompts, max_new_tokens, self.model_cfg.max_seq_len, self.data_parallel)
-    make_cache, step_fn, prefills = self._programs(params, layout, sampling)
+    make_cache, step_fn, prefills = self._programs(params, layout, sampling, record_logps)
     inputs = (
       self._put(layout.prompts_BS, self._rows_2d),
       self._put(layout.lengths_B, self._rows),
       self._put(_row_keys(seed, layout.batch), self._named(("batch", None))),
     )
-    collector = _Collector(layout, max_new_tokens, eod_id, on_token, record_logits)
+    record = "logits" if record_logits else "logps" if record_logps else None
+    collector = _Collector(layout, max_new_tokens, eod_id, on_token, record)
     start = time.perf_counter()
     cache = make_cache(params)
     offset = 0
@@ -215,7 +231,7 @@ class Engine:
       bytes_per_decode_step=read_bytes,
     )
 
-  def _programs(self, params, layout: _Layout, sampling: Sampling):
+  def _programs(self, params, layout: _Layout, sampling: Sampling, logps: bool = False):
     """The compiled cache initialiser, decode step and prefill chunks [(length, fn)]."""
     graphdef, batch, cache_len = self.graphdef, layout.batch, layout.cache_len
     param_shardings = jax.tree.map(lambda x: x.sharding, params)
@@ -226,8 +242,8 @@ class Engine:
     cache_abstract = jax.eval_shape(init_cache, params)
     lengths_B, keys_B = layout.lengths_B, _row_keys(0, batch)  # shapes only
     step_fn = self._compile(
-      ("step", batch, cache_len, sampling),
-      functools.partial(_decode_step, graphdef=graphdef, sampling=sampling),
+      ("step", batch, cache_len, sampling, logps),
+      functools.partial(_decode_step, graphdef=graphdef, sampling=sampling, logps=logps),
       (params, cache_abstract, layout.prompts_BS, lengths_B, lengths_B, np.int32(0), keys_B),
       # The fed token is the previous step's output, replicated so every process can read it.
       (
@@ -239,7 +255,11 @@ class Engine:
         self._replicated,
         self._named(("batch", None)),
       ),
-      (self.cache_sharding, self._replicated, self._named(("batch", "vocab"))),
+      (
+        self.cache_sharding,
+        self._replicated,
+        self._rows if logps else self._named(("batch", "vocab")),
+      ),
       donate=(1,),
     )
     prefills = [
@@ -331,11 +351,12 @@ def _to_host(array: jax.Array) -> np.ndarray:
 
 
 class _Collector:
-  """Takes each decode step's tokens on the host: per-row stops, streaming, recorded logits."""
+  """Takes each decode step's tokens on the host: per-row stops, streaming, and the recorded
+  logits or log-probs (``record``: "logits" | "logps" | None)."""
 
-  def __init__(self, layout: _Layout, max_new_tokens: int, eod_id, on_token, record_logits):
+  def __init__(self, layout: _Layout, max_new_tokens: int, eod_id, on_token, record):
     self.layout, self.max_new_tokens, self.eod_id = layout, max_new_tokens, eod_id
-    self.on_token, self.record_logits = on_token, record_logits
+    self.on_token, self.record = on_token, record
     rows = len(layout.lengths)
     self.generated: list[list[int]] = [[] for _ in range(rows)]
     self.recorded: list[list[np.ndarray]] = [[] for _ in range(rows)]
@@ -345,7 +366,7 @@ class _Collector:
   def take(self, slot: int, token_dev, logits_dev) -> bool:
     """Reads the tokens chosen for ``slot``; returns True once every row has stopped."""
     token_host = _to_host(token_dev)
-    logits_host = _to_host(logits_dev) if self.record_logits else None
+    logits_host = _to_host(logits_dev) if self.record else None
     new = self.layout.new
     for row, length in enumerate(self.layout.lengths):
       if self.reasons[row] or slot < length:
@@ -369,13 +390,16 @@ class _Collector:
     first_token_at = self.first_token_at or end
     lengths, generated = self.layout.lengths, self.generated
     contexts = [lengths[r] + t for r in range(len(lengths)) for t in range(len(generated[r]))]
-    logits = None
-    if self.record_logits:
+    logits = logps = None
+    if self.record == "logits":
       logits = [np.stack(r) if r else np.zeros((0,)) for r in self.recorded]
+    if self.record == "logps":
+      logps = [np.asarray(r, np.float32) for r in self.recorded]
     return Generation(
       tokens=generated,
       stop_reasons=[reason or "context" for reason in self.reasons],
       logits=logits,
+      logps=logps,
       prefill_tokens=len(lengths) * self.layout.shortest,
       time_to_first_token_s=first_token_at - start,
       decode_seconds=end - first_token_at,

@@ -1,0 +1,302 @@
+"""``train_and_evaluate(config, workdir)`` for GRPO: sample, score, update μ times, repeat.
+
+A separate loop from ``train/loop.py`` because its batches are the policy's own samples: they
+cannot be prepared ahead or dispatched before the previous update lands. Everything else is the
+trainer's: validation, the mesh, the born-sharded state (with DPO's frozen reference copy, or
+LoRA's adapters switched off), the one jitted train step (``train/step.py`` with
+``train/grpo.py``'s objective), checkpoints, resume and the metrics file.
+
+Rollout r (0-based) samples the prompts and keys that are pure functions of (seed, r)
+(``train/rl/rollout.py``), then runs optimizer steps rμ + 1 .. (r + 1)μ on its batch.
+Checkpoints fall on rollout boundaries (``checkpoint.every`` is a multiple of μ), so a resumed
+run samples exactly what the uninterrupted run sampled and reproduces it bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from input_pipeline import tokenizers
+from input_pipeline.host import settings, storage
+from train import config as config_lib
+from train import init_from, metrics_writer, trainer
+from train.checkpoint import manager as checkpoint_lib
+from train.cluster.preemption import PreemptionWatcher
+from train.grpo import group_advantages
+from train.inference.engine import Engine
+from train.inference.sampling import Sampling
+from train.rl import rewards as rewards_lib
+from train.rl import rollout
+
+log = logging.getLogger("loom")
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptData:
+  """What the trainer's ``Run`` reads of a data pipeline: the tokenizer and a fingerprint."""
+
+  tokenizer: Any
+  fingerprint: str
+
+
+def fingerprint(config: ml_collections.ConfigDict) -> str:
+  """The prompt files' bytes and the reward functions' names: a resumed run checks them."""
+  digest = hashlib.sha256()
+  for path in (config.rl.prompts, config.rl.eval_prompts):
+    digest.update(storage.absolute(path).read_bytes() if path else b"")
+  digest.update(json.dumps([list(config.rl.rewards), list(config.rl.reward_weights)]).encode())
+  return digest.hexdigest()
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Runs GRPO (resuming if ``workdir`` has a checkpoint); returns the summary."""
+  settings.apply()
+  config = init_from.adopt(config)
+  resolved = config_lib.validate(config, workdir=workdir)  # rl group, rewards imported
+  rewards = rewards_lib.load(config.rl.rewards, config.rl.reward_weights)
+  workdir = config_lib.create_workdir(workdir)
+  tokenizer = tokenizers.load_tokenizer(config.data)
+  max_prompt = config.data.seq_len - config.rl.max_new_tokens
+  prompts = rollout.read_prompts(
+    config.rl.prompts, tokenizer, key="rl.prompts", max_tokens=max_prompt
+  )
+  held_out = None
+  if config.rl.eval_prompts:
+    held_out = rollout.read_prompts(
+      config.rl.eval_prompts, tokenizer, key="rl.eval_prompts", max_tokens=max_prompt
+    )
+  probe(rewards, prompts)  # a reward function's wrong answer stops the run before compiling
+  compiled = trainer.build_steps(config, resolved.mesh, resolved.rules, resolved.model_cfg)
+  run = trainer.Run(
+    config=config,
+    workdir=workdir,
+    mesh=resolved.mesh,
+    rules=resolved.rules,
+    pipeline=PromptData(tokenizer, fingerprint(config)),
+    model_cfg=resolved.model_cfg,
+    programs=compiled.programs,
+    compiled_step=compiled.compiled_step,
+    meter=compiled.meter,
+  )
+  watcher = PreemptionWatcher()
+  ckpt = checkpoint_lib.Checkpointer(
+    os.path.join(workdir, "checkpoints"),
+    max_to_keep=config.checkpoint.max_to_keep,
+    async_save=config.checkpoint.async_save,
+    compress=config.checkpoint.compress,
+    save_timeout_s=config.checkpoint.save_timeout_s,
+    save_retries=config.checkpoint.save_retries,
+    stop_requested=watcher.noticed,
+  )
+  try:
+    state, start_step = trainer.restore_or_init(run, ckpt)
+    if run.is_main:
+      storage.write_atomic(
+        storage.absolute(workdir) / "config.json", config.to_json_best_effort(indent=2)
+      )
+    trainer.log_startup(run, start_step)
+    log.info(
+      "rollouts: %d prompts × %d completions from %d prompts in %s (%s held out); rewards %s",
+      config.train.batch_size // config.rl.group_size,
+      config.rl.group_size,
+      len(prompts),
+      config.rl.prompts,
+      len(held_out) if held_out is not None else "none",
+      ", ".join(config.rl.rewards),
+    )
+    writer = metrics_writer.MetricsWriter(
+      workdir,
+      resume_step=start_step,
+      tensorboard=config.log.tensorboard,
+      enabled=run.is_main,
+      wandb_project=config.log.wandb_project,
+      config=json.loads(config.to_json_best_effort()),
+    )
+    try:
+      loop = Loop(run, rewards, prompts, held_out, ckpt, writer, watcher)
+      summary = loop.train(state, start_step)
+      ckpt.wait(last=True)
+    finally:
+      writer.close()
+  finally:
+    ckpt.close()
+    watcher.close()
+  if run.is_main:
+    storage.write_atomic(storage.absolute(workdir) / "report.json", json.dumps(summary, indent=2))
+  return summary
+
+
+def probe(rewards: rewards_lib.Rewards, prompts: rollout.Prompts) -> None:
+  """Calls every reward function once on the first two records with empty completions, so one
+  that fails or returns the wrong number of rewards is named before anything compiles."""
+  rows = list(range(min(2, len(prompts))))
+  records = [prompts.fields[row] for row in rows]
+  keys = sorted({key for record in records for key in record})
+  fields = {key: [record.get(key) for record in records] for key in keys}
+  rewards.score([prompts.texts[row] for row in rows], [""] * len(rows), fields)
+
+
+class Loop:
+  """Rollouts and updates, with evals, checkpoints and metrics at rollout boundaries."""
+
+  def __init__(self, run: trainer.Run, rewards, prompts, held_out, ckpt, writer, watcher):
+    self.run, self.rewards, self.prompts, self.held_out = run, rewards, prompts, held_out
+    self.ckpt, self.writer, self.watcher = ckpt, writer, watcher
+    self.config = run.config
+    self.rl = run.config.rl
+    self.tokenizer = run.pipeline.tokenizer
+    self.engine = Engine(run.spec.graphdef, run.model_cfg, run.mesh, run.rules)
+    self.sampling = Sampling(temperature=float(self.rl.temperature), top_p=float(self.rl.top_p))
+    self.metadata = trainer.run_metadata(run)
+    self.names = [name.rpartition(":")[2] for name in rewards.names]
+
+  def train(self, state, start_step: int) -> dict[str, Any]:
+    mu, total = self.rl.inner_steps, self.config.train.steps
+    summary: dict[str, Any] = {"preempted": False, "restarted_from_step": start_step}
+    started = time.perf_counter()
+    if start_step == 0 and self.held_out is not None:
+      self.writer.write(0, self.evaluate(state["params"]))
+    for r in range(start_step // mu, total // mu):
+      state, values = self.rollout_and_update(state, r)
+      step = (r + 1) * mu
+      if _due(step, self.config.train.eval_every, total) and self.held_out is not None:
+        values.update(self.evaluate(state["params"]))
+      self.writer.write(step, values)
+      if _due(step, self.config.log.every, total):
+        log.info("step %d: %s", step, _brief(values))
+      stop = self.watcher.should_stop(step)
+      if stop or _due(step, self.config.checkpoint.every, total):
+        self.writer.flush()
+        self.ckpt.save(step, state, self.metadata)
+      if stop:
+        self.ckpt.wait(last=True)
+        summary["preempted"] = True
+        break
+    summary["wall_time_s"] = time.perf_counter() - started
+    summary["steps"] = float(self.config.train.steps)
+    return summary
+
+  def rollout_and_update(self, state, r: int):
+    """Rollout ``r`` and its μ optimizer steps: the new state and the metrics to log."""
+    rl = self.rl
+    per_rollout = self.config.train.batch_size // rl.group_size
+    rows = rollout.prompt_indices(self.config.seed, r, per_rollout, len(self.prompts))
+    begin = time.perf_counter()
+    done = rollout.sample(
+      self.engine,
+      state["params"],  # the train state's own arrays, in their training shardings
+      self.prompts,
+      rows,
+      group_size=rl.group_size,
+      max_new_tokens=rl.max_new_tokens,
+      sampling=self.sampling,
+      seed=rollout.sampling_seed(self.config.seed, r),
+      tokenizer=self.tokenizer,
+    )
+    sampled = time.perf_counter()
+    scores, total = self.score(self.prompts, done)
+    advantages = group_advantages(np.asarray(total), rl.group_size)
+    batch_np = rollout.train_batch(self.prompts, done, advantages, self.config.data.seq_len)
+    batch = {key: _put(value, self.run.batch_sharding) for key, value in batch_np.items()}
+    scored = time.perf_counter()
+    step_metrics = []
+    for _ in range(rl.inner_steps):
+      state, metrics = self.run.compiled_step(state, batch)
+      step_metrics.append(metrics)
+    step_metrics = jax.device_get(step_metrics)  # one fetch per rollout
+    updated = time.perf_counter()
+    values = self.metrics(step_metrics, scores, total, advantages, done, batch_np)
+    sample_s, update_s = sampled - begin, updated - scored
+    sampled_tokens = sum(len(t) for t in done.tokens)
+    train_tokens = float(np.sum(batch_np["segment_ids"] > 0)) * rl.inner_steps
+    values.update(
+      {
+        "perf/sample_tokens_per_second": sampled_tokens / max(sample_s, 1e-9),
+        "perf/train_tokens_per_second": train_tokens / max(update_s, 1e-9),
+        "perf/sampling_share": sample_s / max(updated - begin, 1e-9),
+        "perf/step_time_s": updated - begin,
+      }
+    )
+    return state, values
+
+  def score(self, prompts, done: rollout.Completions):
+    """Each reward function's scores of the completions, and their weighted total."""
+    texts = [prompts.texts[row] for row in done.prompt_rows]
+    records = [prompts.fields[row] for row in done.prompt_rows]
+    keys = sorted({key for record in records for key in record})
+    fields = {key: [record.get(key) for record in records] for key in keys}
+    scores = self.rewards.score(texts, done.texts, fields)
+    return scores, self.rewards.total(scores)
+
+  def metrics(self, step_metrics, scores, total, advantages, done, batch_np) -> dict[str, float]:
+    first, last = step_metrics[0], step_metrics[-1]
+    mean = lambda key: float(np.mean([m[key] for m in step_metrics]))
+    values = {
+      "train/loss": mean("train/loss"),
+      "train/kl": mean("train/kl"),
+      "train/clip_fraction": mean("train/clip_fraction"),
+      "train/ratio": mean("train/ratio"),
+      # The sampler's log-probs against the train step's, before any update of this batch.
+      "train/logprob_diff_max": float(first["train/logprob_diff_max"]),
+      "train/grad_norm": float(last["train/grad_norm"]),
+      "train/learning_rate": float(last["train/learning_rate"]),
+      "train/skipped": float(sum(m["train/skipped"] for m in step_metrics)),
+      "rl/reward": float(np.mean(total)),
+      "rl/reward_std": float(np.std(total)),
+      "rl/advantage_mean": float(np.mean(advantages)),
+      "rl/advantage_std": float(np.std(advantages)),
+      "rl/advantage_max_abs": float(np.max(np.abs(advantages))),
+      "rl/completion_tokens": float(np.mean([len(t) for t in done.tokens])),
+    }
+    for name, key in zip(self.names, self.rewards.names, strict=True):
+      values[f"rl/rewards/{name}/mean"] = float(np.mean(scores[key]))
+      values[f"rl/rewards/{name}/std"] = float(np.std(scores[key]))
+    return values
+
+  def evaluate(self, params) -> dict[str, float]:
+    """Greedy completions of the held-out prompts: their mean reward, per function and total."""
+    held_out = self.held_out
+    limit = self.rl.eval_limit or len(held_out)
+    rows = list(range(min(limit, len(held_out))))
+    done = rollout.sample(
+      self.engine,
+      params,
+      held_out,
+      rows,
+      group_size=1,
+      max_new_tokens=self.rl.max_new_tokens,
+      sampling=Sampling(temperature=0.0),
+      seed=0,
+      tokenizer=self.tokenizer,
+      with_logps=False,
+    )
+    scores, total = self.score(held_out, done)
+    values = {"eval/reward": float(np.mean(total))}
+    for name, key in zip(self.names, self.rewards.names, strict=True):
+      values[f"eval/rewards/{name}"] = float(np.mean(scores[key]))
+    return values
+
+
+def _put(array: np.ndarray, sharding) -> jax.Array:
+  # Every process built the same global batch (rewards need every completion); each places
+  # only its addressable shards.
+  return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+
+def _due(step: int, every: int, total: int) -> bool:
+  return step == total or (every > 0 and step % every == 0)
+
+
+def _brief(values: dict[str, float]) -> str:
+  keys = ("rl/reward", "eval/reward", "train/loss", "train/kl", "train/logprob_diff_max")
+  return ", ".join(f"{k} {values[k]:.4g}" for k in keys if k in values)
