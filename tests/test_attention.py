@@ -39,8 +39,9 @@ def test_blocked_attention_equals_whole_rows_on_packed_rows(block):
       jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, tokens[..., None], -1)[..., 0]
     )
 
-  ref, ref_grads = jax.value_and_grad(lambda p: loss(graphdef, p))(params)
-  got, grads = jax.value_and_grad(lambda p: loss(blocked_def, p))(params)
+  # Jitted: op by op, the blocked graph's many small ops took minutes on two cores.
+  ref, ref_grads = jax.jit(jax.value_and_grad(lambda p: loss(graphdef, p)))(params)
+  got, grads = jax.jit(jax.value_and_grad(lambda p: loss(blocked_def, p)))(params)
   np.testing.assert_allclose(float(got), float(ref), rtol=1e-6)
   for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
