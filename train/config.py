@@ -30,6 +30,7 @@ from train import state as state_lib
 from train.cluster import mesh as mesh_lib
 from train.inference import tasks as task_index
 from train.meter import hardware
+from train.rl import rewards
 
 SOURCE_PREFIXES = ("stdlib", "files:", "tfds:", "chat:", "prefs:")
 
@@ -232,8 +233,6 @@ def _check_objective(config) -> None:
 
 def _check_rl(config) -> None:
   """The rl group of a GRPO run (python -m train.rl): files, reward functions, sizes, ranges."""
-  from train.rl import rewards  # noqa: PLC0415 - imports the user's reward modules: GRPO only
-
   r, train = config.rl, config.train
   for key in ("prompts", "eval_prompts"):
     path = r[key]
