@@ -216,6 +216,13 @@ def get_config() -> ml_collections.ConfigDict:
   # run stops with the cause (docs/reliability.md).
   c.checkpoint.save_retries = 2
   c.checkpoint.save_timeout_s = 1200  # the longest one save may take, all processes together
+  # The local tier (docs/reliability.md): every local_every steps each process saves its own
+  # shards to local_dir (a RAM disk or local SSD of its host; "" = off) and sends a replica to
+  # one peer (local_replicas); a restart resumes from the newest step of either tier.
+  c.checkpoint.local_dir = ""
+  c.checkpoint.local_every = 25
+  c.checkpoint.local_keep = 2  # local steps kept per process (and per peer's replica)
+  c.checkpoint.local_replicas = 1  # 0: a replaced host restores from the persistent tier
   c.checkpoint.init_from = ""  # a new run's weights: "hf:<HF model dir>" | "loom:<workdir>[@step]"
 
   # --- log: what the loop reports.
@@ -237,6 +244,7 @@ def get_config() -> ml_collections.ConfigDict:
   # --- debug: fault injection for tests of the failure paths (train/faults.py); leave empty.
   c.debug = ml_collections.ConfigDict()
   c.debug.nan_steps = ()  # poison the batches at these data positions (1-based) with NaN weights
+  c.debug.kill_at_step = 0  # SIGKILL every process once step N's local save is complete
   c.debug.spike_steps = ()  # at these data positions, targets become the last id: a loss spike
 
   return c

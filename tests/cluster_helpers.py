@@ -59,11 +59,21 @@ def cluster_flags(port: int, processes: int, index: int) -> list[str]:
   ]
 
 
-def launch(workdir: str, processes: int, devices: int, cache_dir: str, timeout: float = 300):
-  """Runs ``python -m train`` as ``processes`` processes of ``devices`` fake CPU devices each.
+def launch(
+  workdir: str,
+  processes: int,
+  devices: int,
+  cache_dir: str,
+  timeout: float = 300,
+  extra: tuple[str, ...] = (),
+  expect: int = 0,
+):
+  """Runs ``python -m train`` as ``processes`` processes of ``devices`` fake CPU devices each,
+  with ``extra`` flags after the usual ones.
 
   Returns each process's combined output. Kills every process (and its children) on a failure
-  or when ``timeout`` runs out, so that a hung collective cannot hold the test suite.
+  (an exit code other than ``expect``) or when ``timeout`` runs out, so that a hung collective
+  cannot hold the test suite.
   """
   port = free_port()
   env = process_env(devices)
@@ -72,7 +82,7 @@ def launch(workdir: str, processes: int, devices: int, cache_dir: str, timeout: 
     for i in range(processes):
       cluster = cluster_flags(port, processes, i) if processes > 1 else []
       cmd = [sys.executable, "-m", "train", f"--workdir={workdir}", "--config=configs/tiny.py"]
-      cmd += [*overrides(cache_dir), *cluster]
+      cmd += [*overrides(cache_dir), *extra, *cluster]
       paths.append(f"{workdir}.{processes}x{devices}.{i}.log")
       with open(paths[-1], "w") as log:  # the child keeps its own copy of the descriptor
         procs.append(
@@ -82,7 +92,7 @@ def launch(workdir: str, processes: int, devices: int, cache_dir: str, timeout: 
         )
     deadline = time.monotonic() + timeout
     while any(p.poll() is None for p in procs):
-      failed = [p.returncode for p in procs if p.returncode not in (None, 0)]
+      failed = [p.returncode for p in procs if p.returncode not in (None, expect)]
       if failed or time.monotonic() > deadline:
         break
       time.sleep(0.5)
@@ -96,7 +106,7 @@ def launch(workdir: str, processes: int, devices: int, cache_dir: str, timeout: 
     with open(path) as f:
       outputs.append(f.read())
   codes = [p.returncode for p in procs]
-  assert codes == [0] * processes, (
+  assert codes == [expect] * processes, (
     f"{processes} × {devices}: exit codes {codes} (negative = killed after {timeout}s)\n"
     + "\n".join(f"--- process {i}:\n{out[-3000:]}" for i, out in enumerate(outputs))
   )

@@ -136,10 +136,26 @@ def _integers(config, keys: list[str], minimum: int, what: str) -> None:
       raise ConfigError(f"{key}={value!r} must be {what}")
 
 
+def _check_local_tier(checkpoint) -> None:
+  if not isinstance(checkpoint.local_dir, str):
+    raise ConfigError(f"checkpoint.local_dir={checkpoint.local_dir!r} must be a path (or '': off)")
+  if storage.is_remote(checkpoint.local_dir):
+    raise ConfigError(
+      f"checkpoint.local_dir={checkpoint.local_dir!r} must be a path on each host's own disk "
+      "(a RAM disk such as /dev/shm/loom, or a local SSD): the object store is the persistent "
+      "tier (--workdir)"
+    )
+  if checkpoint.local_replicas not in (0, 1) or isinstance(checkpoint.local_replicas, bool):
+    raise ConfigError(
+      f"checkpoint.local_replicas={checkpoint.local_replicas!r} must be 0 (no replica) or 1 "
+      "(a copy of each process's shards on the next process)"
+    )
+
+
 def _check_train(config) -> None:
   positive = ["train.steps", "train.batch_size", "train.microbatches", "train.eval_batches"]
   positive += ["log.every", "checkpoint.max_to_keep", "data.seq_len", "train.max_consecutive_skips"]
-  positive += ["checkpoint.save_timeout_s"]
+  positive += ["checkpoint.save_timeout_s", "checkpoint.local_every", "checkpoint.local_keep"]
   _integers(config, positive, 1, "a positive integer")
   non_negative = [
     "train.eval_every",
@@ -150,6 +166,7 @@ def _check_train(config) -> None:
     "checkpoint.save_retries",
   ]
   _integers(config, non_negative, 0, "a non-negative integer (0 = off)")
+  _check_local_tier(config.checkpoint)
   chunk, seq_len = config.train.loss_chunk, config.data.seq_len
   if chunk > 0 and seq_len % chunk:
     raise ConfigError(

@@ -5,15 +5,20 @@ a batch's loss weights with NaN (its loss and gradients become non-finite), ``de
 turns every target into the last id, which the model has learned never to predict (a loss spike).
 Positions are 1-based data positions (step + data offset), so injected faults follow the data
 through rollbacks, as bad data would. The trainer wraps the batch iterator with ``inject``; the
-loop never sees the ``debug`` keys.
+loop never sees the ``debug`` keys. ``debug.kill_at_step`` kills the process (SIGKILL, as a
+lost host dies) once that step's local checkpoint is saved and replicated (``kill_after``).
 """
 
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+
+from input_pipeline.host import agreement
 
 Batch = dict[str, np.ndarray]
 
@@ -46,3 +51,17 @@ def inject(
       yield batch
 
   return faulty()
+
+
+def kill_after(tier: Any, step: int) -> None:
+  """Makes ``tier`` (a LocalTier) SIGKILL this process once its save of ``step`` is complete."""
+  save = tier.save
+
+  def save_then_kill(number: int, state: Any, metadata: dict) -> None:
+    save(number, state, metadata)
+    if number == step:
+      tier.wait()
+      agreement.barrier(f"kill-at-{step}")  # every process's save (and replica) is complete
+      os.kill(os.getpid(), signal.SIGKILL)
+
+  tier.save = save_then_kill

@@ -89,7 +89,9 @@ class _Loop:
       eval_due = _due(step_number, self.config.train.eval_every, self.total)
       stop = self.watcher.should_stop(step_number)
       save_due = stop or _due(step_number, self.config.checkpoint.every, self.total)
-      if eval_due or save_due:
+      local = self.ckpt.local
+      local_due = local is not None and not save_due and local.due(step_number)
+      if eval_due or save_due or local_due:
         self.flush()  # the health checks of the last step come before evals and saves
       if self.rolled_back:
         continue  # the state and the data position now come from the checkpoint
@@ -100,6 +102,10 @@ class _Loop:
         with self.meter.phase("checkpoint"):
           self.writer.flush()  # every line up to this checkpoint is durable before it exists
           self.ckpt.save(step_number, self.state, self.metadata)
+      elif local_due:
+        with self.meter.phase("checkpoint"):  # the copy to host memory; the writes go on beside
+          self.writer.flush()  # a restart from this step finds every line up to it
+          local.save(step_number, self.state, self.metadata)
       if stop:
         with self.meter.phase("checkpoint"):
           self.ckpt.wait(last=True)
@@ -210,6 +216,8 @@ class _Loop:
     self.latest = None
     self.health, self.skips_seen = self.new_health(), 0
     self.state = self.ckpt.restore(latest, self.run.spec.abstract)
+    if self.ckpt.local is not None:
+      self.ckpt.local.discard_after(latest)  # the steps after it are another trajectory now
     plan = health.plan_rollback(
       spike_step, latest, int(jax.device_get(self.state["data_offset"])), self.step_index + 1
     )

@@ -20,12 +20,13 @@ import numpy as np
 
 import input_pipeline
 import models
-from input_pipeline.host import settings, storage
+from input_pipeline.host import agreement, settings, storage
 from models import attention
 from models.config import ModelConfig
 from train import config as config_lib
 from train import faults, init_from, loop, metrics_writer
 from train import state as state_lib
+from train.checkpoint import local_files, local_tier
 from train.checkpoint import manager as checkpoint_lib
 from train.cluster import mesh as mesh_lib
 from train.cluster.preemption import PreemptionWatcher
@@ -162,8 +163,37 @@ def run_metadata(run: Run) -> dict[str, Any]:
   }
 
 
+def open_checkpoints(run: Run, watcher: PreemptionWatcher, *, local: bool = True):
+  """The run's checkpoints: the persistent tier under ``WORKDIR/checkpoints`` and, with
+  ``checkpoint.local_dir`` (and ``local``), the local tier beside it."""
+  config = run.config.checkpoint
+  ckpt = checkpoint_lib.Checkpointer(
+    os.path.join(run.workdir, "checkpoints"),
+    max_to_keep=config.max_to_keep,
+    async_save=config.async_save,
+    compress=config.compress,
+    save_timeout_s=config.save_timeout_s,
+    save_retries=config.save_retries,
+    stop_requested=watcher.noticed,
+  )
+  if config.local_dir and not local:
+    log.warning("checkpoint.local_dir is not used by this command: persistent checkpoints only")
+  elif config.local_dir:
+    ckpt.local = local_tier.LocalTier(
+      config.local_dir,
+      local_tier.run_id(run.workdir),
+      every=config.local_every,
+      keep=config.local_keep,
+      replicas=config.local_replicas,
+      signature=local_files.layout_signature(run.spec.abstract),
+    )
+    if run.config.debug.kill_at_step:
+      faults.kill_after(ckpt.local, run.config.debug.kill_at_step)
+  return ckpt
+
+
 def restore_or_init(run: Run, ckpt: checkpoint_lib.Checkpointer) -> tuple[Any, int]:
-  """The newest good checkpoint of this workdir, or a freshly initialised state."""
+  """The newest good checkpoint of this workdir in either tier, or a freshly initialised state."""
 
   def check_metadata(saved: dict[str, Any]) -> None:
     if saved.get("kind") == "params":
@@ -181,6 +211,25 @@ def restore_or_init(run: Run, ckpt: checkpoint_lib.Checkpointer) -> tuple[Any, i
     for problem in problems:
       log.warning("resuming despite a mismatch (checkpoint.allow_mismatch): %s", problem)
 
+  if ckpt.local is not None:
+    with run.meter.phase("checkpoint"):
+      persistent = ckpt.all_steps()
+      newest = agreement.from_main("persistent-latest", str(max(persistent, default=-1)))
+      restored = ckpt.local.restore_newest(
+        run.spec.abstract, newer_than=int(newest), check_metadata=check_metadata
+      )
+    if restored is not None:
+      step, state, how = restored
+      ckpt.restored_from = {"tier": "local", "step": step, **how}
+      log.info(
+        "resumed from the local tier (%s) at step %d%s",
+        ckpt.local.root,
+        step,
+        f"; the shards of processes {how['from_peers']} from their peers' replicas"
+        if how["from_peers"]
+        else "",
+      )
+      return state, step
   with run.meter.phase("checkpoint"):
     restored = ckpt.restore_latest_good(
       run.spec.abstract,
@@ -203,6 +252,9 @@ def restore_or_init(run: Run, ckpt: checkpoint_lib.Checkpointer) -> tuple[Any, i
     )
     return state, 0
   step, state = restored
+  ckpt.restored_from = {"tier": "persistent", "step": step}
+  if ckpt.local is not None:
+    ckpt.local.discard_after(step)  # incomplete local steps past it: the run saves them again
   log.info("resumed from %s at step %d", ckpt.directory, step)
   return state, step
 
@@ -249,15 +301,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   settings.apply()
   run = setup(config, workdir)
   watcher = PreemptionWatcher()
-  ckpt = checkpoint_lib.Checkpointer(
-    os.path.join(run.workdir, "checkpoints"),
-    max_to_keep=config.checkpoint.max_to_keep,
-    async_save=config.checkpoint.async_save,
-    compress=config.checkpoint.compress,
-    save_timeout_s=config.checkpoint.save_timeout_s,
-    save_retries=config.checkpoint.save_retries,
-    stop_requested=watcher.noticed,
-  )
+  ckpt = open_checkpoints(run, watcher)
   try:
     with run.meter.phase("restore_or_init"):  # checksum verification included
       state, start_step = restore_or_init(run, ckpt)  # may refuse a checkpoint of another run
@@ -295,6 +339,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # Hashing the checkpoints ran on the sealing thread, beside the steps (not in "checkpoint").
   summary["checkpoint_seal_s"] = round(ckpt.seal_seconds, 3)
   summary["checkpoint_retried_saves"] = ckpt.retried_saves
+  summary["restored_from"] = ckpt.restored_from
+  if ckpt.local is not None:
+    stats = ckpt.local.stats
+    summary["local_tier"] = {
+      k: round(v, 3) if isinstance(v, float) else v for k, v in stats.items()
+    }
+    summary["local_tier"]["enabled"] = ckpt.local.enabled
   report = write_report(run, summary)
   writer.finish(report)
   return report

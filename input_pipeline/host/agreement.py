@@ -40,6 +40,14 @@ def _client():
   return distributed.global_state.client
 
 
+def coordinator_host() -> str:
+  """The host part of the coordination service's address (127.0.0.1 without a cluster)."""
+  from jax._src import distributed  # noqa: PLC0415 - private module, imported where used
+
+  address = distributed.global_state.coordinator_address or "127.0.0.1:0"
+  return address.rsplit(":", 1)[0].strip("[]")
+
+
 def _multi() -> bool:
   return jax.process_count() > 1 and _client() is not None
 

@@ -26,6 +26,7 @@ from input_pipeline.host.command import EXIT_IO, EXIT_PREEMPTED, LoomError
 from models.config import ModelConfig
 from train.checkpoint import save_outcome
 from train.checkpoint.integrity import is_sealed, num_parts, parts_for, seal, verify
+from train.checkpoint.local_tier import LocalTier
 
 log = logging.getLogger("loom")
 
@@ -120,6 +121,8 @@ class Checkpointer:
     self._abandoned = False  # a hung save was given up: its threads must not be waited for
     self.failed_saves = 0  # failed saves in a row (reset by a sealed one)
     self.retried_saves = 0  # failed saves that a later save replaced
+    self.local: LocalTier | None = None  # the local tier (local_tier.py), when configured
+    self.restored_from: dict[str, Any] = {"tier": "none"}  # where the run's state came from
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -290,6 +293,8 @@ class Checkpointer:
   def wait_on_error(self, timeout_s: float = 30.0) -> None:
     """On the way out of another error: lets this process's save end (within ``timeout_s``),
     never waits for the other processes and never raises (the error in flight is the news)."""
+    if self.local is not None:
+      self.local.wait()
     if self._sealer is None:
       return
     self._sealer.join(timeout_s)
@@ -407,6 +412,8 @@ class Checkpointer:
       failures.append(reason)
 
   def close(self) -> None:
+    if self.local is not None:
+      self.local.close()
     if self._abandoned or self._failed or self.failed_saves:
       # Orbax's threads of a given-up save may still be running (never wait for them), and a
       # failed one would be raised and logged again; the process is ending with its error.

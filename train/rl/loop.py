@@ -18,7 +18,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import time
 from typing import Any
 
@@ -30,7 +29,6 @@ from input_pipeline import tokenizers
 from input_pipeline.host import settings, storage
 from train import config as config_lib
 from train import init_from, metrics_writer, trainer
-from train.checkpoint import manager as checkpoint_lib
 from train.cluster.preemption import PreemptionWatcher
 from train.grpo import group_advantages
 from train.inference.engine import Engine
@@ -89,15 +87,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     meter=compiled.meter,
   )
   watcher = PreemptionWatcher()
-  ckpt = checkpoint_lib.Checkpointer(
-    os.path.join(workdir, "checkpoints"),
-    max_to_keep=config.checkpoint.max_to_keep,
-    async_save=config.checkpoint.async_save,
-    compress=config.checkpoint.compress,
-    save_timeout_s=config.checkpoint.save_timeout_s,
-    save_retries=config.checkpoint.save_retries,
-    stop_requested=watcher.noticed,
-  )
+  ckpt = trainer.open_checkpoints(run, watcher, local=False)  # GRPO saves the persistent tier
   try:
     state, start_step = trainer.restore_or_init(run, ckpt)
     if run.is_main:

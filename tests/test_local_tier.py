@@ -1,0 +1,122 @@
+"""The local checkpoint tier (train/checkpoint/local_tier.py): real processes killed between
+persistent saves resume from their local disks, from a peer's replica when a host comes back
+empty, from the persistent tier when both copies of a shard are gone; bit for bit each time."""
+
+import json
+import os
+import shutil
+
+import pytest
+from cli_helpers import train_in_process
+from cluster_helpers import launch, losses
+
+from train.checkpoint import local_files
+
+
+def _local_flags(local, *more) -> tuple[str, ...]:
+  return (f"--config.checkpoint.local_dir={local}", "--config.checkpoint.local_every=2", *more)
+
+
+def _steps(path) -> list[int]:
+  return local_files.steps(path)
+
+
+def _report(workdir) -> dict:
+  with open(os.path.join(workdir, "report.json")) as f:
+    return json.load(f)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_two_processes_killed_resume_from_local_disks_and_a_peers_replica(
+  two_process_run, tmp_path, cache_dir
+):
+  reference = losses(two_process_run[0])  # the same 2 × 4 run, never interrupted
+  workdir, local = str(tmp_path / "run"), tmp_path / "local"
+  flags = _local_flags(local, "--config.checkpoint.every=0")  # persistent only at the end
+  launch(workdir, 2, 4, cache_dir, extra=(*flags, "--config.debug.kill_at_step=8"), expect=-9)
+  for p in (0, 1):  # each process's own steps, and a replica of each on the other
+    assert _steps(local / f"process_{p}" / "own") == [6, 8]
+    assert _steps(local / f"process_{p}" / f"replica_of_{1 - p}") == [6, 8]
+  assert not os.path.exists(os.path.join(workdir, "checkpoints", "8"))
+
+  # Process 1's host is replaced (its local disk comes back empty), and process 0's own copy of
+  # step 8 is corrupt: step 8 has no sound copy of process 0's shards left (their replica was on
+  # the lost host), so the run resumes from step 6, process 1's shards from process 0's replica.
+  shutil.rmtree(local / "process_1")
+  with open(local / "process_0" / "own" / "step_8" / local_files.DATA, "r+b") as f:
+    f.seek(100)
+    byte = f.read(1)
+    f.seek(100)
+    f.write(bytes([byte[0] ^ 0xFF]))
+  outputs = launch(workdir, 2, 4, cache_dir, extra=flags)
+  assert "resumed from the local tier" in outputs[0] and "at step 6" in outputs[0], outputs[0]
+  report = _report(workdir)
+  restored = report["restored_from"]
+  assert (restored["tier"], restored["step"], restored["from_peers"]) == ("local", 6, [1])
+  assert "step_8" in restored["quarantined"][0]
+  assert len(os.listdir(local / "process_0" / "corrupt")) == 1  # moved aside, never deleted
+  # Bit for bit the uninterrupted run; 2 steps redone where the persistent tier alone (nothing
+  # saved before the end) would have redone all 8.
+  assert losses(workdir) == reference
+  assert report["goodput"]["redone_steps"] == 2
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_four_processes_a_lost_shard_falls_back_to_the_persistent_tier(tmp_path, cache_dir):
+  """Killed at step 6 (persistent step 4, local steps 2 and 6). One copy: a host replaced, its
+  shards from its peer; the other copy: both copies of one process's shards gone, the persistent
+  tier. Both resumes give the same losses, bit for bit, the local one redoing fewer steps."""
+  flags = _local_flags(tmp_path / "local", "--config.checkpoint.every=4", "--config.train.steps=10")
+  workdir = str(tmp_path / "run")
+  launch(workdir, 4, 1, cache_dir, extra=(*flags, "--config.debug.kill_at_step=6"), expect=-9)
+  assert _steps(tmp_path / "local" / "process_3" / "own") == [2, 6]
+  shutil.copytree(workdir, tmp_path / "other")
+  shutil.copytree(tmp_path / "local", tmp_path / "other_local")
+
+  shutil.rmtree(tmp_path / "local" / "process_1")  # its replica is on process 2
+  launch(workdir, 4, 1, cache_dir, extra=flags)
+  shutil.rmtree(tmp_path / "other_local" / "process_2" / "own")
+  shutil.rmtree(tmp_path / "other_local" / "process_3" / "replica_of_2")
+  other = str(tmp_path / "other")
+  other_flags = _local_flags(tmp_path / "other_local", *flags[2:])
+  outputs = launch(other, 4, 1, cache_dir, extra=other_flags)
+  assert "at step 4" in outputs[0] and "local tier" not in outputs[0].split("resumed")[1][:40]
+
+  local, persistent = _report(workdir), _report(other)
+  assert local["restored_from"] == {
+    "tier": "local",
+    "step": 6,
+    "from_peers": [1],
+    "quarantined": [],
+  }
+  assert persistent["restored_from"] == {"tier": "persistent", "step": 4}
+  assert losses(workdir) == losses(other)
+  assert sorted(losses(workdir)) == list(range(1, 11))
+  assert (local["goodput"]["redone_steps"], persistent["goodput"]["redone_steps"]) == (0, 2)
+
+
+def test_a_full_local_disk_turns_the_tier_off_with_a_warning(tmp_path, cache_dir, caplog):
+  import subprocess
+
+  mount = tmp_path / "small_disk"
+  mount.mkdir()
+  made = subprocess.run(
+    ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True, text=True
+  )
+  assert made.returncode == 0, f"tmpfs mount needs root: {made.stderr}"
+  try:
+    free = os.statvfs(mount).f_bavail * os.statvfs(mount).f_frsize
+    with open(mount / "filler", "wb") as f:
+      f.write(b"\0" * (free - 200_000))  # less than two steps of the tiny model's state
+    overrides = {"train.steps": 6, "checkpoint.local_dir": str(mount / "local")}
+    overrides |= {"checkpoint.local_every": 2, "checkpoint.every": 0, "train.eval_every": 0}
+    with caplog.at_level("WARNING", logger="loom"):
+      report = train_in_process(tmp_path / "run", cache_dir, overrides)
+    assert "local checkpoint tier off" in caplog.text and "MB free" in caplog.text
+    assert report["local_tier"]["enabled"] is False and report["local_tier"]["saves"] == 0
+    assert report["steps"] == 6.0  # training went on; the persistent tier saved the end
+    assert os.path.isdir(tmp_path / "run" / "checkpoints" / "6")
+  finally:
+    subprocess.run(["umount", "-l", str(mount)], check=False)
