@@ -298,7 +298,8 @@ def test_metrics_file_drops_torn_and_future_lines_on_resume(tmp_path):
 
 @pytest.mark.slow
 def test_chaos_sigkill_at_random_moments(tmp_path, cache_dir):
-  """10 SIGKILLs during training and saves; the final run equals the uninterrupted one."""
+  """10 SIGKILLs during training and saves of both checkpoint tiers; the final run equals the
+  uninterrupted one (which saves only persistent checkpoints)."""
   # 40 steps leave room for 10 kills; saves every 2 steps so that kills land mid-save too.
   total_steps = 40
   overrides = (
@@ -310,12 +311,15 @@ def test_chaos_sigkill_at_random_moments(tmp_path, cache_dir):
   result = run_train(reference, *overrides, cache_dir=cache_dir)
   assert result.returncode == 0, result.stderr[-3000:]
   workdir = str(tmp_path / "chaos")
+  # The local tier saves the odd steps (the persistent tier the even ones).
+  local = (f"--config.checkpoint.local_dir={tmp_path / 'local'}",)
+  local += ("--config.checkpoint.local_every=1",)
   rng = random.Random(0)
-  kills = mid_save = attempts = 0
+  kills = mid_save = attempts = local_resumes = 0
   while kills < 10 and attempts < 20:
     attempts += 1
     process = subprocess.Popen(
-      train_command(workdir, *overrides, cache_dir=cache_dir),
+      train_command(workdir, *overrides, *local, cache_dir=cache_dir),
       cwd=REPO,
       env=train_env(),
       stdout=subprocess.DEVNULL,
@@ -337,13 +341,18 @@ def test_chaos_sigkill_at_random_moments(tmp_path, cache_dir):
         process.kill()
         kills += 1
         mid_save += bool(glob.glob(os.path.join(workdir, "checkpoints", "*tmp*")))
+        mid_save += bool(glob.glob(str(tmp_path / "local" / "process_0" / "own" / "tmp-*")))
     finally:
       process.kill()
-      process.wait()
-  result = run_train(workdir, *overrides, cache_dir=cache_dir)
+      local_resumes += "resumed from the local tier" in process.communicate()[1]
+  result = run_train(workdir, *overrides, *local, cache_dir=cache_dir)
   assert result.returncode == 0, result.stderr[-3000:]
-  print(f"chaos: {kills} kills survived, {mid_save} while a save was in progress")
-  assert kills >= 10
+  local_resumes += "resumed from the local tier" in result.stderr
+  print(
+    f"chaos: {kills} kills survived, {mid_save} while a save was in progress; {local_resumes} "
+    "restarts resumed from the local tier"
+  )
+  assert kills >= 10 and local_resumes >= 1
   records = read_metrics(workdir)
   steps = [r["step"] for r in records if "train/loss" in r]
   assert steps == sorted(set(steps)), "duplicated or torn metric lines"
