@@ -66,6 +66,24 @@ def test_analytic_plan_is_self_consistent():
   assert result["energy_kwh"] == pytest.approx(64 * 300 * hours / 1000 * config.meter.pue)
   # 8B params × (4 bytes + Adam's 8) over 64 chips is a floor for the state alone.
   assert result["memory_per_chip_bytes"] > 8.0e9 * 12 / 64
+  # A failure costs half a save interval plus the restore; the local tier makes it small.
+  losses = result["checkpoints"]
+  per_host = losses["state_bytes_per_host"]
+  assert per_host == 4 * result["analytic_memory_per_chip_bytes"]["state"]  # 4 chips per host
+  persistent = losses["persistent"]
+  assert persistent["expected_loss_per_failure_s"] == pytest.approx(
+    500 * expected_step / 2 + per_host / plan_lib.DEFAULT_SAVE_RATES["persistent"]
+  )
+  assert "local" not in losses
+  config.checkpoint.local_dir, config.checkpoint.local_every = "/dev/shm/loom", 20
+  rates = {"local": 2e9, "persistent": 1e8}
+  both = plan_lib.plan(config, topology, use_compiler=False, save_rates=rates)["checkpoints"]
+  assert both["local"]["save_s"] == pytest.approx(per_host / 2e9)
+  assert both["local"]["expected_loss_per_failure_s"] == pytest.approx(
+    20 * both["local"]["interval_s"] / 20 / 2 + per_host / 2e9
+  )
+  local_loss = both["local"]["expected_loss_per_failure_s"]
+  assert local_loss < both["persistent"]["expected_loss_per_failure_s"] / 10
   # With the splash kernel and the chunked loss (the config's) it fits; at 2M tokens a step (4
   # rows of 8192 per chip) the fp32 logits and attention scores alone overflow a chip.
   assert result["fits"] is True

@@ -76,10 +76,31 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
     )
   if "moe" in result:
     lines.append(moe_line(result))
+  lines.append(checkpoint_line(result["checkpoints"]))
   for key in ("note", "memory_note", "flops_note", "compile_error"):
     if key in result:
       lines.append(f"{key.replace('_', ' ')}: {result[key]}")
   return lines
+
+
+def checkpoint_line(checkpoints: dict[str, Any]) -> str:
+  parts = []
+  for tier in ("local", "persistent"):
+    if tier not in checkpoints:
+      continue
+    c = checkpoints[tier]
+    if c["interval_s"] is None:
+      parts.append(f"{tier}: only at the end (a failure loses the run so far)")
+      continue
+    parts.append(
+      f"{tier} every {c['every_steps']} steps ({c['interval_s'] / 60:,.1f} min): save "
+      f"{c['save_s']:,.1f} s, ~{c['expected_loss_per_failure_s'] / 60:,.1f} min lost per failure"
+    )
+  return (
+    f"checkpoints ({_gib(checkpoints['state_bytes_per_host'])} of state per host): "
+    + "; ".join(parts)
+    + ("" if "local" in checkpoints else " (checkpoint.local_dir adds a local tier)")
+  )
 
 
 def low_precision_line(result: dict[str, Any]) -> str:
@@ -125,6 +146,16 @@ _TOKENS = flags.DEFINE_integer("tokens", 0, "Tokens to train (0 = train.steps ×
 _MFU = flags.DEFINE_float("mfu", 0.4, "Model FLOPs utilisation assumed for the times.")
 _SLICES = flags.DEFINE_integer("num_slices", 1, "Identical slices (GPU nodes) joined over DCN.")
 _ANALYTIC = flags.DEFINE_boolean("analytic", False, "Skip compilation; formulas only.")
+_LOCAL_GBPS = flags.DEFINE_float(
+  "local_save_gbps",
+  planning.DEFAULT_SAVE_RATES["local"] / 1e9,
+  "GB/s per host of a local-tier save (checkpoint.local_dir), for the lost time per failure.",
+)
+_PERSISTENT_GBPS = flags.DEFINE_float(
+  "persistent_save_gbps",
+  planning.DEFAULT_SAVE_RATES["persistent"] / 1e9,
+  "GB/s per host of a persistent save (the work directory), for the lost time per failure.",
+)
 
 USAGE = (
   "usage: python -m train.plan [--config FILE] --hardware v5p-128|h100:8|h100:8x4 [--tokens N] "
@@ -148,6 +179,7 @@ def main(argv: list[str]) -> int:
     tokens=_TOKENS.value or None,
     mfu=_MFU.value,
     use_compiler=not _ANALYTIC.value,
+    save_rates={"local": _LOCAL_GBPS.value * 1e9, "persistent": _PERSISTENT_GBPS.value * 1e9},
   )
   for line in summary_lines(result):
     print(line)

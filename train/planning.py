@@ -373,8 +373,11 @@ def plan(
   tokens: int | None = None,
   mfu: float = 0.4,
   use_compiler: bool = True,
+  save_rates: dict[str, float] | None = None,
 ) -> dict[str, Any]:
-  """The plan as a dict (the JSON ``train.plan`` prints)."""
+  """The plan as a dict (the JSON ``train.plan`` prints). ``save_rates``: bytes/s per host of a
+  save to each checkpoint tier (``checkpoint_losses``)."""
+  save_rates = save_rates or DEFAULT_SAVE_RATES
   if not 0 < mfu <= 1:
     raise ValueError(f"--mfu={mfu} must be in (0, 1]")
   setting = config.model.moe.dispatch
@@ -431,7 +434,45 @@ def plan(
         f"XLA's cost analysis {' and '.join(undercounts)}: flops_per_step_compiled undercounts"
       )
   result.update(_time_and_energy(config, model_cfg, topology, tokens, mfu))
+  result["checkpoints"] = checkpoint_losses(
+    config, estimate["state"] * chips_per_host(topology), result["step_time_s"], save_rates
+  )
   return result
+
+
+# Bytes/s per host of a save, measured on a 2-core dev machine (docs/reliability.md): the local
+# tier to a RAM disk, the persistent tier (Orbax, sealed) to a local disk. An object store's rate
+# is the user's to give (--persistent_save_gbps), from a run's report.json.
+DEFAULT_SAVE_RATES = {"local": 1.0e9, "persistent": 0.7e9}
+
+
+def chips_per_host(topology) -> int:
+  return getattr(topology, "gpus_per_node", None) or math.prod(topology.chips_per_host_bounds)
+
+
+def checkpoint_losses(
+  config: ml_collections.ConfigDict, state_bytes_per_host: int, step_time_s: float, rates
+) -> dict[str, Any]:
+  """What a failure costs with each checkpoint tier: half a save interval of steps redone on
+  average, plus the restore (read at the save's rate); and a save's time per host.
+
+  ``rates`` are bytes/s per host for the "local" and "persistent" tiers (the plan's flags;
+  measured ones from a run's report.json: ``local_tier``'s bytes over its write seconds)."""
+  tiers = {"persistent": config.checkpoint.every}
+  if config.checkpoint.local_dir:
+    tiers["local"] = config.checkpoint.local_every
+  out: dict[str, Any] = {"state_bytes_per_host": state_bytes_per_host}
+  for tier, every in tiers.items():
+    save_s = state_bytes_per_host / rates[tier]
+    interval_s = every * step_time_s if every else None
+    out[tier] = {
+      "every_steps": every,
+      "save_s": save_s,
+      "interval_s": interval_s,
+      # A failure lands anywhere in the interval: half of it redone, plus the restore.
+      "expected_loss_per_failure_s": (interval_s / 2 + save_s) if interval_s else None,
+    }
+  return out
 
 
 def preallocation_note(memory: int, hbm: int) -> str | None:
