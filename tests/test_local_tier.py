@@ -59,7 +59,7 @@ def test_two_processes_killed_resume_from_local_disks_and_a_peers_replica(
   # Bit for bit the uninterrupted run; 2 steps redone where the persistent tier alone (nothing
   # saved before the end) would have redone all 8.
   assert losses(workdir) == reference
-  assert report["goodput"]["redone_steps"] == 2
+  assert (report["goodput"]["redone_steps"], report["goodput"]["restored_from"]) == (2, "local")
 
 
 @pytest.mark.multiprocess

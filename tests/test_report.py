@@ -97,6 +97,9 @@ def test_the_wall_time_bar_shows_productive_steps_then_the_largest_losses(tmp_pa
     ("compile", 2.0),
   ]
   assert report.wall_split(None) == [] and report.wall_split({"wall_time_s": 3.0}) == []
+  restarted = {"goodput": {"restored_from": "local", "restarted_from_step": 6, "redone_steps": 2}}
+  assert report.restart_note(restarted) == "resumed from the local tier at step 6, 2 steps redone"
+  assert report.restart_note({"goodput": goodput}) == "" and report.restart_note(None) == ""
   _write_run(tmp_path)
   with_bar = json.loads((tmp_path / "report.json").read_text()) | {"goodput": goodput}
   (tmp_path / "report.json").write_text(json.dumps(with_bar))

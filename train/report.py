@@ -72,7 +72,20 @@ def wall_split(report: dict[str, Any] | None) -> list[tuple[str, float]]:
   return parts
 
 
-def _draw_wall_bar(ax, parts: list[tuple[str, float]]) -> None:
+def restart_note(report: dict[str, Any] | None) -> str:
+  """Where this attempt's state came from and what that cost, e.g. "resumed from the local tier
+  at step 6, 2 steps redone"; "" for a fresh start."""
+  goodput = (report or {}).get("goodput") or {}
+  tier = goodput.get("restored_from", "none")
+  if tier == "none":
+    return ""
+  return (
+    f"resumed from the {tier} tier at step {goodput.get('restarted_from_step', 0)}, "
+    f"{goodput.get('redone_steps', 0)} steps redone"
+  )
+
+
+def _draw_wall_bar(ax, parts: list[tuple[str, float]], note: str = "") -> None:
   total = sum(seconds for _, seconds in parts) or 1.0
   left = 0.0
   colors = ["tab:green", "tab:orange", "tab:blue", "tab:red", "tab:purple", "tab:brown"]
@@ -84,7 +97,10 @@ def _draw_wall_bar(ax, parts: list[tuple[str, float]]) -> None:
       ax.text(left + share / 2, 0, f"{share:.0%}", ha="center", va="center", fontsize=8)
     left += share
   ax.set(xlim=(0, 1), yticks=[], xticks=[])
-  ax.set_title(f"Where the {total:.1f} s of wall time went (report.json goodput)")
+  ax.set_title(
+    f"Where the {total:.1f} s of wall time went (report.json goodput)"
+    + (f"\n{note}" if note else "")
+  )
   ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=3, fontsize=7, frameon=False)
 
 
@@ -138,7 +154,7 @@ def render(workdir: str, out_path: str | None = None) -> str:
   panel.axis("off")
   parts = wall_split(report)
   if parts:
-    _draw_wall_bar(panel.inset_axes([0.0, 0.82, 1.0, 0.1]), parts)
+    _draw_wall_bar(panel.inset_axes([0.0, 0.82, 1.0, 0.1]), parts, restart_note(report))
   panel.text(
     0.0,
     0.52 if parts else 1.0,

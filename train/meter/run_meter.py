@@ -164,6 +164,8 @@ def goodput(report: dict[str, Any], tokens_per_step: int) -> dict[str, Any]:
     "lost_s": lost,
     "redone_steps": redone,
     "restarted_from_step": report.get("restarted_from_step", 0),
+    # Which checkpoint tier the restart came from ("local", "persistent"; "none": a fresh start).
+    "restored_from": report.get("restored_from", {}).get("tier", "none"),
   }
 
 
@@ -207,6 +209,11 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
       f"meter: goodput {g['goodput']:.1%} (productive steps {g['productive_s']:.1f} s of "
       f"{g['wall_s']:.1f} s wall; most lost to "
       + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in worst)
-      + f"; {g['redone_steps']} steps redone)"
+      + f"; {g['redone_steps']} steps redone"
+      + (
+        f" after resuming from the {g['restored_from']} tier at step {g['restarted_from_step']})"
+        if g.get("restored_from", "none") != "none"
+        else ")"
+      )
     )
   return lines
