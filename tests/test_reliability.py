@@ -4,6 +4,7 @@ import glob
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -316,8 +317,29 @@ def test_chaos_sigkill_at_random_moments(tmp_path, cache_dir):
   local += ("--config.checkpoint.local_every=1",)
   rng = random.Random(0)
   kills = mid_save = attempts = local_resumes = 0
+  redone = {"both tiers": 0, "persistent only": 0}  # steps each restart runs again
+
+  def count_redone(stderr: str, logged: int, persistent: int) -> None:
+    resumed = re.search(r"resumed from .* at step (\d+)", stderr)
+    if resumed and logged:
+      redone["both tiers"] += logged - int(resumed.group(1))
+      redone["persistent only"] += logged - persistent
+
+  def before_start() -> tuple[int, int]:
+    """(last logged step, newest persistent checkpoint) as a restart finds them."""
+    path, logged = os.path.join(workdir, "metrics.jsonl"), 0
+    if os.path.exists(path):
+      with open(path) as f:
+        for line in f:  # a line torn by the kill is skipped (the restart drops it too)
+          if '"train/loss"' in line and line.endswith("\n"):
+            logged = max(logged, json.loads(line)["step"])
+    saved = glob.glob(os.path.join(workdir, "checkpoints", "*"))
+    names = [os.path.basename(p) for p in saved]
+    return logged, max((int(n) for n in names if n.isdigit()), default=0)
+
   while kills < 10 and attempts < 20:
     attempts += 1
+    found = before_start()
     process = subprocess.Popen(
       train_command(workdir, *overrides, *local, cache_dir=cache_dir),
       cwd=REPO,
@@ -344,14 +366,19 @@ def test_chaos_sigkill_at_random_moments(tmp_path, cache_dir):
         mid_save += bool(glob.glob(str(tmp_path / "local" / "process_0" / "own" / "tmp-*")))
     finally:
       process.kill()
-      local_resumes += "resumed from the local tier" in process.communicate()[1]
+      stderr = process.communicate()[1]
+      local_resumes += "resumed from the local tier" in stderr
+      count_redone(stderr, *found)
+  found = before_start()
   result = run_train(workdir, *overrides, *local, cache_dir=cache_dir)
   assert result.returncode == 0, result.stderr[-3000:]
   local_resumes += "resumed from the local tier" in result.stderr
+  count_redone(result.stderr, *found)
   print(
     f"chaos: {kills} kills survived, {mid_save} while a save was in progress; {local_resumes} "
-    "restarts resumed from the local tier"
+    f"restarts resumed from the local tier; steps redone in all: {redone}"
   )
+  assert redone["both tiers"] < redone["persistent only"]
   assert kills >= 10 and local_resumes >= 1
   records = read_metrics(workdir)
   steps = [r["step"] for r in records if "train/loss" in r]
