@@ -502,9 +502,12 @@ def open_read_only(workdir: str) -> tuple[ocp.CheckpointManager, list[int]]:
   return manager, steps
 
 
-def restore_params(manager: ocp.CheckpointManager, step: int, abstract_params: Any) -> Any:
-  """Only the parameters of ``step`` (any subset of them), in ``abstract_params``' shardings."""
-  abstract = {"params": abstract_params}
+def restore_params(
+  manager: ocp.CheckpointManager, step: int, abstract_params: Any, item: str = "params"
+) -> Any:
+  """Only the parameters of ``step`` (any subset of them), in ``abstract_params``' shardings;
+  ``item="reference"``: a preference run's frozen reference weights instead."""
+  abstract = {item: abstract_params}
   restored = manager.restore(
     step,
     args=ocp.args.Composite(
@@ -515,4 +518,4 @@ def restore_params(manager: ocp.CheckpointManager, step: int, abstract_params: A
       )
     ),
   )
-  return restored["state"]["params"]
+  return restored["state"][item]

@@ -49,8 +49,11 @@ class Model:
   metadata: dict[str, Any] = dataclasses.field(default_factory=dict)  # the checkpoint's
 
 
-def load(workdir: str, step: int | None = None, *, mesh_config: Any = None) -> Model:
-  """Restores the params (only) of ``step`` (default: the latest) sharded on this host's mesh.
+def load(
+  workdir: str, step: int | None = None, *, mesh_config: Any = None, weights: str = "params"
+) -> Model:
+  """Restores the params (only) of ``step`` (default: the latest) sharded on this host's mesh;
+  ``weights="reference"``: the frozen reference a DPO run keeps (its starting weights).
 
   The mesh comes from the run's saved config unless ``mesh_config`` is given; if the saved sizes
   do not fit the devices here, all devices go to fsdp. The tokenizer is rebuilt from the saved
@@ -78,7 +81,7 @@ def load(workdir: str, step: int | None = None, *, mesh_config: Any = None) -> M
   mesh, rules = _mesh_for(config.mesh if mesh_config is None else mesh_config)
   # Only the params are restored: the optimizer's shape is irrelevant, identity has no state.
   spec = state_lib.state_spec(model_cfg, optax.identity(), mesh, rules, seed=config.seed)
-  params = manager.restore_params(ckpt_manager, step, spec.abstract["params"])
+  params = manager.restore_params(ckpt_manager, step, spec.abstract["params"], weights)
   ckpt_manager.close()
   engine = Engine(spec.graphdef, model_cfg, mesh, rules)
   return Model(
