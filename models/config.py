@@ -118,7 +118,7 @@ class ModelConfig:
   attention: str
   # Packed documents per row that cuDNN attention is compiled for (its ragged form's bound).
   max_segments: int
-  quant: str  # "none", "fp8" (tensorwise current scaling) or "int8" (per-channel)
+  quant: str  # "none", "fp8" (rowwise current scaling) or "int8" (per-channel)
   quant_emulation: bool  # the quant may run emulated where the chips have no such units
   init_std: float
   # Low-rank adapters: rank > 0 adds A·B·alpha/rank beside each targeted kernel; only adapters

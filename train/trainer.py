@@ -253,8 +253,6 @@ def restore_or_init(run: Run, ckpt: checkpoint_lib.Checkpointer) -> tuple[Any, i
     return state, 0
   step, state = restored
   ckpt.restored_from = {"tier": "persistent", "step": step}
-  if ckpt.local is not None:
-    ckpt.local.discard_after(step)  # incomplete local steps past it: the run saves them again
   log.info("resumed from %s at step %d", ckpt.directory, step)
   return state, step
 
@@ -305,6 +303,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   try:
     with run.meter.phase("restore_or_init"):  # checksum verification included
       state, start_step = restore_or_init(run, ckpt)  # may refuse a checkpoint of another run
+      if ckpt.local is not None:
+        ckpt.local.discard_after(start_step)  # local steps past it are saved again
     if run.is_main:
       storage.write_atomic(
         storage.absolute(run.workdir) / "config.json", run.config.to_json_best_effort(indent=2)

@@ -64,7 +64,17 @@ class LocalTier:
     self._space_checked = False
     self.stats = {"saves": 0, "blocking_s": 0.0, "write_s": 0.0, "replica_s": 0.0, "bytes": 0}
     self.stats["failed_saves"] = 0
-    self.dir.mkdir(parents=True, exist_ok=True)
+    try:
+      self.dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+      self.enabled = False  # restores still take part (and find nothing here)
+      log.warning(
+        "local checkpoint tier off on process %d: checkpoint.local_dir=%s cannot be made (%s); "
+        "training goes on with the persistent tier",
+        self.process,
+        root,
+        e,
+      )
     local_files.remove_unfinished(self.own)
     for held in self.dir.glob("replica_of_*"):
       local_files.remove_unfinished(held)
@@ -171,7 +181,9 @@ class LocalTier:
     )
 
   def discard_after(self, step: int) -> None:
-    """Removes local steps newer than ``step`` (a rollback made them another trajectory)."""
+    """Removes local steps newer than ``step``: after a restart from ``step`` the run saves them
+    again (left, an incomplete one would outlive newer saves in the pruning by age); after a
+    rollback they are another trajectory."""
     self.wait()
     for directory in [self.own, *self.dir.glob("replica_of_*")]:
       for newer in local_files.steps(directory):
@@ -238,7 +250,6 @@ class LocalTier:
         path = local_files.step_dir(self.own, step)
         check_metadata(local_files.read_manifest(path)["metadata"])
         state = load_state(path, abstract_state)
-        self.discard_after(step)  # newer, incomplete steps: this run saves them again
         fetched = [p for p, source in enumerate(sources) if source != p]
         return step, state, {"from_peers": fetched, "quarantined": quarantined}
       quarantined += [p for p in problems if p]
