@@ -82,6 +82,9 @@ def test_validate_names_each_bad_key():
     "log.sample_tokens": -1,
     "data.validation_percent": 100,
     "train.microbatches": 0,
+    "checkpoint.local_dir": "gs://bucket/local",  # the object store is the persistent tier
+    "checkpoint.local_replicas": 2,
+    "checkpoint.local_keep": 0,
   }
   for key, value in cases.items():
     config = tiny.get_config()

@@ -10,7 +10,30 @@ import pytest
 from cli_helpers import train_in_process
 from cluster_helpers import launch, losses
 
-from train.checkpoint import local_files
+from train.checkpoint import local_files, local_tier
+
+
+def _inventory(own, **held) -> dict:
+  return {"own": own, "held": {owner.removeprefix("of_"): steps for owner, steps in held.items()}}
+
+
+def test_the_newest_step_every_process_can_have_wins():
+  choose = local_tier._choose
+  # Both hold their own 6 and 8: 8, each from itself.
+  both = [_inventory([6, 8], of_1=[6, 8]), _inventory([6, 8], of_0=[6, 8])]
+  assert choose(both, newer_than=-1) == (8, [0, 1])
+  # Not newer than the persistent tier's latest: none.
+  assert choose(both, newer_than=8) is None
+  # Process 1 came back empty: its shards of 8 from process 0's replica.
+  assert choose([_inventory([6, 8], of_1=[6, 8]), _inventory([])], -1) == (8, [0, 0])
+  # Process 0's 8 is gone and its replica was on process 1, which lost everything: step 6 is
+  # not complete either (process 1's 6 only on process 0, process 0's 6 nowhere): none.
+  assert choose([_inventory([], of_1=[6, 8]), _inventory([])], -1) is None
+  # Four processes, ring replicas (p keeps p-1's): process 2 lost both copies of its 6.
+  four = [_inventory([2, 6], of_3=[2, 6]), _inventory([2, 6], of_0=[2, 6])]
+  four += [_inventory([2]), _inventory([2, 6], of_2=[2])]
+  assert choose(four, newer_than=-1) == (2, [0, 1, 2, 3])
+  assert choose(four, newer_than=4) is None
 
 
 def _local_flags(local, *more) -> tuple[str, ...]:
