@@ -76,6 +76,7 @@ def validate(
     raise ConfigError(str(e)) from e
   process_count = jax.process_count() if process_count is None else process_count
   _check_batch(config, mesh, rules, process_count)
+  _check_context(config, mesh, rules)
   _check_tensor_within_hosts(mesh.devices, mesh.axis_names)
   _check_model_on_mesh(model_cfg, mesh, rules)
   try:
@@ -380,6 +381,31 @@ def _check_batch(config, mesh: Mesh, rules, process_count: int) -> None:
     )
 
 
+def _check_context(config, mesh: Mesh, rules) -> None:
+  """A context axis splits each row's length, in the striped layout (models/context_parallel.py):
+  the row length must be a multiple of its size, and the rules must give it to a batch's
+  "length" (not to its "batch", whose rule would take it first)."""
+  batch_entry, length_entry = mesh_lib.partition_spec(("batch", "length"), rules)
+  batch_axes, axes = (
+    () if e is None else (e,) if isinstance(e, str) else tuple(e)
+    for e in (batch_entry, length_entry)
+  )
+  size = mesh.shape[mesh_lib.CONTEXT]
+  if size > 1 and mesh_lib.CONTEXT not in axes:
+    raise ConfigError(
+      f"mesh.context={size} but mesh.rules splits a batch's 'length' over {axes} (and its "
+      f"'batch' over {batch_axes}): map ('length', 'context') and keep 'context' out of the "
+      f"batch rule"
+    )
+  split = math.prod(mesh.shape[axis] for axis in axes)
+  seq_len = config.data.seq_len
+  if seq_len % split:
+    raise ConfigError(
+      f"data.seq_len={seq_len} is not divisible by {split}, the size of mesh axes {axes} that "
+      f"split each row ({mesh_lib.describe(mesh)}); use a multiple of {split}"
+    )
+
+
 def _check_tensor_within_hosts(devices: np.ndarray, axis_names: tuple[str, ...]) -> None:
   """Tensor parallelism exchanges activations at every layer: its axis must stay on one host's
   fast links, never cross the data-centre network between processes."""
@@ -447,6 +473,12 @@ def _check_divisible(path, leaf, mesh: Mesh) -> None:
     if axes is None:
       continue
     names = (axes,) if isinstance(axes, str) else tuple(axes)
+    if mesh_lib.CONTEXT in names and mesh.shape[mesh_lib.CONTEXT] > 1:
+      raise ConfigError(
+        f"parameter {jax.tree_util.keystr(path)} would be split over the context axis "
+        f"(mesh axes {names} on dimension {dim}; {mesh_lib.describe(mesh)}): the context axis "
+        f"splits activations' length only; map no parameter axis to 'context' in mesh.rules"
+      )
     ways = math.prod(mesh.shape[name] for name in names)
     if size % ways:
       raise ConfigError(
