@@ -78,6 +78,7 @@ def validate(
   _check_batch(config, mesh, rules, process_count)
   _check_context(config, mesh, rules)
   _check_tensor_within_hosts(mesh.devices, mesh.axis_names)
+  _check_context_within_hosts(mesh.devices, mesh.axis_names)
   _check_model_on_mesh(model_cfg, mesh, rules)
   try:
     hardware.check_quant(model_cfg.quant, model_cfg.quant_emulation, mesh.devices.flat[0])
@@ -406,21 +407,44 @@ def _check_context(config, mesh: Mesh, rules) -> None:
     )
 
 
-def _check_tensor_within_hosts(devices: np.ndarray, axis_names: tuple[str, ...]) -> None:
-  """Tensor parallelism exchanges activations at every layer: its axis must stay on one host's
-  fast links, never cross the data-centre network between processes."""
-  if mesh_lib.TENSOR not in axis_names:
-    return
-  groups = np.moveaxis(devices, axis_names.index(mesh_lib.TENSOR), -1)
+def _spanning_group(devices: np.ndarray, axis_names: tuple[str, ...], axis: str):
+  """The first group of devices along ``axis`` that spans processes: (its size, the owning
+  processes, the device ids), or None when every group stays within one process."""
+  if axis not in axis_names:
+    return None
+  groups = np.moveaxis(devices, axis_names.index(axis), -1)
   groups = groups.reshape(-1, groups.shape[-1])
   for group in groups:
     owners = sorted({device.process_index for device in group})
     if len(owners) > 1:
-      raise ConfigError(
-        f"mesh.tensor={groups.shape[-1]} would span processes {owners} (devices "
-        f"{[d.id for d in group]}): tensor parallelism must stay within one host; use "
-        f"mesh.tensor <= the devices per process and put the other devices on data or fsdp"
-      )
+      return groups.shape[-1], owners, [d.id for d in group]
+  return None
+
+
+def _check_tensor_within_hosts(devices: np.ndarray, axis_names: tuple[str, ...]) -> None:
+  """Tensor parallelism exchanges activations at every layer: its axis must stay on one host's
+  fast links, never cross the data-centre network between processes."""
+  found = _spanning_group(devices, axis_names, mesh_lib.TENSOR)
+  if found:
+    size, owners, ids = found
+    raise ConfigError(
+      f"mesh.tensor={size} would span processes {owners} (devices {ids}): tensor parallelism "
+      f"must stay within one host; use mesh.tensor <= the devices per process and put the "
+      f"other devices on data or fsdp"
+    )
+
+
+def _check_context_within_hosts(devices: np.ndarray, axis_names: tuple[str, ...]) -> None:
+  """Each process reads whole rows (input_pipeline/device.py), so the devices that split a row
+  over the context axis must all be that process's."""
+  found = _spanning_group(devices, axis_names, mesh_lib.CONTEXT)
+  if found:
+    size, owners, ids = found
+    raise ConfigError(
+      f"mesh.context={size} would span processes {owners} (devices {ids}): each process reads "
+      f"whole rows, so a row's context shards must be on one host; use mesh.context <= the "
+      f"devices per process (and mesh.dcn_context=1)"
+    )
 
 
 def _check_model_on_mesh(model_cfg: ModelConfig, mesh: Mesh, rules) -> None:
