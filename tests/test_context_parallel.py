@@ -23,10 +23,15 @@ from train.cluster import mesh as mesh_lib
 
 LENGTH = 32
 CFG = model_config(
-  vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64,
+  vocab_size=64, d_model=32, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64,
   max_seq_len=LENGTH, scan_layers=False, attention="xla",
 )  # fmt: skip
 RULES = mesh_lib.logical_rules(default.get_config().mesh)
+
+
+def _cfg(scan: bool, form: str = "all_gather") -> models.ModelConfig:
+  """One layer (fast compiles), unrolled or scanned (its parameters then differ)."""
+  return dataclasses.replace(CFG, scan_layers=scan, attention_context=form)
 
 
 def _mesh(context: int, fsdp: int = 1, tensor: int = 1) -> jax.sharding.Mesh:
@@ -52,18 +57,18 @@ def _packed_batch() -> dict[str, jax.Array]:
 
 @functools.cache
 def _params(scan: bool):
-  """The parameters (unsharded, created once outside any mesh) of unrolled or scanned layers."""
-  cfg = dataclasses.replace(CFG, scan_layers=scan)
-  return nnx.split(models.Transformer(cfg, rngs=nnx.Rngs(params=0)), nnx.Param)[1]
+  """The parameters (unsharded, created once outside any mesh) of ``_cfg(scan)``."""
+  return nnx.split(models.Transformer(_cfg(scan), rngs=nnx.Rngs(params=0)), nnx.Param)[1]
 
 
 def _loss_and_grads(cfg, batch, chunk: int = 0):
-  """The train step's mean loss and gradients (train/step.py), compiled; and the program's HLO."""
+  """The train step's mean loss and gradients (train/step.py), compiled; and the lowered program
+  (StableHLO, before the compiler adds the collectives of its own sharding decisions)."""
   graphdef, _ = nnx.split(nnx.eval_shape(lambda: models.Transformer(cfg, rngs=nnx.Rngs(0))))
   params = _params(cfg.scan_layers)
   fn = functools.partial(step_lib.gradients, graphdef=graphdef, microbatches=1, chunk=chunk)
-  compiled = jax.jit(lambda p, b: fn(p, batch=b)[0:3:2]).lower(params, batch).compile()
-  return compiled(params, batch), compiled.as_text()
+  lowered = jax.jit(lambda p, b: fn(p, batch=b)[0:3:2]).lower(params, batch)
+  return lowered.compile()(params, batch), lowered.as_text()
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +79,7 @@ def reference():
 
   def get(scan: bool):
     if scan not in computed:
-      computed[scan] = _loss_and_grads(dataclasses.replace(CFG, scan_layers=scan), batch)[0]
+      computed[scan] = _loss_and_grads(_cfg(scan), batch)[0]
     return batch, computed[scan]
 
   return get
@@ -90,12 +95,15 @@ def test_context_parallel_equals_the_unsharded_model(
   reference, form, context, fsdp, tensor, chunk, scan
 ):
   batch, (ref_loss, ref_grads) = reference(scan)
-  cfg = dataclasses.replace(CFG, attention_context=form, scan_layers=scan)
+  cfg = _cfg(scan, form)
   with jax.set_mesh(_mesh(context, fsdp, tensor)), nnx.logical_axis_rules(RULES):
     assert context_parallel.shards() == context
-    (loss, grads), hlo = _loss_and_grads(cfg, batch, chunk)
-  # The form ran, not the reference's [L, L] attention resharded by the compiler.
-  assert ("collective-permute" if form == "ring" else "all-gather") in hlo
+    (loss, grads), program = _loss_and_grads(cfg, batch, chunk)
+  # The form ran (its own collectives, not the other's), not the reference's [L, L] attention
+  # resharded by the compiler.
+  ring = "stablehlo.collective_permute" in program
+  gather = "stablehlo.all_gather" in program
+  assert (ring, gather) == ((True, False) if form == "ring" else (False, True)), form
   np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5)
   paths = jax.tree_util.tree_leaves_with_path(grads)
   for (path, got), want in zip(paths, jax.tree.leaves(ref_grads), strict=True):
