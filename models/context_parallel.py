@@ -7,8 +7,10 @@ queries from the whole row and does about the same work. ``to_striped`` permutes
 that order once at the model's input (tokens, true positions and segment ids together, so RoPE
 and the learned positions see each token's true position), a contiguous split of the permuted
 row is then the striped layout, and ``from_striped`` restores the order of the final hidden
-states (one all-to-all of [B, L, D] per forward pass), so callers (losses, DPO, GRPO) see rows
-in their own order. Everything between (norms, MLPs, projections) works on length shards by the
+states (one all-to-all of [B, L, D] each way), so callers (DPO, GRPO, scoring) see rows in
+their own order. The language-model loss (train/loss.py), a sum over tokens, instead permutes
+its whole batch (targets and weights too) and keeps the model's output striped: no all-to-all
+of hidden states at all. Everything between (norms, MLPs, projections) works on length shards by the
 sharding constraints; only attention needs keys from other shards, in one of two forms
 (``model.attention_context``):
 

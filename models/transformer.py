@@ -164,10 +164,17 @@ class Transformer(nnx.Module):
     segment_ids_BL: jax.Array | None = None,
     *,
     features: bool = False,
+    striped: bool = False,
   ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """``__call__`` (or ``features`` when ``features``) and the MoE routers' statistics, each
-    stacked over layers ([num_layers] scalars, [num_layers, E] loads); {} for a dense model."""
-    x_BLD, stats = self._hidden(tokens_BL, positions_BL, segment_ids_BL)
+    stacked over layers ([num_layers] scalars, [num_layers, E] loads); {} for a dense model.
+
+    ``striped``: with the rows split over a context axis, the inputs are already in the striped
+    layout (``models.context_parallel.to_striped``) and the outputs stay in it: for a loss that
+    is a sum over tokens, whose targets and weights the caller permutes alike, this saves the
+    all-to-all that puts the hidden states back in row order. Without a split it changes nothing.
+    """
+    x_BLD, stats = self._hidden(tokens_BL, positions_BL, segment_ids_BL, striped)
     return (self.final_norm(x_BLD) if features else self._logits(x_BLD)), stats
 
   def features(
@@ -188,17 +195,21 @@ class Transformer(nnx.Module):
       return self.embed.table[...].astype(self.embed.dtype).T
     return self.unembed[...].astype(jnp.dtype(self.cfg.dtype))
 
-  def _hidden(self, tokens_BL, positions_BL, segment_ids_BL) -> tuple[jax.Array, dict]:
+  def _hidden(
+    self, tokens_BL, positions_BL, segment_ids_BL, striped: bool = False
+  ) -> tuple[jax.Array, dict]:
     length = tokens_BL.shape[1]
     # A row split over a context axis runs in the striped layout (models/context_parallel.py):
     # tokens, true positions and segment ids permuted together here, the hidden states put
-    # back in row order at the end. Its attention builds its own masks per shard.
+    # back in row order at the end (unless the caller gives and takes them ``striped``). Its
+    # attention builds its own masks per shard.
     c = context_parallel.shards()
-    if c > 1:
-      if length % c:
-        raise ValueError(
-          f"data.seq_len={length} is not divisible by the {c} context shards (mesh.context)"
-        )
+    permute = c > 1 and not striped
+    if c > 1 and length % c:
+      raise ValueError(
+        f"data.seq_len={length} is not divisible by the {c} context shards (mesh.context)"
+      )
+    if permute:
       tokens_BL, positions_BL = (
         context_parallel.to_striped(x, c) for x in (tokens_BL, positions_BL)
       )
@@ -213,7 +224,7 @@ class Transformer(nnx.Module):
     x_BLD, _, stats = self._run_blocks(
       x_BLD, positions_BL, mask_BLL, None, None, self.cfg.remat, segment_ids_BL
     )
-    if c > 1:
+    if permute:
       x_BLD = constrain(context_parallel.from_striped(x_BLD, c), ("batch", "length", "embed"))
     return x_BLD, stats
 
