@@ -82,6 +82,10 @@ def get_config() -> ml_collections.ConfigDict:
   # padding counted as one); its float32 softmax statistics grow with it (B·M·heads·length). A
   # batch with a fuller row stops the run with an error naming this key.
   c.model.max_segments = 64
+  # Attention when mesh.context > 1 splits each row (models/context_parallel.py, striped layout):
+  # "all_gather" (every shard gathers the row's keys/values) | "ring" (keys/values passed
+  # round the context axis, online softmax). Exact either way; unused at mesh.context = 1.
+  c.model.attention_context = "all_gather"
   # The projections' matmuls (attention q/k/v/out, the MLP), forward and backward: "none" |
   # "fp8" (e4m3/e5m2, tensorwise current scaling; H100/H200) | "int8" (per-channel, int32 sums;
   # TPUs, A100 and later). Where the hardware table says the chips cannot run it natively (CPUs,
@@ -114,10 +118,15 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = 1  # pure data-parallel replicas (-1 = the rest of the devices)
   c.mesh.fsdp = -1  # parameter-sharded data parallelism (-1 = the rest of the devices)
+  # context parallelism: each row's length split over it (long rows; model.attention_context)
+  c.mesh.context = 1
   c.mesh.expert = 1  # expert parallelism: MoE experts split over it, tokens sent by all-to-all
   c.mesh.tensor = 1  # tensor (model) parallelism over heads and MLP
   c.mesh.dcn_data = 1  # multi-slice / multi-node: data replicas across slices (× mesh.data)
   c.mesh.dcn_fsdp = 1  # multi-slice / multi-node: fsdp sharding across slices (× mesh.fsdp)
+  # multi-slice / multi-node: rows split across slices (× mesh.context); refused above 1 while
+  # each process reads whole rows
+  c.mesh.dcn_context = 1
   c.mesh.dcn_expert = 1  # multi-slice / multi-node: experts split across slices (× mesh.expert)
   c.mesh.dcn_tensor = 1  # multi-slice / multi-node: tensor split across slices (× mesh.tensor)
   c.mesh.rules = (  # logical axis -> mesh axes (None = replicated)
@@ -130,7 +139,9 @@ def get_config() -> ml_collections.ConfigDict:
     ("vocab", "tensor"),
     ("head_dim", None),
     ("layers", None),
-    ("length", None),
+    ("length", "context"),  # activations' row axis; no parameter is split over context
+    ("positions", None),  # the learned-positions table's rows
+    ("cache_length", None),  # the KV cache's slots
   )
 
   # --- optim: AdamW with warmup, a decay schedule and global-norm clipping.

@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from models import lora
+from models import context_parallel, lora
 from models.config import ModelConfig
 from models.layers import Norm, apply_rope, dense, out_proj_std, rope_frequencies
 from models.params import make_param, normal
@@ -300,6 +300,7 @@ class Attention(nnx.Module):
     self.scale = 1.0 / math.sqrt(cfg.head_dim)
     self.block = cfg.attention_block
     self.attention = cfg.attention
+    self.attention_context = cfg.attention_context
     self.quant = cfg.quant
     self.max_segments = cfg.max_segments
     d, n, k, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -350,6 +351,8 @@ class Attention(nnx.Module):
     mask_BLS: bool, broadcastable to [B, L, S]; True where query L may attend to key S. None
     (training without a cache only) means causal within the segments of ``segment_ids_BL``
     (None: one per row), computed by the kernel ``model.attention`` names; no mask is built.
+    With the row split over a context axis (models/context_parallel.py), mask None means the
+    row is in the striped layout and ``model.attention_context`` computes it.
     Returns the output [B, L, D] and the updated cache (None without one).
     """
     q_BLNH = self._project(x_BLD, self.q_kernel, self.q_bias, self.q_lora)
@@ -377,10 +380,19 @@ class Attention(nnx.Module):
       k_BSKH, v_BSKH = k_BLKH, v_BLKH
 
     length = q_BLNH.shape[1]
-    kernel = "xla" if mask_BLS is not None else implementation(self.attention, self.dtype, length)
+    if mask_BLS is None and cache is None and context_parallel.shards() > 1:
+      kernel = "context"
+    elif mask_BLS is not None:
+      kernel = "xla"
+    else:
+      kernel = implementation(self.attention, self.dtype, length)
     if kernel == "xla" and mask_BLS is None:  # the reference, for a caller that built no mask
       mask_BLS = causal_segment_mask(segment_ids_BL, length)
-    if kernel != "xla":
+    if kernel == "context":
+      out_BLNH = context_parallel.attention(
+        q_BLNH, k_BSKH, v_BSKH, segment_ids_BL, self.scale, self.attention_context
+      )
+    elif kernel != "xla":
       if kernel == "cudnn":
         out_BLNH = cudnn_attention(
           q_BLNH, k_BSKH, v_BSKH, segment_ids_BL, self.scale, self.max_segments

@@ -14,6 +14,8 @@ POSITIONS = ("rope", "learned")
 REMATS = ("none", "full", "save_dots", "save_attention", "save_mlp", "save_attention_mlp")
 # Attention kernels (models/attention.py): "auto" picks per backend and dtype when traced.
 ATTENTIONS = ("auto", "xla", "cudnn", "splash")
+# Attention over a row split by the context mesh axis (models/context_parallel.py).
+ATTENTION_CONTEXTS = ("all_gather", "ring")
 DTYPES = ("float32", "bfloat16", "float16")
 ROPE_SCALINGS = ("none", "llama3")
 # The projections' matmuls in a low format, forward and backward (models/quant.py).
@@ -116,6 +118,7 @@ class ModelConfig:
   # (0 = whole rows). Exact; on a 2-core CPU at R's shape 2.4x faster per layer at 64.
   attention_block: int
   attention: str
+  attention_context: str  # ATTENTION_CONTEXTS: the form used when the context axis splits rows
   # Packed documents per row that cuDNN attention is compiled for (its ragged form's bound).
   max_segments: int
   quant: str  # "none", "fp8" (rowwise current scaling) or "int8" (per-channel)
@@ -157,6 +160,7 @@ class ModelConfig:
       "positions": POSITIONS,
       "remat": REMATS,
       "attention": ATTENTIONS,
+      "attention_context": ATTENTION_CONTEXTS,
       "dtype": DTYPES,
       "param_dtype": DTYPES,
       "rope_scaling": ROPE_SCALINGS,

@@ -18,7 +18,7 @@ from models import lora
 from models import quant as quant_lib
 from models.config import ModelConfig
 from models.params import make_param, normal
-from models.sharding import LogicalNames, active_spec, constrain
+from models.sharding import LogicalNames, active_axes, constrain
 
 
 def out_proj_std(cfg: ModelConfig) -> float:
@@ -45,7 +45,8 @@ def dense(
   the weight gradient is one matmul over a single token axis. With B and L apart, XLA's dot
   canonicalisation first copies the activations into a transposed [*in, B·L] buffer for every
   kernel gradient; on XLA:CPU that strided copy cost a fifth of config R's train step. When
-  "length" is sharded (a sequence-parallel rule) the axes stay apart, as the mesh splits them.
+  "length" is split (a sequence- or context-parallel mesh axis) the axes stay apart, as the
+  mesh splits them.
 
   ``quant`` "fp8" or "int8" runs the forward and both backward matmuls in that format
   (``models/quant.py``) on the merged [tokens, in] x [in, out] form, whatever the sharding.
@@ -63,8 +64,7 @@ def dense(
       dot_kwargs.get("preferred_element_type"),
     )
     return y_TO.reshape(*lead, *out)
-  spec = active_spec(("batch", "length"))
-  if len(lead) != 2 or (len(spec) > 1 and spec[1] is not None):
+  if len(lead) != 2 or active_axes(("batch", "length"), 1)[1] > 1:
     axes = (tuple(range(len(lead), x.ndim)), kernel_axes)
     return jax.lax.dot_general(x, kernel, (axes, ((), ())), **dot_kwargs)
   if kernel_axes == tuple(range(contract)):

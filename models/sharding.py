@@ -12,6 +12,7 @@ unsharded.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -77,6 +78,17 @@ def active_spec(names: LogicalNames) -> PartitionSpec:
     return PartitionSpec()
   rules, mesh = context
   return spec_for(names, rules, mesh.axis_names)
+
+
+def active_axes(names: LogicalNames, dim: int) -> tuple[tuple[str, ...], int]:
+  """The mesh axes that split dimension ``dim`` of an array named ``names`` under the active
+  rules and mesh, and how many ways they split it: ((), 1) when nothing does (or no context)."""
+  context = _context()
+  if context is None:
+    return (), 1
+  entry = active_spec(names)[dim] if dim < len(active_spec(names)) else None
+  axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+  return axes, math.prod(context[1].shape[a] for a in axes)
 
 
 def constrain(x: jax.Array, names: LogicalNames) -> jax.Array:

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from models import context_parallel
 from models.attention import (
   Attention,
   KVCache,
@@ -45,7 +46,8 @@ from models.params import make_param, normal
 from models.sharding import constrain
 
 # Logical axes of init_cache()'s arrays, for the trainer's shardings of a generation loop.
-CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
+# Its slots are not split over the context axis (the "length" rule is for activations).
+CACHE_AXES = ("layers", "batch", "cache_length", "kv_heads", "head_dim")
 
 _REMAT_POLICIES = {
   "full": None,  # save nothing: recompute the whole block in the backward pass
@@ -117,7 +119,7 @@ class Transformer(nnx.Module):
     self.cfg = cfg
     self.embed = Embed(cfg, cfg.vocab_size, ("vocab", "embed"), rngs=rngs)
     self.pos_embed = (
-      Embed(cfg, cfg.max_seq_len, ("length", "embed"), rngs=rngs)
+      Embed(cfg, cfg.max_seq_len, ("positions", "embed"), rngs=rngs)
       if cfg.positions == "learned"
       else None
     )
@@ -162,10 +164,17 @@ class Transformer(nnx.Module):
     segment_ids_BL: jax.Array | None = None,
     *,
     features: bool = False,
+    striped: bool = False,
   ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """``__call__`` (or ``features`` when ``features``) and the MoE routers' statistics, each
-    stacked over layers ([num_layers] scalars, [num_layers, E] loads); {} for a dense model."""
-    x_BLD, stats = self._hidden(tokens_BL, positions_BL, segment_ids_BL)
+    stacked over layers ([num_layers] scalars, [num_layers, E] loads); {} for a dense model.
+
+    ``striped``: with the rows split over a context axis, the inputs are already in the striped
+    layout (``models.context_parallel.to_striped``) and the outputs stay in it: for a loss that
+    is a sum over tokens, whose targets and weights the caller permutes alike, this saves the
+    all-to-all that puts the hidden states back in row order. Without a split it changes nothing.
+    """
+    x_BLD, stats = self._hidden(tokens_BL, positions_BL, segment_ids_BL, striped)
     return (self.final_norm(x_BLD) if features else self._logits(x_BLD)), stats
 
   def features(
@@ -186,16 +195,37 @@ class Transformer(nnx.Module):
       return self.embed.table[...].astype(self.embed.dtype).T
     return self.unembed[...].astype(jnp.dtype(self.cfg.dtype))
 
-  def _hidden(self, tokens_BL, positions_BL, segment_ids_BL) -> tuple[jax.Array, dict]:
+  def _hidden(
+    self, tokens_BL, positions_BL, segment_ids_BL, striped: bool = False
+  ) -> tuple[jax.Array, dict]:
     length = tokens_BL.shape[1]
+    # A row split over a context axis runs in the striped layout (models/context_parallel.py):
+    # tokens, true positions and segment ids permuted together here, the hidden states put
+    # back in row order at the end (unless the caller gives and takes them ``striped``). Its
+    # attention builds its own masks per shard.
+    c = context_parallel.shards()
+    permute = c > 1 and not striped
+    if c > 1 and length % c:
+      raise ValueError(
+        f"data.seq_len={length} is not divisible by the {c} context shards (mesh.context)"
+      )
+    if permute:
+      tokens_BL, positions_BL = (
+        context_parallel.to_striped(x, c) for x in (tokens_BL, positions_BL)
+      )
+      if segment_ids_BL is not None:
+        segment_ids_BL = context_parallel.to_striped(segment_ids_BL, c)
     # The einsum reference takes one [B, L, L] mask, built once for all layers; the kernels take
     # the segment ids themselves and never see a mask.
     kernel = implementation(self.cfg.attention, self.cfg.dtype, length)
-    mask_BLL = causal_segment_mask(segment_ids_BL, length) if kernel == "xla" else None
+    xla = kernel == "xla" and c == 1
+    mask_BLL = causal_segment_mask(segment_ids_BL, length) if xla else None
     x_BLD = self._embed(tokens_BL, positions_BL)
     x_BLD, _, stats = self._run_blocks(
       x_BLD, positions_BL, mask_BLL, None, None, self.cfg.remat, segment_ids_BL
     )
+    if permute:
+      x_BLD = constrain(context_parallel.from_striped(x_BLD, c), ("batch", "length", "embed"))
     return x_BLD, stats
 
   def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> dict[str, jax.Array]:

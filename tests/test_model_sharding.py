@@ -24,7 +24,7 @@ CFG = model_config(
 # prepended). Written out here so that a renamed axis in models/ fails this test.
 EXPECTED_NAMES = {
   ("embed", "table"): ("vocab", "embed"),
-  ("pos_embed", "table"): ("length", "embed"),
+  ("pos_embed", "table"): ("positions", "embed"),
   ("attn", "q_kernel"): ("embed", "heads", "head_dim"),
   ("attn", "k_kernel"): ("embed", "kv_heads", "head_dim"),
   ("attn", "v_kernel"): ("embed", "kv_heads", "head_dim"),

@@ -193,7 +193,9 @@ def test_ahead_of_time_compilation_for_a_64_chip_pod():
   config = small_llama()
   result = plan_lib.plan(config, topology, tokens=10**9)
   assert result["method"].startswith("compiled"), result
-  assert result["chips"] == 64 and result["mesh"] == "data=1 × fsdp=64 × expert=1 × tensor=1"
+  assert (
+    result["chips"] == 64 and result["mesh"] == "data=1 × fsdp=64 × context=1 × expert=1 × tensor=1"
+  )
   breakdown = result["memory_breakdown_bytes"]
   # The arguments are this chip's shards of the train state, plus its batch rows.
   model_cfg = config_lib.model_config(config, with_tokenizer=False)
@@ -299,7 +301,7 @@ def test_ahead_of_time_compilation_of_an_expert_parallel_moe():
   assert config.model.moe.dispatch == "auto"  # the caller's config is left as it was
   result = plan_lib.plan(config, topology)
   assert result["method"].startswith("compiled"), result
-  assert result["mesh"] == "data=1 × fsdp=1 × expert=8 × tensor=1"
+  assert result["mesh"] == "data=1 × fsdp=1 × context=1 × expert=8 × tensor=1"
   moe = result["moe"]
   assert moe["setting"] == "auto" and moe["dispatch"] == "dropless" and moe["expert_ways"] == 8
   assert "dropless dispatch (model.moe.dispatch=auto, as on TPUs)" in plan_cli.moe_line(result)

@@ -110,9 +110,10 @@ def test_schedule_warms_up_then_decays_to_floor():
 
 
 def _losses_on(mesh_sizes, steps=3):
-  data, fsdp, tensor = mesh_sizes
-  config = _config(**{"mesh.data": data, "mesh.fsdp": fsdp, "mesh.tensor": tensor})
-  devices = jax.devices()[: data * fsdp * tensor]
+  data, fsdp, context, tensor = mesh_sizes
+  sizes = {"mesh.data": data, "mesh.fsdp": fsdp, "mesh.context": context, "mesh.tensor": tensor}
+  config = _config(**sizes)
+  devices = jax.devices()[: data * fsdp * context * tensor]
   mesh = mesh_lib.make_mesh(config.mesh, devices)
   rules = mesh_lib.logical_rules(config.mesh)
   model_cfg = _model_cfg(config)
@@ -129,10 +130,11 @@ def _losses_on(mesh_sizes, steps=3):
 
 @functools.cache
 def _one_device_losses():
-  return _losses_on((1, 1, 1))[0]
+  return _losses_on((1, 1, 1, 1))[0]
 
 
-@pytest.mark.parametrize("mesh_sizes", [(8, 1, 1), (2, 4, 1), (2, 2, 2)])
+# (data, fsdp, context, tensor); context: rows split over it (models/context_parallel.py).
+@pytest.mark.parametrize("mesh_sizes", [(8, 1, 1, 1), (2, 4, 1, 1), (1, 2, 2, 2)])
 def test_sharded_losses_match_one_device(mesh_sizes):
   reference = _one_device_losses()
   losses, state, spec, mesh = _losses_on(mesh_sizes)

@@ -76,7 +76,9 @@ def validate(
     raise ConfigError(str(e)) from e
   process_count = jax.process_count() if process_count is None else process_count
   _check_batch(config, mesh, rules, process_count)
+  _check_context(config, mesh, rules)
   _check_tensor_within_hosts(mesh.devices, mesh.axis_names)
+  _check_context_within_hosts(mesh.devices, mesh.axis_names)
   _check_model_on_mesh(model_cfg, mesh, rules)
   try:
     hardware.check_quant(model_cfg.quant, model_cfg.quant_emulation, mesh.devices.flat[0])
@@ -397,21 +399,69 @@ def _check_batch(config, mesh: Mesh, rules, process_count: int) -> None:
     )
 
 
-def _check_tensor_within_hosts(devices: np.ndarray, axis_names: tuple[str, ...]) -> None:
-  """Tensor parallelism exchanges activations at every layer: its axis must stay on one host's
-  fast links, never cross the data-centre network between processes."""
-  if mesh_lib.TENSOR not in axis_names:
-    return
-  groups = np.moveaxis(devices, axis_names.index(mesh_lib.TENSOR), -1)
+def _check_context(config, mesh: Mesh, rules) -> None:
+  """A context axis splits each row's length, in the striped layout (models/context_parallel.py):
+  the row length must be a multiple of its size, and the rules must give it to a batch's
+  "length" (not to its "batch", whose rule would take it first)."""
+  batch_entry, length_entry = mesh_lib.partition_spec(("batch", "length"), rules)
+  batch_axes, axes = (
+    () if e is None else (e,) if isinstance(e, str) else tuple(e)
+    for e in (batch_entry, length_entry)
+  )
+  size = mesh.shape[mesh_lib.CONTEXT]
+  if size > 1 and mesh_lib.CONTEXT not in axes:
+    raise ConfigError(
+      f"mesh.context={size} but mesh.rules splits a batch's 'length' over {axes} (and its "
+      f"'batch' over {batch_axes}): map ('length', 'context') and keep 'context' out of the "
+      f"batch rule"
+    )
+  split = math.prod(mesh.shape[axis] for axis in axes)
+  seq_len = config.data.seq_len
+  if seq_len % split:
+    raise ConfigError(
+      f"data.seq_len={seq_len} is not divisible by {split}, the size of mesh axes {axes} that "
+      f"split each row ({mesh_lib.describe(mesh)}); use a multiple of {split}"
+    )
+
+
+def _spanning_group(devices: np.ndarray, axis_names: tuple[str, ...], axis: str):
+  """The first group of devices along ``axis`` that spans processes: (its size, the owning
+  processes, the device ids), or None when every group stays within one process."""
+  if axis not in axis_names:
+    return None
+  groups = np.moveaxis(devices, axis_names.index(axis), -1)
   groups = groups.reshape(-1, groups.shape[-1])
   for group in groups:
     owners = sorted({device.process_index for device in group})
     if len(owners) > 1:
-      raise ConfigError(
-        f"mesh.tensor={groups.shape[-1]} would span processes {owners} (devices "
-        f"{[d.id for d in group]}): tensor parallelism must stay within one host; use "
-        f"mesh.tensor <= the devices per process and put the other devices on data or fsdp"
-      )
+      return groups.shape[-1], owners, [d.id for d in group]
+  return None
+
+
+def _check_tensor_within_hosts(devices: np.ndarray, axis_names: tuple[str, ...]) -> None:
+  """Tensor parallelism exchanges activations at every layer: its axis must stay on one host's
+  fast links, never cross the data-centre network between processes."""
+  found = _spanning_group(devices, axis_names, mesh_lib.TENSOR)
+  if found:
+    size, owners, ids = found
+    raise ConfigError(
+      f"mesh.tensor={size} would span processes {owners} (devices {ids}): tensor parallelism "
+      f"must stay within one host; use mesh.tensor <= the devices per process and put the "
+      f"other devices on data or fsdp"
+    )
+
+
+def _check_context_within_hosts(devices: np.ndarray, axis_names: tuple[str, ...]) -> None:
+  """Each process reads whole rows (input_pipeline/device.py), so the devices that split a row
+  over the context axis must all be that process's."""
+  found = _spanning_group(devices, axis_names, mesh_lib.CONTEXT)
+  if found:
+    size, owners, ids = found
+    raise ConfigError(
+      f"mesh.context={size} would span processes {owners} (devices {ids}): each process reads "
+      f"whole rows, so a row's context shards must be on one host; use mesh.context <= the "
+      f"devices per process (and mesh.dcn_context=1)"
+    )
 
 
 def _check_model_on_mesh(model_cfg: ModelConfig, mesh: Mesh, rules) -> None:
@@ -464,6 +514,12 @@ def _check_divisible(path, leaf, mesh: Mesh) -> None:
     if axes is None:
       continue
     names = (axes,) if isinstance(axes, str) else tuple(axes)
+    if mesh_lib.CONTEXT in names and mesh.shape[mesh_lib.CONTEXT] > 1:
+      raise ConfigError(
+        f"parameter {jax.tree_util.keystr(path)} would be split over the context axis "
+        f"(mesh axes {names} on dimension {dim}; {mesh_lib.describe(mesh)}): the context axis "
+        f"splits activations' length only; map no parameter axis to 'context' in mesh.rules"
+      )
     ways = math.prod(mesh.shape[name] for name in names)
     if size % ways:
       raise ConfigError(

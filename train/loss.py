@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from models import context_parallel
 from models.layers import dense
 
 Batch = dict[str, jax.Array]
@@ -43,14 +44,19 @@ def forward_terms(
   """``loss_terms`` and the MoE routers' statistics, per layer, with ``router_loss``: their
   losses weighted by ``model.moe``'s coefficients and averaged over layers ({} when dense)."""
   model = nnx.merge(graphdef, params)
+  # Rows split over a context axis: the whole batch in the striped layout, as the model runs
+  # them; the sums over tokens below do not depend on the order (models/context_parallel.py).
+  c = context_parallel.shards()
+  if c > 1:
+    batch = {key: context_parallel.to_striped(rows, c) for key, rows in batch.items()}
   weights_BL = batch["weights"].astype(jnp.float32)
   inputs = (batch["inputs"], batch["positions"], batch["segment_ids"])
   moe = model.cfg.moe
   if not chunk:
-    logits_BLV, stats = model.logits_and_stats(*inputs)
+    logits_BLV, stats = model.logits_and_stats(*inputs, striped=True)
     ce_sum, lse2_sum = cross_entropy(logits_BLV, batch["targets"], weights_BL, z)
     return ce_sum, lse2_sum, jnp.sum(weights_BL), with_router_loss(stats, moe)
-  h_BLD, stats = model.logits_and_stats(*inputs, features=True)
+  h_BLD, stats = model.logits_and_stats(*inputs, features=True, striped=True)
   kernel_DV = model.output_kernel()
   b, length, d = h_BLD.shape
 

@@ -352,7 +352,7 @@ def dispatch_for_tpu(
   return config
 
 
-DCN_AXES = ("dcn_data", "dcn_fsdp", "dcn_expert", "dcn_tensor")
+DCN_AXES = ("dcn_data", "dcn_fsdp", "dcn_context", "dcn_expert", "dcn_tensor")
 
 
 def nodes_over_dcn(config: ml_collections.ConfigDict, topology) -> ml_collections.ConfigDict:

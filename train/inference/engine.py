@@ -129,7 +129,9 @@ class Engine:
     self.data_parallel = mesh_lib.data_parallel_size(mesh, rules)
     self.cache_sharding = self._named(models.CACHE_AXES)
     self._rows = self._named(("batch",))
-    self._rows_2d = self._named(("batch", "length"))
+    # Prompts and chunks of any length (one token per decoding step): never split over the
+    # context axis, which only training rows use (models/context_parallel.py).
+    self._rows_2d = self._named(("batch", None))
     self._replicated = mesh_lib.replicated(mesh)
     self._compiled: dict[tuple, Any] = {}
     self.compile_seconds = 0.0
