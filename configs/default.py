@@ -87,7 +87,7 @@ def get_config() -> ml_collections.ConfigDict:
   # round the context axis, online softmax). Exact either way; unused at mesh.context = 1.
   c.model.attention_context = "all_gather"
   # The projections' matmuls (attention q/k/v/out, the MLP), forward and backward: "none" |
-  # "fp8" (e4m3/e5m2, tensorwise current scaling; H100/H200) | "int8" (per-channel, int32 sums;
+  # "fp8" (e4m3/e5m2, rowwise current scaling; H100/H200) | "int8" (per-channel, int32 sums;
   # TPUs, A100 and later). Where the hardware table says the chips cannot run it natively (CPUs,
   # fp8 on a TPU), quant_emulation=True must say that running it as an emulation is meant.
   c.model.quant = "none"
