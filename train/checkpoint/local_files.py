@@ -75,9 +75,13 @@ class Snapshot:
       yield view
 
 
-def snapshot(step: int, state: Any, extra: dict[str, Any]) -> Snapshot:
+def snapshot(
+  step: int, state: Any, extra: dict[str, Any], buffers: list[np.ndarray] | None = None
+) -> Snapshot:
   """Copies this process's distinct shards of ``state`` to host memory (the state's buffers are
-  donated to the next step, so they are copied, not viewed)."""
+  donated to the next step, so they are copied, not viewed), into ``buffers`` (the previous
+  snapshot's arrays) where they fit: fresh memory costs page faults, which made a 1.6 GB copy
+  take 1.5-2.4 s here against 0.3 s into memory already touched."""
   leaves = jax.tree_util.tree_flatten_with_path(state)[0]
   pending = []  # (leaf entry, device arrays to fetch)
   for path, leaf in leaves:
@@ -90,12 +94,19 @@ def snapshot(step: int, state: Any, extra: dict[str, Any]) -> Snapshot:
         seen.add(str(index))
         datas.append((index, shard.data))
     pending.append((entry, datas))
-  fetched = jax.device_get([[data for _, data in datas] for _, datas in pending])
+  for _, datas in pending:  # start every device-to-host copy before waiting for any
+    for _, data in datas:
+      data.copy_to_host_async()
+  reuse = iter(buffers or [])
   arrays, offset, entries = [], 0, []
-  for (entry, datas), hosts in zip(pending, fetched, strict=True):
+  for entry, datas in pending:
     entry["shards"] = []
-    for (index, _), host in zip(datas, hosts, strict=True):
-      host = np.array(host, copy=True, order="C")
+    for index, data in datas:
+      view = np.asarray(data)  # on a CPU, the device buffer itself
+      host = next(reuse, None)
+      if host is None or host.shape != view.shape or host.dtype != view.dtype:
+        host = np.empty(view.shape, view.dtype)
+      np.copyto(host, view)
       entry["shards"].append({"index": index, "offset": offset, "nbytes": host.nbytes})
       arrays.append(host)
       offset += host.nbytes

@@ -62,6 +62,7 @@ class LocalTier:
     self._error: BaseException | None = None
     self._writing: int | None = None
     self._space_checked = False
+    self._buffers: list | None = None  # host memory of the last snapshot (one state's shards)
     self.stats = {"saves": 0, "blocking_s": 0.0, "write_s": 0.0, "replica_s": 0.0, "bytes": 0}
     self.stats["failed_saves"] = 0
     try:
@@ -103,7 +104,8 @@ class LocalTier:
     start = time.perf_counter()
     extra = {"run_id": self.run_id, "signature": self.signature, "process": self.process}
     extra |= {"num_processes": self.num_processes, "metadata": metadata}
-    snap = local_files.snapshot(step, state, extra)
+    snap = local_files.snapshot(step, state, extra, self._buffers)
+    self._buffers = snap.arrays  # reused by the next save, once this one is written
     if not self._space_checked and not self._enough_space(snap.nbytes):
       return
     self.stats["blocking_s"] += time.perf_counter() - start
