@@ -229,7 +229,8 @@ class Mixture:
       batches = (dict(zip((*sampler.BATCH_KEYS, "source"), read(*p), strict=True)) for p in pairs)
     else:
       ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-      batches = ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
+      ds = sampler.without_autotune(ds.prefetch(sampler.PREFETCH_BATCHES))
+      batches = ds.as_numpy_iterator()
     _log.info(
       "Train data: a mixture of %s, weights %s from step %d (global batch %d)",
       ", ".join(self.specs),

@@ -133,7 +133,21 @@ def train_dataset(
   )
   ds = ds.batch(local, drop_remainder=True)
   ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  return ds.prefetch(tf.data.AUTOTUNE)
+  return without_autotune(ds.prefetch(PREFETCH_BATCHES))
+
+
+# Batches read ahead of the step that takes them; a fixed depth, not tf.data's autotuning.
+PREFETCH_BATCHES = 2
+
+
+def without_autotune(ds: tf.data.Dataset) -> tf.data.Dataset:
+  """``ds`` without tf.data's autotuning: the map's parallelism becomes the host's cores and no
+  autotune thread runs. That thread sleeps between optimisations for a period that grows with
+  the iterator's age, and the iterator's destructor waits for it: 43-48 s at the end of the
+  default run (docs/platform-facts.md)."""
+  options = tf.data.Options()
+  options.autotune.enabled = False
+  return ds.with_options(options)
 
 
 def train_iterator(
