@@ -116,12 +116,15 @@ def get_config() -> ml_collections.ConfigDict:
 
   # --- mesh: device mesh sizes and the one table from logical axis names to mesh axes.
   c.mesh = ml_collections.ConfigDict()
+  # pipeline stages: the scanned layers split into this many runs of layers (models/pipeline.py)
+  c.mesh.stage = 1
   c.mesh.data = 1  # pure data-parallel replicas (-1 = the rest of the devices)
   c.mesh.fsdp = -1  # parameter-sharded data parallelism (-1 = the rest of the devices)
   # context parallelism: each row's length split over it (long rows; model.attention_context)
   c.mesh.context = 1
   c.mesh.expert = 1  # expert parallelism: MoE experts split over it, tokens sent by all-to-all
   c.mesh.tensor = 1  # tensor (model) parallelism over heads and MLP
+  c.mesh.dcn_stage = 1  # multi-slice / multi-node: stages across slices (× mesh.stage)
   c.mesh.dcn_data = 1  # multi-slice / multi-node: data replicas across slices (× mesh.data)
   c.mesh.dcn_fsdp = 1  # multi-slice / multi-node: fsdp sharding across slices (× mesh.fsdp)
   # multi-slice / multi-node: rows split across slices (× mesh.context); refused above 1 while
@@ -138,11 +141,18 @@ def get_config() -> ml_collections.ConfigDict:
     ("kv_heads", "tensor"),
     ("vocab", "tensor"),
     ("head_dim", None),
-    ("layers", None),
+    ("layers", "stage"),  # the scanned layers' stack: pipeline stages (none at mesh.stage=1)
     ("length", "context"),  # activations' row axis; no parameter is split over context
     ("positions", None),  # the learned-positions table's rows
     ("cache_length", None),  # the KV cache's slots
   )
+
+  # --- pipeline: the schedule when mesh.stage × mesh.dcn_stage > 1 splits the layers into stages
+  # (models/pipeline.py); idle fraction (stages - 1) / (repeats × microbatches + stages - 1).
+  c.pipeline = ml_collections.ConfigDict()
+  c.pipeline.microbatches = -1  # each step's rows cut into this many (-1 = one per stage)
+  c.pipeline.repeats = 1  # 1: GPipe; R > 1: circular, each stage runs R slices of layers
+  # (an all-to-all of the layer weights each step keeps the checkpoint schedule-independent)
 
   # --- optim: AdamW with warmup, a decay schedule and global-norm clipping.
   c.optim = ml_collections.ConfigDict()

@@ -390,7 +390,7 @@ class Attention(nnx.Module):
       mask_BLS = causal_segment_mask(segment_ids_BL, length)
     if kernel == "context":
       out_BLNH = context_parallel.attention(
-        q_BLNH, k_BSKH, v_BSKH, segment_ids_BL, self.scale, self.attention_context
+        q_BLNH, k_BSKH, v_BSKH, segment_ids_BL, self.scale, self.attention_context, self.block
       )
     elif kernel != "xla":
       if kernel == "cudnn":

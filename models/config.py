@@ -6,6 +6,8 @@ import dataclasses
 import math
 from typing import Any
 
+from models import pipeline
+
 NORMS = ("rms", "layer")
 MLPS = ("swiglu", "gelu")
 POSITIONS = ("rope", "learned")
@@ -20,6 +22,9 @@ DTYPES = ("float32", "bfloat16", "float16")
 ROPE_SCALINGS = ("none", "llama3")
 # The projections' matmuls in a low format, forward and backward (models/quant.py).
 QUANTS = ("none", "fp8", "int8")
+# Fields that say how the training forward pass is scheduled, not what the model computes: a
+# checkpoint resumes under any values of them (train/checkpoint/manager.py).
+SCHEDULE_FIELDS = ("pipeline_microbatches", "pipeline_repeats")
 
 
 ROUTERS = ("softmax", "sigmoid")
@@ -131,6 +136,11 @@ class ModelConfig:
   lora_targets: tuple[str, ...]
   # Mixture of experts in every layer's place of the MLP, or None (model.moe.num_experts = 0).
   moe: MoEConfig | None
+  # The training forward pass's schedule when the mesh splits the layers into stages
+  # (models/pipeline.py). From the run config's ``pipeline`` group, not ``model``; hence the
+  # defaults (a model built without one, or saved before it, has no pipeline schedule).
+  pipeline_microbatches: int = -1  # -1: one per stage
+  pipeline_repeats: int = 1  # 1: GPipe; R > 1: the circular schedule, R rounds of the stages
 
   def __post_init__(self):
     # JSON (checkpoint metadata) turns the tuple into a list; the config must stay hashable.
@@ -186,6 +196,8 @@ class ModelConfig:
         f"model.lora_rank={self.lora_rank} / model.lora_targets={self.lora_targets}: the rank "
         f"must be >= 0 (0 = off) and the targets a non-empty subset of {targets}"
       )
+    # The schedule's own values here; against the stages, where the mesh is known (train/config.py).
+    pipeline.check(self.num_layers, 1, self.pipeline_microbatches, self.pipeline_repeats)
     if self.positions == "rope" and self.head_dim % 2:
       raise ValueError(f"model.head_dim={self.head_dim} must be even for RoPE")
     if self.moe is not None:
@@ -208,15 +220,21 @@ class ModelConfig:
         )
 
   @classmethod
-  def from_config(cls, model: Any, *, seq_len: int, vocab_size: int) -> ModelConfig:
+  def from_config(
+    cls, model: Any, *, seq_len: int, vocab_size: int, pipeline: Any = None
+  ) -> ModelConfig:
     """Builds the model config from the ``config.model`` group, resolving its -1 defaults.
 
     Args:
       model: the ``config.model`` ConfigDict (or any mapping with the same keys).
       seq_len: ``config.data.seq_len``, the default for ``max_seq_len``.
       vocab_size: the tokenizer's vocabulary size, the default for ``vocab_size``.
+      pipeline: the ``config.pipeline`` group (microbatches, repeats), or None for none.
     """
     values = dict(model)
+    if pipeline is not None:
+      values["pipeline_microbatches"] = pipeline["microbatches"]
+      values["pipeline_repeats"] = pipeline["repeats"]
     if values["vocab_size"] == -1:
       values["vocab_size"] = vocab_size
     if values["num_kv_heads"] == -1:
@@ -234,7 +252,7 @@ class ModelConfig:
     unknown = sorted(set(values) - fields)
     if unknown:
       raise ValueError(f"unknown model config keys {unknown}; valid keys: {sorted(fields)}")
-    missing = sorted(fields - set(values))
+    missing = sorted(fields - set(values) - {"pipeline_microbatches", "pipeline_repeats"})
     if missing:
       raise ValueError(
         f"model config keys {missing} are missing: a config file's model group starts from "

@@ -16,7 +16,9 @@ sharding constraints; only attention needs keys from other shards, in one of two
 
 - ``all_gather``: inside ``jax.shard_map``, each shard all-gathers the row's keys and values
   (with their segment ids) over the context axes and attends its local queries to all of them:
-  per device the scores are [L / C, L] rather than [L, L].
+  per device the scores are [L / C, L] rather than [L, L]; with ``model.attention_block`` = b
+  dividing L / C, by blocks of b local queries, each block's scores recomputed in the backward
+  pass: [b, L] of them at a time (what makes a 131k-token row fit, docs/long_context.md).
 - ``ring``: keys and values (with segment ids and row indices) pass round the context axes by
   ``jax.lax.ppermute`` in C steps; each step folds one [L / C, L / C] block into an online
   softmax (running max and sum, float32 accumulators). The forward pass holds one block of
@@ -29,6 +31,8 @@ shard_map on every backend (the kernels are used as before when the context axis
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -83,17 +87,36 @@ def _scores(q_BLKGH, k_BSKH, mask_BLS) -> jax.Array:
   return jnp.where(mask_BLS[:, None, None], logits, jnp.finfo(jnp.float32).min)
 
 
-def _gathered(q_BLKGH, k_BSKH, v_BSKH, ids_BL, axes, c: int) -> jax.Array:
-  """One shard's all-gather attention: its queries over the whole row's keys."""
-  local = q_BLKGH.shape[1]
+def _gathered(q_BLKGH, k_BSKH, v_BSKH, ids_BL, axes, c: int, block: int = 0) -> jax.Array:
+  """One shard's all-gather attention: its queries over the whole row's keys; by blocks of
+  ``block`` local queries when that divides them (``model.attention_block``), each block's
+  scores recomputed in the backward pass, so that no more than [block, L] of them exist."""
+  b, local = q_BLKGH.shape[:2]
   k_all = jax.lax.all_gather(k_BSKH, axes, axis=1, tiled=True)
   v_all = jax.lax.all_gather(v_BSKH, axes, axis=1, tiled=True)
   # Gathered shard-major: slot s·(L/C) + j holds row index j·C + s.
   k_idx = (jnp.arange(local, dtype=jnp.int32)[None, :] * c + jnp.arange(c)[:, None]).reshape(-1)
   q_idx = _row_index(local, c, jax.lax.axis_index(axes))
   ids_all = None if ids_BL is None else jax.lax.all_gather(ids_BL, axes, axis=1, tiled=True)
-  probs = jax.nn.softmax(_scores(q_BLKGH, k_all, _mask(q_idx, k_idx, ids_BL, ids_all)), axis=-1)
-  return jnp.einsum("BKGLS,BSKH->BLKGH", probs.astype(v_all.dtype), v_all)
+
+  def attend(q_BLKGH, q_idx_L, ids_BL):
+    probs = jax.nn.softmax(_scores(q_BLKGH, k_all, _mask(q_idx_L, k_idx, ids_BL, ids_all)), -1)
+    return jnp.einsum("BKGLS,BSKH->BLKGH", probs.astype(v_all.dtype), v_all)
+
+  if not block or local <= block or local % block:
+    return attend(q_BLKGH, q_idx, ids_BL)
+  n = local // block
+
+  def blocks(x):  # [B, L, ...] -> [L / block, B, block, ...]
+    return jnp.swapaxes(x.reshape(b, n, block, *x.shape[2:]), 0, 1)
+
+  ids = jnp.zeros((b, local), jnp.int32) if ids_BL is None else ids_BL
+  body = jax.checkpoint(
+    lambda _, x: (None, attend(x[0], x[1], None if ids_BL is None else x[2])),
+    prevent_cse=False,
+  )
+  _, out = jax.lax.scan(body, None, (blocks(q_BLKGH), q_idx.reshape(n, block), blocks(ids)))
+  return jnp.swapaxes(out, 0, 1).reshape(q_BLKGH.shape)
 
 
 def _fold(carry, q_BLKGH, k_BSKH, v_BSKH, q_idx, k_idx, q_ids, k_ids):
@@ -138,6 +161,7 @@ def attention(
   segment_ids_BL: jax.Array | None,
   scale: float,
   form: str,
+  block: int = 0,
 ) -> jax.Array:
   """Causal (packed) self-attention of rows in the striped layout, split over the context axes.
 
@@ -156,7 +180,7 @@ def attention(
     k_BLKH, v_BLKH = (jnp.repeat(x, n // kv, axis=2) for x in (k_BLKH, v_BLKH))
     kv_spec = q_spec
   ids_spec = None if segment_ids_BL is None else PartitionSpec(q_spec[0], q_spec[1])
-  local_form = _gathered if form == "all_gather" else _ring
+  local_form = functools.partial(_gathered, block=block) if form == "all_gather" else _ring
 
   def attend(q_BLNH, k_BLKH, v_BLKH, ids_BL):
     b, length, heads, h = q_BLNH.shape

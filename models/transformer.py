@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models import context_parallel
+from models import context_parallel, pipeline
 from models.attention import (
   Attention,
   KVCache,
@@ -291,6 +291,31 @@ class Transformer(nnx.Module):
         return block(x_BLD, positions_BL, mask_BLS, layer_cache, cache_index, segment_ids_BL)
 
       return _maybe_remat(apply, remat, prevent_cse=prevent_cse)
+
+    if self.cfg.scan_layers and cache is None and pipeline.stages() > 1:
+      # The training forward pass with the layers split over stages (models/pipeline.py); an
+      # MoE model's dense first layers and statistics are refused there (train/config.py).
+      graphdef, stacked = nnx.split(self.blocks)
+
+      def layer(state: nnx.State, x_BLD: jax.Array, inputs: dict) -> jax.Array:
+        block = nnx.merge(graphdef, state)
+        args = inputs["positions"], inputs.get("mask"), None, None, inputs.get("segment_ids")
+        return block(x_BLD, *args)[0]
+
+      rows = {"positions": positions_BL, "segment_ids": segment_ids_BL, "mask": mask_BLS}
+      batch = x_BLD.shape[0]
+      per_row = {k: v for k, v in rows.items() if v is not None and v.shape[0] == batch}
+      shared = {k: v for k, v in rows.items() if v is not None and k not in per_row}
+      x_BLD = pipeline.run(
+        _maybe_remat(layer, remat, prevent_cse=False),
+        stacked,
+        x_BLD,
+        per_row,
+        shared,
+        microbatches=self.cfg.pipeline_microbatches,
+        repeats=self.cfg.pipeline_repeats,
+      )
+      return x_BLD, None, {}
 
     if self.cfg.scan_layers:
 

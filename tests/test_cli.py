@@ -47,7 +47,7 @@ def test_train_writes_the_work_directory(tiny_run):
   assert report["total_flops"] == report["tokens"] * report["flops_per_token"]
   config = json.load(open(os.path.join(workdir, "config.json")))
   assert config["train"]["steps"] == 20
-  assert "mesh: data=1 × fsdp=8 × context=1 × expert=1 × tensor=1" in stderr
+  assert "mesh: stage=1 × data=1 × fsdp=8 × context=1 × expert=1 × tensor=1" in stderr
 
 
 @pytest.mark.slow

@@ -137,13 +137,14 @@ def test_one_rule_resolver_for_parameters_activations_and_the_cache():
   mesh, rules, model_cfg = resolved.mesh, resolved.rules, resolved.model_cfg
   assert mesh_lib.partition_spec(("kv_heads", "head_dim"), rules) == PartitionSpec("fsdp", None)
   spec = state_lib.state_spec(model_cfg, optax.identity(), mesh, rules)
-  # A parameter [layers, embed, kv_heads, head_dim]: embed takes fsdp, the rest replicate.
+  # A parameter [layers, embed, kv_heads, head_dim]: layers take the stage axis (of size 1
+  # here), embed takes fsdp, the rest replicate.
   key_kernel = spec.abstract["params"]["blocks"]["attn"]["k_kernel"]
-  assert key_kernel.sharding.spec == PartitionSpec(None, "fsdp", None, None)
+  assert key_kernel.sharding.spec == PartitionSpec("stage", "fsdp", None, None)
   # The inference cache [layers, batch, length, kv_heads, head_dim]: batch takes fsdp first.
   engine = engine_lib.Engine(spec.graphdef, model_cfg, mesh, rules)
   batch = ("data", "fsdp", "expert")
-  assert engine.cache_sharding.spec == PartitionSpec(None, batch, None, None, None)
+  assert engine.cache_sharding.spec == PartitionSpec("stage", batch, None, None, None)
 
 
 def test_the_hardware_table_is_the_one_source_for_mfu_energy_and_plans():

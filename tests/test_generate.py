@@ -252,10 +252,10 @@ def test_params_and_cache_are_sharded_on_the_training_mesh(model, workdir):
     {"data": 2, "fsdp": 2, "tensor": 2, "rules": model.config.mesh.rules}
   )
   other = loading.load(workdir, mesh_config=mesh_config)
-  shape = {"data": 2, "fsdp": 2, "context": 1, "expert": 1, "tensor": 2}
+  shape = {"stage": 1, "data": 2, "fsdp": 2, "context": 1, "expert": 1, "tensor": 2}
   assert other.params["embed"]["table"].sharding.mesh.shape == shape
   assert other.engine.cache_sharding.spec == jax.sharding.PartitionSpec(
-    None, ("data", "fsdp", "expert"), None, "tensor", None
+    "stage", ("data", "fsdp", "expert"), None, "tensor", None
   )
   prompts = ["def ", "import "]
   ours = generation.generate(model, prompts, max_new_tokens=8, temperature=0.0)

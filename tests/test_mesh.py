@@ -27,7 +27,14 @@ def mesh_config(data=1, fsdp=-1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1)
 
 def test_single_slice_mesh_is_unchanged():
   mesh = mesh_lib.make_mesh(mesh_config(data=2))
-  assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "context": 1, "expert": 1, "tensor": 1}
+  assert dict(mesh.shape) == {
+    "stage": 1,
+    "data": 2,
+    "fsdp": 4,
+    "context": 1,
+    "expert": 1,
+    "tensor": 1,
+  }
   assert sorted(d.id for d in mesh.devices.flat) == list(range(8))
 
 
@@ -36,6 +43,7 @@ def test_configs_without_dcn_keys_mean_one_slice():
   # ... or the expert axis: no entry means size 1.
   legacy = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 2})
   assert mesh_lib.mesh_shape(legacy, 8) == {
+    "stage": 1,
     "data": 1,
     "fsdp": 4,
     "context": 1,
@@ -46,9 +54,10 @@ def test_configs_without_dcn_keys_mean_one_slice():
 
 def test_hybrid_shape_multiplies_ici_by_dcn():
   ici, dcn = mesh_lib.hybrid_mesh_shape(mesh_config(dcn_data=2, tensor=2), 16)
-  assert ici == {"data": 1, "fsdp": 4, "context": 1, "expert": 1, "tensor": 2}
-  assert dcn == {"data": 2, "fsdp": 1, "context": 1, "expert": 1, "tensor": 1}
+  assert ici == {"stage": 1, "data": 1, "fsdp": 4, "context": 1, "expert": 1, "tensor": 2}
+  assert dcn == {"stage": 1, "data": 2, "fsdp": 1, "context": 1, "expert": 1, "tensor": 1}
   assert mesh_lib.mesh_shape(mesh_config(dcn_data=2, tensor=2), 16) == {
+    "stage": 1,
     "data": 2,
     "fsdp": 4,
     "context": 1,
@@ -60,14 +69,28 @@ def test_hybrid_shape_multiplies_ici_by_dcn():
 def test_emulated_slices_on_cpu_keep_each_slice_a_contiguous_block():
   # dcn_data=2: slice 0 (devices 0-3) is data row 0, slice 1 (devices 4-7) is data row 1.
   mesh = mesh_lib.make_mesh(mesh_config(dcn_data=2))
-  assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "context": 1, "expert": 1, "tensor": 1}
-  ids = np.vectorize(lambda d: d.id)(mesh.devices)
+  assert dict(mesh.shape) == {
+    "stage": 1,
+    "data": 2,
+    "fsdp": 4,
+    "context": 1,
+    "expert": 1,
+    "tensor": 1,
+  }
+  ids = np.vectorize(lambda d: d.id)(mesh.devices)[0]  # the one stage
   assert ids[0].flatten().tolist() == [0, 1, 2, 3]
   assert ids[1].flatten().tolist() == [4, 5, 6, 7]
   # dcn_fsdp=2 with data=2 inside a slice: fsdp columns 0-1 are slice 0, 2-3 slice 1.
   mesh = mesh_lib.make_mesh(mesh_config(data=2, fsdp=-1, dcn_fsdp=2))
-  assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "context": 1, "expert": 1, "tensor": 1}
-  ids = np.vectorize(lambda d: d.id)(mesh.devices)[:, :, 0]
+  assert dict(mesh.shape) == {
+    "stage": 1,
+    "data": 2,
+    "fsdp": 4,
+    "context": 1,
+    "expert": 1,
+    "tensor": 1,
+  }
+  ids = np.vectorize(lambda d: d.id)(mesh.devices)[0, :, :, 0]
   assert set(ids[:, :2].flatten()) == {0, 1, 2, 3}
   assert set(ids[:, 2:].flatten()) == {4, 5, 6, 7}
   rules = mesh_lib.logical_rules(mesh_config())
@@ -106,9 +129,16 @@ def tpu_slices(name: str, num_slices: int):
 def test_hybrid_mesh_over_real_tpu_slices():
   devices = tpu_slices("v5e-16", num_slices=2)  # two 4×4 slices, devices carry slice_index
   mesh = mesh_lib.make_mesh(mesh_config(dcn_data=2), devices)
-  assert dict(mesh.shape) == {"data": 2, "fsdp": 16, "context": 1, "expert": 1, "tensor": 1}
+  assert dict(mesh.shape) == {
+    "stage": 1,
+    "data": 2,
+    "fsdp": 16,
+    "context": 1,
+    "expert": 1,
+    "tensor": 1,
+  }
   for row in range(2):  # every data replica is one whole slice: only DCN traffic is the gradient
-    assert {d.slice_index for d in mesh.devices[row].flat} == {row}
+    assert {d.slice_index for d in mesh.devices[0, row].flat} == {row}
   with pytest.raises(ValueError, match="the devices span 2 \\(TPU slices\\)"):
     mesh_lib.make_mesh(mesh_config(dcn_data=4), devices)
 

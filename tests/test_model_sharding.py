@@ -61,7 +61,9 @@ def _rules():
 @pytest.mark.parametrize("mesh_shape, scan_layers", [((2, 4, 1), True), ((1, 4, 2), False)])
 def test_born_sharded_creation(mesh_shape, scan_layers):
   cfg = dataclasses.replace(CFG, scan_layers=scan_layers)
-  mesh = Mesh(np.array(jax.devices()).reshape(mesh_shape), ("data", "fsdp", "tensor"))
+  # The default rules name every axis of Loom's mesh: a mesh for them has them all (size 1 here).
+  devices = np.array(jax.devices()).reshape(1, *mesh_shape, 1, 1)
+  mesh = Mesh(devices, ("stage", "data", "fsdp", "tensor", "context", "expert"))
   rules = _rules()
   with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
     abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))

@@ -194,7 +194,8 @@ def test_ahead_of_time_compilation_for_a_64_chip_pod():
   result = plan_lib.plan(config, topology, tokens=10**9)
   assert result["method"].startswith("compiled"), result
   assert (
-    result["chips"] == 64 and result["mesh"] == "data=1 × fsdp=64 × context=1 × expert=1 × tensor=1"
+    result["chips"] == 64
+    and result["mesh"] == "stage=1 × data=1 × fsdp=64 × context=1 × expert=1 × tensor=1"
   )
   breakdown = result["memory_breakdown_bytes"]
   # The arguments are this chip's shards of the train state, plus its batch rows.
@@ -275,6 +276,35 @@ def test_llama_8b_compiles_for_v5p_128_with_splash_attention_and_a_chunked_loss(
   assert estimate["total"] + saved > result["hbm_per_chip_bytes"]
 
 
+@pytest.mark.slow
+def test_long_context_and_pipeline_plans_compile_for_tpu_slices():
+  """configs/llama_8b_131k.py (rows of 131,072 tokens over a context axis of 2) on a v5p-128,
+  and configs/llama_70b.py (two stages, one per slice, over DCN) on two v5p-128 slices, each
+  compiled ahead of time at reduced depth (the scanned layer body is the same at any depth;
+  docs/long_context.md has the full-depth figures)."""
+  from configs import llama_8b_131k, llama_70b
+
+  topology = topology_lib.parse("v5p-128")
+  try:
+    tpu_slice.compile_only_devices(topology)
+  except RuntimeError as e:
+    pytest.skip(f"libtpu is not installed here (.ci/run installs it): {e}")
+  config = llama_8b_131k.get_config()
+  config.model.num_layers = 2
+  result = plan_lib.plan(config, topology)
+  assert result["method"].startswith("compiled") and result["fits"], result
+  assert "context=2" in result["mesh"] and result["attention"] == "context:all_gather"
+  assert result["tokens_per_step"] == 32 * 131072 and "all-gather" in result["collectives"]
+
+  config = llama_70b.get_config()
+  config.model.num_layers = 8
+  result = plan_lib.plan(config, topology_lib.parse("v5p-128", num_slices=2))
+  assert result["method"].startswith("compiled") and result["fits"], result
+  assert result["chips"] == 128 and "stage=2" in result["mesh"] and "dcn_stage=2" in result["dcn"]
+  assert result["pipeline"]["bubble"] == pytest.approx(1 / 9, abs=1e-4)
+  assert result["pipeline"]["step_time_with_bubble_s"] > result["step_time_s"]
+
+
 def small_moe():
   """small_llama with 8 experts (top-2) split over an expert axis of 8: the exchange by
   all-to-all inside shard_map, compiled for the slice. One row of 128 tokens per chip: the
@@ -301,7 +331,7 @@ def test_ahead_of_time_compilation_of_an_expert_parallel_moe():
   assert config.model.moe.dispatch == "auto"  # the caller's config is left as it was
   result = plan_lib.plan(config, topology)
   assert result["method"].startswith("compiled"), result
-  assert result["mesh"] == "data=1 × fsdp=1 × context=1 × expert=8 × tensor=1"
+  assert result["mesh"] == "stage=1 × data=1 × fsdp=1 × context=1 × expert=8 × tensor=1"
   moe = result["moe"]
   assert moe["setting"] == "auto" and moe["dispatch"] == "dropless" and moe["expert_ways"] == 8
   assert "dropless dispatch (model.moe.dispatch=auto, as on TPUs)" in plan_cli.moe_line(result)

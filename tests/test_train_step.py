@@ -153,8 +153,8 @@ def test_parameter_shardings_follow_the_rules():
     for p, s in jax.tree_util.tree_flatten_with_path(spec.shardings["params"])[0]
   }
   P = jax.sharding.PartitionSpec
-  assert specs["['blocks']['attn']['q_kernel']"] == P(None, "fsdp", "tensor", None)
-  assert specs["['blocks']['mlp']['down_kernel']"] == P(None, "tensor", "fsdp")
+  assert specs["['blocks']['attn']['q_kernel']"] == P("stage", "fsdp", "tensor", None)
+  assert specs["['blocks']['mlp']['down_kernel']"] == P("stage", "tensor", "fsdp")
   assert specs["['embed']['table']"] == P("tensor", "fsdp")
   q = state["params"]["blocks"]["attn"]["q_kernel"]
   # [layers, embed, heads, head_dim] = [2, 32, 4, 8] split 4 ways on embed and 2 on heads.

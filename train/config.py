@@ -24,6 +24,7 @@ from configs import default
 from input_pipeline import mixture, tokenizers
 from input_pipeline.host import storage
 from input_pipeline.host.command import LoomError
+from models import pipeline
 from models.config import ModelConfig
 from train import dpo, health, optimizer
 from train import state as state_lib
@@ -77,6 +78,7 @@ def validate(
   process_count = jax.process_count() if process_count is None else process_count
   _check_batch(config, mesh, rules, process_count)
   _check_context(config, mesh, rules)
+  _check_pipeline(config, model_cfg, mesh, rules)
   _check_tensor_within_hosts(mesh.devices, mesh.axis_names)
   _check_context_within_hosts(mesh.devices, mesh.axis_names)
   _check_model_on_mesh(model_cfg, mesh, rules)
@@ -94,7 +96,12 @@ def model_config(config: ml_collections.ConfigDict, *, with_tokenizer: bool = Tr
   _check_dense_has_no_moe_settings(config.model)
   vocab = tokenizers.vocab_size_from_config(config.data)
   try:
-    model_cfg = ModelConfig.from_config(config.model, seq_len=config.data.seq_len, vocab_size=vocab)
+    model_cfg = ModelConfig.from_config(
+      config.model,
+      seq_len=config.data.seq_len,
+      vocab_size=vocab,
+      pipeline=config.get("pipeline"),
+    )
   except ValueError as e:
     raise ConfigError(str(e)) from e
   if with_tokenizer and model_cfg.vocab_size < vocab:
@@ -421,6 +428,49 @@ def _check_context(config, mesh: Mesh, rules) -> None:
     raise ConfigError(
       f"data.seq_len={seq_len} is not divisible by {split}, the size of mesh axes {axes} that "
       f"split each row ({mesh_lib.describe(mesh)}); use a multiple of {split}"
+    )
+
+
+def _check_pipeline(config, model_cfg: ModelConfig, mesh: Mesh, rules) -> None:
+  """Pipeline stages (models/pipeline.py) split the scanned layers of a dense model: the layers
+  must divide into stages × repeats, each forward pass's rows into at least one microbatch per
+  stage."""
+  size = mesh.shape[mesh_lib.STAGE]
+  stages, axes = mesh_lib.ways(mesh, rules, "layers")
+  if size > 1 and mesh_lib.STAGE not in axes:
+    raise ConfigError(
+      f"mesh.stage={size} but mesh.rules splits the stacked 'layers' over {axes}: map "
+      f"('layers', 'stage')"
+    )
+  if stages == 1:
+    return
+  described = f"{stages} pipeline stages ({mesh_lib.describe(mesh)})"
+  if not model_cfg.scan_layers:
+    raise ConfigError(f"{described} split the scanned layers: set model.scan_layers=True")
+  if model_cfg.moe is not None:
+    raise ConfigError(
+      f"{described} run dense models only for now: model.moe.num_experts="
+      f"{model_cfg.moe.num_experts}; use mesh.stage=1 (experts split over mesh.expert)"
+    )
+  if mesh.shape[mesh_lib.CONTEXT] > 1:
+    raise ConfigError(
+      f"{described} and mesh.context={mesh.shape[mesh_lib.CONTEXT]} do not compose yet; use "
+      f"one of them"
+    )
+  micro, repeats = model_cfg.pipeline_microbatches, model_cfg.pipeline_repeats
+  try:
+    pipeline.check(model_cfg.num_layers, stages, micro, repeats)
+  except ValueError as e:
+    raise ConfigError(f"{e} ({described})") from e
+  m = pipeline.resolve_microbatches(micro, stages)
+  rows = config.train.batch_size // config.train.microbatches
+  dp = mesh_lib.data_parallel_size(mesh, rules)
+  if rows % (m * dp):
+    raise ConfigError(
+      f"pipeline.microbatches={m} does not cut the {rows} rows of each forward pass "
+      f"(train.batch_size={config.train.batch_size} / train.microbatches="
+      f"{config.train.microbatches}) into microbatches that the {dp} data-parallel shards "
+      f"split evenly; use microbatches × {dp} dividing {rows}"
     )
 
 

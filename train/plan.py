@@ -76,6 +76,13 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
     )
   if "moe" in result:
     lines.append(moe_line(result))
+  if "pipeline" in result:
+    lines.append(
+      "pipeline: {stages} stages, {microbatches} microbatches, {repeats} repeats: bubble "
+      "{bubble:.1%} of the ticks, {step_time_with_bubble_s:.3f} s/step with it".format(
+        **result["pipeline"]
+      )
+    )
   lines.append(checkpoint_line(result["checkpoints"]))
   for key in ("note", "memory_note", "flops_note", "compile_error"):
     if key in result:

@@ -25,6 +25,7 @@ from flax import nnx
 
 import models
 from models import moe as moe_lib
+from models import pipeline
 from models.attention import cudnn_checks_for, implementation
 from models.config import ModelConfig
 from train import config as config_lib
@@ -117,8 +118,13 @@ def analytic_memory(
   heads_ways = _ways(sizes, rules, "heads")
   # fp32 scores and probabilities of one layer, unless a kernel streams them (kept: O(L) stats)
   scores_full = 2 * 4 * model_cfg.num_heads * config.data.seq_len // heads_ways
-  kernel = attention_kernel(model_cfg, config.data.seq_len, platform)
-  scores = scores_full if kernel == "xla" else 0
+  context = _ways(sizes, rules, "length")
+  tokens //= context  # a device's share of each row under context parallelism
+  kernel = attention_kernel(model_cfg, config.data.seq_len, platform, context)
+  scores = 0 if kernel in ("cudnn", "splash") else scores_full
+  block, local = model_cfg.attention_block, config.data.seq_len // context
+  if kernel == "context:all_gather" and block and local > block and local % block == 0:
+    scores = scores_full * block // local  # one block of local queries' scores at a time
   experts = 0  # an MoE layer's working set per token: its dispatch buffers' rows, empty or not
   dispatch = moe_dispatch(model_cfg, sizes, rules)
   if dispatch:
@@ -157,10 +163,15 @@ def analytic_memory(
   }
 
 
-def attention_kernel(model_cfg: ModelConfig, seq_len: int, platform: str = "tpu") -> str:
+def attention_kernel(
+  model_cfg: ModelConfig, seq_len: int, platform: str = "tpu", context: int = 1
+) -> str:
   """The attention kernel the train step asks for on ``platform`` ("tpu" or "gpu"):
-  ``model.attention`` resolved. On GPUs the plan also reports what the compiled program holds
-  (``attention_in_program``)."""
+  ``model.attention`` resolved; under a split context, "context:" and the form (the XLA math
+  inside shard_map, models/context_parallel.py). On GPUs the plan also reports what the compiled
+  program holds (``attention_in_program``)."""
+  if context > 1:
+    return f"context:{model_cfg.attention_context}"
   return implementation(model_cfg.attention, model_cfg.dtype, seq_len, where=platform)
 
 
@@ -352,7 +363,7 @@ def dispatch_for_tpu(
   return config
 
 
-DCN_AXES = ("dcn_data", "dcn_fsdp", "dcn_context", "dcn_expert", "dcn_tensor")
+DCN_AXES = ("dcn_stage", "dcn_data", "dcn_fsdp", "dcn_context", "dcn_expert", "dcn_tensor")
 
 
 def nodes_over_dcn(config: ml_collections.ConfigDict, topology) -> ml_collections.ConfigDict:
@@ -409,7 +420,9 @@ def plan(
     "tokens_per_step": config.train.batch_size * config.data.seq_len,
     "hbm_per_chip_bytes": chip.hbm_bytes,
     "analytic_memory_per_chip_bytes": estimate,
-    "attention": attention_kernel(model_cfg, config.data.seq_len, platform),
+    "attention": attention_kernel(
+      model_cfg, config.data.seq_len, platform, _ways(sizes, rules, "length")
+    ),
     "loss_chunk": config.train.loss_chunk,
   }
   if topology.num_slices > 1:
@@ -427,13 +440,20 @@ def plan(
     undercounts = []
     if model_cfg.scan_layers:
       undercounts.append("counts a scanned layer stack's body once (model.scan_layers=True)")
-    if result["attention"] != "xla":
+    if result["attention"] in ("cudnn", "splash"):
       undercounts.append(f"cannot see inside the {result['attention']} attention kernel")
     if undercounts:
       result["flops_note"] = (
         f"XLA's cost analysis {' and '.join(undercounts)}: flops_per_step_compiled undercounts"
       )
   result.update(_time_and_energy(config, model_cfg, topology, tokens, mfu))
+  stages = _ways(sizes, rules, "layers")
+  if stages > 1:  # the idle ticks of the schedule lengthen each step (models/pipeline.py)
+    schedule = pipeline.schedule(
+      stages, model_cfg.pipeline_microbatches, model_cfg.pipeline_repeats
+    )
+    schedule["step_time_with_bubble_s"] = result["step_time_s"] / (1 - schedule["bubble"])
+    result["pipeline"] = schedule
   result["checkpoints"] = checkpoint_losses(
     config, estimate["state"] * chips_per_host(topology), result["step_time_s"], save_rates
   )

@@ -22,6 +22,7 @@ import input_pipeline
 import models
 from input_pipeline.host import agreement, settings, storage
 from models import attention
+from models import pipeline as pipeline_parallel
 from models.config import ModelConfig
 from train import config as config_lib
 from train import faults, init_from, loop, metrics_writer
@@ -257,6 +258,13 @@ def restore_or_init(run: Run, ckpt: checkpoint_lib.Checkpointer) -> tuple[Any, i
   return state, step
 
 
+def pipeline_schedule(run: Run) -> dict[str, float | int]:
+  """The pipeline's stages, microbatches, repeats, ticks and bubble (1 stage: no pipeline)."""
+  stages = mesh_lib.ways(run.mesh, run.rules, "layers")[0]
+  cfg = run.model_cfg
+  return pipeline_parallel.schedule(stages, cfg.pipeline_microbatches, cfg.pipeline_repeats)
+
+
 def log_startup(run: Run, start_step: int) -> None:
   config = run.config
   params = models.param_count(run.model_cfg)
@@ -284,6 +292,12 @@ def log_startup(run: Run, start_step: int) -> None:
     f"compile {run.meter.seconds['compile']:.1f}s",
     f"steps: {start_step} -> {config.train.steps}; workdir {run.workdir}",
   ]
+  schedule = pipeline_schedule(run)
+  if schedule["stages"] > 1:
+    lines.append(
+      "pipeline: {stages} stages, {microbatches} microbatches, {repeats} repeats "
+      "({ticks} ticks per forward pass, bubble {bubble:.1%})".format(**schedule)
+    )
   for line in lines:
     log.info(line)
 
@@ -340,6 +354,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   summary["checkpoint_seal_s"] = round(ckpt.seal_seconds, 3)
   summary["checkpoint_retried_saves"] = ckpt.retried_saves
   summary["restored_from"] = ckpt.restored_from
+  summary["pipeline"] = pipeline_schedule(run)
   if ckpt.local is not None:
     stats = ckpt.local.stats
     summary["local_tier"] = {

@@ -23,7 +23,7 @@ import orbax.checkpoint as ocp
 
 from input_pipeline.host import agreement, storage
 from input_pipeline.host.command import EXIT_IO, EXIT_PREEMPTED, LoomError
-from models.config import ModelConfig
+from models.config import SCHEDULE_FIELDS, ModelConfig
 from train.checkpoint import save_outcome
 from train.checkpoint.integrity import is_sealed, num_parts, parts_for, seal, verify
 from train.checkpoint.local_tier import LocalTier
@@ -468,7 +468,7 @@ def check_compatible(
   def same(a: Any, b: Any) -> bool:  # JSON gives lists where the config holds tuples
     return (tuple(a) if isinstance(a, list) else a) == (tuple(b) if isinstance(b, list) else b)
 
-  for key in sorted(set(saved_model) | set(current_model)):
+  for key in sorted((set(saved_model) | set(current_model)) - set(SCHEDULE_FIELDS)):
     if not same(saved_model.get(key), current_model.get(key)):
       problems.append(
         f"model.{key}={saved_model.get(key)!r} in the checkpoint, {current_model.get(key)!r} now"

@@ -18,14 +18,16 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from models import sharding
 
 # Outermost first: the later an axis, the closer its devices (tensor innermost, on the fastest
-# links; expert next, for its all-to-all; context before it, for its per-layer key/value traffic).
-MESH_AXES = ("data", "fsdp", "context", "expert", "tensor")
+# links; expert next, for its all-to-all; context before it, for its per-layer key/value traffic;
+# stage outermost: pipeline stages pass only one microbatch's activations per tick).
+MESH_AXES = ("stage", "data", "fsdp", "context", "expert", "tensor")
 TENSOR = "tensor"  # the axis that must stay within a host (train/config.py checks it)
 EXPERT = "expert"  # shards a mixture of experts' experts (models/moe.py); 1 = none
 CONTEXT = "context"  # shards the rows' length (models/context_parallel.py); 1 = none
+STAGE = "stage"  # splits the scanned layers into pipeline stages (models/pipeline.py); 1 = none
 # Axes a mesh config from before them (a checkpoint's saved config, a fallback built in code)
 # may lack: absent means size 1.
-OPTIONAL = (EXPERT, CONTEXT)
+OPTIONAL = (EXPERT, CONTEXT, STAGE)
 
 log = logging.getLogger("loom")
 
@@ -33,8 +35,8 @@ Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 
 
 def _sizes(mesh_config, prefix: str) -> dict[str, int]:
-  # Meshes from before the DCN, expert and context keys existed (a checkpoint's saved config, a
-  # fallback built in code) have no such entries: they mean one slice and no such axis.
+  # Meshes from before the DCN, expert, context and stage keys existed (a checkpoint's saved
+  # config, a fallback built in code) have no such entries: they mean one slice and no such axis.
   return {
     axis: int(
       mesh_config.get(f"{prefix}{axis}", 1) if prefix or axis in OPTIONAL else mesh_config[axis]
@@ -52,7 +54,7 @@ def _describe_config(ici: dict[str, int], dcn: dict[str, int]) -> str:
 def hybrid_mesh_shape(mesh_config, num_devices: int) -> tuple[dict[str, int], dict[str, int]]:
   """Per-slice (ICI) and across-slice (DCN) sizes of each mesh axis for ``num_devices``.
 
-  ``mesh.data/fsdp/context/expert/tensor`` size the mesh inside one slice (one of them may be
+  ``mesh.stage/data/fsdp/context/expert/tensor`` size the mesh inside one slice (one of them may be
   -1: the rest of a slice's devices); the ``mesh.dcn_*`` sizes multiply them across slices (TPU
   slices joined by the data-centre network, or GPU nodes). An axis's full size is ICI × DCN;
   with every DCN size 1 the mesh is one slice and ``mesh.*`` are the whole mesh.
@@ -162,7 +164,7 @@ def _hybrid_device_array(
 
 
 def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """Builds the (data, fsdp, context, expert, tensor) mesh over ``devices`` (default: all
+  """Builds the (stage, data, fsdp, context, expert, tensor) mesh over ``devices`` (default: all
   global devices).
 
   With any ``mesh.dcn_*`` size above 1 the mesh is hybrid: each slice holds an ICI-shaped block,

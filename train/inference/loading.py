@@ -100,12 +100,30 @@ def load(
 
 def _mesh_for(mesh_config: Any) -> tuple[jax.sharding.Mesh, mesh_lib.Rules]:
   rules = mesh_lib.logical_rules(mesh_config)
+  mesh_config = unstaged(mesh_config)
   try:
     return mesh_lib.make_mesh(mesh_config), rules
   except ValueError as e:
     log.warning("the run's mesh does not fit here (%s); using fsdp over all devices", e)
     fallback = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
     return mesh_lib.make_mesh(fallback), rules
+
+
+def unstaged(mesh_config: Any) -> Any:
+  """A training mesh with pipeline stages, for inference: the stage devices go to fsdp.
+
+  Generation and scoring run the layers in order (models/pipeline.py pipelines only the
+  training forward pass); the stage axis would leave each device a few layers to wait on.
+  """
+  stage, dcn_stage = mesh_config.get("stage", 1), mesh_config.get("dcn_stage", 1)
+  if stage == 1 and dcn_stage == 1:
+    return mesh_config
+  folded = ml_collections.ConfigDict(mesh_config.to_dict())
+  folded.stage, folded.dcn_stage = 1, 1
+  if folded.fsdp != -1:
+    folded.fsdp *= stage
+  folded.dcn_fsdp = folded.get("dcn_fsdp", 1) * dcn_stage
+  return folded
 
 
 def _tokenizer(config: ml_collections.ConfigDict, metadata: dict[str, Any], workdir: str) -> Any:
