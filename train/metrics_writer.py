@@ -1,4 +1,5 @@
-"""Where metrics go: ``metrics.jsonl``, TensorBoard and a progress line. Only process 0 writes."""
+"""Where metrics go: ``metrics.jsonl``, TensorBoard and a progress line. Only process 0 writes.
+``read_run`` and ``series`` read ``metrics.jsonl`` back (train.report, train.compare)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,44 @@ def _clean(value: Any) -> Any:
   if isinstance(value, float) and not math.isfinite(value):
     return str(value)  # JSON has no NaN/inf; keep them visible as strings
   return value
+
+
+def read_metrics(path) -> list[dict[str, Any]]:
+  """The JSON records of metrics.jsonl; a line torn by a crash is skipped."""
+  records = []
+  for line in storage.absolute(path).read_text(encoding="utf-8").splitlines():
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError:
+      continue
+  return records
+
+
+def read_run(workdir) -> list[dict[str, Any]]:
+  """The records of a run's ``WORKDIR/metrics.jsonl``; FileNotFoundError (no file) or ValueError
+  (no records) with a message naming the path."""
+  path = storage.absolute(workdir) / "metrics.jsonl"
+  if not path.is_file():
+    raise FileNotFoundError(
+      f"{workdir} has no metrics.jsonl ({path}); pass the --workdir of a training run "
+      "(python -m train --workdir DIR writes it)"
+    )
+  records = read_metrics(path)
+  if not records:
+    raise ValueError(f"{path} holds no metrics yet; run at least log.every steps")
+  return records
+
+
+def series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+  """(steps, values) of one metric, skipping records without it and non-finite values (stored
+  as strings)."""
+  steps, values = [], []
+  for record in records:
+    value = record.get(key)
+    if isinstance(value, (int, float)) and math.isfinite(value):
+      steps.append(int(record["step"]))
+      values.append(float(value))
+  return steps, values
 
 
 class MetricsWriter:

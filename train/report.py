@@ -1,4 +1,5 @@
-"""``python -m train.report DIR``: the run's curves and meter summary, drawn to ``DIR/report.png``.
+"""``python -m train.report DIR``: the run's curves and meter summary, drawn to ``DIR/report.png``;
+``python -m train.report DIR_A DIR_B ... --out PNG``: their loss curves together (train/compare.py).
 
 Reads ``DIR/metrics.jsonl`` (train and eval loss, tokens/s and MFU per logged step) and, when the
 run has finished, ``DIR/report.json`` (the meter): where the wall time went is one stacked bar
@@ -10,42 +11,23 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import os
+import sys
 from collections.abc import Sequence
 from typing import Any
 
 import matplotlib
+from absl import flags
 
 from input_pipeline.host import command, storage
+from train import compare
+from train.metrics_writer import read_run, series
 
 CURVES = (  # (panel title, y label, [(metrics key, legend label)])
   ("Loss", "nats / token", [("train/loss", "train"), ("eval/loss", "eval")]),
   ("Throughput", "tokens / s", [("perf/tokens_per_second", "train")]),
   ("Model FLOPs utilisation", "fraction of measured peak", [("perf/mfu", "MFU")]),
 )
-
-
-def read_metrics(path) -> list[dict[str, Any]]:
-  """The JSON records of metrics.jsonl; a line torn by a crash is skipped."""
-  records = []
-  for line in storage.absolute(path).read_text(encoding="utf-8").splitlines():
-    try:
-      records.append(json.loads(line))
-    except json.JSONDecodeError:
-      continue
-  return records
-
-
-def series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
-  """(steps, values) of one metric, skipping records without it and non-finite values."""
-  steps, values = [], []
-  for record in records:
-    value = record.get(key)
-    if isinstance(value, (int, float)) and math.isfinite(value):
-      steps.append(int(record["step"]))
-      values.append(float(value))
-  return steps, values
 
 
 WALL_PARTS = {  # goodput's names -> the bar's labels
@@ -125,15 +107,7 @@ def summary_text(report: dict[str, Any] | None) -> str:
 def render(workdir: str, out_path: str | None = None) -> str:
   """Draws the curves and the meter summary; returns the PNG's path."""
   root = storage.absolute(workdir)
-  metrics_path = root / "metrics.jsonl"
-  if not metrics_path.is_file():
-    raise FileNotFoundError(
-      f"{workdir} has no metrics.jsonl ({metrics_path}); pass the --workdir of a training run "
-      "(python -m train --workdir DIR writes it)"
-    )
-  records = read_metrics(metrics_path)
-  if not records:
-    raise ValueError(f"{metrics_path} holds no metrics yet; run at least log.every steps")
+  records = read_run(workdir)
   report_path = root / "report.json"
   report = json.loads(report_path.read_text()) if report_path.is_file() else None
 
@@ -176,19 +150,42 @@ def render(workdir: str, out_path: str | None = None) -> str:
   return out_path
 
 
-USAGE = "usage: python -m train.report DIR"
+USAGE = (
+  "usage: python -m train.report DIR [--out PNG]\n"
+  "       python -m train.report DIR_A DIR_B [...] --out PNG [--labels A,B,...]"
+)
+MAX_RUNS = 10  # runs in one comparison: matplotlib's ten default colours
+
+_OUT = flags.DEFINE_string("out", None, "The PNG to draw (one DIR: default DIR/report.png).")
+_LABELS = flags.DEFINE_list(
+  "labels", None, "Several DIRs: their legend names (default: model.quant or the DIR's name)."
+)
 
 
-def main(argv: Sequence[str]) -> int:
-  if len(argv) != 2:
-    return command.error(USAGE)
+def main(argv: Sequence[str], out: str | None = None, labels: Sequence[str] | None = None) -> int:
+  """One DIR: its report.png. Several: their loss curves in ``out``, and a summary printed."""
+  workdirs = argv[1:]
+  if not workdirs or (len(workdirs) > 1 and not out):
+    code = command.error("give one DIR, or several DIRs and --out PNG")
+    print(USAGE, file=sys.stderr)
+    return code
   try:
-    path = render(argv[1])
+    if len(workdirs) == 1:
+      print(render(workdirs[0], out))
+      return command.EXIT_OK
+    runs = compare.load_runs(workdirs, labels)
+    path = compare.render(runs, out)
   except (FileNotFoundError, ValueError) as e:
     return command.error(e)
+  print(compare.summary(runs))
   print(path)
   return command.EXIT_OK
 
 
 if __name__ == "__main__":
-  command.run(main, usage=USAGE, multi_process=False, positional=1)
+  command.run(
+    lambda argv: main(argv, _OUT.value, _LABELS.value),
+    usage=USAGE,
+    multi_process=False,
+    positional=MAX_RUNS,
+  )
