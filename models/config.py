@@ -22,9 +22,10 @@ DTYPES = ("float32", "bfloat16", "float16")
 ROPE_SCALINGS = ("none", "llama3")
 # The projections' matmuls in a low format, forward and backward (models/quant.py).
 QUANTS = ("none", "fp8", "int8")
-# Fields that say how the training forward pass is scheduled, not what the model computes: a
-# checkpoint resumes under any values of them (train/checkpoint/manager.py).
-SCHEDULE_FIELDS = ("pipeline_microbatches", "pipeline_repeats")
+# Fields that say how the forward pass is laid out over devices, not what the model computes
+# (the same function to float rounding): a checkpoint resumes under any values of them
+# (train/checkpoint/manager.py).
+SCHEDULE_FIELDS = ("pipeline_microbatches", "pipeline_repeats", "attention_context")
 
 
 ROUTERS = ("softmax", "sigmoid")

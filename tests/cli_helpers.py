@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -78,3 +79,30 @@ def copy_run(source, target, *without_steps: int) -> str:
   for step in without_steps:
     shutil.rmtree(os.path.join(target, "checkpoints", str(step)))
   return str(target)
+
+
+def resume_from_step_10(reference, workdir, *overrides, cache_dir):
+  """A copy of the run in ``reference`` without its step-20 checkpoint, resumed from step 10
+  to step 20 with ``overrides`` (logging every step). Returns the finished process."""
+  shutil.copytree(reference, workdir)
+  shutil.rmtree(os.path.join(workdir, "checkpoints", "20"))
+  result = run_train(workdir, "--config.log.every=1", *overrides, cache_dir=cache_dir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "at step 10" in result.stderr
+  return result
+
+
+class _Request:  # an lm-eval request: its arguments
+  def __init__(self, *args):
+    self.args = args
+
+
+def scores_and_greedy_text(workdir):
+  """The final checkpoint of ``workdir`` loaded for inference: lm-eval log-likelihoods of two
+  requests (the harness adapter) and six greedy tokens after "def " (the generation engine)."""
+  from train.inference import generation, harness, loading
+
+  model = loading.load(workdir)
+  requests = [_Request("def f(x):", " return x"), _Request("import os", "\nimport sys")]
+  scores = [score for score, _ in harness.loom_lm(model, 4).loglikelihood(requests)]
+  return model, scores, generation.generate(model, ["def "], max_new_tokens=6, temperature=0.0)

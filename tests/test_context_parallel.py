@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from cli_helpers import read_metrics, resume_from_step_10, scores_and_greedy_text, train_losses
 from flax import nnx
 from model_configs import model_config
 
@@ -199,3 +200,25 @@ def test_a_context_axis_across_processes_is_refused():
   config_lib._check_context_within_hosts(devices.reshape(2, 1, 4, 1, 1), names)
   with pytest.raises(config_lib.ConfigError, match=r"mesh.context=8 would span processes \[0, 1\]"):
     config_lib._check_context_within_hosts(devices.reshape(1, 1, 8, 1, 1), names)
+
+
+@pytest.mark.slow
+def test_a_context_run_resumes_across_the_split_and_its_checkpoint_serves_inference(
+  tiny_reference, tmp_path, cache_dir
+):
+  """configs/tiny.py resumed from the one-device reference's step 10 with each row split over 2
+  devices: the reference's losses (its eval and greedy sample included, run by the trainer on
+  the context mesh); the checkpoint it writes loads for generation and lm-eval scoring (the
+  loader folds the context axis into fsdp) and scores and samples as the reference's."""
+  workdir = str(tmp_path / "context")
+  overrides = ("--config.mesh.context=2", "--config.model.attention_context=ring")
+  resume_from_step_10(tiny_reference, workdir, *overrides, cache_dir=cache_dir)
+  expected, got = (train_losses(read_metrics(w)) for w in (tiny_reference, workdir))
+  assert sorted(got) == sorted(expected)
+  steps = sorted(got)
+  np.testing.assert_allclose([got[s] for s in steps], [expected[s] for s in steps], rtol=2e-5)
+  model, scores, sample = scores_and_greedy_text(workdir)
+  assert model.step == 20 and model.mesh.shape["context"] == 1
+  _, want_scores, want_sample = scores_and_greedy_text(tiny_reference)
+  np.testing.assert_allclose(scores, want_scores, rtol=1e-3)
+  assert sample.texts == want_sample.texts and sample.texts[0]

@@ -298,10 +298,11 @@ def test_long_context_and_pipeline_plans_compile_for_tpu_slices():
 
   config = llama_70b.get_config()
   config.model.num_layers = 8
+  config.train.batch_size, config.pipeline.microbatches = 128, 2  # one row per chip: faster
   result = plan_lib.plan(config, topology_lib.parse("v5p-128", num_slices=2))
   assert result["method"].startswith("compiled") and result["fits"], result
   assert result["chips"] == 128 and "stage=2" in result["mesh"] and "dcn_stage=2" in result["dcn"]
-  assert result["pipeline"]["bubble"] == pytest.approx(1 / 9, abs=1e-4)
+  assert result["pipeline"]["bubble"] == pytest.approx(1 / 3, abs=1e-4)
   assert result["pipeline"]["step_time_with_bubble_s"] > result["step_time_s"]
 
 

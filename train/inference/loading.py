@@ -110,19 +110,22 @@ def _mesh_for(mesh_config: Any) -> tuple[jax.sharding.Mesh, mesh_lib.Rules]:
 
 
 def unstaged(mesh_config: Any) -> Any:
-  """A training mesh with pipeline stages, for inference: the stage devices go to fsdp.
+  """A training mesh for inference: its stage and context devices go to fsdp.
 
   Generation and scoring run the layers in order (models/pipeline.py pipelines only the
-  training forward pass); the stage axis would leave each device a few layers to wait on.
+  training forward pass) on whole rows of any length (models/context_parallel.py needs rows a
+  multiple of the context axis); both axes would leave devices waiting on each other.
   """
-  stage, dcn_stage = mesh_config.get("stage", 1), mesh_config.get("dcn_stage", 1)
-  if stage == 1 and dcn_stage == 1:
+  folded_axes = ("stage", "context")
+  sizes = {a: (mesh_config.get(a, 1), mesh_config.get(f"dcn_{a}", 1)) for a in folded_axes}
+  if all(size == (1, 1) for size in sizes.values()):
     return mesh_config
   folded = ml_collections.ConfigDict(mesh_config.to_dict())
-  folded.stage, folded.dcn_stage = 1, 1
-  if folded.fsdp != -1:
-    folded.fsdp *= stage
-  folded.dcn_fsdp = folded.get("dcn_fsdp", 1) * dcn_stage
+  for axis, (ici, dcn) in sizes.items():
+    folded[axis], folded[f"dcn_{axis}"] = 1, 1
+    if folded.fsdp != -1:
+      folded.fsdp *= ici
+    folded.dcn_fsdp = folded.get("dcn_fsdp", 1) * dcn
   return folded
 
 
