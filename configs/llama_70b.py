@@ -10,9 +10,11 @@ Hardware: two TPU v5p-128 slices (2 × 64 chips) joined by the data-centre netwo
           in two pipeline stages, one per slice (mesh.dcn_stage=2), so only one microbatch's
           activations cross the DCN per tick; inside each slice FSDP over its 64 chips. bf16
           compute, full remat, 8 microbatches of 64 rows of 8,192 tokens (bubble 1/9).
-Expected: plan it first (python -m train.plan --config configs/llama_70b.py --topology v5p-128
-          --num_slices 2); docs/long_context.md has the compiled figures. Not yet trained by
-          Loom: no loss or MFU is promised.
+Expected: plan it (python -m train.plan --config configs/llama_70b.py --topology v5p-128
+          --num_slices 2): compiled ahead of time, 81.0 GiB per chip of 95 (docs/long_context.md).
+          The run itself is refused today: its stages span processes, and the input pipeline
+          does not yet give both stages the same rows. Not trained by Loom: no loss or MFU is
+          promised.
 """
 
 from configs import llama_8b

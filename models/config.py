@@ -25,7 +25,10 @@ QUANTS = ("none", "fp8", "int8")
 # Fields that say how the forward pass is laid out over devices, not what the model computes
 # (the same function to float rounding): a checkpoint resumes under any values of them
 # (train/checkpoint/manager.py).
-SCHEDULE_FIELDS = ("pipeline_microbatches", "pipeline_repeats", "attention_context")
+# The pipeline's fields come from the run config's ``pipeline`` group, not ``model``: they are
+# not part of ``to_dict`` (checkpoint metadata, imports, init_from compare model groups).
+PIPELINE_FIELDS = ("pipeline_microbatches", "pipeline_repeats")
+SCHEDULE_FIELDS = (*PIPELINE_FIELDS, "attention_context")
 
 
 ROUTERS = ("softmax", "sigmoid")
@@ -253,7 +256,7 @@ class ModelConfig:
     unknown = sorted(set(values) - fields)
     if unknown:
       raise ValueError(f"unknown model config keys {unknown}; valid keys: {sorted(fields)}")
-    missing = sorted(fields - set(values) - {"pipeline_microbatches", "pipeline_repeats"})
+    missing = sorted(fields - set(values) - set(PIPELINE_FIELDS))
     if missing:
       raise ValueError(
         f"model config keys {missing} are missing: a config file's model group starts from "
@@ -262,7 +265,11 @@ class ModelConfig:
     return cls(**values)
 
   def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
+    """The ``model`` group's fields (the pipeline's, from another group, left out)."""
+    out = dataclasses.asdict(self)
+    for name in PIPELINE_FIELDS:
+      del out[name]
+    return out
 
 
 def _moe_config(value: Any, mlp_dim: int) -> MoEConfig | None:

@@ -272,6 +272,30 @@ class Transformer(nnx.Module):
       logits_BLV = dense(x_BLD, kernel_DV, preferred_element_type=jnp.float32)
     return constrain(logits_BLV, ("batch", "length", "vocab"))
 
+  def _pipelined(self, x_BLD, positions_BL, mask_BLS, remat: str, segment_ids_BL) -> jax.Array:
+    """The training forward pass with the layers split over stages (models/pipeline.py); an MoE
+    model's dense first layers and statistics are refused there (train/config.py)."""
+    graphdef, stacked = nnx.split(self.blocks)
+
+    def layer(state: nnx.State, x_BLD: jax.Array, inputs: dict) -> jax.Array:
+      block = nnx.merge(graphdef, state)
+      args = inputs["positions"], inputs.get("mask"), None, None, inputs.get("segment_ids")
+      return block(x_BLD, *args)[0]
+
+    rows = {"positions": positions_BL, "segment_ids": segment_ids_BL, "mask": mask_BLS}
+    batch = x_BLD.shape[0]
+    per_row = {k: v for k, v in rows.items() if v is not None and v.shape[0] == batch}
+    shared = {k: v for k, v in rows.items() if v is not None and k not in per_row}
+    return pipeline.run(
+      _maybe_remat(layer, remat, prevent_cse=False),
+      stacked,
+      x_BLD,
+      per_row,
+      shared,
+      microbatches=self.cfg.pipeline_microbatches,
+      repeats=self.cfg.pipeline_repeats,
+    )
+
   def _run_blocks(
     self,
     x_BLD: jax.Array,
@@ -293,29 +317,7 @@ class Transformer(nnx.Module):
       return _maybe_remat(apply, remat, prevent_cse=prevent_cse)
 
     if self.cfg.scan_layers and cache is None and pipeline.stages() > 1:
-      # The training forward pass with the layers split over stages (models/pipeline.py); an
-      # MoE model's dense first layers and statistics are refused there (train/config.py).
-      graphdef, stacked = nnx.split(self.blocks)
-
-      def layer(state: nnx.State, x_BLD: jax.Array, inputs: dict) -> jax.Array:
-        block = nnx.merge(graphdef, state)
-        args = inputs["positions"], inputs.get("mask"), None, None, inputs.get("segment_ids")
-        return block(x_BLD, *args)[0]
-
-      rows = {"positions": positions_BL, "segment_ids": segment_ids_BL, "mask": mask_BLS}
-      batch = x_BLD.shape[0]
-      per_row = {k: v for k, v in rows.items() if v is not None and v.shape[0] == batch}
-      shared = {k: v for k, v in rows.items() if v is not None and k not in per_row}
-      x_BLD = pipeline.run(
-        _maybe_remat(layer, remat, prevent_cse=False),
-        stacked,
-        x_BLD,
-        per_row,
-        shared,
-        microbatches=self.cfg.pipeline_microbatches,
-        repeats=self.cfg.pipeline_repeats,
-      )
-      return x_BLD, None, {}
+      return self._pipelined(x_BLD, positions_BL, mask_BLS, remat, segment_ids_BL), None, {}
 
     if self.cfg.scan_layers:
 

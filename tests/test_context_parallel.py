@@ -176,6 +176,8 @@ def test_bad_context_settings_are_refused_before_any_work():
   assert resolved.mesh.shape["context"] == 2
   with pytest.raises(config_lib.ConfigError, match=r"data.seq_len=33 is not divisible by 2,"):
     _validate(**{"data.seq_len": 33})
+  with pytest.raises(config_lib.ConfigError, match=r"model.attention_block=12 does not divide"):
+    _validate(**{"model.attention_block": 12})  # 16 positions per shard
   with pytest.raises(
     config_lib.ConfigError, match=r"model.attention_context='zigzag' is not one of .*'ring'"
   ):

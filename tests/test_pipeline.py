@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import json
 import os
+import types
 
 import jax
 import jax.numpy as jnp
@@ -126,6 +127,14 @@ def test_bad_pipeline_settings_are_refused_before_any_work():
     r"set model.scan_layers=True": {"model.scan_layers": False},
     r"model.moe.num_experts=4; use mesh.stage=1": {"model.moe": _moe(4)},
     r"and mesh.context=2 do not compose": {"mesh.context": 2, "mesh.fsdp": 2},
+    r"the language-model objective only for now: train.objective='dpo'": {
+      "train.objective": "dpo",
+      "data.source": "prefs:pairs.jsonl",
+    },
+    r"harness.tasks=\('loom_python_mc',\)": {
+      "harness.tasks": ("loom_python_mc",),
+      "harness.include_path": os.path.join(os.path.dirname(__file__), "harness_tasks"),
+    },
     r"mesh.stage=2 but mesh.rules splits the stacked 'layers' over \(\)": {
       "mesh.rules": tuple(r for r in RULES if r[0] != "layers")
     },
@@ -133,6 +142,21 @@ def test_bad_pipeline_settings_are_refused_before_any_work():
   for message, overrides in refusals.items():
     with pytest.raises(config_lib.ConfigError, match=message):
       _validate(**overrides)
+
+
+def test_stages_across_processes_are_refused_for_a_run():
+  """Each process reads its own rows and every stage needs the same: a run keeps its stages
+  within one process (a plan, which feeds no data, compiles them across slices)."""
+  devices = np.array(
+    [types.SimpleNamespace(id=i, process_index=i // 4) for i in range(8)], dtype=object
+  )
+  names = mesh_lib.MESH_AXES
+  config_lib._check_stages_within_hosts(devices.reshape(1, 2, 4, 1, 1, 1), names)
+  with pytest.raises(config_lib.ConfigError, match=r"= 2 would span processes \[0, 1\]"):
+    config_lib._check_stages_within_hosts(devices.reshape(2, 1, 4, 1, 1, 1), names)
+  rules = tuple(r for r in RULES if r[0] != "layers") + (("layers", ("stage", "fsdp")),)
+  with pytest.raises(config_lib.ConfigError, match=r"the only axis that splits layers"):
+    _validate(**{"mesh.rules": rules})
 
 
 def _moe(experts: int) -> ml_collections.ConfigDict:

@@ -81,6 +81,8 @@ def validate(
   _check_pipeline(config, model_cfg, mesh, rules)
   _check_tensor_within_hosts(mesh.devices, mesh.axis_names)
   _check_context_within_hosts(mesh.devices, mesh.axis_names)
+  if process_count > 1:  # a run; train.plan (one process, no data) compiles such meshes
+    _check_stages_within_hosts(mesh.devices, mesh.axis_names)
   _check_model_on_mesh(model_cfg, mesh, rules)
   try:
     hardware.check_quant(model_cfg.quant, model_cfg.quant_emulation, mesh.devices.flat[0])
@@ -429,6 +431,14 @@ def _check_context(config, mesh: Mesh, rules) -> None:
       f"data.seq_len={seq_len} is not divisible by {split}, the size of mesh axes {axes} that "
       f"split each row ({mesh_lib.describe(mesh)}); use a multiple of {split}"
     )
+  local, block = seq_len // split, config.model.attention_block
+  gathered = split > 1 and config.model.attention_context == "all_gather"
+  if gathered and 0 < block < local and local % block:
+    raise ConfigError(
+      f"model.attention_block={block} does not divide the {local} positions of each row's "
+      f"context shard (data.seq_len={seq_len} / {split}): the all-gather attention goes by "
+      f"whole blocks of them; use a divisor of {local}, or 0 (whole shards)"
+    )
 
 
 def _check_pipeline(config, model_cfg: ModelConfig, mesh: Mesh, rules) -> None:
@@ -437,10 +447,10 @@ def _check_pipeline(config, model_cfg: ModelConfig, mesh: Mesh, rules) -> None:
   stage."""
   size = mesh.shape[mesh_lib.STAGE]
   stages, axes = mesh_lib.ways(mesh, rules, "layers")
-  if size > 1 and mesh_lib.STAGE not in axes:
+  if (size > 1 and axes != (mesh_lib.STAGE,)) or (stages > 1 and mesh_lib.STAGE not in axes):
     raise ConfigError(
       f"mesh.stage={size} but mesh.rules splits the stacked 'layers' over {axes}: map "
-      f"('layers', 'stage')"
+      f"('layers', 'stage'), the only axis that splits layers into pipeline stages"
     )
   if stages == 1:
     return
@@ -457,6 +467,13 @@ def _check_pipeline(config, model_cfg: ModelConfig, mesh: Mesh, rules) -> None:
       f"{described} and mesh.context={mesh.shape[mesh_lib.CONTEXT]} do not compose yet; use "
       f"one of them"
     )
+  if config.train.objective != "lm" or config.harness.tasks:
+    raise ConfigError(
+      f"{described} train the language-model objective only for now: train.objective="
+      f"{config.train.objective!r}, harness.tasks={tuple(config.harness.tasks)}; use "
+      f"train.objective='lm' and no harness.tasks (run python -m train.evaluate on the "
+      f"checkpoints instead), or mesh.stage=1"
+    )
   micro, repeats = model_cfg.pipeline_microbatches, model_cfg.pipeline_repeats
   try:
     pipeline.check(model_cfg.num_layers, stages, micro, repeats)
@@ -471,6 +488,19 @@ def _check_pipeline(config, model_cfg: ModelConfig, mesh: Mesh, rules) -> None:
       f"(train.batch_size={config.train.batch_size} / train.microbatches="
       f"{config.train.microbatches}) into microbatches that the {dp} data-parallel shards "
       f"split evenly; use microbatches × {dp} dividing {rows}"
+    )
+
+
+def _check_stages_within_hosts(devices: np.ndarray, axis_names: tuple[str, ...]) -> None:
+  """Every stage needs the same rows, and each process reads a share of its own
+  (input_pipeline/device.py): a stage axis across processes cannot be fed yet."""
+  found = _spanning_group(devices, axis_names, mesh_lib.STAGE)
+  if found:
+    size, owners, ids = found
+    raise ConfigError(
+      f"mesh.stage × mesh.dcn_stage = {size} would span processes {owners} (devices {ids}): "
+      f"each process reads its own rows, and the stages need the same ones; keep the stages "
+      f"within one process (train.plan compiles such a mesh: it feeds no data)"
     )
 
 

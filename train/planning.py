@@ -146,7 +146,12 @@ def analytic_memory(
     "save_attention_mlp": act_bytes * (2 * d + 2 * mlp),
     "none": layer_live,
   }[model_cfg.remat]
-  activations = tokens * (layers * saved + layer_live)
+  # Pipeline stages: a device keeps its stage's layers' saved inputs, for all of its rows, and
+  # the microbatch buffer (its rows' hidden states) beside them.
+  stages = _ways(sizes, rules, "layers")
+  activations = tokens * (layers // stages * saved + layer_live)
+  if stages > 1:
+    activations += tokens * act_bytes * d * 2
   logits_full = tokens * model_cfg.vocab_size * 4 * 2 // _ways(sizes, rules, "vocab")  # + grad
   chunk = config.train.loss_chunk
   logits = logits_full * chunk // config.data.seq_len if chunk else logits_full

@@ -116,14 +116,16 @@ def unstaged(mesh_config: Any) -> Any:
   training forward pass) on whole rows of any length (models/context_parallel.py needs rows a
   multiple of the context axis); both axes would leave devices waiting on each other.
   """
-  folded_axes = ("stage", "context")
+  folded_axes = (mesh_lib.STAGE, mesh_lib.CONTEXT)
   sizes = {a: (mesh_config.get(a, 1), mesh_config.get(f"dcn_{a}", 1)) for a in folded_axes}
   if all(size == (1, 1) for size in sizes.values()):
     return mesh_config
   folded = ml_collections.ConfigDict(mesh_config.to_dict())
   for axis, (ici, dcn) in sizes.items():
     folded[axis], folded[f"dcn_{axis}"] = 1, 1
-    if folded.fsdp != -1:
+    if ici == -1:  # the rest of a slice's devices: fsdp takes them instead
+      folded.fsdp = -1
+    elif folded.fsdp != -1:
       folded.fsdp *= ici
     folded.dcn_fsdp = folded.get("dcn_fsdp", 1) * dcn
   return folded
