@@ -393,7 +393,9 @@ def test_nodes_join_over_the_data_centre_network(h100x8):
   result = plan_lib.plan(config, hardware.parse("h100:8x4"))
   assert result["cuda_topology"] == "4x1x8" and result["chips"] == 32
   assert result["mesh"] == "stage=1 × data=4 × fsdp=8 × context=1 × expert=1 × tensor=1"
-  assert result["dcn"] == "dcn_data=4 × dcn_fsdp=1 × dcn_context=1 × dcn_expert=1 × dcn_tensor=1"
+  assert result["dcn"] == (
+    "dcn_stage=1 × dcn_data=4 × dcn_fsdp=1 × dcn_context=1 × dcn_expert=1 × dcn_tensor=1"
+  )
   # Gradients are summed across the replicas (an all-reduce over the nodes) besides FSDP's.
   assert {"all-gather", "reduce-scatter", "all-reduce"} <= set(result["collectives"])
   assert result["fits"]
