@@ -8,12 +8,23 @@ import pathlib
 import shutil
 import tempfile
 
+# The tests in this process compile at XLA's backend optimisation level 0: they check numbers and
+# behaviour, not speed, and LLVM's optimisation is a third of a small test's compile time. Every
+# `python -m ...` the tests start sets its own XLA_FLAGS (cli_helpers.train_env and the like) and so
+# compiles as a user's command does.
 os.environ["XLA_FLAGS"] = (
-  os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+  os.environ.get("XLA_FLAGS", "")
+  + " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
 ).strip()
 os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+# TensorFlow (2.16+) imports Keras 3 as it is imported, and Keras with it scikit-learn, pandas,
+# matplotlib and IPython where they are installed (here: lm-eval's, the notebooks' and the report's
+# dependencies): 1.6 s of every process's start on 2 cores, for a library Loom never uses. With
+# this variable and no tf_keras installed, TensorFlow's eager Keras import fails quietly and is
+# skipped; this process and every one it starts inherit it.
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 # Every process of the session (this one, the pytest-xdist workers, every `python -m ...` they
 # start, the notebooks' kernels) shares compiled programs through one persistent cache, small
 # programs included: much of a tiny run's time is compiling the same steps again. A fresh
@@ -33,10 +44,18 @@ from cli_helpers import TINY_RUN, run_train  # noqa: E402
 from cluster_helpers import launch  # noqa: E402
 
 from input_pipeline.host import settings  # noqa: E402
+from train.meter import flops as flops_lib  # noqa: E402
 
 # The test process is an entry point like any command: Loom's process settings (object-store
-# variables, XLA defaults), before JAX starts, so in-process runs compile as `python -m train` does.
+# variables, XLA defaults), before JAX starts.
 settings.apply()
+
+# The machine's float32 matmul peak, measured once by the first process of the session (before any
+# test runs, on an idle machine) and inherited by the others: each run then skips its own ~1 s
+# measurement (train/meter/flops.py, LOOM_CPU_PEAK_FLOPS). test_bench.py checks the measuring path.
+if flops_lib.PEAK_VARIABLE not in os.environ:
+  _peak = flops_lib.run_peak("float32", use_given=False)
+  os.environ[flops_lib.PEAK_VARIABLE] = repr(_peak.measured)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -67,7 +67,7 @@ def bench_step(config, steps: int, warmup: int, profile_dir: str | None = None) 
   # tokenizer's 258), so the vocabulary is not checked against one.
   resolved = config_lib.validate(config, with_tokenizer=False)
   model_cfg = resolved.model_cfg
-  built = trainer.build_steps(config, resolved.mesh, resolved.rules, model_cfg)
+  built = trainer.build_steps(config, resolved.mesh, resolved.rules, model_cfg, measure_peak=True)
   programs, meter = built.programs, built.meter
   state = state_lib.init_state(
     programs.spec, model_cfg, programs.tx, resolved.mesh, resolved.rules, config.seed
@@ -100,7 +100,7 @@ def bench_step(config, steps: int, warmup: int, profile_dir: str | None = None) 
   if jax.devices()[0].platform == "cpu":
     # The peak again, after the steps: a shared or throttling machine can read low either time,
     # and MFU against the higher of the two readings is the conservative figure.
-    after = flops.run_peak(model_cfg.dtype, repeats=20).flops_per_second
+    after = flops.run_peak(model_cfg.dtype, repeats=20, use_given=False).flops_per_second
     meter.peak_flops_per_second = max(meter.peak_flops_per_second, after)
   return {
     "tokens_per_second": tokens_per_second,

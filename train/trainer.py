@@ -138,14 +138,20 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
 
 
 def build_steps(
-  config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules, model_cfg: ModelConfig
+  config: ml_collections.ConfigDict,
+  mesh: jax.sharding.Mesh,
+  rules,
+  model_cfg: ModelConfig,
+  *,
+  measure_peak: bool = False,
 ) -> Compiled:
   """The jitted programs, the train step compiled for the local devices, and the meter.
 
-  Shared by the trainer and the benchmark so that both measure the very same program.
+  Shared by the trainer and the benchmark so that both measure the very same program. The
+  benchmark measures the CPU peak (``measure_peak``) even where ``LOOM_CPU_PEAK_FLOPS`` gives one.
   """
   programs = jit_programs(config, mesh, rules, model_cfg)
-  peak = flops.run_peak(model_cfg.dtype)
+  peak = flops.run_peak(model_cfg.dtype, use_given=not measure_peak)
   meter = Meter(
     flops_per_token=flops.train_flops_per_token(model_cfg, config.data.seq_len),
     peak_flops_per_second=peak.flops_per_second,
