@@ -184,3 +184,19 @@ def test_meter_starts_without_a_counter_on_this_machine_or_with_one():
   m = meter.Meter(flops_per_token=1, peak_flops_per_second=1.0)
   assert m.energy_span.measured_joules() is None or m.energy_span.measured_joules() >= 0
   assert m.started <= time.perf_counter()
+
+
+def test_a_given_cpu_peak_is_used_at_float32_and_a_bad_one_is_named(monkeypatch):
+  """LOOM_CPU_PEAK_FLOPS (the suite sets it for every run it starts): used as the peak of a float32
+  run on the CPU; the benchmark's ``use_given=False`` measures; a bad value is one clear error."""
+  monkeypatch.setenv(flops.PEAK_VARIABLE, "1.5e11")
+  given = flops.run_peak("float32")
+  assert given.flops_per_second == given.measured == 1.5e11 and given.source.startswith("given")
+  measured = flops.run_peak("float32", repeats=2, use_given=False)
+  assert measured.source.startswith("measured") and measured.flops_per_second != 1.5e11
+  for bad in ("fast", "-3", "0", "inf", "nan"):
+    monkeypatch.setenv(flops.PEAK_VARIABLE, bad)
+    with pytest.raises(flops.PeakError, match=f"LOOM_CPU_PEAK_FLOPS='{bad}': must be a positive"):
+      flops.run_peak("float32")
+  monkeypatch.setenv(flops.PEAK_VARIABLE, " ")  # blank: unset
+  assert flops.given_cpu_peak() is None
