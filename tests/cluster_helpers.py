@@ -13,12 +13,15 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 20
 SAVED_AT = 15  # a checkpoint the 20-step runs keep (every 5 steps, the newest 3 kept)
 
-# Twenty short steps, every loss logged, a checkpoint every five steps, eval only at the end.
+# Twenty short steps, every loss logged, a checkpoint every five steps, eval only at the end and
+# without its greedy sample: eight decode steps, each a round of cross-process collectives, were a
+# sixth of a two-process run (generation across processes has its own test, test_multiprocess.py).
 SETTINGS = {
   "train.steps": STEPS,
   "checkpoint.every": 5,
   "log.every": 1,
   "train.eval_every": 0,
+  "log.sample_tokens": 0,
   "log.progress": False,
 }
 
