@@ -491,57 +491,61 @@ def _check_pipeline(config, model_cfg: ModelConfig, mesh: Mesh, rules) -> None:
     )
 
 
-def _check_stages_within_hosts(devices: np.ndarray, axis_names: tuple[str, ...]) -> None:
-  """Every stage needs the same rows, and each process reads a share of its own
-  (input_pipeline/device.py): a stage axis across processes cannot be fed yet."""
-  found = _spanning_group(devices, axis_names, mesh_lib.STAGE)
-  if found:
-    size, owners, ids = found
-    raise ConfigError(
-      f"mesh.stage × mesh.dcn_stage = {size} would span processes {owners} (devices {ids}): "
-      f"each process reads its own rows, and the stages need the same ones; keep the stages "
-      f"within one process (train.plan compiles such a mesh: it feeds no data)"
-    )
-
-
-def _spanning_group(devices: np.ndarray, axis_names: tuple[str, ...], axis: str):
-  """The first group of devices along ``axis`` that spans processes: (its size, the owning
-  processes, the device ids), or None when every group stays within one process."""
+def _within_hosts(
+  devices: np.ndarray, axis_names: tuple[str, ...], axis: str, setting, why
+) -> None:
+  """Refuses a mesh whose ``axis`` groups span processes: the error names ``setting(size)``,
+  the processes and devices of the first such group, then ``why``."""
   if axis not in axis_names:
-    return None
+    return
   groups = np.moveaxis(devices, axis_names.index(axis), -1)
   groups = groups.reshape(-1, groups.shape[-1])
   for group in groups:
     owners = sorted({device.process_index for device in group})
     if len(owners) > 1:
-      return groups.shape[-1], owners, [d.id for d in group]
-  return None
+      raise ConfigError(
+        f"{setting(groups.shape[-1])} would span processes {owners} "
+        f"(devices {[d.id for d in group]}): {why}"
+      )
+
+
+def _check_stages_within_hosts(devices: np.ndarray, axis_names: tuple[str, ...]) -> None:
+  """Every stage needs the same rows, and each process reads a share of its own
+  (input_pipeline/device.py): a stage axis across processes cannot be fed yet."""
+  _within_hosts(
+    devices,
+    axis_names,
+    mesh_lib.STAGE,
+    lambda size: f"mesh.stage × mesh.dcn_stage = {size}",
+    "each process reads its own rows, and the stages need the same ones; keep the stages "
+    "within one process (train.plan compiles such a mesh: it feeds no data)",
+  )
 
 
 def _check_tensor_within_hosts(devices: np.ndarray, axis_names: tuple[str, ...]) -> None:
   """Tensor parallelism exchanges activations at every layer: its axis must stay on one host's
   fast links, never cross the data-centre network between processes."""
-  found = _spanning_group(devices, axis_names, mesh_lib.TENSOR)
-  if found:
-    size, owners, ids = found
-    raise ConfigError(
-      f"mesh.tensor={size} would span processes {owners} (devices {ids}): tensor parallelism "
-      f"must stay within one host; use mesh.tensor <= the devices per process and put the "
-      f"other devices on data or fsdp"
-    )
+  _within_hosts(
+    devices,
+    axis_names,
+    mesh_lib.TENSOR,
+    lambda size: f"mesh.tensor={size}",
+    "tensor parallelism must stay within one host; use mesh.tensor <= the devices per process "
+    "and put the other devices on data or fsdp",
+  )
 
 
 def _check_context_within_hosts(devices: np.ndarray, axis_names: tuple[str, ...]) -> None:
   """Each process reads whole rows (input_pipeline/device.py), so the devices that split a row
   over the context axis must all be that process's."""
-  found = _spanning_group(devices, axis_names, mesh_lib.CONTEXT)
-  if found:
-    size, owners, ids = found
-    raise ConfigError(
-      f"mesh.context={size} would span processes {owners} (devices {ids}): each process reads "
-      f"whole rows, so a row's context shards must be on one host; use mesh.context <= the "
-      f"devices per process (and mesh.dcn_context=1)"
-    )
+  _within_hosts(
+    devices,
+    axis_names,
+    mesh_lib.CONTEXT,
+    lambda size: f"mesh.context={size}",
+    "each process reads whole rows, so a row's context shards must be on one host; use "
+    "mesh.context <= the devices per process (and mesh.dcn_context=1)",
+  )
 
 
 def _check_model_on_mesh(model_cfg: ModelConfig, mesh: Mesh, rules) -> None:
