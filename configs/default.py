@@ -265,7 +265,8 @@ def get_config() -> ml_collections.ConfigDict:
   # --- debug: fault injection for tests of the failure paths (train/faults.py); leave empty.
   c.debug = ml_collections.ConfigDict()
   c.debug.nan_steps = ()  # poison the batches at these data positions (1-based) with NaN weights
-  c.debug.kill_at_step = 0  # SIGKILL every process once step N's local save is complete
+  # SIGKILL every process once step N's local save (and any persistent save in flight) is done
+  c.debug.kill_at_step = 0
   c.debug.spike_steps = ()  # at these data positions, targets become the last id: a loss spike
 
   return c

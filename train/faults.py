@@ -6,7 +6,8 @@ turns every target into the last id, which the model has learned never to predic
 Positions are 1-based data positions (step + data offset), so injected faults follow the data
 through rollbacks, as bad data would. The trainer wraps the batch iterator with ``inject``; the
 loop never sees the ``debug`` keys. ``debug.kill_at_step`` kills the process (SIGKILL, as a
-lost host dies) once that step's local checkpoint is saved and replicated (``kill_after``).
+lost host dies) once that step's local checkpoint is saved and replicated and every persistent
+save in flight is complete (``kill_after``).
 """
 
 from __future__ import annotations
@@ -53,15 +54,20 @@ def inject(
   return faulty()
 
 
-def kill_after(tier: Any, step: int) -> None:
-  """Makes ``tier`` (a LocalTier) SIGKILL this process once its save of ``step`` is complete."""
+def kill_after(ckpt: Any, step: int) -> None:
+  """Makes ``ckpt`` (a Checkpointer with a local tier) SIGKILL this process once its local save
+  of ``step`` is complete and replicated and no persistent save is still in flight: the tests
+  then know exactly which checkpoints each tier holds when the process dies (an async
+  persistent save still running under load would otherwise be lost at random)."""
+  tier = ckpt.local
   save = tier.save
 
   def save_then_kill(number: int, state: Any, metadata: dict) -> None:
     save(number, state, metadata)
     if number == step:
       tier.wait()
-      agreement.barrier(f"kill-at-{step}")  # every process's save (and replica) is complete
+      ckpt.wait()  # the persistent tier's save in flight, if any, sealed by every process
+      agreement.barrier(f"kill-at-{step}")  # every process's saves (and replicas) are complete
       os.kill(os.getpid(), signal.SIGKILL)
 
   tier.save = save_then_kill

@@ -195,7 +195,7 @@ def open_checkpoints(run: Run, watcher: PreemptionWatcher, *, local: bool = True
       signature=local_files.layout_signature(run.spec.abstract),
     )
     if run.config.debug.kill_at_step:
-      faults.kill_after(ckpt.local, run.config.debug.kill_at_step)
+      faults.kill_after(ckpt, run.config.debug.kill_at_step)
   return ckpt
 
 
