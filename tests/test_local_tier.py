@@ -89,27 +89,39 @@ def test_two_processes_killed_resume_from_local_disks_and_a_peers_replica(
 
 @pytest.mark.multiprocess
 @pytest.mark.slow
-def test_four_processes_a_lost_shard_falls_back_to_the_persistent_tier(tmp_path, cache_dir):
-  """Killed at step 6 (persistent step 4, local steps 2 and 6). One copy: a host replaced, its
-  shards from its peer; the other copy: both copies of one process's shards gone, the persistent
-  tier. Both resumes give the same losses, bit for bit, the local one redoing fewer steps."""
-  flags = _local_flags(tmp_path / "local", "--config.checkpoint.every=4", "--config.train.steps=10")
+def test_three_processes_a_lost_shard_falls_back_to_the_persistent_tier(tmp_path, cache_dir):
+  """Killed at step 6 (persistent step 4, local steps 2 and 6). Three processes keep their
+  replicas in a ring (p keeps p-1's: 0 keeps 2's, 1 keeps 0's, 2 keeps 1's), so no process holds
+  everyone's. One copy: a host replaced, its shards from its peer; the other copy: both copies of
+  one process's shards gone, the persistent tier. Both resumes give the same losses, bit for bit,
+  the local one redoing fewer steps. (A model whose sizes 3 divides, a batch of 6: fsdp=3.)"""
+  flags = _local_flags(
+    tmp_path / "local",
+    "--config.checkpoint.every=4",
+    "--config.train.steps=10",
+    "--config.train.batch_size=6",
+    "--config.model.d_model=48",
+    "--config.model.mlp_dim=96",
+  )
   workdir = str(tmp_path / "run")
   # Each process SIGKILLs itself once every save is complete; one still returning from that
   # barrier may first see a peer's death and abort (-6): dead at step 6 either way.
   killed = (-signal.SIGKILL, -signal.SIGABRT)
-  launch(workdir, 4, 1, cache_dir, extra=(*flags, "--config.debug.kill_at_step=6"), expect=killed)
-  assert _steps(tmp_path / "local" / "process_3" / "own") == [2, 6]
+  launch(workdir, 3, 1, cache_dir, extra=(*flags, "--config.debug.kill_at_step=6"), expect=killed)
+  for p, kept in ((0, 2), (1, 0), (2, 1)):  # the ring
+    assert _steps(tmp_path / "local" / f"process_{p}" / "own") == [2, 6]
+    assert _steps(tmp_path / "local" / f"process_{p}" / f"replica_of_{kept}") == [2, 6]
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4"]
   shutil.copytree(workdir, tmp_path / "other")
   shutil.copytree(tmp_path / "local", tmp_path / "other_local")
 
   shutil.rmtree(tmp_path / "local" / "process_1")  # its replica is on process 2
-  launch(workdir, 4, 1, cache_dir, extra=flags)
+  launch(workdir, 3, 1, cache_dir, extra=flags)
   shutil.rmtree(tmp_path / "other_local" / "process_2" / "own")
-  shutil.rmtree(tmp_path / "other_local" / "process_3" / "replica_of_2")
+  shutil.rmtree(tmp_path / "other_local" / "process_0" / "replica_of_2")
   other = str(tmp_path / "other")
   other_flags = _local_flags(tmp_path / "other_local", *flags[2:])
-  outputs = launch(other, 4, 1, cache_dir, extra=other_flags)
+  outputs = launch(other, 3, 1, cache_dir, extra=other_flags)
   assert "at step 4" in outputs[0] and "local tier" not in outputs[0].split("resumed")[1][:40]
 
   local, persistent = _report(workdir), _report(other)
