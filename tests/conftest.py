@@ -3,9 +3,11 @@ what the tests share: one persistent compilation cache for every process of the 
 cache, and the runs that several test files read (each started once, on first use)."""
 
 import fcntl
+import importlib.util
 import os
 import pathlib
 import shutil
+import sys
 import tempfile
 
 # The tests in this process compile at XLA's backend optimisation level 0: they check numbers and
@@ -43,6 +45,11 @@ os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(8 << 30)
 _SITE = str(pathlib.Path(__file__).parent / "subprocess_site")
 if _SITE not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
   os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [_SITE, os.environ.get("PYTHONPATH")]))
+if not getattr(sys.modules.get("sitecustomize"), "LOOM_TESTS_SITE", False):
+  # This process started before PYTHONPATH named it (pytest without workers): load it here,
+  # before JAX is imported below.
+  _spec = importlib.util.spec_from_file_location("loom_tests_site", f"{_SITE}/sitecustomize.py")
+  _spec.loader.exec_module(importlib.util.module_from_spec(_spec))
 
 
 import pytest  # noqa: E402 (after the environment above, which must precede any JAX import)
