@@ -39,9 +39,9 @@ if _OWN_CACHE:
 os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ["LOOM_TESTS_COMPILATION_CACHE"]
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(8 << 30)
-# Every process the session starts loads tests/subprocess_site/sitecustomize.py: each process of a
-# test cluster writes its own compiled programs to that cache (JAX writes only process 0's, and on
-# the CPU the other processes' keys differ from it: they compiled everything in every cluster).
+# Every process the session starts loads tests/subprocess_site/sitecustomize.py, which changes how
+# JAX uses that cache: each process of a test cluster writes its own compiled programs (JAX writes
+# only process 0's, and on the CPU the others' keys differ), and no write scans the whole cache.
 _SITE = str(pathlib.Path(__file__).parent / "subprocess_site")
 if _SITE not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
   os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [_SITE, os.environ.get("PYTHONPATH")]))
