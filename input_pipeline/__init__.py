@@ -33,6 +33,10 @@ def _has_tensorflow() -> bool:
 
 
 if _has_tensorflow():
+  from input_pipeline import tensorflow_import
+
+  tensorflow_import.load()  # before any module below imports TensorFlow: without Keras
+
   from input_pipeline.device import to_global
   from input_pipeline.errors import DataError
   from input_pipeline.pipeline import Pipeline

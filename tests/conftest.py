@@ -21,12 +21,6 @@ os.environ["XLA_FLAGS"] = (
 os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
-# TensorFlow (2.16+) imports Keras 3 as it is imported, and Keras with it scikit-learn, pandas,
-# matplotlib and IPython where they are installed (here: lm-eval's, the notebooks' and the report's
-# dependencies): 1.6 s of every process's start on 2 cores, for a library Loom never uses. With
-# this variable and no tf_keras installed, TensorFlow's eager Keras import fails quietly and is
-# skipped; this process and every one it starts inherit it.
-os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 # Every process of the session (this one, the pytest-xdist workers, every `python -m ...` they
 # start, the notebooks' kernels) shares compiled programs through one persistent cache, small
 # programs included: much of a tiny run's time is compiling the same steps again. A fresh

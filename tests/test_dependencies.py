@@ -179,3 +179,24 @@ print(json.dumps({{k: [before.get(k), after.get(k)] for k in set(before) | set(a
   changed = json.loads(result.stdout.strip().splitlines()[-1])
   assert changed == {}, f"importing Loom's modules changed the environment: {changed}"
   assert len(libraries) > 60  # the walk found the modules
+
+
+def test_the_data_package_imports_tensorflow_without_keras():
+  """TensorFlow's import loads Keras wherever Keras is installed (1.2 s of CPU in every process):
+  the data package imports TensorFlow without it, and tf.data, Keras and ``tf.keras`` all work
+  afterwards."""
+  code = """
+import sys
+import input_pipeline
+loaded = sorted(m for m in sys.modules if m.split(".")[0] == "keras")
+assert "tensorflow" in sys.modules and not loaded, loaded[:5]
+import tensorflow as tf
+assert [int(x) for x in tf.data.Dataset.range(3).map(lambda x: x * 2)] == [0, 2, 4]
+import keras
+assert tf.keras.optimizers.Adam is keras.optimizers.Adam
+print("ok")
+"""
+  result = subprocess.run(
+    [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300
+  )
+  assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]

@@ -1,0 +1,53 @@
+"""TensorFlow, imported for tf.data alone: without the Keras that its own import would load.
+
+``import tensorflow`` ends by importing ``keras.src.optimizers`` whenever Keras is installed
+(tensorflow/__init__.py: an eager load so that Keras's optimizers register themselves for
+SavedModels), and tensorflow-cpu installs Keras 3. That is 1.4 s of CPU in every Loom process
+(importing the trainer: 4.7 -> 3.3 CPU-s on a 2-core Xeon; docs/platform-facts.md), for a library
+Loom never uses.
+``load()`` imports TensorFlow with that one import failing as if Keras were absent, which
+TensorFlow expects and passes over; Keras itself stays importable afterwards (``import keras``,
+``tf.keras``), since nothing of it was left half-loaded.
+"""
+
+import importlib
+import importlib.abc
+import importlib.machinery
+import sys
+
+# The package that TensorFlow's import loads eagerly and Loom does not need.
+SKIPPED = "keras"
+
+
+class _Absent(importlib.abc.Loader):
+  def create_module(self, spec):
+    raise ImportError(f"{SKIPPED} is not loaded while TensorFlow imports (tensorflow_import.py)")
+
+  def exec_module(self, module):
+    raise ImportError(f"{SKIPPED} is not loaded while TensorFlow imports (tensorflow_import.py)")
+
+
+class _SkipWhileImporting(importlib.abc.MetaPathFinder):
+  """Finds the skipped package where it is installed (TensorFlow reads its location to extend
+  ``tf.keras``'s search path) and gives it a loader that refuses to run."""
+
+  def find_spec(self, name, path, target=None):
+    if name != SKIPPED:
+      return None
+    spec = importlib.machinery.PathFinder.find_spec(name, path)
+    if spec is not None:
+      spec.loader = _Absent()
+    return spec
+
+
+def load():
+  """Imports TensorFlow once per process, skipping Keras's load where no one has imported Keras
+  yet (a notebook that has, or a process that imported TensorFlow already, is left as it is)."""
+  if "tensorflow" in sys.modules or SKIPPED in sys.modules:
+    return importlib.import_module("tensorflow")
+  finder = _SkipWhileImporting()
+  sys.meta_path.insert(0, finder)
+  try:
+    return importlib.import_module("tensorflow")
+  finally:
+    sys.meta_path.remove(finder)
