@@ -12,9 +12,9 @@ Hardware: two TPU v5p-128 slices (2 × 64 chips) joined by the data-centre netwo
           compute, full remat, 8 microbatches of 64 rows of 8,192 tokens (bubble 1/9).
 Expected: plan it (python -m train.plan --config configs/llama_70b.py --topology v5p-128
           --num_slices 2): compiled ahead of time, 81.0 GiB per chip of 95 (docs/long_context.md).
-          The run itself is refused today: its stages span processes, and the input pipeline
-          does not yet give both stages the same rows. Not trained by Loom: no loss or MFU is
-          promised.
+          The stages span processes: each host of one slice reads the same rows as its peer in
+          the other (input_pipeline.row_share). Not trained by Loom at this size: no loss or MFU
+          is promised.
 """
 
 from configs import llama_8b

@@ -12,6 +12,7 @@ The interface the trainer uses (keep it small):
       -> iterator of this process's rows of steps start_step, start_step + 1, ...
   pipeline.eval_batches(global_batch_size=, num_batches=, process_index=, process_count=)
       -> the same finite list of this process's validation batches on every call
+  input_pipeline.row_share(sharding)            # (process_index, process_count) for the two above
   input_pipeline.to_global(batch, sharding)     # per-process numpy batch -> global jax.Arrays
 
 A batch is a dict of numpy arrays, each [rows, seq_len]: "inputs", "targets", "positions",
@@ -22,7 +23,7 @@ document, 0 on padding and across document boundaries).
 import importlib
 import importlib.util
 
-__all__ = ["DataError", "Pipeline", "build", "to_global"]
+__all__ = ["DataError", "Pipeline", "build", "row_share", "to_global"]
 
 
 def _has_tensorflow() -> bool:
@@ -37,7 +38,7 @@ if _has_tensorflow():
 
   tensorflow_import.load()  # before any module below imports TensorFlow: without Keras
 
-  from input_pipeline.device import to_global
+  from input_pipeline.device import row_share, to_global
   from input_pipeline.errors import DataError
   from input_pipeline.pipeline import Pipeline
   from input_pipeline.preparation import build
@@ -51,6 +52,7 @@ else:
     "DataError": "input_pipeline.errors",
     "Pipeline": "input_pipeline.pipeline",
     "build": "input_pipeline.preparation",
+    "row_share": "input_pipeline.device",
     "to_global": "input_pipeline.device",
   }
 

@@ -1,4 +1,5 @@
-"""to_global on 8 fake CPU devices: placement, values, and the error for shapes that cannot fit."""
+"""to_global on 8 fake CPU devices: placement, values, and the error for shapes that cannot fit;
+row_blocks on TPU slices' compile-only devices (several hosts)."""
 
 import jax
 import numpy as np
@@ -6,6 +7,11 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import input_pipeline
+from configs import default
+from input_pipeline.device import row_blocks
+from train.cluster import mesh as mesh_lib
+from train.cluster import tpu_slice
+from train.meter import hardware
 
 
 @pytest.fixture(scope="module")
@@ -52,3 +58,41 @@ def test_rows_that_do_not_divide_over_the_devices_are_named(sharding):
 def test_wrong_rank_is_named(sharding):
   with pytest.raises(ValueError, match=r"batch\['weights'\] of local shape \(16,\)"):
     input_pipeline.to_global({"weights": np.ones(16, np.float32)}, sharding)
+
+
+def test_row_blocks_give_the_processes_of_a_stage_pair_the_same_rows():
+  """On two v5e-16 slices (8 hosts of 4 chips, libtpu's compile-only descriptions): with the
+  slices as two pipeline stages the rows are cut into 4 blocks (16 fsdp shards, 4 per host), and
+  the host of slice 1 at each position reads the block of its peer in slice 0; with the slices as
+  data replicas, 8 blocks; hosts whose shards overlap without being the same are refused, named."""
+  try:
+    devices = tpu_slice.compile_only_devices(hardware.parse("v5e-16", 2))
+  except RuntimeError as e:
+    pytest.skip(f"needs libtpu for TPU topology descriptions (.ci/run installs it): {e}")
+
+  def blocks(**sizes):
+    mesh_config = default.get_config().mesh
+    mesh_config.update(sizes)
+    mesh = mesh_lib.make_mesh(mesh_config, devices)
+    return row_blocks(mesh_lib.batch_sharding(mesh, mesh_lib.logical_rules(mesh_config))), mesh
+
+  (by_process, count), mesh = blocks(dcn_stage=2, fsdp=-1)
+  assert count == 4 and sorted(set(by_process.values())) == [0, 1, 2, 3]
+  for position in range(16):  # the same fsdp shard in both stages: one block, two hosts
+    first, second = mesh.devices[0, 0, position].flat[0], mesh.devices[1, 0, position].flat[0]
+    assert first.slice_index != second.slice_index
+    assert by_process[first.process_index] == by_process[second.process_index]
+  (by_process, count), _ = blocks(dcn_data=2, fsdp=-1)
+  assert count == 8 and sorted(by_process.values()) == list(range(8))
+
+  # Hosts whose devices sit at overlapping but unequal sets of the batch's shards.
+  by_host = [[d for d in devices if d.process_index == h] for h in range(8)]
+  rows = [[] for _ in range(4)]
+  for host, places in enumerate([(0, 0, 1, 1), (1, 1, 2, 2), (2, 2, 3, 3), (3, 3, 0, 0)]):
+    for device, row in zip(by_host[host], places, strict=True):
+      rows[row].append(device)
+  for host in range(4, 8):
+    rows[host - 4].extend(by_host[host])
+  overlapping = Mesh(np.array(rows), ("data", "fsdp"))
+  with pytest.raises(ValueError, match="not equal, disjoint blocks"):
+    row_blocks(NamedSharding(overlapping, PartitionSpec("data", None)))

@@ -195,10 +195,19 @@ def test_two_processes_train_like_one(two_process_run, reference):
 def test_four_processes_resume_a_two_process_checkpoint(
   two_process_run, reference, tmp_path, cache_dir
 ):
-  # 4 processes × 1 device: another process count, device count and mesh (fsdp 8 -> 4).
+  """4 processes × 1 device: another process count, device count and mesh (fsdp 8 -> two
+  pipeline stages across processes × fsdp 2). The two processes of each stage pair read the same
+  rows (input_pipeline.row_share): 4 rows each of the 8, two blocks for four processes."""
   workdir = copy_at_saved_step(two_process_run[0], str(tmp_path / "run"))
-  outputs = launch(workdir, processes=4, devices=1, cache_dir=cache_dir)
+  stages = (
+    "--config.mesh.dcn_stage=2",
+    "--config.mesh.dcn_fsdp=2",
+    "--config.pipeline.microbatches=2",
+  )
+  outputs = launch(workdir, processes=4, devices=1, cache_dir=cache_dir, extra=stages)
   assert f"at step {SAVED_AT}" in outputs[0] and "resumed from" in outputs[0]
+  assert "mesh: stage=2 × data=1 × fsdp=2" in outputs[0] and "per process 4;" in outputs[0]
+  assert "pipeline: 2 stages, 2 microbatches" in outputs[0]
   four = losses(workdir)
   assert sorted(four) == list(range(1, STEPS + 1))
   resumed = range(SAVED_AT + 1, STEPS + 1)

@@ -6,7 +6,6 @@ import dataclasses
 import functools
 import json
 import os
-import types
 
 import jax
 import jax.numpy as jnp
@@ -144,16 +143,9 @@ def test_bad_pipeline_settings_are_refused_before_any_work():
       _validate(**overrides)
 
 
-def test_stages_across_processes_are_refused_for_a_run():
-  """Each process reads its own rows and every stage needs the same: a run keeps its stages
-  within one process (a plan, which feeds no data, compiles them across slices)."""
-  devices = np.array(
-    [types.SimpleNamespace(id=i, process_index=i // 4) for i in range(8)], dtype=object
-  )
-  names = mesh_lib.MESH_AXES
-  config_lib._check_stages_within_hosts(devices.reshape(1, 2, 4, 1, 1, 1), names)
-  with pytest.raises(config_lib.ConfigError, match=r"= 2 would span processes \[0, 1\]"):
-    config_lib._check_stages_within_hosts(devices.reshape(2, 1, 4, 1, 1, 1), names)
+def test_rules_that_split_the_layers_over_another_axis_are_refused():
+  """Stages may span processes (each stage's processes read the same rows:
+  tests/test_multiprocess.py), but only the stage axis may split the stacked layers."""
   rules = tuple(r for r in RULES if r[0] != "layers") + (("layers", ("stage", "fsdp")),)
   with pytest.raises(config_lib.ConfigError, match=r"the only axis that splits layers"):
     _validate(**{"mesh.rules": rules})

@@ -42,7 +42,7 @@ _PROFILE = flags.DEFINE_string(
 
 def synthetic_batch(config, vocab_size: int, sharding, seed: int = 0):
   """Random tokens in one segment per row: the shapes and dtypes of a real batch."""
-  # Every process draws the same global batch and hands over only its own rows, as the input
+  # Every process draws the same global batch and hands over only its block of rows, as the input
   # pipeline does (input_pipeline.to_global: make_array_from_process_local_data).
   shape = (config.train.batch_size, config.data.seq_len)
   tokens = np.asarray(
@@ -55,8 +55,9 @@ def synthetic_batch(config, vocab_size: int, sharding, seed: int = 0):
     "segment_ids": np.ones(shape, np.int32),
     "weights": np.ones(shape, np.float32),
   }
-  rows = shape[0] // jax.process_count()
-  mine = slice(jax.process_index() * rows, (jax.process_index() + 1) * rows)
+  index, count = input_pipeline.row_share(sharding)  # this process's block of the rows
+  rows = shape[0] // count
+  mine = slice(index * rows, (index + 1) * rows)
   return input_pipeline.to_global(
     {k: np.ascontiguousarray(v[mine]) for k, v in batch.items()}, sharding
   )

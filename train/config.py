@@ -21,7 +21,7 @@ import optax
 from jax.sharding import Mesh
 
 from configs import default
-from input_pipeline import mixture, tokenizers
+from input_pipeline import device, mixture, tokenizers
 from input_pipeline.host import storage
 from input_pipeline.host.command import LoomError
 from models import pipeline
@@ -81,8 +81,6 @@ def validate(
   _check_pipeline(config, model_cfg, mesh, rules)
   _check_tensor_within_hosts(mesh.devices, mesh.axis_names)
   _check_context_within_hosts(mesh.devices, mesh.axis_names)
-  if process_count > 1:  # a run; train.plan (one process, no data) compiles such meshes
-    _check_stages_within_hosts(mesh.devices, mesh.axis_names)
   _check_model_on_mesh(model_cfg, mesh, rules)
   try:
     hardware.check_quant(model_cfg.quant, model_cfg.quant_emulation, mesh.devices.flat[0])
@@ -401,11 +399,14 @@ def _check_batch(config, mesh: Mesh, rules, process_count: int) -> None:
       f"({mesh_lib.describe(mesh)}) × train.microbatches={micro} = {dp * micro}; use a "
       f"multiple of {dp * micro}"
     )
-  if batch % process_count:
-    raise ConfigError(
-      f"train.batch_size={batch} is not divisible by the {process_count} processes; each "
-      f"process reads an equal share"
-    )
+  if process_count > 1:  # a run; train.plan (one process, no data) compiles any mesh
+    # Each process reads its block of every batch's rows (processes along an axis that splits no
+    # rows, such as stages across slices, read the same block): blocks that divide the
+    # data-parallel shards, so the size check above covers them.
+    try:
+      device.row_blocks(mesh_lib.batch_sharding(mesh, rules))
+    except ValueError as e:
+      raise ConfigError(f"mesh: {e}") from e
 
 
 def _check_context(config, mesh: Mesh, rules) -> None:
@@ -507,19 +508,6 @@ def _within_hosts(
         f"{setting(groups.shape[-1])} would span processes {owners} "
         f"(devices {[d.id for d in group]}): {why}"
       )
-
-
-def _check_stages_within_hosts(devices: np.ndarray, axis_names: tuple[str, ...]) -> None:
-  """Every stage needs the same rows, and each process reads a share of its own
-  (input_pipeline/device.py): a stage axis across processes cannot be fed yet."""
-  _within_hosts(
-    devices,
-    axis_names,
-    mesh_lib.STAGE,
-    lambda size: f"mesh.stage × mesh.dcn_stage = {size}",
-    "each process reads its own rows, and the stages need the same ones; keep the stages "
-    "within one process (train.plan compiles such a mesh: it feeds no data)",
-  )
 
 
 def _check_tensor_within_hosts(devices: np.ndarray, axis_names: tuple[str, ...]) -> None:

@@ -82,11 +82,18 @@ class Run:
   def eval_step(self) -> Any:
     return self.programs.eval_step
 
+  @property
+  def data_share(self) -> dict[str, int]:
+    """The pipeline's ``process_index`` and ``process_count`` for this process: its block of
+    each batch's rows (``input_pipeline.row_share``; processes of one block read the same rows)."""
+    index, count = input_pipeline.row_share(self.batch_sharding)
+    return {"process_index": index, "process_count": count}
+
   def train_batches(self, position: int) -> Iterator[dict[str, np.ndarray]]:
     """This process's batches from data position ``position`` (0-based: step + data offset) on,
     with the ``debug`` group's injected faults (``train/faults.py``)."""
     batches = self.pipeline.train_batches(
-      global_batch_size=self.config.train.batch_size, start_step=position
+      global_batch_size=self.config.train.batch_size, start_step=position, **self.data_share
     )
     batches = faults.inject(
       batches, self.config.debug, first_position=position + 1, vocab_size=self.model_cfg.vocab_size
@@ -289,7 +296,7 @@ def log_startup(run: Run, start_step: int) -> None:
     )
     + f"); {run.meter.flops_per_token:,} train FLOPs/token",
     f"batch: global {batch} × {config.data.seq_len} tokens; per process "
-    f"{batch // jax.process_count()}; per data-parallel shard "
+    f"{batch // run.data_share['process_count']}; per data-parallel shard "
     f"{batch // mesh_lib.data_parallel_size(run.mesh, run.rules)}; micro-batches "
     f"{config.train.microbatches}",
     f"data: {config.data.source} ({config.data.tokenizer} tokenizer), fingerprint "

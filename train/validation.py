@@ -55,6 +55,7 @@ class Validation:
         run.pipeline.eval_batches(
           global_batch_size=self.config.train.batch_size,
           num_batches=self.config.train.eval_batches,
+          **run.data_share,
         )
       )
     ]
