@@ -7,10 +7,9 @@ Hardware: a TPU v5p-128 slice (64 chips): rows of 131,072 tokens split over mesh
           striped layout, all-gather attention by blocks of 512 queries), FSDP over the other 32,
           32 rows a step (4.2M tokens), full remat, the loss in chunks of 1,024 positions.
 Expected: plan it first (python -m train.plan --config configs/llama_8b_131k.py --topology
-          v5p-128): compiled ahead of time, 54.9 GiB per chip of 95 (docs/long_context.md). A
-          context axis must stay within a host (each process reads whole rows): v5p hosts hold 4
-          chips, and the slice's device order puts 2 of them on the context axis. Not yet trained
-          by Loom: no loss or MFU is promised.
+          v5p-128): compiled ahead of time, 54.9 GiB per chip of 95 (docs/long_context.md). The
+          processes along the context axis read the same rows (input_pipeline.row_share), so it
+          may span hosts. Not yet trained by Loom: no loss or MFU is promised.
 """
 
 from configs import llama_8b

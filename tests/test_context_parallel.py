@@ -4,7 +4,6 @@ bad settings are refused before any work."""
 
 import dataclasses
 import functools
-import types
 
 import jax
 import jax.numpy as jnp
@@ -191,17 +190,6 @@ def test_bad_context_settings_are_refused_before_any_work():
   rules = tuple(r for r in RULES if r[0] != "embed") + (("embed", ("context",)),)
   with pytest.raises(config_lib.ConfigError, match=r"would be split over the context axis"):
     _validate(**{"mesh.rules": rules, "mesh.fsdp": 1, "mesh.data": 4})
-
-
-def test_a_context_axis_across_processes_is_refused():
-  """Each process reads whole rows: the devices splitting a row must be one process's."""
-  devices = np.array(
-    [types.SimpleNamespace(id=i, process_index=i // 4) for i in range(8)], dtype=object
-  )
-  names = ("data", "fsdp", "context", "expert", "tensor")
-  config_lib._check_context_within_hosts(devices.reshape(2, 1, 4, 1, 1), names)
-  with pytest.raises(config_lib.ConfigError, match=r"mesh.context=8 would span processes \[0, 1\]"):
-    config_lib._check_context_within_hosts(devices.reshape(1, 1, 8, 1, 1), names)
 
 
 @pytest.mark.slow

@@ -218,6 +218,26 @@ def test_four_processes_resume_a_two_process_checkpoint(
 
 @pytest.mark.multiprocess
 @pytest.mark.slow
+def test_a_context_axis_across_two_processes_resumes_a_two_process_checkpoint(
+  two_process_run, reference, tmp_path, cache_dir
+):
+  """2 processes × 2 devices, each row's length split over a context axis across the processes
+  (ring attention) × fsdp 2 within each: both processes read the same whole rows
+  (input_pipeline.row_share) and each device takes its stretch of the length."""
+  workdir = copy_at_saved_step(two_process_run[0], str(tmp_path / "run"))
+  context = ("--config.mesh.dcn_context=2", "--config.model.attention_context=ring")
+  outputs = launch(workdir, processes=2, devices=2, cache_dir=cache_dir, extra=context)
+  assert f"at step {SAVED_AT}" in outputs[0] and "resumed from" in outputs[0]
+  assert "fsdp=2 × context=2" in outputs[0] and "per process 8;" in outputs[0]
+  two = losses(workdir)
+  resumed = range(SAVED_AT + 1, STEPS + 1)
+  difference = max_difference(two, reference, resumed)
+  assert difference < LOSS_TOLERANCE, (two, reference)
+  print(f"max |loss(2 × 2, context across processes) - loss(1 × 8)| = {difference:.2e}")
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_one_process_resumes_a_two_process_checkpoint(
   two_process_run, reference, tmp_path, cache_dir
 ):

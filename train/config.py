@@ -80,7 +80,6 @@ def validate(
   _check_context(config, mesh, rules)
   _check_pipeline(config, model_cfg, mesh, rules)
   _check_tensor_within_hosts(mesh.devices, mesh.axis_names)
-  _check_context_within_hosts(mesh.devices, mesh.axis_names)
   _check_model_on_mesh(model_cfg, mesh, rules)
   try:
     hardware.check_quant(model_cfg.quant, model_cfg.quant_emulation, mesh.devices.flat[0])
@@ -520,19 +519,6 @@ def _check_tensor_within_hosts(devices: np.ndarray, axis_names: tuple[str, ...])
     lambda size: f"mesh.tensor={size}",
     "tensor parallelism must stay within one host; use mesh.tensor <= the devices per process "
     "and put the other devices on data or fsdp",
-  )
-
-
-def _check_context_within_hosts(devices: np.ndarray, axis_names: tuple[str, ...]) -> None:
-  """Each process reads whole rows (input_pipeline/device.py), so the devices that split a row
-  over the context axis must all be that process's."""
-  _within_hosts(
-    devices,
-    axis_names,
-    mesh_lib.CONTEXT,
-    lambda size: f"mesh.context={size}",
-    "each process reads whole rows, so a row's context shards must be on one host; use "
-    "mesh.context <= the devices per process (and mesh.dcn_context=1)",
   )
 
 
