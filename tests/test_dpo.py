@@ -15,6 +15,7 @@ import torch
 import transformers
 from cli_helpers import REPO, copy_run, read_metrics, train_env, train_in_process, train_losses
 from flax import nnx
+from jax.sharding import PartitionSpec
 from test_chat import CHATML, _tokenizer
 from test_hf import _base, _hf_model
 
@@ -510,3 +511,36 @@ def test_the_dpo_demonstration_prefers_the_checkable_answers(tmp_path):
   assert accuracies[0] < 0.6 and min(accuracies[-10:]) > 0.9, accuracies
   exact = [float(x) for x in re.findall(r"held-out greedy exact match (\S+)", result.stdout)]
   assert len(exact) == 7 and exact[0] < 0.2 and exact[-1] > 0.5, result.stdout
+
+
+@pytest.mark.parametrize("form", ["all_gather", "ring"])
+def test_a_context_axis_gives_the_same_dpo_update(models, form):
+  """Each row's length split over a context axis of 2 (× fsdp 4): the pairs' sequence
+  log-probabilities are summed by segment in the row's own order, so the loss, the pair count
+  and the gradients equal the unsplit mesh's."""
+  settings = dpo.Preference(0.5, "sigmoid", 0.1, 0.0, max_pairs=MAX_PAIRS)
+  base = _base(scan=False)
+  # An empty fourth row: 4 rows split over fsdp 4.
+  batch = {k: np.concatenate([v, np.zeros_like(v[:1])]) for k, v in models["batch"].items()}
+  results = []
+  for context in (1, 2):
+    config = base.copy_and_resolve_references()
+    config.mesh.context, config.mesh.fsdp = context, 8 // context
+    config.model.attention_context = form
+    mesh, rules = mesh_lib.make_mesh(config.mesh), mesh_lib.logical_rules(config.mesh)
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+      policy, reference = (
+        jax.device_put(models["loom"][name], jax.sharding.NamedSharding(mesh, PartitionSpec()))
+        for name in ("policy", "reference")
+      )
+      # The same weights; the model config names the context form.
+      cfg = dataclasses.replace(nnx.merge(models["graphdef"], policy).cfg, attention_context=form)
+      graphdef = state_lib.state_spec(cfg, optax.identity(), mesh, rules).graphdef
+      objective = functools.partial(dpo.objective, reference=reference, settings=settings)
+      grads = jax.jit(step.gradients, static_argnums=(1, 3, 6))
+      results.append(grads(policy, graphdef, batch, 1, 0, 0.0, objective))
+  (loss_1, pairs_1, grads_1, _, _), (loss_2, pairs_2, grads_2, _, _) = results
+  assert float(pairs_1) == float(pairs_2) == len(RECORDS)
+  np.testing.assert_allclose(float(loss_2), float(loss_1), rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(grads_1), jax.tree.leaves(grads_2), strict=True):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
