@@ -268,7 +268,7 @@ def _moe_config(**moe):
   return config
 
 
-def _losses_on(config, mesh_sizes, steps=3, hlo=None):
+def _losses_on(config, mesh_sizes, steps=3, hlo=None, context=1):
   from models.config import ModelConfig
   from train import state as state_lib
   from train import trainer
@@ -277,7 +277,8 @@ def _losses_on(config, mesh_sizes, steps=3, hlo=None):
 
   config = config.copy_and_resolve_references()
   config.mesh.update(dict(zip(("data", "fsdp", "expert", "tensor"), mesh_sizes, strict=True)))
-  mesh = mesh_lib.make_mesh(config.mesh, jax.devices()[: int(np.prod(mesh_sizes))])
+  config.mesh.context = context
+  mesh = mesh_lib.make_mesh(config.mesh, jax.devices()[: int(np.prod(mesh_sizes)) * context])
   rules = mesh_lib.logical_rules(config.mesh)
   model_cfg = ModelConfig.from_config(config.model, seq_len=config.data.seq_len, vocab_size=258)
   built = trainer.build_steps(config, mesh, rules, model_cfg)
@@ -319,21 +320,24 @@ _ONE_DEVICE: list = []  # the one-device run the mesh cases compare with (made o
 
 
 @pytest.mark.parametrize(
-  "mesh_sizes, dispatch",
+  "mesh_sizes, dispatch, context",
   [
-    ((2, 2, 2, 1), "dropless"),  # data × fsdp × expert: the experts exchanged by all-to-all
-    ((1, 2, 2, 2), "capacity"),  # expert × tensor: each device holds a slice of its experts
-    ((1, 8, 1, 1), "dropless"),  # no expert axis: the experts' kernels over fsdp
+    ((2, 2, 2, 1), "dropless", 1),  # data × fsdp × expert: the experts exchanged by all-to-all
+    ((1, 2, 2, 2), "capacity", 1),  # expert × tensor: each device holds a slice of its experts
+    ((1, 8, 1, 1), "dropless", 1),  # no expert axis: the experts' kernels over fsdp
+    ((1, 2, 2, 1), "dropless", 2),  # each row's length split over a context axis of 2 as well
   ],
 )
-def test_experts_over_the_mesh_give_one_device_s_losses_and_parameters(mesh_sizes, dispatch):
+def test_experts_over_the_mesh_give_one_device_s_losses_and_parameters(
+  mesh_sizes, dispatch, context
+):
   config = _moe_config(dispatch=dispatch, capacity_factor=float(E))  # capacity: room for all
   # One reference for every case: capacity with room for all equals dropless (tested above).
   if not _ONE_DEVICE:
     _ONE_DEVICE.extend(_losses_on(_moe_config(capacity_factor=float(E)), (1, 1, 1, 1)))
   reference, _, _, last_reference = _ONE_DEVICE
   hlo = []
-  losses, metrics, _, last = _losses_on(config, mesh_sizes, hlo=hlo)
+  losses, metrics, _, last = _losses_on(config, mesh_sizes, hlo=hlo, context=context)
   np.testing.assert_allclose(losses, reference, rtol=2e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5), last, last_reference)
   assert all(metrics[f"moe/dropped/layer_{i}"] == 0.0 for i in range(config.model.num_layers))
