@@ -211,11 +211,13 @@ def test_two_micro_batches_give_the_same_grpo_loss_metrics_and_gradients(rolled)
 
 
 def test_the_same_losses_on_one_device_and_on_the_8_device_mesh(rolled, tmp_path, prompt_file):
-  """Two inner steps with the KL term (a reference copy in the state) on each mesh."""
+  """Two inner steps with the KL term (a reference copy in the state) on each mesh: one device,
+  fsdp 8, and each row's length split over a context axis of 2 (× fsdp 4)."""
   results = []
-  for devices in (jax.devices()[:1], None):
-    overrides = {"rl.inner_steps": 2, "optim.warmup_steps": 0}  # the first step moves
+  for devices, mesh in ((jax.devices()[:1], {}), (None, {}), (None, {"mesh.context": 2})):
+    overrides = {"rl.inner_steps": 2, "optim.warmup_steps": 0, **mesh}  # the first step moves
     setup = _setup(tmp_path, prompt_file, devices, **overrides)
+    assert setup.resolved.mesh.shape["context"] == mesh.get("mesh.context", 1)
     assert "reference" in setup.state
     batch = {
       k: jax.make_array_from_callback(v.shape, setup.programs.batch_sharding, lambda i, v=v: v[i])
@@ -228,9 +230,10 @@ def test_the_same_losses_on_one_device_and_on_the_8_device_mesh(rolled, tmp_path
       losses.append({k: float(metrics[k]) for k in ("train/loss", "train/kl", "train/ratio")})
     results.append(losses)
   assert results[0][1]["train/kl"] > 0  # the second step moved away from the reference
-  for one, eight in zip(*results, strict=True):
-    for key in one:
-      np.testing.assert_allclose(one[key], eight[key], rtol=1e-5, atol=1e-7, err_msg=key)
+  for one, *others in zip(*results, strict=True):
+    for other in others:
+      for key in one:
+        np.testing.assert_allclose(one[key], other[key], rtol=1e-5, atol=1e-7, err_msg=key)
 
 
 def test_with_lora_the_kl_reference_is_the_base_model_and_only_adapters_change(rolled, tmp_path):
