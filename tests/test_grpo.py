@@ -214,10 +214,13 @@ def test_the_same_losses_on_one_device_and_on_the_8_device_mesh(rolled, tmp_path
   """Two inner steps with the KL term (a reference copy in the state) on each mesh: one device,
   fsdp 8, and each row's length split over a context axis of 2 (× fsdp 4)."""
   results = []
-  for devices, mesh in ((jax.devices()[:1], {}), (None, {}), (None, {"mesh.context": 2})):
+  staged = {"mesh.stage": 2, "pipeline.microbatches": 2}
+  cases = ((jax.devices()[:1], {}), (None, {}), (None, {"mesh.context": 2}), (None, staged))
+  for devices, mesh in cases:
     overrides = {"rl.inner_steps": 2, "optim.warmup_steps": 0, **mesh}  # the first step moves
     setup = _setup(tmp_path, prompt_file, devices, **overrides)
     assert setup.resolved.mesh.shape["context"] == mesh.get("mesh.context", 1)
+    assert setup.resolved.mesh.shape["stage"] == mesh.get("mesh.stage", 1)
     assert "reference" in setup.state
     batch = {
       k: jax.make_array_from_callback(v.shape, setup.programs.batch_sharding, lambda i, v=v: v[i])
