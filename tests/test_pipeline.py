@@ -126,11 +126,7 @@ def test_bad_pipeline_settings_are_refused_before_any_work():
     r"set model.scan_layers=True": {"model.scan_layers": False},
     r"model.moe.num_experts=4; use mesh.stage=1": {"model.moe": _moe(4)},
     r"and mesh.context=2 do not compose": {"mesh.context": 2, "mesh.fsdp": 2},
-    r"the language-model and GRPO objectives only for now: train.objective='dpo'": {
-      "train.objective": "dpo",
-      "data.source": "prefs:pairs.jsonl",
-    },
-    r"harness.tasks=\('loom_python_mc',\)": {
+    r"run no in-training harness tasks for now: harness.tasks=\('loom_python_mc',\)": {
       "harness.tasks": ("loom_python_mc",),
       "harness.include_path": os.path.join(os.path.dirname(__file__), "harness_tasks"),
     },
