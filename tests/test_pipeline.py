@@ -31,9 +31,11 @@ CFG = model_config(
 RULES = mesh_lib.logical_rules(default.get_config().mesh)
 
 
-def _mesh(stage: int, fsdp: int = 1, tensor: int = 1) -> jax.sharding.Mesh:
-  sizes = {"stage": stage, "data": 1, "fsdp": fsdp, "context": 1, "expert": 1, "tensor": tensor}
-  devices = jax.devices()[: stage * fsdp * tensor]
+def _mesh(stage: int, fsdp: int = 1, tensor: int = 1, context: int = 1) -> jax.sharding.Mesh:
+  sizes = {
+    "stage": stage, "data": 1, "fsdp": fsdp, "context": context, "expert": 1, "tensor": tensor
+  }  # fmt: skip
+  devices = jax.devices()[: stage * fsdp * tensor * context]
   return mesh_lib.make_mesh(ml_collections.ConfigDict(sizes), devices)
 
 
@@ -75,14 +77,33 @@ def _reference():
 
 
 @pytest.mark.parametrize(
-  "stage, fsdp, tensor, microbatches, repeats",
-  [(2, 1, 1, 2, 1), (4, 1, 1, 8, 1), (2, 2, 2, 4, 1), (2, 1, 1, 2, 2), (2, 2, 1, 4, 2)],
-  ids=["gpipe2", "gpipe4_m8", "gpipe2xfsdp2xtensor2_m4", "circular2_r2", "circular2xfsdp2_m4_r2"],
+  "stage, fsdp, tensor, microbatches, repeats, context",
+  [
+    (2, 1, 1, 2, 1, ""),
+    (4, 1, 1, 8, 1, ""),
+    (2, 2, 2, 4, 1, ""),
+    (2, 1, 1, 2, 2, ""),
+    (2, 2, 1, 4, 2, ""),
+    (2, 2, 1, 2, 1, "ring"),  # each stage's rows split over a context axis of 2 as well
+    (2, 1, 1, 2, 2, "all_gather"),
+  ],
+  ids=[
+    "gpipe2",
+    "gpipe4_m8",
+    "gpipe2xfsdp2xtensor2_m4",
+    "circular2_r2",
+    "circular2xfsdp2_m4_r2",
+    "gpipe2xfsdp2xcontext2_ring",
+    "circular2xcontext2_r2_all_gather",
+  ],
 )
-def test_pipeline_equals_the_unpipelined_model(stage, fsdp, tensor, microbatches, repeats):
+def test_pipeline_equals_the_unpipelined_model(stage, fsdp, tensor, microbatches, repeats, context):
   ref_loss, ref_grads = _reference()
   cfg = dataclasses.replace(CFG, pipeline_microbatches=microbatches, pipeline_repeats=repeats)
-  with jax.set_mesh(_mesh(stage, fsdp, tensor)), nnx.logical_axis_rules(RULES):
+  if context:
+    cfg = dataclasses.replace(cfg, attention_context=context)
+  mesh = _mesh(stage, fsdp, tensor, context=2 if context else 1)
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(RULES):
     assert pipeline.stages() == stage
     (loss, grads), program = _loss_and_grads(cfg, _packed_batch())
   # The stages pass activations to each other (a rotation the compiler makes collective permutes).
@@ -125,7 +146,6 @@ def test_bad_pipeline_settings_are_refused_before_any_work():
     r"pipeline.repeats=0 must be a positive integer": {"pipeline.repeats": 0},
     r"set model.scan_layers=True": {"model.scan_layers": False},
     r"model.moe.num_experts=4; use mesh.stage=1": {"model.moe": _moe(4)},
-    r"and mesh.context=2 do not compose": {"mesh.context": 2, "mesh.fsdp": 2},
     r"run no in-training harness tasks for now: harness.tasks=\('loom_python_mc',\)": {
       "harness.tasks": ("loom_python_mc",),
       "harness.include_path": os.path.join(os.path.dirname(__file__), "harness_tasks"),

@@ -462,11 +462,6 @@ def _check_pipeline(config, model_cfg: ModelConfig, mesh: Mesh, rules) -> None:
       f"{described} run dense models only for now: model.moe.num_experts="
       f"{model_cfg.moe.num_experts}; use mesh.stage=1 (experts split over mesh.expert)"
     )
-  if mesh.shape[mesh_lib.CONTEXT] > 1:
-    raise ConfigError(
-      f"{described} and mesh.context={mesh.shape[mesh_lib.CONTEXT]} do not compose yet; use "
-      f"one of them"
-    )
   if config.harness.tasks:
     raise ConfigError(
       f"{described} run no in-training harness tasks for now: harness.tasks="
