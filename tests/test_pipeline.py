@@ -22,6 +22,7 @@ from models import pipeline
 from train import config as config_lib
 from train import step as step_lib
 from train.cluster import mesh as mesh_lib
+from train.inference import harness
 
 LENGTH = 32
 CFG = model_config(
@@ -146,10 +147,6 @@ def test_bad_pipeline_settings_are_refused_before_any_work():
     r"pipeline.repeats=0 must be a positive integer": {"pipeline.repeats": 0},
     r"set model.scan_layers=True": {"model.scan_layers": False},
     r"model.moe.num_experts=4; use mesh.stage=1": {"model.moe": _moe(4)},
-    r"run no in-training harness tasks for now: harness.tasks=\('loom_python_mc',\)": {
-      "harness.tasks": ("loom_python_mc",),
-      "harness.include_path": os.path.join(os.path.dirname(__file__), "harness_tasks"),
-    },
     r"mesh.stage=2 but mesh.rules splits the stacked 'layers' over \(\)": {
       "mesh.rules": tuple(r for r in RULES if r[0] != "layers")
     },
@@ -178,8 +175,9 @@ def test_a_staged_run_resumes_bitwise_and_its_checkpoints_do_not_depend_on_the_s
   tiny_reference, tmp_path, cache_dir
 ):
   """The tiny run with two stages: from the reference's step-10 checkpoint (written without
-  stages) to step 20 with the one-device losses; resumed again from its own step 10 bit for bit;
-  its step-20 checkpoint (written with stages) scored and sampled alike with and without them."""
+  stages) to step 20 with the one-device losses; resumed again from its own step 10 bit for bit,
+  an lm-eval task scored at its final eval as on the unstaged checkpoint; its step-20 checkpoint
+  (written with stages) scored and sampled alike with and without them."""
   staged = str(tmp_path / "staged")
   args = ("--config.mesh.stage=2", "--config.pipeline.microbatches=2")
   result = resume_from_step_10(tiny_reference, staged, *args, cache_dir=cache_dir)
@@ -194,9 +192,21 @@ def test_a_staged_run_resumes_bitwise_and_its_checkpoints_do_not_depend_on_the_s
     "stages": 2, "microbatches": 2, "repeats": 1, "ticks": 3, "bubble": bubble
   }  # fmt: skip
 
+  # Again from its own step 10, bit for bit, with an lm-eval task at the final eval (scored on the
+  # training mesh, stages and all).
   again = str(tmp_path / "again")
-  resume_from_step_10(staged, again, *args, cache_dir=cache_dir)
-  assert train_losses(read_metrics(again)) == got
+  tasks = os.path.join(os.path.dirname(os.path.abspath(__file__)), "harness_tasks")
+  harness_args = (
+    "--config.harness.tasks=('loom_python_mc',)",
+    f"--config.harness.include_path={tasks}",
+    "--config.harness.limit=8",
+  )
+  resume_from_step_10(staged, again, *args, *harness_args, cache_dir=cache_dir)
+  records = read_metrics(again)
+  assert train_losses(records) == got
+  final = [r for r in records if "harness/loom_python_mc/acc" in r]
+  assert [r["step"] for r in final] == [20], final
+  in_training = {k: v for k, v in final[0].items() if k.startswith("harness/")}
 
   # Inference runs the layers in order (loading folds the stages into fsdp): the staged run's
   # step-20 checkpoint scores and samples as the unstaged reference's, whose losses it matched.
@@ -205,3 +215,6 @@ def test_a_staged_run_resumes_bitwise_and_its_checkpoints_do_not_depend_on_the_s
   _, want_scores, want_sample = scores_and_greedy_text(tiny_reference)
   np.testing.assert_allclose(scores, want_scores, rtol=1e-3)
   assert sample.texts == want_sample.texts and sample.texts[0]
+  # The task scored during training on the staged mesh, as on the loaded, unstaged checkpoint.
+  results = harness.run_tasks(model, ["loom_python_mc"], include_path=tasks, limit=8, seed=0)
+  assert {k: v for k, v in results["metrics"].items() if k in in_training} == in_training

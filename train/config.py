@@ -462,12 +462,6 @@ def _check_pipeline(config, model_cfg: ModelConfig, mesh: Mesh, rules) -> None:
       f"{described} run dense models only for now: model.moe.num_experts="
       f"{model_cfg.moe.num_experts}; use mesh.stage=1 (experts split over mesh.expert)"
     )
-  if config.harness.tasks:
-    raise ConfigError(
-      f"{described} run no in-training harness tasks for now: harness.tasks="
-      f"{tuple(config.harness.tasks)}; run python -m train.evaluate on the checkpoints instead, "
-      f"or mesh.stage=1"
-    )
   micro, repeats = model_cfg.pipeline_microbatches, model_cfg.pipeline_repeats
   try:
     pipeline.check(model_cfg.num_layers, stages, micro, repeats)
