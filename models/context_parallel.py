@@ -25,9 +25,10 @@ sharding constraints; only attention needs keys from other shards, in one of two
   scores at a time; the backward pass keeps each step's, as the all-gather form keeps its.
 
 Both mask by each token's index in the original row and by segment id, exactly the reference's
-``causal_segment_mask``, so they are exact up to float summation order. The fused kernels
-(cuDNN, splash) are not used under a split context: there the attention is the XLA math inside
-shard_map on every backend (the kernels are used as before when the context axis is 1).
+``causal_segment_mask``, so they are exact up to float summation order. Where splash runs
+(TPUs), the all-gather form runs it per shard instead of this module's math
+(models/attention.py: ``context_kernel``, ``splash_attention``); the ring form, and GPUs
+(cuDNN's masks cannot describe a striped shard's), use the math here.
 """
 
 from __future__ import annotations

@@ -125,6 +125,39 @@ def test_all_gather_by_query_blocks_equals_the_unsharded_model(reference):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("context, fsdp, tensor", [(2, 1, 1), (2, 2, 2)])
+def test_splash_per_shard_equals_the_unsharded_model(context, fsdp, tensor):
+  """The all-gather form with the splash kernel per shard (models/attention.py, in Pallas
+  interpret mode on the CPU): rows of 256 tokens packed with documents and padding, each
+  shard's 128 striped queries against the gathered row; the loss and gradients of the
+  unsharded XLA model, and the kernel (forward, dq, dkv) is what ran."""
+  length = 256
+  cfg = dataclasses.replace(CFG, max_seq_len=length)
+  segments = np.stack([np.repeat([1, 2, 3, 0], [100, 70, 70, 16]), np.repeat([1, 2], [191, 65])])
+  starts = np.stack(
+    [np.repeat([0, 100, 170, 240], [100, 70, 70, 16]), np.repeat([0, 191], [191, 65])]
+  )
+  tokens = np.asarray(jax.random.randint(jax.random.key(4), (2, length + 1), 1, 64))
+  batch = {
+    "inputs": jnp.asarray(tokens[:, :-1], jnp.int32),
+    "targets": jnp.asarray(tokens[:, 1:], jnp.int32),
+    "positions": jnp.asarray(np.where(segments > 0, np.arange(length) - starts, 0), jnp.int32),
+    "segment_ids": jnp.asarray(segments, jnp.int32),
+    "weights": jnp.asarray(segments > 0, jnp.float32),
+  }
+  (ref_loss, ref_grads), _ = _loss_and_grads(cfg, batch)
+  splash = dataclasses.replace(cfg, attention="splash")
+  with jax.set_mesh(_mesh(context, fsdp, tensor)), nnx.logical_axis_rules(RULES):
+    (loss, grads), program = _loss_and_grads(splash, batch)
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: models.Transformer(splash, rngs=nnx.Rngs(0))))
+    fn = functools.partial(step_lib.gradients, graphdef=graphdef, microbatches=1, chunk=0)
+    jaxpr = str(jax.make_jaxpr(lambda p: fn(p, batch=batch)[0])(_params(False)))
+  assert jaxpr.count("pallas_call") == 3 and "stablehlo.all_gather" in program
+  np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5)
+  for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+
+
 def test_the_striped_layout_puts_token_t_on_shard_t_mod_c():
   row = jnp.arange(2 * 12).reshape(2, 12)
   striped = context_parallel.to_striped(row, 4)
@@ -177,6 +210,8 @@ def test_bad_context_settings_are_refused_before_any_work():
     _validate(**{"data.seq_len": 33})
   with pytest.raises(config_lib.ConfigError, match=r"model.attention_block=12 does not divide"):
     _validate(**{"model.attention_block": 12})  # 16 positions per shard
+  with pytest.raises(config_lib.ConfigError, match=r"each shard's data.seq_len / 2 = 64 tokens"):
+    _validate(**{"model.attention": "splash", "data.seq_len": 128, "model.max_seq_len": 128})
   with pytest.raises(
     config_lib.ConfigError, match=r"model.attention_context='zigzag' is not one of .*'ring'"
   ):

@@ -217,8 +217,9 @@ def test_ahead_of_time_compilation_for_a_64_chip_pod():
   ratio = result["flops_per_step_compiled"] / result["flops_per_step"]
   assert 0.95 < ratio < 1.4, ratio
   assert result["step_time_s"] > 0 and result["energy_kwh"] > 0
-  # bf16 projections: no int8 (or fp8) dot in the program.
+  # bf16 projections: no int8 (or fp8) dot in the program; the einsum's attention (asked for).
   assert result["low_precision_in_program"] == {"fp8": 0, "int8": 0}
+  assert result["attention_in_program"] == ["XLA"]
 
 
 def test_int8_projections_compile_to_int8_dots_on_a_v5e_slice():
@@ -256,6 +257,13 @@ def test_fp8_on_a_tpu_without_fp8_units_is_refused_before_planning():
   assert plan_lib.plan(config, topology_lib.parse("v5e-8"), use_compiler=False)["fits"]
 
 
+SPLASH_KERNELS = [
+  "splash_mha_dkv_segmented_no_residuals",
+  "splash_mha_dq_segmented_no_residuals",
+  "splash_mha_fwd_segmented_residuals",
+]
+
+
 @pytest.mark.slow
 def test_llama_8b_compiles_for_v5p_128_with_splash_attention_and_a_chunked_loss():
   """The whole llama_8b train step, compiled ahead of time for a v5p-128 slice: the splash
@@ -269,6 +277,7 @@ def test_llama_8b_compiles_for_v5p_128_with_splash_attention_and_a_chunked_loss(
   result = plan_lib.plan(llama_8b(), topology)
   assert result["method"].startswith("compiled"), result
   assert result["attention"] == "splash" and result["loss_chunk"] == 1024
+  assert result["attention_in_program"] == SPLASH_KERNELS, result["attention_in_program"]
   assert result["fits"] and result["memory_per_chip_bytes"] < 30 * 1024**3, result
   estimate = result["analytic_memory_per_chip_bytes"]
   # What the plan says the kernels save: more than the slice's HBM, without them.
@@ -293,7 +302,9 @@ def test_long_context_and_pipeline_plans_compile_for_tpu_slices():
   config.model.num_layers = 2
   result = plan_lib.plan(config, topology)
   assert result["method"].startswith("compiled") and result["fits"], result
-  assert "context=2" in result["mesh"] and result["attention"] == "context:all_gather"
+  assert "context=2" in result["mesh"] and result["attention"] == "context:all_gather+splash"
+  # The splash kernel per shard, forward and backward, as compiled (models/attention.py).
+  assert result["attention_in_program"] == SPLASH_KERNELS, result["attention_in_program"]
   assert result["tokens_per_step"] == 32 * 131072 and "all-gather" in result["collectives"]
 
   config = llama_70b.get_config()

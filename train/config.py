@@ -25,6 +25,7 @@ from input_pipeline import device, mixture, tokenizers
 from input_pipeline.host import storage
 from input_pipeline.host.command import LoomError
 from models import pipeline
+from models.attention import context_kernel
 from models.config import ModelConfig
 from train import dpo, health, optimizer
 from train import state as state_lib
@@ -439,6 +440,12 @@ def _check_context(config, mesh: Mesh, rules) -> None:
       f"context shard (data.seq_len={seq_len} / {split}): the all-gather attention goes by "
       f"whole blocks of them; use a divisor of {local}, or 0 (whole shards)"
     )
+  if split > 1:
+    model = config.model
+    try:
+      context_kernel(model.attention, model.dtype, seq_len, split, model.attention_context)
+    except ValueError as e:
+      raise ConfigError(str(e)) from e
 
 
 def _check_pipeline(config, model_cfg: ModelConfig, mesh: Mesh, rules) -> None:

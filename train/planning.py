@@ -26,7 +26,7 @@ from flax import nnx
 import models
 from models import moe as moe_lib
 from models import pipeline
-from models.attention import cudnn_checks_for, implementation
+from models.attention import context_kernel, cudnn_checks_for, implementation
 from models.config import ModelConfig
 from train import config as config_lib
 from train.cluster import gpu_nodes, tpu_slice
@@ -121,7 +121,7 @@ def analytic_memory(
   context = _ways(sizes, rules, "length")
   tokens //= context  # a device's share of each row under context parallelism
   kernel = attention_kernel(model_cfg, config.data.seq_len, platform, context)
-  scores = 0 if kernel in ("cudnn", "splash") else scores_full
+  scores = 0 if kernel in ("cudnn", "splash") or kernel.endswith("+splash") else scores_full
   block, local = model_cfg.attention_block, config.data.seq_len // context
   if kernel == "context:all_gather" and block and local > block and local % block == 0:
     scores = scores_full * block // local  # one block of local queries' scores at a time
@@ -172,11 +172,14 @@ def attention_kernel(
   model_cfg: ModelConfig, seq_len: int, platform: str = "tpu", context: int = 1
 ) -> str:
   """The attention kernel the train step asks for on ``platform`` ("tpu" or "gpu"):
-  ``model.attention`` resolved; under a split context, "context:" and the form (the XLA math
-  inside shard_map, models/context_parallel.py). On GPUs the plan also reports what the compiled
-  program holds (``attention_in_program``)."""
+  ``model.attention`` resolved; under a split context, "context:" and the form, with "+splash"
+  where the splash kernel runs per shard (models/attention.py ``context_kernel``; the XLA math
+  inside shard_map otherwise, models/context_parallel.py). On GPUs the plan also reports what
+  the compiled program holds (``attention_in_program``)."""
   if context > 1:
-    return f"context:{model_cfg.attention_context}"
+    form = model_cfg.attention_context
+    fused = context_kernel(model_cfg.attention, model_cfg.dtype, seq_len, context, form, platform)
+    return f"context:{form}" + ("+splash" if fused == "splash" else "")
   return implementation(model_cfg.attention, model_cfg.dtype, seq_len, where=platform)
 
 
@@ -268,6 +271,8 @@ def compile_for(
     calls = cudnn_attention_calls(hlo)
     out["attention_in_program"] = sorted({call["target"] for call in calls}) or ["XLA"]
     out["attention_calls"] = calls
+  else:
+    out["attention_in_program"] = splash_kernels(hlo) or ["XLA"]
   # The low-precision matmuls as compiled (model.quant asks; the compiler may not oblige).
   out["low_precision_gemms"] = gemms = low_precision_gemms(hlo)
   out["low_precision_in_program"] = low_precision_counts(gemms)
@@ -320,6 +325,18 @@ def collectives(hlo: str) -> dict[str, dict[str, int]]:
     entry["count"] += 1
     entry["bytes"] += _array_bytes(shape)
   return found
+
+
+_TPU_KERNEL = re.compile(
+  r"^\s*(?:ROOT )?%(\w+?)(?:\.\d+)? = .*custom_call_target=\"tpu_custom_call\""
+)
+
+
+def splash_kernels(hlo: str) -> list[str]:
+  """The splash attention kernels (Pallas, Mosaic custom calls) in a compiled TPU program, by
+  name: "splash_mha_fwd_segmented_residuals", "splash_mha_dq_...", "splash_mha_dkv_..."."""
+  names = {m.group(1) for m in map(_TPU_KERNEL.match, hlo.splitlines()) if m}
+  return sorted(name for name in names if name.startswith("splash_"))
 
 
 def cudnn_attention_calls(hlo: str) -> list[dict[str, Any]]:
