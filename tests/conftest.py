@@ -10,14 +10,26 @@ import shutil
 import sys
 import tempfile
 
-# The tests in this process compile at XLA's backend optimisation level 0: they check numbers and
-# behaviour, not speed, and LLVM's optimisation is a third of a small test's compile time. Every
-# `python -m ...` the tests start sets its own XLA_FLAGS (cli_helpers.train_env and the like) and so
-# compiles as a user's command does.
-os.environ["XLA_FLAGS"] = (
-  os.environ.get("XLA_FLAGS", "")
-  + " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
-).strip()
+# Every process of the session (this one, the pytest-xdist workers, every `python -m ...` they
+# start, the notebooks' kernels) compiles for the CPU with LOOM_TESTS_XLA_FLAGS added to its own
+# XLA_FLAGS (tests/subprocess_site/sitecustomize.py adds them in the processes started later):
+# the tests check numbers and behaviour, not speed (train.bench measures that, outside the suite).
+# - XLA's backend optimisation level 0: LLVM's optimisation is a third of a small compile.
+# - XLA:CPU's older fusion code generators: the newer ones build MLIR rewrite patterns for every
+#   fusion, most of a small program's compile at level 0 (a tiny MoE train step on 8 devices:
+#   2.39 -> 0.82 s; tests/test_moe.py 78 -> 50 s). A cold tiny `python -m train` with both: 20.3
+#   -> 9.6 CPU-s. For users Loom sets neither: at level 2 the older generators compiled config R
+#   in 11.1 s instead of 4.0 and ran its steps 2-4% slower (docs/speed.md).
+os.environ.setdefault(
+  "LOOM_TESTS_XLA_FLAGS", "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+)
+_DEVICES = "--xla_force_host_platform_device_count"
+_flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(_DEVICES)]
+_named = {f.split("=")[0] for f in _flags}
+_flags += [f"{_DEVICES}=8"] + [
+  f for f in os.environ["LOOM_TESTS_XLA_FLAGS"].split() if f.split("=")[0] not in _named
+]
+os.environ["XLA_FLAGS"] = " ".join(_flags)
 os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")

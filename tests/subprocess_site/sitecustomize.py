@@ -1,7 +1,12 @@
 """Loaded by every Python process the test suite starts (conftest.py puts this folder on
-PYTHONPATH, and loads this file itself where its own process started without it): two changes to
-how JAX uses the session's persistent compilation cache, nothing else, and no Loom code sees them.
-If JAX's private functions change, each hook steps aside and the suite is only slower.
+PYTHONPATH, and loads this file itself where its own process started without it): the session's
+compile flags, and two changes to how JAX uses the session's persistent compilation cache;
+nothing else, and no Loom code sees them. If JAX's private functions change, each hook steps
+aside and the suite is only slower.
+
+- The flags of ``LOOM_TESTS_XLA_FLAGS`` (conftest.py says which and why) added to this process's
+  own ``XLA_FLAGS``, which the test that started it chose (device count, ...), before anything
+  reads them: every process of the session compiles for the CPU as the test processes do.
 
 - Every process of a test cluster writes its compiled programs, not only process 0. JAX writes
   cache entries from process 0 alone (jax/_src/compiler.py, ``_cache_write``), expecting the
@@ -18,9 +23,22 @@ docs/platform-facts.md has both facts; docs/speed.md, "The test suite's time", t
 import importlib.abc
 import importlib.util
 import inspect
+import os
 import sys
 
 LOOM_TESTS_SITE = True  # conftest.py loads this file itself where the process started without it
+
+
+def _add_session_flags(environ=os.environ) -> None:
+  current = environ.get("XLA_FLAGS", "").split()
+  names = {flag.split("=")[0] for flag in current}
+  wanted = environ.get("LOOM_TESTS_XLA_FLAGS", "").split()
+  added = [flag for flag in wanted if flag.split("=")[0] not in names]
+  if added:
+    environ["XLA_FLAGS"] = " ".join(current + added)
+
+
+_add_session_flags()
 
 
 def _let_every_process_write(compiler) -> None:
