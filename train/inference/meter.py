@@ -4,6 +4,7 @@ energy of one ``Engine.run`` (the ``stats`` of ``generation.generate``).
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from typing import Any
@@ -40,6 +41,14 @@ def measure_copy_bandwidth(
   return 2 * nbytes / statistics.median(times)
 
 
+@functools.cache
+def copy_bandwidth(device: jax.Device) -> float:
+  """``measure_copy_bandwidth`` of ``device``, once per process: each generation's meter divides
+  by it, and measuring it again every time (0.4 s on a 2-core CPU) would be paid by every
+  generation of a notebook, an eval sample or a test."""
+  return measure_copy_bandwidth(device)
+
+
 def inference_stats(
   model: Model,
   out: Generation,
@@ -56,7 +65,7 @@ def inference_stats(
   step_time = out.decode_seconds / max(out.decode_steps - 1, 1)
   bandwidth = None
   if measure_bandwidth:
-    bandwidth = measure_copy_bandwidth()
+    bandwidth = copy_bandwidth(jax.local_devices()[0])
     if devices[0].platform != "cpu":
       bandwidth *= len(devices)  # fake CPU devices share one machine's memory: count it once
   seconds = out.time_to_first_token_s + out.decode_seconds
