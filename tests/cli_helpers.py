@@ -23,10 +23,16 @@ def train_command(workdir, *overrides, cache_dir, config="configs/tiny.py"):
   ]
 
 
-def train_env(devices: int = 8) -> dict:
+def train_env(devices: int = 8, *, user_compile: bool = False) -> dict:
+  """The environment of a command the tests start: ``devices`` CPU devices. It compiles with the
+  session's flags (conftest.py: fast compiles, slower code) unless ``user_compile``, for a
+  command whose run outweighs its compile (config R's bench: 53 -> 47 s in a whole-suite run;
+  the GRPO demonstration: 45 -> 35 CPU-s), which then compiles as a user's does."""
   env = dict(os.environ)
   env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
   env["JAX_PLATFORMS"] = "cpu"
+  if user_compile:
+    env["LOOM_TESTS_XLA_FLAGS"] = ""
   return env
 
 

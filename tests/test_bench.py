@@ -18,7 +18,8 @@ def _bench(*flags: str) -> dict:
   returns the JSON line it prints last."""
   result = subprocess.run(
     [sys.executable, "-m", "train.bench", *flags],
-    cwd=REPO, env=train_env(devices=1), capture_output=True, text=True, timeout=600,
+    cwd=REPO, env=train_env(devices=1, user_compile=True), capture_output=True, text=True,
+    timeout=600,
   )  # fmt: skip
   assert result.returncode == 0, result.stderr[-3000:]
   return json.loads(result.stdout.strip().splitlines()[-1])

@@ -414,7 +414,7 @@ def test_the_demonstration_learns_the_held_out_answers(tmp_path):
   result = subprocess.run(
     [sys.executable, "-m", "train.rl.digits", f"--workdir={workdir}"],
     cwd=REPO,
-    env=train_env(1),
+    env=train_env(1, user_compile=True),
     capture_output=True,
     text=True,
     timeout=600,
