@@ -22,7 +22,7 @@ from models import context_parallel, lora
 from models.config import ModelConfig
 from models.layers import Norm, apply_rope, dense, out_proj_std, rope_frequencies
 from models.params import make_param, normal
-from models.sharding import active_spec, constrain, is_active
+from models.sharding import attention_specs, constrain, is_active
 
 KVCache = dict[str, jax.Array]  # {"k": [B, S, K, H], "v": [B, S, K, H]} for one layer
 
@@ -205,13 +205,9 @@ def cudnn_attention(
 
   if not is_active():
     return attend(q_BLNH, k_BSKH, v_BSKH, segment_ids_BL)
-  n, kv = q_BLNH.shape[2], k_BSKH.shape[2]
-  q_spec = active_spec(("batch", None, "heads", None))
-  kv_spec = active_spec(("batch", None, "kv_heads", None))
-  if q_spec[2] is not None and kv_spec[2] != q_spec[2]:
-    k_BSKH, v_BSKH = (jnp.repeat(x, n // kv, axis=2) for x in (k_BSKH, v_BSKH))
-    kv_spec = q_spec
-  ids_spec = None if segment_ids_BL is None else jax.sharding.PartitionSpec(q_spec[0], None)
+  k_BSKH, v_BSKH, q_spec, kv_spec, ids_spec = attention_specs(
+    q_BLNH, k_BSKH, v_BSKH, segment_ids_BL, None
+  )
   return jax.shard_map(
     attend, in_specs=(q_spec, kv_spec, kv_spec, ids_spec), out_specs=q_spec, check_vma=False
   )(q_BLNH, k_BSKH, v_BSKH, segment_ids_BL)
@@ -315,7 +311,6 @@ def splash_attention(
   if interpret and not _warned_interpret:
     _warned_interpret = True
     logging.warning("model.attention='splash' off a TPU runs in Pallas interpret mode (slow)")
-  n, kv = q_BLNH.shape[2], k_BSKH.shape[2]
   q_BLNH = q_BLNH * jnp.asarray(scale, q_BLNH.dtype)
   if shards > 1:
     return _splash_striped(q_BLNH, k_BSKH, v_BSKH, segment_ids_BL, shards, interpret)
@@ -334,12 +329,9 @@ def splash_attention(
 
   if not is_active():
     return attend(q_BLNH, k_BSKH, v_BSKH, segment_ids_BL)
-  q_spec = active_spec(("batch", None, "heads", None))
-  kv_spec = active_spec(("batch", None, "kv_heads", None))
-  if q_spec[2] is not None and kv_spec[2] != q_spec[2]:
-    k_BSKH, v_BSKH = (jnp.repeat(x, n // kv, axis=2) for x in (k_BSKH, v_BSKH))
-    kv_spec = q_spec
-  ids_spec = None if segment_ids_BL is None else jax.sharding.PartitionSpec(q_spec[0], None)
+  k_BSKH, v_BSKH, q_spec, kv_spec, ids_spec = attention_specs(
+    q_BLNH, k_BSKH, v_BSKH, segment_ids_BL, None
+  )
   return jax.shard_map(
     attend, in_specs=(q_spec, kv_spec, kv_spec, ids_spec), out_specs=q_spec, check_vma=False
   )(q_BLNH, k_BSKH, v_BSKH, segment_ids_BL)
@@ -354,13 +346,10 @@ def _splash_striped(q_BLNH, k_BLKH, v_BLKH, segment_ids_BL, shards: int, interpr
   shard_map with its partition spec, so each device reads its own stripe's tiles and query
   positions. Per device the scores never exist beyond one tile, as without a context axis."""
   axes, _ = context_parallel.context_axes()
-  n, kv = q_BLNH.shape[2], k_BLKH.shape[2]
-  q_spec = active_spec(("batch", "length", "heads", None))
-  kv_spec = active_spec(("batch", "length", "kv_heads", None))
-  if q_spec[2] is not None and kv_spec[2] != q_spec[2]:
-    k_BLKH, v_BLKH = (jnp.repeat(x, n // kv, axis=2) for x in (k_BLKH, v_BLKH))
-    kv_spec = q_spec
-  ids_spec = None if segment_ids_BL is None else jax.sharding.PartitionSpec(*q_spec[:2])
+  k_BLKH, v_BLKH, q_spec, kv_spec, ids_spec = attention_specs(
+    q_BLNH, k_BLKH, v_BLKH, segment_ids_BL, "length"
+  )
+  n = q_BLNH.shape[2]
   mesh = jax.sharding.get_abstract_mesh()
   head_axes = q_spec[2] if isinstance(q_spec[2], tuple) else (q_spec[2],)
   head_shards = math.prod(mesh.shape[a] for a in head_axes if a is not None)

@@ -37,9 +37,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec
 
-from models.sharding import active_axes, active_spec
+from models.sharding import active_axes, attention_specs
 
 FORMS = ("all_gather", "ring")
 
@@ -174,13 +173,9 @@ def attention(
   if form not in FORMS:
     raise ValueError(f"model.attention_context={form!r} is not one of {FORMS}")
   axes, c = context_axes()
-  n, kv = q_BLNH.shape[2], k_BLKH.shape[2]
-  q_spec = active_spec(("batch", "length", "heads", None))
-  kv_spec = active_spec(("batch", "length", "kv_heads", None))
-  if q_spec[2] is not None and kv_spec[2] != q_spec[2]:
-    k_BLKH, v_BLKH = (jnp.repeat(x, n // kv, axis=2) for x in (k_BLKH, v_BLKH))
-    kv_spec = q_spec
-  ids_spec = None if segment_ids_BL is None else PartitionSpec(q_spec[0], q_spec[1])
+  k_BLKH, v_BLKH, q_spec, kv_spec, ids_spec = attention_specs(
+    q_BLNH, k_BLKH, v_BLKH, segment_ids_BL, "length"
+  )
   local_form = functools.partial(_gathered, block=block) if form == "all_gather" else _ring
 
   def attend(q_BLNH, k_BLKH, v_BLKH, ids_BL):

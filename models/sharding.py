@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 from flax.core import spmd as core_spmd
 from jax.sharding import PartitionSpec
@@ -89,6 +90,22 @@ def active_axes(names: LogicalNames, dim: int) -> tuple[tuple[str, ...], int]:
   entry = active_spec(names)[dim] if dim < len(active_spec(names)) else None
   axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
   return axes, math.prod(context[1].shape[a] for a in axes)
+
+
+def attention_specs(q_BLNH, k_BSKH, v_BSKH, segment_ids_BL, length: str | None):
+  """shard_map's specs for attention's inputs under the active rules: rows over "batch", their
+  length over the rule named ``length`` (None: whole), heads over "heads" and "kv_heads". Where
+  the query heads are split but the key/value heads are not split alike, k and v are repeated to
+  one per query head first, so that every shard's groups line up. Returns (k, v, q_spec,
+  kv_spec, ids_spec)."""
+  n, kv = q_BLNH.shape[2], k_BSKH.shape[2]
+  q_spec = active_spec(("batch", length, "heads", None))
+  kv_spec = active_spec(("batch", length, "kv_heads", None))
+  if q_spec[2] is not None and kv_spec[2] != q_spec[2]:
+    k_BSKH, v_BSKH = (jnp.repeat(x, n // kv, axis=2) for x in (k_BSKH, v_BSKH))
+    kv_spec = q_spec
+  ids_spec = None if segment_ids_BL is None else PartitionSpec(q_spec[0], q_spec[1])
+  return k_BSKH, v_BSKH, q_spec, kv_spec, ids_spec
 
 
 def constrain(x: jax.Array, names: LogicalNames) -> jax.Array:
