@@ -22,7 +22,7 @@ from models import context_parallel, lora
 from models.config import ModelConfig
 from models.layers import Norm, apply_rope, dense, out_proj_std, rope_frequencies
 from models.params import make_param, normal
-from models.sharding import attention_specs, constrain, is_active
+from models.sharding import active_axes, attention_specs, constrain, is_active
 
 KVCache = dict[str, jax.Array]  # {"k": [B, S, K, H], "v": [B, S, K, H]} for one layer
 
@@ -352,8 +352,7 @@ def _splash_striped(q_BLNH, k_BLKH, v_BLKH, segment_ids_BL, shards: int, interpr
   )
   n = q_BLNH.shape[2]
   mesh = jax.sharding.get_abstract_mesh()
-  head_axes = q_spec[2] if isinstance(q_spec[2], tuple) else (q_spec[2],)
-  head_shards = math.prod(mesh.shape[a] for a in head_axes if a is not None)
+  _, head_shards = active_axes(("batch", "length", "heads", None), 2)
   kernel, segment_ids = _splash_kernel(n, q_BLNH.shape[1], interpret, shards, head_shards)
   tables = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(q_spec[2], q_spec[1]))
 
