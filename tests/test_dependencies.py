@@ -181,19 +181,25 @@ print(json.dumps({{k: [before.get(k), after.get(k)] for k in set(before) | set(a
   assert len(libraries) > 60  # the walk found the modules
 
 
-def test_the_data_package_imports_tensorflow_without_keras():
-  """TensorFlow's import loads Keras wherever Keras is installed (1.2 s of CPU in every process):
-  the data package imports TensorFlow without it, and tf.data, Keras and ``tf.keras`` all work
-  afterwards."""
+def test_tensorflow_and_flax_import_without_what_loom_never_uses():
+  """TensorFlow's import loads Keras wherever Keras is installed (1.2 s of CPU in every process),
+  Flax NNX's loads IPython only to ask whether a shell is running (0.3 s): the data package
+  imports TensorFlow without Keras, the model package Flax without IPython, and tf.data, Keras,
+  ``tf.keras``, NNX and IPython all work afterwards."""
   code = """
 import sys
 import input_pipeline
-loaded = sorted(m for m in sys.modules if m.split(".")[0] == "keras")
-assert "tensorflow" in sys.modules and not loaded, loaded[:5]
+import models
+loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("keras", "IPython"))
+assert "tensorflow" in sys.modules and "flax.nnx" in sys.modules and not loaded, loaded[:5]
 import tensorflow as tf
 assert [int(x) for x in tf.data.Dataset.range(3).map(lambda x: x * 2)] == [0, 2, 4]
 import keras
 assert tf.keras.optimizers.Adam is keras.optimizers.Adam
+from flax import nnx
+assert nnx.Linear(2, 3, rngs=nnx.Rngs(0)).kernel.value.shape == (2, 3)
+import IPython
+assert IPython.get_ipython() is None
 print("ok")
 """
   result = subprocess.run(

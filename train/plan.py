@@ -19,6 +19,7 @@ from typing import Any
 import jax
 from absl import flags
 
+import models  # noqa: F401 - first: Flax NNX without IPython where none runs (models/flax_import.py)
 from input_pipeline.host import command
 from train import planning
 from train.meter import hardware
