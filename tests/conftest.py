@@ -60,7 +60,7 @@ if not getattr(sys.modules.get("sitecustomize"), "LOOM_TESTS_SITE", False):
 
 import pytest  # noqa: E402 (after the environment above, which must precede any JAX import)
 from cli_helpers import TINY_RUN, run_train  # noqa: E402
-from cluster_helpers import launch  # noqa: E402
+from cluster_helpers import DEVICES, launch  # noqa: E402
 
 from input_pipeline.host import settings  # noqa: E402
 from train.meter import flops as flops_lib  # noqa: E402
@@ -142,11 +142,11 @@ def tiny_reference(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def two_process_run(tmp_path_factory) -> tuple[str, list[str]]:
-  """Two jax.distributed processes of four fake devices each, 20 steps (cluster_helpers
-  .SETTINGS): (work directory, each process's output). Change only a copy."""
+  """Two jax.distributed processes of cluster_helpers.DEVICES fake devices each, 20 steps
+  (cluster_helpers.SETTINGS): (work directory, each process's output). Change only a copy."""
 
   def make(path: pathlib.Path) -> None:
-    outputs = launch(str(path / "run"), processes=2, devices=4, cache_dir=str(path / "cache"))
+    outputs = launch(str(path / "run"), processes=2, devices=DEVICES, cache_dir=str(path / "cache"))
     for i, output in enumerate(outputs):
       (path / f"process{i}.txt").write_text(output)
 

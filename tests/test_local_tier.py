@@ -9,7 +9,7 @@ import signal
 
 import pytest
 from cli_helpers import train_in_process
-from cluster_helpers import launch, losses
+from cluster_helpers import DEVICES, launch, losses
 
 from train.checkpoint import local_files, local_tier
 
@@ -55,11 +55,12 @@ def _report(workdir) -> dict:
 def test_two_processes_killed_resume_from_local_disks_and_a_peers_replica(
   two_process_run, tmp_path, cache_dir
 ):
-  reference = losses(two_process_run[0])  # the same 2 × 4 run, never interrupted
+  reference = losses(two_process_run[0])  # the same two-process run, never interrupted
   workdir, local = str(tmp_path / "run"), tmp_path / "local"
   flags = _local_flags(local, "--config.checkpoint.every=0")  # persistent only at the end
   killed = (-signal.SIGKILL, -signal.SIGABRT)  # see the four-process test
-  launch(workdir, 2, 4, cache_dir, extra=(*flags, "--config.debug.kill_at_step=8"), expect=killed)
+  kill = (*flags, "--config.debug.kill_at_step=8")
+  launch(workdir, 2, DEVICES, cache_dir, extra=kill, expect=killed)
   for p in (0, 1):  # each process's own steps, and a replica of each on the other
     assert _steps(local / f"process_{p}" / "own") == [6, 8]
     assert _steps(local / f"process_{p}" / f"replica_of_{1 - p}") == [6, 8]
@@ -74,7 +75,7 @@ def test_two_processes_killed_resume_from_local_disks_and_a_peers_replica(
     byte = f.read(1)
     f.seek(100)
     f.write(bytes([byte[0] ^ 0xFF]))
-  outputs = launch(workdir, 2, 4, cache_dir, extra=flags)
+  outputs = launch(workdir, 2, DEVICES, cache_dir, extra=flags)
   assert "resumed from the local tier" in outputs[0] and "at step 6" in outputs[0], outputs[0]
   report = _report(workdir)
   restored = report["restored_from"]

@@ -1,10 +1,10 @@
 """Multi-process runs: cluster detection (fake environments) and real jax.distributed training.
 
 The real runs start ``python -m train`` processes on 127.0.0.1 (gloo CPU collectives), each with
-its own fake CPU devices, and compare their per-step losses with one process holding all the
-devices (the session's tiny reference run): the global batch, the data order and the math are the
-same, so only float summation order may differ. The session's two-process run (conftest.py) is
-then resumed by four processes (another device count and mesh) and by one.
+its own fake CPU devices (cluster_helpers.DEVICES), and compare their per-step losses with one
+process holding 8 devices (the session's tiny reference run): the global batch, the data order
+and the math are the same, so only float summation order may differ. The session's two-process
+run (conftest.py) is then resumed by four processes (another device count and mesh) and by one.
 """
 
 import json
@@ -17,6 +17,7 @@ import sys
 import pytest
 from cli_helpers import copy_run, train_in_process
 from cluster_helpers import (
+  DEVICES,
   SAVED_AT,
   SETTINGS,
   STEPS,
@@ -177,12 +178,12 @@ def reference(tiny_reference):
 @pytest.mark.slow
 def test_two_processes_train_like_one(two_process_run, reference):
   workdir, outputs = two_process_run
-  assert "processes: 2 (this is 0); devices: 4 local, 8 global" in outputs[0]
+  assert f"processes: 2 (this is 0); devices: {DEVICES} local, {2 * DEVICES} global" in outputs[0]
   two = losses(workdir)  # also: one record per step, so only one process wrote
   assert sorted(two) == list(range(1, STEPS + 1))
   difference = max_difference(two, reference, two)
   assert difference < LOSS_TOLERANCE, (two, reference)
-  print(f"max |loss(2 × 4) - loss(1 × 8)| = {difference:.2e}")
+  print(f"max |loss(2 × {DEVICES}) - loss(1 × 8)| = {difference:.2e}")
   assert os.path.exists(os.path.join(workdir, "report.json"))
   # Every process wrote its own shards of the checkpoint.
   state_dir = os.path.join(workdir, "checkpoints", str(SAVED_AT), "state")
@@ -195,9 +196,10 @@ def test_two_processes_train_like_one(two_process_run, reference):
 def test_four_processes_resume_a_two_process_checkpoint(
   two_process_run, reference, tmp_path, cache_dir
 ):
-  """4 processes × 1 device: another process count, device count and mesh (fsdp 8 -> two
-  pipeline stages across processes × fsdp 2). The two processes of each stage pair read the same
-  rows (input_pipeline.row_share): 4 rows each of the 8, two blocks for four processes."""
+  """4 processes × 1 device: another process count, device count and mesh (fsdp over both
+  processes' devices -> two pipeline stages across processes × fsdp 2). The two processes of each
+  stage pair read the same rows (input_pipeline.row_share): 4 rows each of the 8, two blocks for
+  four processes."""
   workdir = copy_at_saved_step(two_process_run[0], str(tmp_path / "run"))
   stages = (
     "--config.mesh.dcn_stage=2",
@@ -259,17 +261,21 @@ def test_generate_and_bench_run_as_two_processes(two_process_run):
   generate = ["train.generate", f"--workdir={workdir}", "--prompt=def ", "--greedy", "--json"]
   generate += ["--max_new_tokens=8"]
   one = generation.generate(loading.load(workdir), ["def "], max_new_tokens=8, temperature=0.0)
-  two = run_command(generate, processes=2, devices=4)
+  two = run_command(generate, processes=2, devices=DEVICES)
   assert [code for code, _, _ in two] == [0, 0], two[0][2][-2000:] + two[1][2][-2000:]
   assert json_lines(two[1][1]) == []  # process 0 alone prints
   assert json_lines(two[0][1])[-1]["texts"] == one.texts
 
   bench = ["train.bench", "--config=configs/tiny.py", "--steps=2", "--warmup=1"]
-  two = run_command(bench, processes=2, devices=4)
+  two = run_command(bench, processes=2, devices=DEVICES)
   assert [code for code, _, _ in two] == [0, 0], two[0][2][-2000:] + two[1][2][-2000:]
   assert json_lines(two[1][1]) == []
   result = json_lines(two[0][1])[-1]
-  assert result["processes"] == 2 and result["devices"] == 8 and result["tokens_per_second"] > 0
+  assert (
+    result["processes"] == 2
+    and result["devices"] == 2 * DEVICES
+    and result["tokens_per_second"] > 0
+  )
 
 
 @pytest.mark.multiprocess
@@ -307,7 +313,7 @@ def test_the_harness_runs_as_two_processes_with_one_result(two_process_run, tmp_
   )
   evaluate = ["train.evaluate", f"--workdir={workdir}", f"--include_path={tasks}", "--limit=8"]
   evaluate += [f"--tasks={','.join(names)}", "--batch_size=4"]
-  two = run_command(evaluate, processes=2, devices=4)
+  two = run_command(evaluate, processes=2, devices=DEVICES)
   assert [code for code, _, _ in two] == [0, 0], two[0][2][-2000:] + two[1][2][-2000:]
   assert json_lines(two[1][1]) == []  # process 0 alone prints (and writes)
   got = json_lines(two[0][1])[-1]

@@ -20,7 +20,7 @@ import sys
 import time
 
 import pytest
-from cluster_helpers import REPO, SETTINGS, STEPS, free_port, losses
+from cluster_helpers import DEVICES, REPO, SETTINGS, STEPS, free_port, losses
 
 KILL_AFTER = 10  # SIGKILL once the checkpoint of this step is sealed by both processes
 # Refused uploads of the failing-save test's work directory (gs://loom/pod/failing): process 1's
@@ -103,7 +103,8 @@ def _env(emulator: str | None, devices: int, scratch: str) -> dict:
 
 
 def _start(workdir: str, cache: str, logs: str, emulator: str | None, processes: int = 2):
-  """``python -m train`` as ``processes`` processes of 4 fake devices; (procs, log paths)."""
+  """``python -m train`` as ``processes`` processes of DEVICES fake devices, as the session's
+  two-process run; (procs, log paths)."""
   port = free_port()
   # The settings of the session's two-process run on local disk, the reference.
   overrides = {**SETTINGS, "data.cache_dir": cache}
@@ -117,7 +118,7 @@ def _start(workdir: str, cache: str, logs: str, emulator: str | None, processes:
       f"--process_id={i}",
     ]
     # Each process has its own local scratch space, as separate hosts would.
-    env = _env(emulator, 4, f"{logs}.scratch{i}")
+    env = _env(emulator, DEVICES, f"{logs}.scratch{i}")
     paths.append(f"{logs}.{len(os.listdir(os.path.dirname(logs)))}.{i}.log")
     with open(paths[-1], "w") as out:
       procs.append(
