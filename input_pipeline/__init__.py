@@ -1,6 +1,7 @@
 """Loom's input pipeline: text -> tokenizer -> packing -> prepared store -> step-indexed batches.
 
-The interface the trainer uses (keep it small):
+The interface the trainer uses (keep it small; Loom's own modules import each name from its module,
+``preparation.build``, ``device.to_global``, ..., and the package exports them for everyone else):
 
   pipeline = input_pipeline.build(config)       # prepares (or reuses) the store; cheap if prepared
                                                 # (once for all processes: preparation.py)
@@ -21,44 +22,30 @@ document, 0 on padding and across document boundaries).
 """
 
 import importlib
-import importlib.util
 
 __all__ = ["DataError", "Pipeline", "build", "row_share", "to_global"]
 
+# The exports load on first use: importing the package (or ``input_pipeline.host``, the layer
+# every command stands on) imports no TensorFlow, so the commands that read no data
+# (``train.report``, ``train.checkpoint``, ``train.plan``, ``train.convert``) start without it
+# (2.4 s of CPU a process on a 2-core Xeon; docs/platform-facts.md), as does a host without TF
+# (an accelerator image running ``python -m train.bench_gpu``), where reading data fails naming
+# it. The modules that read data import TensorFlow at their own import, through
+# ``tensorflow_import`` (without Keras); Loom's modules import those modules, not these exports, so
+# a training process has TensorFlow from its start: loaded during a run instead, it made one of two
+# processes stopping after a failed save abort at exit.
+_EXPORTS = {
+  "DataError": "input_pipeline.errors",
+  "Pipeline": "input_pipeline.pipeline",
+  "build": "input_pipeline.preparation",
+  "row_share": "input_pipeline.device",
+  "to_global": "input_pipeline.device",
+}
 
-def _has_tensorflow() -> bool:
-  try:
-    return importlib.util.find_spec("tensorflow") is not None
-  except ValueError:  # sys.modules["tensorflow"] is None: imports of it are blocked
-    return False
 
-
-if _has_tensorflow():
-  from input_pipeline import tensorflow_import
-
-  tensorflow_import.load()  # before any module below imports TensorFlow: without Keras
-
-  from input_pipeline.device import row_share, to_global
-  from input_pipeline.errors import DataError
-  from input_pipeline.pipeline import Pipeline
-  from input_pipeline.preparation import build
-else:
-  # A host without TensorFlow (an accelerator image running ``python -m train.bench_gpu``): the
-  # train step's modules import ``input_pipeline.host`` and need no data, so the exports load on
-  # first use, and the ones that read data fail then, naming TensorFlow. (Loading them lazily
-  # everywhere changed when TensorFlow was imported in a training process, and one of two
-  # processes stopping after a failed save aborted at exit: imports stay eager where TF is.)
-  _EXPORTS = {
-    "DataError": "input_pipeline.errors",
-    "Pipeline": "input_pipeline.pipeline",
-    "build": "input_pipeline.preparation",
-    "row_share": "input_pipeline.device",
-    "to_global": "input_pipeline.device",
-  }
-
-  def __getattr__(name: str):
-    if name not in _EXPORTS:
-      raise AttributeError(f"module 'input_pipeline' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
+def __getattr__(name: str):
+  if name not in _EXPORTS:
+    raise AttributeError(f"module 'input_pipeline' has no attribute {name!r}")
+  value = getattr(importlib.import_module(_EXPORTS[name]), name)
+  globals()[name] = value
+  return value

@@ -13,12 +13,24 @@ from pathlib import Path
 import jax
 import ml_collections
 import numpy as np
-import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from input_pipeline import chat, errors, mixture, preference, sampler, sources, store, tokenizers
+from input_pipeline import (
+  chat,
+  errors,
+  mixture,
+  mixture_spec,
+  preference,
+  sampler,
+  sources,
+  store,
+  tensorflow_import,
+  tokenizers,
+)
 from input_pipeline import shares as shares_lib
 from input_pipeline.host import storage
+
+tf = tensorflow_import.load()
 
 _log = logging.getLogger(__name__)
 
@@ -218,7 +230,7 @@ class MixturePipeline(Pipeline):
 
 def _build_mixture(config: ml_collections.ConfigDict, cache_dir: Path) -> Pipeline:
   data = config.data
-  specs, _, table = mixture.parse(tuple(data.mixture), tuple(data.get("mixture_stages", ())))
+  specs, _, table = mixture_spec.parse(tuple(data.mixture), tuple(data.get("mixture_stages", ())))
   if any(spec.startswith(("chat:", preference.PREFIX)) for spec in specs):
     raise errors.DataError(
       f"data.mixture {specs}: chat and prefs sources cannot be mixed (yet); use one"

@@ -21,7 +21,7 @@ import time
 import jax
 from absl import flags
 
-import input_pipeline
+from input_pipeline import preparation
 from input_pipeline.host import command
 
 _VERIFY = flags.DEFINE_bool("verify", False, "Also re-hash every array of the store (sha256).")
@@ -33,7 +33,7 @@ def main(argv: list[str]) -> int:
   config = command.config()
   config.data.verify_store = bool(_VERIFY.value)
   start = time.perf_counter()
-  pipeline = input_pipeline.build(config)  # one process, or several as in a run
+  pipeline = preparation.build(config)  # one process, or several as in a run
   manifest = pipeline.manifest
   result = {
     "store": os.fspath(pipeline.store.path),

@@ -13,10 +13,11 @@ import logging
 from collections.abc import Iterator
 
 import numpy as np
-import tensorflow as tf
 
-from input_pipeline import packing
+from input_pipeline import packing, tensorflow_import
 from input_pipeline.store import Store
+
+tf = tensorflow_import.load()
 
 _log = logging.getLogger(__name__)
 

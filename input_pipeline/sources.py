@@ -23,8 +23,10 @@ from pathlib import Path
 
 import tensorflow_datasets as tfds
 
-from input_pipeline import errors, text_files
+from input_pipeline import errors, tensorflow_import, text_files
 from input_pipeline.host import storage
+
+tensorflow_import.load()  # before TFDS imports TensorFlow itself: without Keras
 
 _log = logging.getLogger(__name__)
 

@@ -21,7 +21,9 @@ from pathlib import Path
 import tensorflow_datasets as tfds
 from etils import epath
 
-from input_pipeline import errors
+from input_pipeline import errors, tensorflow_import
+
+tensorflow_import.load()  # before TFDS imports TensorFlow itself: without Keras
 
 DATASET_VERSION = "1.0.0"
 

@@ -13,7 +13,7 @@ from cli_helpers import read_metrics, train_in_process
 
 import input_pipeline
 from configs.default import get_config
-from input_pipeline import errors, mixture
+from input_pipeline import errors, mixture, mixture_spec
 from train.checkpoint.manager import CheckpointMismatchError
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -109,7 +109,7 @@ def test_tokens_consumed_are_counted_per_source(pipe):
 )
 def test_bad_mixtures_are_clear_errors(mixture_value, stages, message):
   with pytest.raises(errors.DataError, match=message.replace("(", r"\(").replace(")", r"\)")):
-    mixture.parse(mixture_value, stages)
+    mixture_spec.parse(mixture_value, stages)
 
 
 @pytest.mark.slow

@@ -23,8 +23,8 @@ import jax
 import numpy as np
 from absl import flags
 
-import input_pipeline
 from input_pipeline import benchmark
+from input_pipeline.device import row_share, to_global
 from input_pipeline.host import command
 from train import config as config_lib
 from train import profiling, trainer
@@ -43,7 +43,7 @@ _PROFILE = flags.DEFINE_string(
 def synthetic_batch(config, vocab_size: int, sharding, seed: int = 0):
   """Random tokens in one segment per row: the shapes and dtypes of a real batch."""
   # Every process draws the same global batch and hands over only its block of rows, as the input
-  # pipeline does (input_pipeline.to_global: make_array_from_process_local_data).
+  # pipeline does (input_pipeline.device.to_global: make_array_from_process_local_data).
   shape = (config.train.batch_size, config.data.seq_len)
   tokens = np.asarray(
     jax.random.randint(jax.random.key(seed), (shape[0], shape[1] + 1), 0, vocab_size), np.int32
@@ -55,12 +55,10 @@ def synthetic_batch(config, vocab_size: int, sharding, seed: int = 0):
     "segment_ids": np.ones(shape, np.int32),
     "weights": np.ones(shape, np.float32),
   }
-  index, count = input_pipeline.row_share(sharding)  # this process's block of the rows
+  index, count = row_share(sharding)  # this process's block of the rows
   rows = shape[0] // count
   mine = slice(index * rows, (index + 1) * rows)
-  return input_pipeline.to_global(
-    {k: np.ascontiguousarray(v[mine]) for k, v in batch.items()}, sharding
-  )
+  return to_global({k: np.ascontiguousarray(v[mine]) for k, v in batch.items()}, sharding)
 
 
 def bench_step(config, steps: int, warmup: int, profile_dir: str | None = None) -> dict:

@@ -21,7 +21,7 @@ import optax
 from jax.sharding import Mesh
 
 from configs import default
-from input_pipeline import device, mixture, tokenizers
+from input_pipeline import device, mixture_spec, tokenizers
 from input_pipeline.host import storage
 from input_pipeline.host.command import LoomError
 from models import pipeline
@@ -330,7 +330,7 @@ def _check_optim(optim) -> None:
 
 def _check_data(data) -> None:
   if tuple(data.mixture):
-    mixture.parse(tuple(data.mixture), tuple(data.mixture_stages))  # DataError names the key
+    mixture_spec.parse(tuple(data.mixture), tuple(data.mixture_stages))  # DataError names the key
     for spec, _ in data.mixture:
       _check_source(spec, "data.mixture source")
   else:

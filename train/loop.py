@@ -21,7 +21,7 @@ from typing import Any
 import jax
 import numpy as np
 
-import input_pipeline
+from input_pipeline.device import to_global
 from train import health, metrics_writer, profiling
 from train.checkpoint.manager import Checkpointer
 from train.cluster import mesh as mesh_lib
@@ -124,7 +124,7 @@ class _Loop:
 
   def dispatch(self, step_number: int) -> None:
     with self.meter.phase("input_wait"):
-      batch = input_pipeline.to_global(next(self.batches), self.run.batch_sharding)
+      batch = to_global(next(self.batches), self.run.batch_sharding)
     with self.meter.phase("train"), self.profiler.step(step_number, lambda: self.state):
       self.state, step_metrics = self.run.compiled_step(self.state, batch)
       self.health = self.track_health(self.health, step_metrics, np.int32(step_number))

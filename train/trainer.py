@@ -18,8 +18,9 @@ import jax
 import ml_collections
 import numpy as np
 
-import input_pipeline
 import models
+from input_pipeline import preparation
+from input_pipeline.device import row_share
 from input_pipeline.host import agreement, settings, storage
 from models import attention
 from models import pipeline as pipeline_parallel
@@ -86,7 +87,7 @@ class Run:
   def data_share(self) -> dict[str, int]:
     """The pipeline's ``process_index`` and ``process_count`` for this process: its block of
     each batch's rows (``input_pipeline.row_share``; processes of one block read the same rows)."""
-    index, count = input_pipeline.row_share(self.batch_sharding)
+    index, count = row_share(self.batch_sharding)
     return {"process_index": index, "process_count": count}
 
   def train_batches(self, position: int) -> Iterator[dict[str, np.ndarray]]:
@@ -124,7 +125,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
     )
   resolved = config_lib.validate(config, workdir=workdir)
   workdir = config_lib.create_workdir(workdir)
-  pipeline = input_pipeline.build(config)  # prepared once for every process
+  pipeline = preparation.build(config)  # prepared once for every process
   if pipeline.tokenizer.vocab_size > resolved.model_cfg.vocab_size:
     raise RuntimeError(  # validation predicted the vocabulary from the config: a bug if it differs
       f"the tokenizer has {pipeline.tokenizer.vocab_size} ids, more than the model's "

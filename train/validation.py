@@ -13,7 +13,7 @@ from typing import Any
 
 import jax
 
-import input_pipeline
+from input_pipeline.device import to_global
 from train import dpo
 from train.inference import generation, harness
 from train.inference.engine import Engine
@@ -50,7 +50,7 @@ class Validation:
   def __init__(self, run: Any):
     self.run, self.config = run, run.config
     self.batches = [
-      input_pipeline.to_global(batch, run.batch_sharding)
+      to_global(batch, run.batch_sharding)
       for batch in run.checked(
         run.pipeline.eval_batches(
           global_batch_size=self.config.train.batch_size,

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-import input_pipeline
+from input_pipeline.device import to_global
 from input_pipeline.host import storage
 from train.cluster import mesh as mesh_lib
 from train.inference import tasks as task_index
@@ -138,7 +138,7 @@ class Scorer:
           "targets": targets[first : first + share],
           "mask": mask[first : first + share],
         }
-        batch = input_pipeline.to_global(local, self.sharding)
+        batch = to_global(local, self.sharding)
         totals, greedy = jax.device_get(
           self._score(self.model.params, batch["inputs"], batch["targets"], batch["mask"])
         )

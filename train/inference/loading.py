@@ -21,8 +21,7 @@ import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-import input_pipeline
-from input_pipeline import tokenizers
+from input_pipeline import preparation, tokenizers
 from models.config import ModelConfig
 from train import config as config_lib
 from train import state as state_lib
@@ -135,7 +134,7 @@ def _tokenizer(config: ml_collections.ConfigDict, metadata: dict[str, Any], work
   """The run's tokenizer: rebuilt with its data (fingerprint checked), or alone for an import."""
   if metadata.get("data_fingerprint") is None:
     return tokenizers.load_tokenizer(config.data)
-  pipeline = input_pipeline.build(config)
+  pipeline = preparation.build(config)
   if pipeline.fingerprint != metadata["data_fingerprint"]:
     raise ValueError(
       f"the tokenizer rebuilt from {workdir}'s config has data fingerprint "
