@@ -95,7 +95,7 @@ class MetricsWriter:
     kept, self.last_logged_step = _lines_up_to(self.path, resume_step)
     self._log = storage.AppendOnlyLog(self.path, kept)
     if tensorboard:
-      tf = tensorflow_import.load()  # 2.4 s to import: only when TensorBoard is on
+      tf = self._tf = tensorflow_import.load()  # 2.4 s to import: only when TensorBoard is on
 
       tb_dir = self.path.parent / "tensorboard"
       if storage.is_remote(tb_dir):
@@ -111,12 +111,10 @@ class MetricsWriter:
     if self._wandb is not None:
       self._wandb.log(record)
     if self._tb is not None:
-      tf = tensorflow_import.load()  # imported by __init__ already
-
       with self._tb.as_default(step=int(step)):
         for key, value in record.items():
           if key != "step" and isinstance(value, (int, float)):
-            tf.summary.scalar(key, value)
+            self._tf.summary.scalar(key, value)
 
   def flush(self) -> None:
     """Makes everything written so far durable (called before each checkpoint save)."""
