@@ -8,6 +8,7 @@ at module level, and importing any module of Loom leaves the process's environme
 """
 
 import ast
+import importlib.metadata
 import json
 import os
 import pathlib
@@ -15,6 +16,7 @@ import subprocess
 import sys
 
 import pytest
+from packaging.requirements import Requirement
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 PACKAGES = ("train", "models", "input_pipeline", "configs")
@@ -237,3 +239,22 @@ print("ok")
     [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300
   )
   assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+
+
+def test_the_installed_libraries_are_the_declared_versions():
+  """Every library pyproject.toml declares (the project's and the test extra's) is installed at a
+  version it allows: a stale environment (ml_dtypes 0.7.0, whose import costs every command
+  0.45 CPU-s; pyproject.toml says why) fails here, naming the library, not as a slower suite."""
+  tomllib = pytest.importorskip("tomllib")  # Python 3.11 and later
+  project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+  declared = [
+    Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["test"]
+  ]
+  wrong = {}
+  for requirement in declared:
+    if requirement.marker is not None and not requirement.marker.evaluate():
+      continue
+    installed = importlib.metadata.version(requirement.name)
+    if not requirement.specifier.contains(installed, prereleases=True):
+      wrong[requirement.name] = f"{installed} installed, {requirement.specifier} declared"
+  assert len(declared) > 20 and not wrong, wrong
