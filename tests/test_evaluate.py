@@ -188,6 +188,26 @@ def test_harness_tasks_run_at_each_eval_during_training(tmp_path, cache_dir):
   assert 0 <= report["harness/loom_python_mc/acc"] <= 1
 
 
+def test_local_tasks_are_loaded_without_indexing_lm_evals_own(tmp_path):
+  """Tasks that an include path defines load from that folder's index alone (lm-eval's own
+  ~14,700 take seconds to index); a group there, whose members may be lm-eval's, or a name the
+  folder lacks takes lm-eval's index with the folder on top."""
+  from train.inference import tasks as task_index
+
+  local = task_index.manager_for(["loom_python_mc", "loom_python_text"], TASKS)
+  assert local.all_tasks == ["loom_python_gen", "loom_python_mc", "loom_python_text"]
+  both = task_index.manager_for(["loom_python_mc", "arc_easy"], TASKS)
+  assert {"loom_python_mc", "arc_easy"} <= set(both.all_tasks) and len(both.all_tasks) > 1000
+  folder = tmp_path / "tasks"
+  folder.mkdir()
+  for name in ("python_mc.yaml", "python_mc.jsonl", "data.py"):
+    (folder / name).write_text(open(os.path.join(TASKS, name)).read())
+  (folder / "suite.yaml").write_text("group: my_suite\ntask:\n  - loom_python_mc\n  - arc_easy\n")
+  grouped = task_index.manager_for(["my_suite"], str(folder))
+  assert {"my_suite", "arc_easy"} <= set(grouped.all_tasks)
+  assert task_index.unknown(["loom_python_mc", "my_suite", "nope"], str(folder)) == ["nope"]
+
+
 def test_unknown_in_training_tasks_are_refused_before_any_work(tmp_path):
   from train import config as config_lib
 

@@ -272,7 +272,7 @@ def run_tasks(
     tasks=list(tasks),
     num_fewshot=num_fewshot,
     limit=limit,
-    task_manager=task_index.manager(include_path or None),
+    task_manager=task_index.manager_for(tasks, include_path or None),
     log_samples=False,
     random_seed=seed,
     numpy_random_seed=seed,

@@ -1,9 +1,11 @@
 """The lm-eval task index, built once per process and include path.
 
-lm-eval's ``TaskManager`` reads every task's YAML when it is made (~14,700 tasks: 9 s on a 2-core
-CPU), and a run that evaluates tasks at each eval would otherwise make one for the config check
-and another at every eval. The harness is the optional ``[eval]`` extra: nothing here imports it
-until a task is asked for.
+lm-eval's ``TaskManager`` reads every task's YAML when it is made (~14,700 tasks: 7-9 s on a
+2-core CPU), and a run that evaluates tasks at each eval would otherwise make one for the config
+check and another at every eval. Tasks that an include path defines need none of them: their
+index is that folder's alone (milliseconds), and lm-eval's own tasks are indexed only when a name
+is not a task of that folder. The harness is the optional ``[eval]`` extra: nothing here imports
+it until a task is asked for.
 """
 
 from __future__ import annotations
@@ -18,18 +20,32 @@ class HarnessMissingError(ImportError):
 
 
 @functools.lru_cache(maxsize=8)
-def manager(include_path: str | None = None) -> Any:
-  """lm-eval's ``TaskManager`` for ``include_path`` (None: lm-eval's own tasks only)."""
+def manager(include_path: str | None = None, defaults: bool = True) -> Any:
+  """lm-eval's ``TaskManager`` for ``include_path`` (None: lm-eval's own tasks only), with
+  lm-eval's own tasks unless ``defaults`` is False (then ``include_path``'s alone)."""
   try:
     from lm_eval.tasks import TaskManager  # noqa: PLC0415 - the optional [eval] extra
   except ImportError as e:
     raise HarnessMissingError(
       "lm-eval tasks need EleutherAI's lm-eval harness: pip install -e '.[eval]'"
     ) from e
-  return TaskManager(include_path=include_path) if include_path else TaskManager()
+  if not include_path:
+    return TaskManager()
+  return TaskManager(include_path=include_path, include_defaults=defaults)
+
+
+def manager_for(tasks: Sequence[str], include_path: str | None = None) -> Any:
+  """The index to load ``tasks`` from: ``include_path``'s alone where every name is a task (not
+  a group or tag, whose members may be lm-eval's) that the folder defines; else lm-eval's own
+  with ``include_path`` on top, which takes precedence on a name both define."""
+  if include_path:
+    local = manager(include_path, defaults=False)
+    if all(task in local.all_subtasks for task in tasks):
+      return local
+  return manager(include_path or None)
 
 
 def unknown(tasks: Sequence[str], include_path: str | None = None) -> list[str]:
   """The names among ``tasks`` that neither lm-eval nor ``include_path`` defines."""
-  known = manager(include_path or None).all_tasks
+  known = manager_for(tasks, include_path).all_tasks
   return [task for task in tasks if task not in known]
