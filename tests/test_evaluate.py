@@ -208,6 +208,42 @@ def test_local_tasks_are_loaded_without_indexing_lm_evals_own(tmp_path):
   assert task_index.unknown(["loom_python_mc", "my_suite", "nope"], str(folder)) == ["nope"]
 
 
+def test_run_tasks_starts_no_process_and_scores_as_simple_evaluate(model, monkeypatch):
+  """No subprocess (lm-eval's environment report runs ``pip list`` and ``git``), and the same
+  results as ``lm_eval.simple_evaluate`` with the same seeds and few-shot settings."""
+  import lm_eval
+
+  from train.inference import tasks as task_index
+
+  names = ["loom_python_mc", "loom_python_gen"]
+  started = []
+
+  class Refused(subprocess.Popen):
+    def __init__(self, args, *rest, **kwargs):
+      started.append(args)
+      raise OSError(f"a subprocess during run_tasks: {args}")
+
+  with monkeypatch.context() as patch:
+    patch.setattr(subprocess, "Popen", Refused)
+    ours = harness.run_tasks(model, names, include_path=TASKS, limit=5, num_fewshot=1, seed=3)
+  assert started == []
+  theirs = lm_eval.simple_evaluate(
+    model=harness.loom_lm(model, 16),
+    tasks=names,
+    num_fewshot=1,
+    limit=5,
+    task_manager=task_index.manager_for(names, TASKS),
+    log_samples=False,
+    random_seed=3,
+    numpy_random_seed=3,
+    torch_random_seed=3,
+    fewshot_random_seed=3,
+    bootstrap_iters=0,
+  )
+  assert ours["metrics"] == harness.flatten(theirs) and ours["n-shot"] == theirs["n-shot"]
+  assert ours["n-shot"] == {"loom_python_mc": 1, "loom_python_gen": 1}
+
+
 def test_unknown_in_training_tasks_are_refused_before_any_work(tmp_path):
   from train import config as config_lib
 

@@ -22,6 +22,7 @@ import functools
 import json
 import logging
 import math
+import random
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -250,6 +251,35 @@ def check_tasks(tasks: Sequence[str], include_path: str | None = None) -> None:
     )
 
 
+def _evaluate(lm, tasks, include_path, *, limit, num_fewshot, seed) -> dict[str, Any]:
+  """What ``lm_eval.simple_evaluate`` does for a ready model (seeds, tasks, few-shot settings,
+  then ``lm_eval.evaluator.evaluate``), without the report of the environment it ends with:
+  torch imported and ``pip list`` run in a subprocess (torch's collect_env) and ``git
+  describe``, on every process at every eval, 2.5 CPU-s a process and 0.7 s an eval after the
+  first, for fields Loom does not keep. Python's and NumPy's global generators are seeded as
+  there; torch's is not (nothing of Loom's runs on torch)."""
+  from lm_eval import evaluator  # noqa: PLC0415 - the optional [eval] extra (check_tasks found it)
+
+  random.seed(seed)
+  np.random.seed(seed)
+  loaded = task_index.manager_for(tasks, include_path or None).load(list(tasks))
+  for task in loaded["tasks"].values():
+    configured = task.get_config("num_fewshot")
+    if num_fewshot is not None and configured != 0:  # a task set to 0 stays zero-shot
+      task.set_config(key="num_fewshot", value=num_fewshot)
+    elif num_fewshot is None and configured is None:
+      task.set_config(key="num_fewshot", value=0)
+    task.set_fewshot_seed(seed=seed)
+  return evaluator.evaluate(
+    lm=lm,
+    task_dict=loaded,
+    limit=limit,
+    bootstrap_iters=0,
+    log_samples=False,
+    fewshot_as_multiturn=True,  # simple_evaluate's default (used with chat templates only)
+  )
+
+
 def run_tasks(
   model: Model,
   tasks: Sequence[str],
@@ -263,23 +293,9 @@ def run_tasks(
   """Runs lm-eval ``tasks`` on ``model``; returns its results (JSON-ready) with Loom's figures:
   ``requests``, ``requests_per_second``, ``wall_time_s``, and ``metrics`` (flattened)."""
   check_tasks(tasks, include_path)
-  import lm_eval  # noqa: PLC0415 - the optional [eval] extra (check_tasks found it)
-
   lm = loom_lm(model, batch_size)
   start = time.perf_counter()
-  output = lm_eval.simple_evaluate(
-    model=lm,
-    tasks=list(tasks),
-    num_fewshot=num_fewshot,
-    limit=limit,
-    task_manager=task_index.manager_for(tasks, include_path or None),
-    log_samples=False,
-    random_seed=seed,
-    numpy_random_seed=seed,
-    torch_random_seed=seed,
-    fewshot_random_seed=seed,
-    bootstrap_iters=0,
-  )
+  output = _evaluate(lm, tasks, include_path, limit=limit, num_fewshot=num_fewshot, seed=seed)
   seconds = time.perf_counter() - start
   keep = ("results", "versions", "n-shot", "higher_is_better", "n-samples", "configs")
   results = {key: output[key] for key in keep if key in output}
