@@ -34,14 +34,19 @@ def manager(include_path: str | None = None, defaults: bool = True) -> Any:
   return TaskManager(include_path=include_path, include_defaults=defaults)
 
 
+def defined_there(tasks: Sequence[str], include_path: str) -> bool:
+  """Whether every name is a task that ``include_path`` defines (not a group or tag, whose
+  members may be lm-eval's own)."""
+  local = manager(include_path, defaults=False)
+  return all(task in local.all_subtasks for task in tasks)
+
+
 def manager_for(tasks: Sequence[str], include_path: str | None = None) -> Any:
-  """The index to load ``tasks`` from: ``include_path``'s alone where every name is a task (not
-  a group or tag, whose members may be lm-eval's) that the folder defines; else lm-eval's own
-  with ``include_path`` on top, which takes precedence on a name both define."""
-  if include_path:
-    local = manager(include_path, defaults=False)
-    if all(task in local.all_subtasks for task in tasks):
-      return local
+  """The index to load ``tasks`` from: ``include_path``'s alone where it defines every one of
+  them (``defined_there``); else lm-eval's own with ``include_path`` on top, which takes
+  precedence on a name both define."""
+  if include_path and defined_there(tasks, include_path):
+    return manager(include_path, defaults=False)
   return manager(include_path or None)
 
 
