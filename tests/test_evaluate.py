@@ -77,6 +77,19 @@ def test_loglikelihoods_equal_a_hand_computation_at_any_batch_size(model):
   assert len({round(v, 3) for v, _ in expected}) == len(PAIRS)  # distinct scores: no mix-ups
 
 
+def test_each_evals_scorer_reuses_the_compiled_program(model):
+  """A run that evaluates tasks at each eval makes a Scorer each time, for new parameters: the
+  scoring program, and each row length compiled for it, is the process's one."""
+  import dataclasses
+
+  later = dataclasses.replace(model, params=jax.tree.map(lambda x: x * 1.0, model.params), step=9)
+  first, second = harness.Scorer(model, 4), harness.Scorer(later, 4)
+  pairs = [harness.encode_pair(model.tokenizer, *pair) for pair in PAIRS]
+  assert first._score is second._score
+  assert [v for v, _ in second.score(pairs)] == pytest.approx([v for v, _ in first.score(pairs)])
+  assert first._score._cache_size() == 1  # one row length (all pairs are short): one compile
+
+
 @pytest.mark.parametrize("mesh", [(8, 1, 1), (2, 2, 2), (1, 8, 1)])
 def test_loglikelihoods_do_not_depend_on_the_mesh(workdir, model, scores_at_batch_4, mesh):
   import ml_collections

@@ -76,6 +76,16 @@ def _score_rows(params, inputs_BL, targets_BL, mask_BL, *, graphdef: nnx.GraphDe
   return total_B, greedy_B
 
 
+@functools.lru_cache(maxsize=8)
+def _score_program(graphdef: nnx.GraphDef, mesh: jax.sharding.Mesh):
+  """``_score_rows`` jitted for one model structure on one mesh, shared by every Scorer of the
+  process: a run that evaluates tasks at each eval makes a Scorer each time, and traces,
+  lowers and compiles (or reads from the persistent cache) each row length once, not at every
+  eval."""
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return jax.jit(functools.partial(_score_rows, graphdef=graphdef), out_shardings=replicated)
+
+
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
   """Token ids of a context and its continuation, as the harness's own ``hf`` model makes them:
   trailing spaces of the context move to the continuation, the continuation is the tail of the
@@ -100,10 +110,7 @@ class Scorer:
     step = math.lcm(shards, jax.process_count())
     self.batch = -(-batch_size // step) * step  # rows divide over the batch shards and processes
     self.sharding = mesh_lib.batch_sharding(model.mesh, model.rules)
-    replicated = jax.sharding.NamedSharding(model.mesh, jax.sharding.PartitionSpec())
-    self._score = jax.jit(
-      functools.partial(_score_rows, graphdef=model.graphdef), out_shardings=replicated
-    )
+    self._score = _score_program(model.graphdef, model.mesh)
     self.rows_scored = 0
 
   def _row(self, context: list[int], continuation: list[int]):
