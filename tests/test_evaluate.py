@@ -86,8 +86,10 @@ def test_each_evals_scorer_reuses_the_compiled_program(model):
   first, second = harness.Scorer(model, 4), harness.Scorer(later, 4)
   pairs = [harness.encode_pair(model.tokenizer, *pair) for pair in PAIRS]
   assert first._score is second._score
-  assert [v for v, _ in second.score(pairs)] == pytest.approx([v for v, _ in first.score(pairs)])
-  assert first._score._cache_size() == 1  # one row length (all pairs are short): one compile
+  scores = first.score(pairs)
+  compiled = first._score._cache_size()  # (other tests of this process may have added shapes)
+  assert [v for v, _ in second.score(pairs)] == pytest.approx([v for v, _ in scores])
+  assert first._score._cache_size() == compiled  # the second eval compiled nothing
 
 
 @pytest.mark.parametrize("mesh", [(8, 1, 1), (2, 2, 2), (1, 8, 1)])
