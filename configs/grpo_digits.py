@@ -2,7 +2,7 @@
 
 Command:  python -m train.rl.digits --workdir /tmp/digits   (writes the prompt files, then runs)
 Hardware: any laptop CPU (2 cores suffice).
-Expected: see docs/post_training.md: the held-out exact-match reward rises from ~0 to > 0.5.
+Expected: see docs/huggingface.md ("GRPO"): the held-out exact-match reward rises from ~0 to > 0.5.
 
 A randomly initialised byte-level model, one new token per completion. Two rewards: the format
 (a digit: each record's "format" field) at weight 0.2 shapes the first steps, and exact match

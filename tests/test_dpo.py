@@ -6,6 +6,7 @@ import functools
 import json
 import logging
 import math
+import os
 
 import jax
 import numpy as np
@@ -27,9 +28,11 @@ from train import config as config_lib
 from train import dpo, step, trainer
 from train import programs as programs_lib
 from train import state as state_lib
+from train.checkpoint import manager as checkpoint_lib
 from train.cluster import mesh as mesh_lib
 from train.hf import families, importing
 from train.hf.safetensors_io import HFCheckpoint
+from train.inference import loading
 
 # Plain-string records (TRL's "standard" preference format); completions start with a space, so
 # no BPE token straddles the prompt / completion boundary in either tokenization.
@@ -483,6 +486,18 @@ def test_a_dpo_run_learns_the_preferred_answers_and_resumes_exactly(tmp_path):
   report = train_in_process(resumed, tmp_path / "cache", overrides)
   assert report["restarted_from_step"] == 8  # the reference came back from the checkpoint
   assert train_losses(read_metrics(resumed)) == train_losses(read_metrics(workdir))
+  # The reference serves inference; SimPO keeps none, so its resume is refused in one line (no
+  # Orbax tree error), and a run without one has no reference to load.
+  assert loading.load(workdir, 8, weights="reference").step == 8
+  simpo = copy_run(workdir, tmp_path / "simpo", 16)
+  with pytest.raises(checkpoint_lib.CheckpointMismatchError, match="other parts .* reference"):
+    train_in_process(simpo, tmp_path / "cache", {**overrides, "dpo.loss": "simpo"})
+  assert sorted(os.listdir(os.path.join(simpo, "checkpoints"))) == ["8"]
+
+
+def test_a_run_without_a_reference_copy_has_none_to_load(tiny_run):
+  with pytest.raises(ValueError, match="holds no 'reference' weights: only a DPO or GRPO run"):
+    loading.load(tiny_run[0], weights="reference")
 
 
 @pytest.mark.slow

@@ -15,10 +15,13 @@ import pytest
 from cli_helpers import REPO, copy_run, read_metrics, tiny_config, train_env
 
 from input_pipeline import tokenizers
+from input_pipeline.host import command
 from train import config as config_lib
 from train import grpo, step, trainer
 from train import programs as programs_lib
 from train import state as state_lib
+from train.checkpoint import manager as checkpoint_lib
+from train.inference import generation, loading
 from train.inference.engine import Engine
 from train.inference.sampling import Sampling
 from train.rl import loop, rollout
@@ -301,6 +304,23 @@ def test_a_run_resumed_mid_way_reproduces_the_uninterrupted_run_bit_for_bit(tmp_
   assert len(leaves[0]) == len(leaves[1]) > 0
   for a, b in zip(*leaves, strict=True):
     np.testing.assert_array_equal(a, b)
+  # Its checkpoints serve inference (the tokenizer loaded alone, as the run did), policy and
+  # reference.
+  for weights in ("params", "reference"):
+    model = loading.load(workdir, weights=weights)
+    assert model.step == 8 and len(generation.greedy_sample(model, "1+2=", 2)) >= 0
+  # A checkpoint that the new rl.inner_steps does not divide, or a run without the reference
+  # copy (kl_coef 0): refused in one line, the checkpoints left as they were.
+  at_4 = copy_run(workdir, tmp_path / "at_4", 8)
+  other = {"rl.inner_steps": 8, "train.steps": 16, "checkpoint.every": 8, "train.eval_every": 8}
+  other["rl.eval_prompts"] = prompt_file  # the same run otherwise
+  with pytest.raises(checkpoint_lib.CheckpointMismatchError, match="step 4, which rl.inner_s"):
+    loop.train_and_evaluate(_config(tmp_path / "cache", prompt_file, **other), at_4)
+  no_reference = {"rl.kl_coef": 0.0, "rl.inner_steps": 2, "rl.eval_prompts": prompt_file}
+  no_reference = _config(tmp_path / "cache", prompt_file, **no_reference)
+  with pytest.raises(checkpoint_lib.CheckpointMismatchError, match="other parts .* reference"):
+    loop.train_and_evaluate(no_reference, at_4)
+  assert sorted(os.listdir(os.path.join(at_4, "checkpoints"))) == ["4"]
 
 
 # --- bad input: one line, before any work.
@@ -308,6 +328,14 @@ def test_a_run_resumed_mid_way_reproduces_the_uninterrupted_run_bit_for_bit(tmp_
 
 def _bad_length(prompts, completions, **_):
   return [0.0] * (len(completions) + 1)
+
+
+def _raises(prompts, completions, **_):
+  raise RuntimeError("boom")
+
+
+def exact_match(prompts, completions, **_):  # the name of a shipped one, for the metric names
+  return [0.0] * len(completions)
 
 
 def test_bad_input_is_one_line_naming_the_key(tmp_path, prompt_file):
@@ -335,10 +363,34 @@ def test_bad_input_is_one_line_naming_the_key(tmp_path, prompt_file):
     prompt_file, tokenizers.ByteTokenizer(), key="rl.prompts", max_tokens=26
   )
   with pytest.raises(rewards_lib.RewardError, match="returned 3 values for 2 completions"):
-    loop.probe(rewards, prompts)
+    loop.probe(rewards, prompts, "rl.prompts")
+  # One that raises: named with the line of its file that raised.
+  with pytest.raises(rewards_lib.RewardError) as raised:
+    loop.probe(rewards_lib.load((f"{__name__}:_raises",), ()), prompts, "rl.prompts")
+  assert str(raised.value).startswith("rl.prompts line 1 and 2: rl.rewards: ")
+  assert f"{__name__}:_raises raised RuntimeError: boom (at {__file__}:" in str(raised.value)
+  # exact_match on records without an "answer", alone or beside records with one.
+  no_answer = tmp_path / "no_answer.jsonl"
+  no_answer.write_text('{"prompt": "1+1=", "answer": "2"}\n\n' * 2 + '{"prompt": "1+2="}\n')
+  prompts = rollout.read_prompts(
+    str(no_answer), tokenizers.ByteTokenizer(), key="rl.eval_prompts", max_tokens=26
+  )
+  assert prompts.lines == [1, 3, 5]
+  with pytest.raises(rewards_lib.RewardError, match="rl.eval_prompts line 5: .* no 'answer'"):
+    loop.probe(rewards_lib.load(("train.rl.rewards:exact_match",), ()), prompts, "rl.eval_prompts")
+  with pytest.raises(ValueError, match="no 'answer' field"):
+    rewards_lib.exact_match(["a", "b"], ["2", "3"], answer=["2", None])
+  # Two functions of one name log apart.
+  names = ("train.rl.rewards:exact_match", f"{__name__}:exact_match", "m:format_match")
+  assert rewards_lib.metric_names(names) == [
+    "train.rl.rewards.exact_match", f"{__name__}.exact_match", "format_match"
+  ]  # fmt: skip
   bad = tmp_path / "bad.jsonl"
   bad.write_text('{"prompt": "1+1=", "answer": "2"}\n{"answer": "3"}\n')
   with pytest.raises(rollout.PromptError, match='line 2 has no "prompt" string'):
+    rollout.read_prompts(str(bad), tokenizers.ByteTokenizer(), key="rl.prompts", max_tokens=26)
+  bad.write_bytes(b'{"prompt": "1+1=", "answer": "2"}\n{"prompt": "1\xff=", "answer": "3"}\n')
+  with pytest.raises(rollout.PromptError, match="line 2 is not UTF-8 .*at byte offset 13"):
     rollout.read_prompts(str(bad), tokenizers.ByteTokenizer(), key="rl.prompts", max_tokens=26)
 
 
@@ -401,6 +453,12 @@ def test_the_demonstration_config_validates_and_holds_out_other_prompts(tmp_path
   assert (len(train), len(held_out)) == (800, 100)
   assert not {r["prompt"] for r in train} & {r["prompt"] for r in held_out}
   assert all(r["answer"] == r["prompt"][0] for r in train + held_out)
+  # Again: the same files, left as they are; another seed's would replace what a run in that
+  # work directory trained on: refused, the files unchanged.
+  assert digits.write_prompts(str(tmp_path)) == (train_path, held_out_path)
+  with pytest.raises(command.LoomError, match="exists with other content: another seed's"):
+    digits.write_prompts(str(tmp_path), seed=1)
+  assert read(train_path) == train and read(held_out_path) == held_out
 
 
 @pytest.mark.slow

@@ -175,6 +175,7 @@ def run_metadata(run: Run) -> dict[str, Any]:
     "config": json.loads(run.config.to_json_best_effort()),
     "data_fingerprint": run.pipeline.fingerprint,
     "model_config": run.model_cfg.to_dict(),
+    "state_items": sorted(run.spec.abstract),  # a DPO or GRPO run's "reference" among them
   }
 
 
@@ -300,7 +301,7 @@ def log_startup(run: Run, start_step: int) -> None:
     f"{batch // run.data_share['process_count']}; per data-parallel shard "
     f"{batch // mesh_lib.data_parallel_size(run.mesh, run.rules)}; micro-batches "
     f"{config.train.microbatches}",
-    f"data: {config.data.source} ({config.data.tokenizer} tokenizer), fingerprint "
+    f"data: {_data_source(config)} ({config.data.tokenizer} tokenizer), fingerprint "
     f"{run.pipeline.fingerprint[:16]}",
     f"peak: {run.meter.peak_flops_per_second / 1e9:,.0f} GFLOP/s ({run.meter.peak_source}); "
     f"compile {run.meter.seconds['compile']:.1f}s",
@@ -314,6 +315,14 @@ def log_startup(run: Run, start_step: int) -> None:
     )
   for line in lines:
     log.info(line)
+
+
+def _data_source(config: ml_collections.ConfigDict) -> str:
+  """What feeds the run: ``data.source``, or a GRPO run's prompt files (train/rl/loop.py)."""
+  if config.train.objective != "grpo":
+    return config.data.source
+  held_out = f", held out {config.rl.eval_prompts}" if config.rl.eval_prompts else ""
+  return f"prompts {config.rl.prompts}{held_out}"
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

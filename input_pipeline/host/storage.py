@@ -55,6 +55,18 @@ def write_atomic(path: epath.Path, data: str | bytes) -> None:
   os.replace(tmp, path)
 
 
+def write_once(path: epath.Path, data: str) -> None:
+  """Writes ``data`` (atomically) where ``path`` does not exist; leaves a file that holds it
+  already as it is, and raises FileExistsError where the file holds anything else: a file a
+  run was trained on is never replaced under it."""
+  path = epath.Path(path)
+  if path.exists():
+    if path.read_text() != data:
+      raise FileExistsError(f"{path} exists with other content")
+    return
+  write_atomic(path, data)
+
+
 def local_scratch(path: str | os.PathLike) -> epath.Path:
   """This host's local working space for ``path`` (an object-store cache): where files that
   must be local (memory-mapped stores, TFDS's TFRecords, built before upload) are kept."""

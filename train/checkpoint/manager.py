@@ -397,6 +397,11 @@ class Checkpointer:
         try:
           state = self.restore(step, abstract_state)
         except Exception as e:
+          if "tree structures do not match" in str(e):  # another run's state: not corruption
+            raise CheckpointMismatchError(
+              f"the checkpoint at {step_dir} holds a train state of another structure than this "
+              f"run's ({STATE_PARTS_HINT}; or another optimizer). Use a new --workdir"
+            ) from e
           if not _is_format_failure(e):
             raise
           problems = [f"{step_dir}: restore failed ({type(e).__name__}: {str(e)[:300]})"]
@@ -445,6 +450,13 @@ def _is_format_failure(error: Exception) -> bool:
   return not any(word in text for word in not_the_files)
 
 
+# Why two runs' train states differ in their parts (train/state.py, train/programs.py).
+STATE_PARTS_HINT = (
+  "a frozen reference copy is kept by DPO (not SimPO) and by GRPO with rl.kl_coef > 0, both "
+  "without LoRA"
+)
+
+
 def check_compatible(
   saved: dict[str, Any], current: dict[str, Any], *, path: str, allow_mismatch: bool
 ) -> list[str]:
@@ -453,6 +465,13 @@ def check_compatible(
   Returns the differences found (for the log). Raises CheckpointMismatchError unless
   ``allow_mismatch``; a model whose shapes differ fails at restore regardless.
   """
+  saved_items, items = saved.get("state_items"), current.get("state_items")
+  if saved_items is not None and items is not None and list(saved_items) != list(items):
+    raise CheckpointMismatchError(  # allow_mismatch cannot restore parts that are not there
+      f"the checkpoint in {path} holds a train state of other parts ({', '.join(saved_items)}) "
+      f"than this run's ({', '.join(items)}): {STATE_PARTS_HINT}. Use a new --workdir (with "
+      "--config.checkpoint.init_from=loom:<this run> to start from its weights)"
+    )
   problems = []
   if saved.get("data_fingerprint") != current["data_fingerprint"]:
     problems.append(

@@ -59,6 +59,8 @@ def load(
   config (``input_pipeline.build``) and must match the run's data fingerprint; an imported
   checkpoint (no data yet) needs only its tokenizer.
   """
+  if weights not in ("params", "reference"):
+    raise ValueError(f"weights={weights!r}: give 'params' (the policy) or 'reference'")
   ckpt_manager, steps = manager.open_read_only(workdir)
   if step is None:
     step = steps[-1]
@@ -81,6 +83,13 @@ def load(
   # Only the params are restored: the optimizer's shape is irrelevant, identity has no state.
   spec = state_lib.state_spec(model_cfg, optax.identity(), mesh, rules, seed=config.seed)
   params = manager.restore_params(ckpt_manager, step, spec.abstract["params"], weights)
+  if any(not isinstance(leaf, jax.Array) for leaf in jax.tree.leaves(params)):
+    ckpt_manager.close()  # a partial restore leaves what the checkpoint lacks as placeholders
+    raise ValueError(
+      f"the checkpoint at step {step} in {workdir} holds no {weights!r} weights: only a DPO or "
+      "GRPO run without LoRA keeps a reference copy (with LoRA the reference is the policy "
+      "with its adapters off; SimPO and kl_coef=0 keep none); load weights='params'"
+    )
   ckpt_manager.close()
   engine = Engine(spec.graphdef, model_cfg, mesh, rules)
   return Model(
@@ -131,8 +140,11 @@ def unstaged(mesh_config: Any) -> Any:
 
 
 def _tokenizer(config: ml_collections.ConfigDict, metadata: dict[str, Any], workdir: str) -> Any:
-  """The run's tokenizer: rebuilt with its data (fingerprint checked), or alone for an import."""
-  if metadata.get("data_fingerprint") is None:
+  """The run's tokenizer: rebuilt with its data (fingerprint checked), or alone for an import or
+  a GRPO run (its fingerprint is its prompt files', train/rl/loop.py, and its tokenizer was
+  loaded alone: ``data.source`` fed it nothing)."""
+  grpo = config.get("train", {}).get("objective") == "grpo"
+  if metadata.get("data_fingerprint") is None or grpo:
     return tokenizers.load_tokenizer(config.data)
   pipeline = preparation.build(config)
   if pipeline.fingerprint != metadata["data_fingerprint"]:

@@ -31,7 +31,13 @@ def write_prompts(directory: str, seed: int = 0) -> tuple[str, str]:
       digits = f"{int(n):03d}"
       lines.append(json.dumps({"prompt": f"{digits}>", "answer": digits[0], "format": "[0-9]"}))
     path = os.path.join(directory, f"{name}.jsonl")
-    storage.write_atomic(storage.absolute(path), "\n".join(lines) + "\n")
+    try:
+      storage.write_once(storage.absolute(path), "\n".join(lines) + "\n")
+    except FileExistsError as e:  # the run in this workdir was trained on it: keep it
+      raise command.LoomError(
+        f"{e}: another seed's prompts; resume the run with its own --config.seed, or start "
+        "another in a new --workdir"
+      ) from e
     paths.append(path)
   return paths[0], paths[1]
 

@@ -29,6 +29,7 @@ from input_pipeline import tokenizers
 from input_pipeline.host import settings, storage
 from train import config as config_lib
 from train import init_from, metrics_writer, trainer
+from train.checkpoint import manager as checkpoint_lib
 from train.cluster.preemption import PreemptionWatcher
 from train.grpo import group_advantages
 from train.inference.engine import Engine
@@ -73,7 +74,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     held_out = rollout.read_prompts(
       config.rl.eval_prompts, tokenizer, key="rl.eval_prompts", max_tokens=max_prompt
     )
-  probe(rewards, prompts)  # a reward function's wrong answer stops the run before compiling
+  # A reward function's wrong answer stops the run before compiling.
+  probe(rewards, prompts, "rl.prompts")
+  if held_out is not None:
+    probe(rewards, held_out, "rl.eval_prompts")
   compiled = trainer.build_steps(config, resolved.mesh, resolved.rules, resolved.model_cfg)
   run = trainer.Run(
     config=config,
@@ -90,6 +94,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   ckpt = trainer.open_checkpoints(run, watcher, local=False)  # GRPO saves the persistent tier
   try:
     state, start_step = trainer.restore_or_init(run, ckpt)
+    if start_step % config.rl.inner_steps:
+      raise checkpoint_lib.CheckpointMismatchError(
+        f"the checkpoint in {ckpt.directory} is at step {start_step}, which "
+        f"rl.inner_steps={config.rl.inner_steps} does not divide (a rollout's updates would "
+        "straddle it): resume with the run's own rl.inner_steps, or use a new --workdir"
+      )
     if run.is_main:
       storage.write_atomic(
         storage.absolute(workdir) / "config.json", config.to_json_best_effort(indent=2)
@@ -126,14 +136,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   return summary
 
 
-def probe(rewards: rewards_lib.Rewards, prompts: rollout.Prompts) -> None:
-  """Calls every reward function once on the first two records with empty completions, so one
-  that fails or returns the wrong number of rewards is named before anything compiles."""
-  rows = list(range(min(2, len(prompts))))
-  records = [prompts.fields[row] for row in rows]
-  keys = sorted({key for record in records for key in record})
-  fields = {key: [record.get(key) for record in records] for key in keys}
-  rewards.score([prompts.texts[row] for row in rows], [""] * len(rows), fields)
+def probe(rewards: rewards_lib.Rewards, prompts: rollout.Prompts, key: str) -> None:
+  """Calls every reward function with empty completions on the first two records of a prompt
+  file and on the first record of each other set of fields in it, so one that fails or returns
+  the wrong number of rewards is named, with the line, before anything compiles."""
+  groups, kinds = [list(range(min(2, len(prompts))))], {frozenset(prompts.fields[0])}
+  for row, record in enumerate(prompts.fields):
+    if frozenset(record) not in kinds:
+      kinds.add(frozenset(record))
+      groups.append([row])
+  for rows in groups:
+    records = [prompts.fields[row] for row in rows]
+    names = sorted({name for record in records for name in record})
+    fields = {name: [record.get(name) for record in records] for name in names}
+    try:
+      rewards.score([prompts.texts[row] for row in rows], [""] * len(rows), fields)
+    except rewards_lib.RewardError as e:
+      lines = " and ".join(str(prompts.lines[row]) for row in rows)
+      raise rewards_lib.RewardError(f"{key} line {lines}: {e}") from e
 
 
 class Loop:
@@ -148,7 +168,7 @@ class Loop:
     self.engine = Engine(run.spec.graphdef, run.model_cfg, run.mesh, run.rules)
     self.sampling = Sampling(temperature=float(self.rl.temperature), top_p=float(self.rl.top_p))
     self.metadata = trainer.run_metadata(run)
-    self.names = [name.rpartition(":")[2] for name in rewards.names]
+    self.names = rewards_lib.metric_names(rewards.names)
 
   def train(self, state, start_step: int) -> dict[str, Any]:
     mu, total = self.rl.inner_steps, self.config.train.steps

@@ -16,6 +16,7 @@ import dataclasses
 import importlib
 import math
 import re
+import traceback
 from collections.abc import Callable, Sequence
 
 from input_pipeline.host.command import LoomError
@@ -34,9 +35,13 @@ def extract_answer(completion: str) -> str:
   return text.strip()
 
 
-def exact_match(prompts: list[str], completions: list[str], answer: list, **_) -> list[float]:
+def exact_match(
+  prompts: list[str], completions: list[str], answer: list | None = None, **_
+) -> list[float]:
   """1 where the completion's answer (``extract_answer``) equals the record's ``answer``."""
   del prompts
+  if answer is None or any(a is None for a in answer):  # records without the field
+    raise ValueError("a prompt record has no 'answer' field; exact_match needs one in each")
   return [
     float(extract_answer(c) == str(a).strip()) for c, a in zip(completions, answer, strict=True)
   ]
@@ -67,7 +72,10 @@ class Rewards:
     """Each function's rewards, checked: one finite number per completion."""
     scores = {}
     for name, fn in zip(self.names, self.functions, strict=True):
-      values = fn(prompts, completions, **fields)
+      try:
+        values = fn(prompts, completions, **fields)
+      except Exception as e:  # noqa: BLE001 - a user's function: named in one line, with where
+        raise RewardError(f"rl.rewards: {name} raised {_raised(e)}") from e
       if not isinstance(values, (list, tuple)) or len(values) != len(completions):
         got = f"{len(values)} values" if isinstance(values, (list, tuple)) else repr(type(values))
         raise RewardError(
@@ -89,6 +97,23 @@ class Rewards:
       sum(w * v for w, v in zip(self.weights, row, strict=True))
       for row in zip(*columns, strict=True)
     ]
+
+
+def _raised(error: Exception) -> str:
+  """``Type: message (at file:line)``, the line being the innermost frame of the traceback."""
+  frames = traceback.extract_tb(error.__traceback__)
+  where = f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+  return f"{type(error).__name__}: {error}{where}"
+
+
+def metric_names(names: Sequence[str]) -> list[str]:
+  """The metric name of each reward function: its function name, or where two functions share
+  one, its whole name with the module's dots and the colon as dots."""
+  short = [str(name).rpartition(":")[2] for name in names]
+  return [
+    s if short.count(s) == 1 else str(name).replace(":", ".")
+    for s, name in zip(short, names, strict=True)
+  ]
 
 
 class RewardError(LoomError, ValueError):

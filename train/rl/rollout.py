@@ -38,6 +38,7 @@ class Prompts:
   texts: list[str]
   ids: list[list[int]]
   fields: list[dict[str, Any]]
+  lines: list[int]  # each record's line number in its file
 
   def __len__(self) -> int:
     return len(self.texts)
@@ -49,11 +50,15 @@ def read_prompts(path: str, tokenizer, *, key: str, max_tokens: int) -> Prompts:
   if file is None or not file.exists():
     raise PromptError(f"{key}={path!r}: no such file; give a JSON-lines file of prompts")
   renderer = chat.Renderer(getattr(tokenizer, "chat_template", None))
-  texts, ids, fields = [], [], []
-  for number, line in enumerate(file.read_text().splitlines(), start=1):
+  texts, ids, fields, lines = [], [], [], []
+  for number, raw in enumerate(file.read_bytes().splitlines(), start=1):
+    where = f"{key}={path!r} line {number}"
+    try:
+      line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+      raise PromptError(f"{where} is not UTF-8 ({e.reason} at byte offset {e.start})") from e
     if not line.strip():
       continue
-    where = f"{key}={path!r} line {number}"
     try:
       record = json.loads(line)
     except json.JSONDecodeError as e:
@@ -75,9 +80,10 @@ def read_prompts(path: str, tokenizer, *, key: str, max_tokens: int) -> Prompts:
     texts.append(text)
     ids.append(tokens)
     fields.append(record)
+    lines.append(number)
   if not texts:
     raise PromptError(f"{key}={path!r} holds no prompt")
-  return Prompts(texts, ids, fields)
+  return Prompts(texts, ids, fields, lines)
 
 
 def prompt_indices(seed: int, rollout: int, per_rollout: int, count: int) -> list[int]:
