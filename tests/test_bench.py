@@ -33,14 +33,16 @@ def test_bench_runs_config_r_and_prints_its_json():
   assert report["peak_source"].startswith("measured")
 
 
-@pytest.mark.parametrize("mlp", ["gelu", "swiglu"])
-def test_step_matmuls_are_the_flops_the_meter_counts(mlp):
+@pytest.mark.parametrize("mlp, tie", [("gelu", True), ("swiglu", True), ("swiglu", False)])
+def test_step_matmuls_are_the_flops_the_meter_counts(mlp, tie):
+  """The meter's FLOPs per token against the step's own dots: one output projection, tied to
+  the embedding or not (an untied one is among the non-embedding parameters already)."""
   from train.bench import step_matmuls
   from train.meter import flops
 
   cfg = model_config(
     vocab_size=96, d_model=64, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=16,
-    mlp_dim=160, mlp=mlp, max_seq_len=48, attention_block=0,
+    mlp_dim=160, mlp=mlp, max_seq_len=48, attention_block=0, tie_embeddings=tie,
   )  # fmt: skip
   batch, length = 2, 48
 

@@ -32,8 +32,11 @@ from train.meter import hardware
 
 def matmul_params(cfg: ModelConfig) -> int:
   """Weights that take part in a matmul per token: non-embedding params plus the output layer
-  (of an MoE model, the active ones: the router and the experts a token goes to)."""
-  return models.param_count(cfg, embeddings=False, active=True) + cfg.d_model * cfg.vocab_size
+  (of an MoE model, the active ones: the router and the experts a token goes to). The
+  non-embedding count holds an untied output layer already (``models/param_count.py``); a tied
+  one, left out of it with the embedding, is added here."""
+  output = cfg.d_model * cfg.vocab_size if cfg.tie_embeddings else 0
+  return models.param_count(cfg, embeddings=False, active=True) + output
 
 
 def attention_flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
