@@ -74,12 +74,22 @@ class MoEConfig:
       raise ValueError(
         f"model.moe.dispatch={self.dispatch!r}: must be one of {', '.join(DISPATCHES)}"
       )
-    if not self.capacity_factor > 0:
-      raise ValueError(f"model.moe.capacity_factor={self.capacity_factor!r}: must be > 0")
+    finite = lambda v: isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+    if not (finite(self.capacity_factor) and self.capacity_factor > 0):
+      raise ValueError(
+        f"model.moe.capacity_factor={self.capacity_factor!r}: must be a finite number > 0 "
+        "(dispatch='dropless' drops nothing)"
+      )
     for name in ("balance_loss", "router_z_loss", "bias_rate"):
       value = getattr(self, name)
-      if not isinstance(value, int | float) or value < 0:
-        raise ValueError(f"model.moe.{name}={value!r}: must be a number >= 0 (0 = off)")
+      if not (finite(value) and value >= 0):
+        raise ValueError(f"model.moe.{name}={value!r}: must be a finite number >= 0 (0 = off)")
+
+  def for_inference(self) -> MoEConfig:
+    """Inference runs every assignment (``dropless``): with ``capacity`` (and ``auto`` on a CPU)
+    a row's tokens could be dropped for the rows beside it, so that its logits, samples and
+    scores would depend on the batch it came in."""
+    return dataclasses.replace(self, dispatch="dropless")
 
   def capacity(self, tokens: int) -> int:
     """C: how many assignments each expert takes in ``capacity`` dispatch."""
@@ -263,6 +273,11 @@ class ModelConfig:
         f"configs/default.py's, which declares every key"
       )
     return cls(**values)
+
+  def for_inference(self) -> ModelConfig:
+    """The config generation and scoring build the model from: an MoE's dispatch dropless
+    (``MoEConfig.for_inference``), the parameters the same."""
+    return self if self.moe is None else dataclasses.replace(self, moe=self.moe.for_inference())
 
   def to_dict(self) -> dict[str, Any]:
     """The ``model`` group's fields (the pipeline's, from another group, left out)."""

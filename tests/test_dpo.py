@@ -162,6 +162,8 @@ def test_bad_records_are_reported_with_line_numbers_and_none_valid_is_an_error(t
     ({"dpo.label_smoothing": 0.5}, r"dpo.label_smoothing=0.5 must be in \[0, 0.5\)"),
     ({"dpo.loss": "ipo", "dpo.label_smoothing": 0.1}, "has no meaning for dpo.loss='ipo'"),
     ({"train.loss_chunk": 16}, "train.loss_chunk=16 is not supported with train.objective='dpo'"),
+    ({"dpo.loss": "simpo", "dpo.simpo_gamma": math.nan}, "dpo.simpo_gamma=nan: must be a finite"),
+    ({"optim.learning_rate": math.inf}, "optim.learning_rate=inf: must be a finite number"),
   ],
 )
 def test_bad_dpo_configs_are_one_line_errors(tmp_path, change, message):

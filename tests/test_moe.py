@@ -358,8 +358,10 @@ def test_a_run_reports_active_parameters_and_logs_the_routers(tmp_path, cache_di
   from cli_helpers import train_in_process
 
   overrides = {"train.steps": 6, "train.eval_every": 6, "log.every": 3, "checkpoint.every": 6}
+  # Trained with capacity (auto on a CPU) at a factor that drops assignments.
+  moe = {"num_experts": E, "dispatch": "auto", "capacity_factor": 0.5}
   config_moe = {
-    "model.moe": {**default.get_config().model.moe.to_dict(), "num_experts": E},
+    "model.moe": {**default.get_config().model.moe.to_dict(), **moe},
     "mesh.expert": 2,  # experts exchanged by all-to-all in training; not in small decodes
   }
   report = train_in_process(tmp_path / "run", cache_dir, {**overrides, **config_moe})
@@ -383,6 +385,13 @@ def test_a_run_reports_active_parameters_and_logs_the_routers(tmp_path, cache_di
   pairs = [Request(*p) for p in zip(prompts, texts, strict=True)]
   scores = harness.loom_lm(model, 4).loglikelihood(pairs)
   assert all(np.isfinite(value) and greedy for value, greedy in scores), (texts, scores)
+  # Inference runs every assignment: a row scores the same alone as beside other rows.
+  assert model.model_cfg.moe.dispatch == "dropless"
+  rows = [Request("def ", "main(argv):\n  return 0\n" * 3), Request("import ", "os, sys, re")]
+  # 16 rows: two a device, where capacity would drop the one's tokens for the other's.
+  together = harness.loom_lm(model, 16).loglikelihood(rows * 8)
+  alone = [harness.loom_lm(model, 1).loglikelihood([row])[0][0] for row in rows]
+  np.testing.assert_allclose([value for value, _ in together], alone * 8, rtol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -391,6 +400,9 @@ def test_a_run_reports_active_parameters_and_logs_the_routers(tmp_path, cache_di
     ({"num_experts": 0, "router": "sigmoid"}, {}, "model.moe.router='sigmoid' set on a dense"),
     ({"num_experts": 4, "experts_per_token": 5}, {}, "model.moe.experts_per_token=5 exceeds"),
     ({"num_experts": 4}, {"quant": "int8"}, "model.quant='int8': the experts of an MoE model"),
+    ({"num_experts": 4, "capacity_factor": float("inf")}, {}, "capacity_factor=inf: must be a fin"),
+    ({"num_experts": 4, "balance_loss": float("nan")}, {}, "balance_loss=nan: must be a finite"),
+    ({"num_experts": 4, "router_z_loss": float("inf")}, {}, "router_z_loss=inf: must be a finite"),
     (
       {"num_experts": 4},
       {"lora_rank": 2, "lora_targets": ("q", "up")},

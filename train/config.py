@@ -64,6 +64,7 @@ def validate(
   unchecked against the tokenizer's. Raises ConfigError (or input_pipeline's DataError for a
   tokenizer file) naming what to change.
   """
+  _check_finite(config.to_dict())
   _check_train(config)
   _check_objective(config)
   _check_optim(config.optim)
@@ -135,6 +136,19 @@ def saved_model_config(saved: dict[str, Any]) -> ModelConfig:
   """The ModelConfig a run saved (checkpoint metadata); a field Loom gained since then takes the
   default config's value."""
   return ModelConfig(**{**default.get_config().model.to_dict(), **saved})
+
+
+def _check_finite(values: dict[str, Any], prefix: str = "") -> None:
+  """No key of the config holds NaN or an infinity: a comparison such as ``value < 0`` lets NaN
+  through, and a run trained on one skips every step or compiles nothing useful."""
+  for name, value in values.items():
+    key = f"{prefix}{name}"
+    if isinstance(value, dict):
+      _check_finite(value, f"{key}.")
+    items = value if isinstance(value, list | tuple) else [value]
+    for item in items:
+      if isinstance(item, float) and not math.isfinite(item):
+        raise ConfigError(f"{key}={value!r}: must be a finite number")
 
 
 def _integers(config, keys: list[str], minimum: int, what: str) -> None:

@@ -53,6 +53,11 @@ def _train_state(params, tx: optax.GradientTransformation, reference: bool) -> d
   return state
 
 
+def graphdef_for(model_cfg: ModelConfig) -> nnx.GraphDef:
+  """The model's structure for ``model_cfg``, from shapes alone (nothing is allocated)."""
+  return nnx.eval_shape(lambda: _init_params(model_cfg, 0))[0]
+
+
 def state_spec(
   model_cfg: ModelConfig,
   tx: optax.GradientTransformation,

@@ -15,7 +15,7 @@ import jax
 
 from input_pipeline.device import to_global
 from train import dpo
-from train.inference import generation, harness
+from train.inference import generation, harness, loading
 from train.inference.engine import Engine
 from train.inference.loading import Model
 
@@ -65,11 +65,12 @@ class Validation:
     """The run's model with these params, as inference code takes it (one engine, kept)."""
     if self._model is None:
       run = self.run
-      engine = Engine(run.spec.graphdef, run.model_cfg, run.mesh, run.rules)
+      graphdef, model_cfg = loading.for_inference(run.spec.graphdef, run.model_cfg)
+      engine = Engine(graphdef, model_cfg, run.mesh, run.rules)
       self._model = Model(
         params,
-        run.spec.graphdef,
-        run.model_cfg,
+        graphdef,
+        model_cfg,
         run.pipeline.tokenizer,
         run.mesh,
         run.rules,

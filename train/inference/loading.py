@@ -76,7 +76,7 @@ def load(
   metadata = ckpt_manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))
   metadata = metadata["metadata"]
   config = ml_collections.ConfigDict(metadata["config"])
-  model_cfg = config_lib.saved_model_config(metadata["model_config"])
+  model_cfg = config_lib.saved_model_config(metadata["model_config"]).for_inference()
 
   tokenizer = _tokenizer(config, metadata, workdir)
   mesh, rules = _mesh_for(config.mesh if mesh_config is None else mesh_config)
@@ -104,6 +104,15 @@ def load(
     engine,
     metadata,
   )
+
+
+def for_inference(graphdef: nnx.GraphDef, model_cfg: ModelConfig):
+  """(graphdef, model_cfg) of a training run's model as inference runs it: an MoE's dispatch
+  dropless (``ModelConfig.for_inference``: a row's result never depends on its batch)."""
+  inference_cfg = model_cfg.for_inference()
+  if inference_cfg == model_cfg:
+    return graphdef, model_cfg
+  return state_lib.graphdef_for(inference_cfg), inference_cfg
 
 
 def _mesh_for(mesh_config: Any) -> tuple[jax.sharding.Mesh, mesh_lib.Rules]:

@@ -32,6 +32,7 @@ from train import init_from, metrics_writer, trainer
 from train.checkpoint import manager as checkpoint_lib
 from train.cluster.preemption import PreemptionWatcher
 from train.grpo import group_advantages
+from train.inference import loading
 from train.inference.engine import Engine
 from train.inference.sampling import Sampling
 from train.rl import rewards as rewards_lib
@@ -165,7 +166,10 @@ class Loop:
     self.config = run.config
     self.rl = run.config.rl
     self.tokenizer = run.pipeline.tokenizer
-    self.engine = Engine(run.spec.graphdef, run.model_cfg, run.mesh, run.rules)
+    # The policy as inference runs it (an MoE's dispatch dropless), on the train state's params.
+    self.engine = Engine(
+      *loading.for_inference(run.spec.graphdef, run.model_cfg), run.mesh, run.rules
+    )
     self.sampling = Sampling(temperature=float(self.rl.temperature), top_p=float(self.rl.top_p))
     self.metadata = trainer.run_metadata(run)
     self.names = rewards_lib.metric_names(rewards.names)
