@@ -74,6 +74,20 @@ def test_every_part_is_checked_exactly_once_on_any_process_count():
 def test_an_unsealed_checkpoint_is_not_corrupt(step_dir):
   assert integrity.verify(step_dir) == []
   assert not integrity.is_sealed(step_dir)
+  # An empty step directory is no finished checkpoint: corrupt for verify, as for a restore.
+  (step_dir.parent / "6").mkdir()
+  lines, corrupt = integrity.verify_all(str(step_dir.parent))
+  assert (corrupt, lines[1]) == (1, "step 6: CORRUPT")
+  assert "incomplete: no state/_METADATA" in lines[2]
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", '{"state/_METADATA": 4}', "{garbage"])
+def test_a_checksum_file_of_another_shape_is_corrupt_not_a_crash(step_dir, content):
+  integrity.seal(step_dir, process=0, num_processes=1)
+  (step_dir / "loom_checksums.0-of-1.json").write_text(content)
+  problems = integrity.verify(step_dir)
+  # One problem: the files are not called strangers for want of the table that lists them.
+  assert len(problems) == 1 and "unreadable checksum file" in problems[0], problems
 
 
 def _devices(process_of_id):

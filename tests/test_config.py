@@ -62,8 +62,14 @@ def test_a_refused_resume_leaves_the_work_directory_as_it_was(tiny_run, tmp_path
     for name in ("config.json", "metrics.jsonl", "report.json")
   }
   checkpoints = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+  listing = sorted(os.listdir(workdir))
+  local = tmp_path / "local"  # asked for a local tier too: nothing of it is made either
   result = run_train(
-    workdir, "--config.train.steps=30", "--config.model.qk_norm=True", cache_dir=cache_dir
+    workdir,
+    "--config.train.steps=30",
+    "--config.model.qk_norm=True",
+    f"--config.checkpoint.local_dir={local}",
+    cache_dir=cache_dir,
   )
   assert "model.qk_norm=False in the checkpoint, True now" in _one_line_error(result)
   assert "allow_mismatch" in result.stderr
@@ -71,6 +77,21 @@ def test_a_refused_resume_leaves_the_work_directory_as_it_was(tiny_run, tmp_path
     assert open(os.path.join(workdir, name), "rb").read() == content, name
   assert json.loads(before["config.json"])["model"]["qk_norm"] is False
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == checkpoints
+  assert sorted(os.listdir(workdir)) == listing and not local.exists()
+
+
+def test_a_finished_run_started_again_keeps_what_it_wrote(tiny_run, tmp_path, cache_dir):
+  """Nothing to train (its last step is saved): the run's report (its meter), config and
+  metrics stay as the run wrote them, whatever the new start's settings."""
+  from cli_helpers import train_in_process
+
+  workdir = copy_run(tiny_run[0], tmp_path / "w")
+  names = ("config.json", "metrics.jsonl", "report.json")
+  before = {name: open(os.path.join(workdir, name), "rb").read() for name in names}
+  report = train_in_process(workdir, cache_dir, {"optim.learning_rate": 0.5})
+  assert report["restarted_from_step"] == 20
+  for name, content in before.items():
+    assert open(os.path.join(workdir, name), "rb").read() == content, name
 
 
 def test_validate_names_each_bad_key():

@@ -37,12 +37,47 @@ def test_the_newest_step_every_process_can_have_wins():
   assert choose(four, newer_than=4) is None
 
 
+def test_runs_sharing_a_local_directory_keep_their_own_steps(tmp_path):
+  """Each run saves under its own folder (its id): another run's restart, saves and pruning
+  never replace or delete its steps. The id file is written at the first save."""
+  import jax.numpy as jnp
+
+  state = {"w": jnp.arange(8.0)}
+
+  def tier(run):
+    return local_tier.LocalTier(
+      str(tmp_path / "local"), run, every=2, keep=2, replicas=0, signature="s",
+      id_file=tmp_path / f"{run}.id",
+    )  # fmt: skip
+
+  a, b = tier("a"), tier("b")
+  assert not (tmp_path / "local").exists() and not (tmp_path / "a.id").exists()
+  for step in (2, 4):
+    a.save(step, state, {})
+    a.wait()
+  b.discard_after(0)  # b (re)starts from step 0
+  for step in (2, 4, 6):
+    b.save(step, state, {})
+    b.wait()
+  assert (_steps(a.own), _steps(b.own)) == ([2, 4], [4, 6])
+  assert (tmp_path / "a.id").read_text() == "a" and a.own.parent.parent.name == "run_a"
+  assert local_files.verify(local_files.step_dir(a.own, 2)) is None
+  (local_files.step_dir(a.own, 2) / local_files.SEAL).write_text("[]")  # a seal of another shape
+  assert "TypeError" in local_files.verify(local_files.step_dir(a.own, 2))  # quarantined, no crash
+
+
 def _local_flags(local, *more) -> tuple[str, ...]:
   return (f"--config.checkpoint.local_dir={local}", "--config.checkpoint.local_every=2", *more)
 
 
 def _steps(path) -> list[int]:
   return local_files.steps(path)
+
+
+def _run_dir(local, workdir):
+  """The run's folder of a local directory (named by WORKDIR/local_tier_id)."""
+  with open(os.path.join(workdir, "local_tier_id")) as f:
+    return local / f"run_{f.read().strip()}"
 
 
 def _report(workdir) -> dict:
@@ -61,6 +96,7 @@ def test_two_processes_killed_resume_from_local_disks_and_a_peers_replica(
   killed = (-signal.SIGKILL, -signal.SIGABRT)  # see the four-process test
   kill = (*flags, "--config.debug.kill_at_step=8")
   launch(workdir, 2, DEVICES, cache_dir, extra=kill, expect=killed)
+  local = _run_dir(local, workdir)
   for p in (0, 1):  # each process's own steps, and a replica of each on the other
     assert _steps(local / f"process_{p}" / "own") == [6, 8]
     assert _steps(local / f"process_{p}" / f"replica_of_{1 - p}") == [6, 8]
@@ -109,17 +145,19 @@ def test_three_processes_a_lost_shard_falls_back_to_the_persistent_tier(tmp_path
   # barrier may first see a peer's death and abort (-6): dead at step 6 either way.
   killed = (-signal.SIGKILL, -signal.SIGABRT)
   launch(workdir, 3, 1, cache_dir, extra=(*flags, "--config.debug.kill_at_step=6"), expect=killed)
+  tier = _run_dir(tmp_path / "local", workdir)
   for p, kept in ((0, 2), (1, 0), (2, 1)):  # the ring
-    assert _steps(tmp_path / "local" / f"process_{p}" / "own") == [2, 6]
-    assert _steps(tmp_path / "local" / f"process_{p}" / f"replica_of_{kept}") == [2, 6]
+    assert _steps(tier / f"process_{p}" / "own") == [2, 6]
+    assert _steps(tier / f"process_{p}" / f"replica_of_{kept}") == [2, 6]
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4"]
   shutil.copytree(workdir, tmp_path / "other")
   shutil.copytree(tmp_path / "local", tmp_path / "other_local")
 
-  shutil.rmtree(tmp_path / "local" / "process_1")  # its replica is on process 2
+  shutil.rmtree(tier / "process_1")  # its replica is on process 2
   launch(workdir, 3, 1, cache_dir, extra=flags)
-  shutil.rmtree(tmp_path / "other_local" / "process_2" / "own")
-  shutil.rmtree(tmp_path / "other_local" / "process_0" / "replica_of_2")
+  other_tier = _run_dir(tmp_path / "other_local", workdir)
+  shutil.rmtree(other_tier / "process_2" / "own")
+  shutil.rmtree(other_tier / "process_0" / "replica_of_2")
   other = str(tmp_path / "other")
   other_flags = _local_flags(tmp_path / "other_local", *flags[2:])
   outputs = launch(other, 3, 1, cache_dir, extra=other_flags)

@@ -297,6 +297,26 @@ def test_metrics_file_drops_torn_and_future_lines_on_resume(tmp_path):
   ]
 
 
+def test_a_run_whose_checkpoints_were_all_moved_aside_is_not_started_over(tmp_path):
+  """An earlier start quarantined every checkpoint (and said so, exit 2): the next start must
+  not train from step 0 over the run's metrics without the user's say."""
+  from train.checkpoint import manager
+
+  (tmp_path / "checkpoints_corrupt" / "20-20261206-101500").mkdir(parents=True)
+  ckpt = manager.Checkpointer(str(tmp_path / "checkpoints"), max_to_keep=2, async_save=False)
+  try:
+    with pytest.raises(manager.CheckpointCorruptError, match="moved them all to .*checkpoints_co"):
+      ckpt.restore_latest_good(None, verify_checksums=True, check_metadata=lambda _: None)
+  finally:
+    ckpt.close()
+  (tmp_path / "checkpoints_corrupt" / "20-20261206-101500").rmdir()  # moved away: start over
+  ckpt = manager.Checkpointer(str(tmp_path / "checkpoints"), max_to_keep=2, async_save=False)
+  try:
+    assert ckpt.restore_latest_good(None, verify_checksums=True, check_metadata=None) is None
+  finally:
+    ckpt.close()
+
+
 @pytest.mark.slow
 def test_chaos_sigkill_at_random_moments(tmp_path, cache_dir):
   """10 SIGKILLs during training and saves of both checkpoint tiers; the final run equals the
@@ -363,7 +383,7 @@ def test_chaos_sigkill_at_random_moments(tmp_path, cache_dir):
         process.kill()
         kills += 1
         mid_save += bool(glob.glob(os.path.join(workdir, "checkpoints", "*tmp*")))
-        mid_save += bool(glob.glob(str(tmp_path / "local" / "process_0" / "own" / "tmp-*")))
+        mid_save += bool(glob.glob(str(tmp_path / "local" / "*" / "process_0" / "own" / "tmp-*")))
     finally:
       process.kill()
       stderr = process.communicate()[1]

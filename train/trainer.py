@@ -198,6 +198,7 @@ def open_checkpoints(run: Run, watcher: PreemptionWatcher, *, local: bool = True
     ckpt.local = local_tier.LocalTier(
       config.local_dir,
       local_tier.run_id(run.workdir),
+      id_file=local_tier.id_file(run.workdir),
       every=config.local_every,
       keep=config.local_keep,
       replicas=config.local_replicas,
@@ -342,7 +343,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       state, start_step = restore_or_init(run, ckpt)  # may refuse a checkpoint of another run
       if ckpt.local is not None:
         ckpt.local.discard_after(start_step)  # local steps past it are saved again
-    if run.is_main:
+    finished = already_finished(run, start_step)
+    if run.is_main and not finished:
       storage.write_atomic(
         storage.absolute(run.workdir) / "config.json", run.config.to_json_best_effort(indent=2)
       )
@@ -384,12 +386,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       k: round(v, 3) if isinstance(v, float) else v for k, v in stats.items()
     }
     summary["local_tier"]["enabled"] = ckpt.local.enabled
-  report = write_report(run, summary)
+  report = write_report(run, summary, keep_written=finished)
   writer.finish(report)
   return report
 
 
-def write_report(run: Run, summary: dict[str, Any]) -> dict[str, Any]:
+def already_finished(run: Run, start_step: int) -> bool:
+  """Whether the restored checkpoint is the run's last step: a start that trains nothing leaves
+  the run's config.json and report.json (its meter) as the run wrote them."""
+  finished = start_step >= run.config.train.steps > 0
+  if finished:
+    log.info(
+      "%s finished at step %d already: nothing to train; its config.json and report.json are "
+      "kept (raise train.steps to train on)",
+      run.workdir,
+      start_step,
+    )
+  return finished
+
+
+def write_report(
+  run: Run, summary: dict[str, Any], *, keep_written: bool = False
+) -> dict[str, Any]:
+  """The run's report; written to ``report.json`` unless ``keep_written`` and one is there."""
   config = run.config
   report = run.meter.report(
     params=models.param_count(run.model_cfg),
@@ -403,10 +422,9 @@ def write_report(run: Run, summary: dict[str, Any]) -> dict[str, Any]:
   report.update(summary)
   tokens_per_step = config.train.batch_size * config.data.seq_len
   report["goodput"] = meter_lib.goodput(report, tokens_per_step)
-  if run.is_main:
-    storage.write_atomic(
-      storage.absolute(run.workdir) / "report.json", json.dumps(report, indent=2)
-    )
+  path = storage.absolute(run.workdir) / "report.json"
+  if run.is_main and not (keep_written and path.exists()):
+    storage.write_atomic(path, json.dumps(report, indent=2))
     log.info(
       "done: %s", ", ".join(f"{k} {v:.4g}" for k, v in summary.items() if isinstance(v, float))
     )

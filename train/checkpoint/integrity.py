@@ -125,25 +125,39 @@ def num_parts(step_dir) -> int | None:
   return _parts(storage.absolute(step_dir))[1]
 
 
+# What every finished checkpoint holds (the items of manager.py's CheckpointManager).
+ESSENTIAL = ("state/_METADATA", "metadata/metadata")
+
+
 def verify(step_dir, parts: Iterable[int] | None = None) -> list[str]:
   """Problems found in the named seal parts of a checkpoint (all when ``parts`` is None).
 
   A checkpoint that Orbax finished but that was never sealed (the processes died in between) has
-  no parts; it is not treated as corrupt. A partly sealed one is checked on the parts it has.
+  no parts; it is not treated as corrupt unless its items are missing (an empty or half-copied
+  step directory). A partly sealed one is checked on the parts it has.
   """
   step_dir = storage.absolute(step_dir)
   present, total = _parts(step_dir)
   if total is None:
+    missing = [name for name in ESSENTIAL if not (step_dir / name).exists()]
+    if missing:  # not a checkpoint Orbax finished: the restore would fail on it
+      return [f"{step_dir}: incomplete: no {', '.join(missing)} (and no checksums recorded)"]
     return []
   wanted = sorted(present) if parts is None else [p for p in parts if p in present]
   files = _files(step_dir)
-  problems, listed = [], set()
+  problems, listed, unreadable = [], set(), False
   for process in wanted:
     path = present[process]
     try:
       table = json.loads(path.read_text())
+      if not isinstance(table, dict) or not all(
+        isinstance(entry, dict) and "bytes" in entry and ("crc32c" in entry or "sha256" in entry)
+        for entry in table.values()
+      ):
+        raise ValueError("not a table of files with their sizes and checksums")
     except (OSError, ValueError) as e:
       problems.append(f"{path}: unreadable checksum file ({e})")
+      unreadable = True
       continue
     listed |= set(table)
     for rel, expected in table.items():
@@ -162,7 +176,7 @@ def verify(step_dir, parts: Iterable[int] | None = None) -> list[str]:
         problems.append(f"{full}: {size} bytes, expected {expected['bytes']}")
       elif not same:
         problems.append(f"{full}: contents changed (checksum mismatch)")
-  if len(present) == total:  # extra files are only knowable from the whole seal
+  if len(present) == total and not unreadable:  # extra files: knowable from the whole seal
     owned = {rel for rel in files if writer_of(rel, total) in wanted}
     extra = sorted(owned - listed)
     problems.extend(f"{step_dir / rel}: not part of the saved checkpoint" for rel in extra)

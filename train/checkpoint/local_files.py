@@ -189,7 +189,7 @@ def verify(path: Path) -> str | None:
           size += len(block)
       if (size, crc) != (seal[name]["bytes"], seal[name]["crc32c"]):
         return f"{path / name}: {size} bytes, CRC32C {crc}; sealed as {seal[name]}"
-  except (OSError, ValueError, KeyError) as e:
+  except (OSError, ValueError, KeyError, TypeError) as e:  # TypeError: a seal of another shape
     return f"{path}: {type(e).__name__}: {e}"
   return None
 

@@ -16,9 +16,12 @@ handling of failed saves. The local tier needs neither Orbax's cross-process bar
 shared directory: each process writes alone, so a full or failing local disk costs a warning,
 never the run.
 
-Layout under ``local_dir/process_<p>/``: ``own/step_<N>``, ``replica_of_<q>/step_<N>`` (the
-copies kept for process ``q``), ``corrupt/`` (steps whose seal failed, moved aside, never
-deleted). At most ``checkpoint.local_keep`` steps are kept in each.
+Layout under ``local_dir/run_<id>/process_<p>/`` (the run's id: ``WORKDIR/local_tier_id``):
+``own/step_<N>``, ``replica_of_<q>/step_<N>`` (the copies kept for process ``q``), ``corrupt/``
+(steps whose seal failed, moved aside, never deleted). At most ``checkpoint.local_keep`` steps are
+kept in each. Runs sharing a ``local_dir`` never touch each other's steps; a finished run's folder
+is left for its owner to delete. Nothing is written, the id file in the work directory included,
+before the run's first local save: a run refused at its start leaves both places as they were.
 """
 
 from __future__ import annotations
@@ -48,11 +51,20 @@ class LocalTier:
   in the same order on every process (the agreements are collective)."""
 
   def __init__(
-    self, root: str, run_id: str, *, every: int, keep: int, replicas: int, signature: str
+    self,
+    root: str,
+    run_id: str,
+    *,
+    every: int,
+    keep: int,
+    replicas: int,
+    signature: str,
+    id_file: Any = None,
   ):
     self.process, self.num_processes = jax.process_index(), jax.process_count()
     self.root = Path(root).expanduser().absolute()
-    self.dir = self.root / f"process_{self.process}"
+    self.dir = self.root / f"run_{run_id}" / f"process_{self.process}"
+    self.id_file = id_file  # WORKDIR/local_tier_id, written by process 0 at the first save
     self.own = self.dir / "own"
     self.run_id, self.signature = run_id, signature
     self.every, self.keep = every, keep
@@ -65,17 +77,6 @@ class LocalTier:
     self._buffers: list | None = None  # host memory of the last snapshot (one state's shards)
     self.stats = {"saves": 0, "blocking_s": 0.0, "write_s": 0.0, "replica_s": 0.0, "bytes": 0}
     self.stats["failed_saves"] = 0
-    try:
-      self.dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-      self.enabled = False  # restores still take part (and find nothing here)
-      log.warning(
-        "local checkpoint tier off on process %d: checkpoint.local_dir=%s cannot be made (%s); "
-        "training goes on with the persistent tier",
-        self.process,
-        root,
-        e,
-      )
     local_files.remove_unfinished(self.own)
     for held in self.dir.glob("replica_of_*"):
       local_files.remove_unfinished(held)
@@ -116,9 +117,24 @@ class LocalTier:
     self._thread.start()
 
   def _enough_space(self, nbytes: int) -> bool:
-    """Checks, before the first save, that the local disk holds ``local_keep`` steps of this
-    process and of the peer it keeps a replica for; if not, the tier is turned off."""
+    """Makes the run's directory and its id file at the first save, and checks that the local
+    disk holds ``local_keep`` steps of this process and of the peer it keeps a replica for; if
+    not, the tier is turned off."""
     self._space_checked = True
+    try:
+      self.dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+      self.enabled = False  # restores still take part (and find nothing here)
+      log.warning(
+        "local checkpoint tier off on process %d: checkpoint.local_dir=%s cannot be made (%s); "
+        "training goes on with the persistent tier",
+        self.process,
+        self.root,
+        e,
+      )
+      return False
+    if self.id_file is not None and self.process == 0 and not self.id_file.exists():
+      storage.write_atomic(self.id_file, self.run_id)
     needed = nbytes * (1 + self.replicas) * self.keep
     usage = shutil.disk_usage(self.dir)
     held = sum(f.stat().st_size for f in self.dir.rglob("*") if f.is_file())
@@ -283,15 +299,18 @@ class LocalTier:
     return None
 
 
+def id_file(workdir: str) -> Any:
+  return storage.absolute(workdir) / "local_tier_id"
+
+
 def run_id(workdir: str) -> str:
-  """The run's id (``WORKDIR/local_tier_id``, made by process 0 at the first start): local steps
-  name it, so a local directory shared by runs never restores another run's state."""
-  path = storage.absolute(workdir) / "local_tier_id"
+  """The run's id (``WORKDIR/local_tier_id``; a new one, which the first local save writes
+  there, where it is absent): the run's folder of every local directory bears it, so runs that
+  share one never restore, replace or delete each other's steps."""
+  path = id_file(workdir)
   made = None
   if jax.process_index() == 0:
     made = path.read_text().strip() if path.exists() else secrets.token_hex(8)
-    if not path.exists():
-      storage.write_atomic(path, made)
   return agreement.from_main("local-tier-id", made)
 
 

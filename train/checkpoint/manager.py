@@ -384,6 +384,15 @@ class Checkpointer:
             f"no checkpoint in {self.directory} could be restored; all were moved to "
             f"checkpoints_corrupt/: " + " | ".join(failures)
           )
+        quarantined = storage.absolute(self.directory).parent / "checkpoints_corrupt"
+        if quarantined.is_dir() and any(quarantined.iterdir()):
+          # An earlier start moved every checkpoint aside: starting over would rewrite the
+          # run's metrics from step 0. The user decides.
+          raise CheckpointCorruptError(
+            f"{self.directory} has no checkpoint left: an earlier start moved them all to "
+            f"{quarantined} (each with its REASON.txt). To train this run from step 0, move "
+            "that folder away; or start in a new --workdir"
+          )
         return None
       step_dir = self.step_dir(step)
       problems = self._problems(step, verify_checksums)

@@ -101,7 +101,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         f"rl.inner_steps={config.rl.inner_steps} does not divide (a rollout's updates would "
         "straddle it): resume with the run's own rl.inner_steps, or use a new --workdir"
       )
-    if run.is_main:
+    finished = trainer.already_finished(run, start_step)
+    if run.is_main and not finished:
       storage.write_atomic(
         storage.absolute(workdir) / "config.json", config.to_json_best_effort(indent=2)
       )
@@ -132,8 +133,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   finally:
     ckpt.close()
     watcher.close()
-  if run.is_main:
-    storage.write_atomic(storage.absolute(workdir) / "report.json", json.dumps(summary, indent=2))
+  report = storage.absolute(workdir) / "report.json"
+  if run.is_main and not (finished and report.exists()):
+    storage.write_atomic(report, json.dumps(summary, indent=2))
   return summary
 
 
