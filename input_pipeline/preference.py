@@ -107,6 +107,8 @@ def parse(line: str) -> tuple[str, Record | None]:
       return problem, None
   elif not isinstance(prompt, str):
     return '"prompt" is neither a string nor a list of messages', None
+  elif not prompt:  # the completion's first token would have no token before it to predict it
+    return '"prompt" is empty', None
   completions = []
   for key in ("chosen", "rejected"):
     if key not in record:

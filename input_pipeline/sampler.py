@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from input_pipeline import packing, tensorflow_import
+from input_pipeline.errors import DataError
 from input_pipeline.store import Store
 
 tf = tensorflow_import.load()
@@ -221,7 +222,7 @@ def eval_batches(
   local = check_share(global_batch_size, process_index, process_count)
   rows = store.num_rows("validation")
   if rows < global_batch_size:
-    raise ValueError(
+    raise DataError(
       f"the validation split of store {store.path} has {rows} rows of seq_len + 1 tokens, fewer "
       f"than one global batch of {global_batch_size}; lower the batch size, raise "
       "data.validation_percent, or use a larger corpus"

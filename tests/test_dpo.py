@@ -48,6 +48,7 @@ BAD_LINES = [
   "not json",
   '{"prompt": 3, "chosen": " a", "rejected": " b"}',
   '{"prompt": "x", "chosen": "", "rejected": " b"}',
+  '{"prompt": "", "chosen": " a", "rejected": " b"}',
 ]
 
 
@@ -133,12 +134,13 @@ def test_bad_records_are_reported_with_line_numbers_and_none_valid_is_an_error(t
   with caplog.at_level(logging.WARNING):
     parsed = preference.read(f"prefs:{source}", 0)
   assert len(parsed.records["train"]) == len(RECORDS)
-  assert "4 bad lines skipped" in caplog.text
+  assert "5 bad lines skipped" in caplog.text
   for text in (
     'line 6: no "rejected"',
     "line 7: not JSON",
     'line 8: "prompt" is neither a string nor a list of messages',
     'line 9: "chosen" is empty',
+    'line 10: "prompt" is empty',
   ):
     assert text in caplog.text
   too_long = _prefs_config(tmp_path, source, seq_len=16)  # byte ids: every pair > 17 tokens

@@ -121,7 +121,9 @@ def test_eval_uses_the_whole_batches_that_exist(pipe, caplog):
 
 def test_eval_split_smaller_than_a_batch_is_an_error(pipe):
   rows = pipe.store.num_rows("validation")
-  with pytest.raises(ValueError, match=f"has {rows} rows .* fewer than one global batch"):
+  with pytest.raises(
+    input_pipeline.DataError, match=f"has {rows} rows .* fewer than one global batch"
+  ):
     pipe.eval_batches(global_batch_size=rows + 1, num_batches=1, process_count=1)
 
 

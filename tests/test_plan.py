@@ -158,6 +158,29 @@ def test_cli_prints_one_json_object_last_and_rejects_bad_names():
   assert "model.quant='fp8': TPU v5e has no fp8 matmul units" in fp8.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.parametrize(
+  "changes, message",
+  [
+    ({"model.moe.num_experts": 6, "mesh.expert": 4}, "num_experts=6 is not divisible by 4"),
+    ({"mesh.tensor": 8}, "model.num_heads=4 is not divisible by 8"),
+  ],
+)
+def test_an_analytic_plan_refuses_what_a_run_would(changes, message):
+  """No devices to compile for (--analytic, or no libtpu or CUDA plugin): the layout checks
+  run on the mesh's sizes all the same."""
+  from configs import tiny
+
+  config = tiny.get_config()
+  for key, value in changes.items():
+    *groups, name = key.split(".")
+    target = config
+    for group in groups:
+      target = target[group]
+    target[name] = value
+  with pytest.raises(config_lib.ConfigError, match=message):
+    plan_lib.plan(config, topology_lib.parse("h100:8"), use_compiler=False)
+
+
 def small_llama():
   """llama_1b's shape family (GQA, SwiGLU, RoPE, bf16, remat), shrunk so that it compiles in
   seconds; layers unrolled because XLA's cost analysis counts a scanned body once."""

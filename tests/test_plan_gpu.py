@@ -41,6 +41,8 @@ def test_gpu_names():
   assert (single.chips, single.cuda_topology) == (8, "1x1x8")
   assert single.chip.hbm_bytes == 141 * GiB
   assert hardware.parse("h100:4", num_slices=2).nodes == 2
+  with pytest.raises(ValueError, match="names its nodes and --num_slices=3 names them again"):
+    hardware.parse("h100:8x2", num_slices=3)  # 6 nodes, or 3? Said once, or refused
 
 
 @pytest.mark.parametrize(

@@ -101,6 +101,20 @@ def test_the_run_config_refuses_an_unnative_quant_and_an_unknown_one(cache_dir):
     config_lib.validate(tiny_config(cache_dir, {"model.quant": "fp4"}))
 
 
+def test_a_quantised_fine_tune_starts_from_a_run_in_any_precision(cache_dir, tiny_reference):
+  """The projections' precision is the run's, as for Hugging Face weights: the parameters are the
+  same in every precision, so a Loom source does not decide it."""
+  from cli_helpers import tiny_config
+
+  from train import init_from
+
+  int8 = {"model.quant": "int8", "model.quant_emulation": True}
+  adopted = init_from.adopt(
+    tiny_config(cache_dir, {**int8, "checkpoint.init_from": f"loom:{tiny_reference}"})
+  )
+  assert (adopted.model.quant, adopted.model.quant_emulation) == ("int8", True)
+
+
 def test_cudnn_runs_are_bounded_by_max_segments_and_a_fuller_row_is_refused():
   ids = np.repeat(np.arange(1, 9), 4)[None]  # eight 4-token documents in one 32-token row
   assert runs_per_row(ids).tolist() == [8]

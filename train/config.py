@@ -138,6 +138,19 @@ def saved_model_config(saved: dict[str, Any]) -> ModelConfig:
   return ModelConfig(**{**default.get_config().model.to_dict(), **saved})
 
 
+def check_layout(config: ml_collections.ConfigDict, model_cfg: ModelConfig, sizes: dict) -> None:
+  """``validate``'s checks of the batch, context, stages, heads, experts and parameter shapes
+  against mesh axis ``sizes`` alone, on an abstract mesh: ``train.plan --analytic`` (or without
+  libtpu or the CUDA plugin) has no devices to build a mesh of, and must refuse what a run
+  would refuse."""
+  mesh = jax.sharding.AbstractMesh(tuple(sizes.values()), tuple(sizes))
+  rules = mesh_lib.logical_rules(config.mesh)
+  _check_batch(config, mesh, rules, 1)
+  _check_context(config, mesh, rules)
+  _check_pipeline(config, model_cfg, mesh, rules)
+  _check_model_on_mesh(model_cfg, mesh, rules)
+
+
 def _check_finite(values: dict[str, Any], prefix: str = "") -> None:
   """No key of the config holds NaN or an infinity: a comparison such as ``value < 0`` lets NaN
   through, and a run trained on one skips every step or compiles nothing useful."""

@@ -180,6 +180,8 @@ def main(argv: list[str]) -> int:
       f"pass --topology (or --hardware), one of: {', '.join(hardware.valid_names())}; or GPUs "
       f"as {hardware.GPU_NAME_FORM}"
     )
+  if _TOKENS.value < 0:
+    raise ValueError(f"--tokens={_TOKENS.value} must be >= 0 (0 = train.steps × the batch)")
   topology = hardware.parse(name, _SLICES.value)
   result = planning.plan(
     command.config(),

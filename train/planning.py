@@ -421,6 +421,7 @@ def plan(
   # Before any compile, and for --analytic too: a format the chips lack is refused, not planned.
   hardware.check_quant_on(model_cfg.quant, model_cfg.quant_emulation, chip)
   sizes = mesh_lib.mesh_shape(config.mesh, topology.chips)
+  config_lib.check_layout(config, model_cfg, sizes)  # what a run refuses, --analytic too
   rules = mesh_lib.logical_rules(config.mesh)
   estimate = analytic_memory(config, model_cfg, sizes, rules, platform)
   result: dict[str, Any] = {

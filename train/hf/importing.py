@@ -55,6 +55,8 @@ MODEL_KEYS = (
   "init_std",
   "attention",
   "attention_block",
+  "quant",  # the projections' matmul precision: the parameters are the same (docs/gpus.md)
+  "quant_emulation",
 )
 LORA_KEYS = ("lora_rank", "lora_alpha", "lora_targets")  # a run's, never a checkpoint's
 # From the run config's model.moe: how the experts are dispatched and the router losses' weights

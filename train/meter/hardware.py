@@ -316,7 +316,7 @@ class GpuNodes:
 
 def parse_gpus(name: str, num_slices: int = 1) -> GpuNodes:
   """``KIND:N`` or ``KIND:NxNODES`` ("h100:8", "h200:8x4") as GpuNodes; ``num_slices`` (the
-  plan's --num_slices) multiplies the nodes."""
+  plan's --num_slices) is the nodes of a ``KIND:N`` name (a name with its nodes takes none)."""
   match = re.fullmatch(r"([a-z0-9]+):(\d+)(?:x(\d+))?", name.strip().lower())
   kinds = gpu_kinds()
   if not match or match.group(1) not in kinds:
@@ -331,6 +331,12 @@ def parse_gpus(name: str, num_slices: int = 1) -> GpuNodes:
     )
   if num_slices < 1:
     raise ValueError(f"--num_slices={num_slices} must be at least 1")
+  if match.group(3) and num_slices > 1:
+    raise ValueError(
+      f"{name!r} names its nodes and --num_slices={num_slices} names them again: give them once "
+      f"({match.group(1)}:{per_node}x{nodes * num_slices}, or {match.group(1)}:{per_node} "
+      f"--num_slices={nodes * num_slices})"
+    )
   return GpuNodes(name, match.group(1), per_node, nodes * num_slices)
 
 
