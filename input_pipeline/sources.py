@@ -153,8 +153,8 @@ def _local_source(spec: str, root: Path, files: list[Path], data_config, cache_d
     )
   config = text_files.make_config(root, text, percent, digest, feature)
   # TFDS writes TFRecords through TensorFlow's own file system, which cannot reach every object
-  # store (train/storage.py): with a remote cache the dataset is a local intermediate; only the
-  # packed store, which every host reads, goes to the shared cache.
+  # store (input_pipeline/host/storage.py): with a remote cache the dataset is a local
+  # intermediate; only the packed store, which every host reads, goes to the shared cache.
   base = storage.local_scratch(cache_dir) if storage.is_remote(cache_dir) else Path(cache_dir)
   data_dir = Path(base) / "tfds"
 

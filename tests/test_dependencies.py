@@ -12,6 +12,7 @@ import importlib.metadata
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -161,6 +162,27 @@ def test_the_checks_find_what_they_look_for(tmp_path):
   assert any("imports train.trainer inside a function" in line for line in reaching)
   assert any("uses train.inference.generation._eval_engine" in line for line in reaching)
   assert any("imports input_pipeline, a lazy export" in line for line in reaching)
+
+
+# A repository path in the project's code, docs, configs and notebooks: docs/data.md,
+# train/checkpoint/manager.py, ... (placeholders such as configs/X.py have an upper-case stem).
+_CITED = re.compile(
+  r"(?<![\w/.])((?:docs|train|models|input_pipeline|configs|tests|notebooks|\.ci)/"
+  r"[\w./-]*\w\.(?:md|py|png|ipynb|toml))\b"
+)
+
+
+def test_every_file_the_project_cites_is_in_the_repository():
+  """Comments and guides cite files of the repository only, and those files exist (a module
+  that moved left its old path in three comments)."""
+  cited = []
+  texts = [*REPO.glob("*.md"), *REPO.glob("docs/*.md"), *REPO.glob("notebooks/*.ipynb")]
+  for path in [*MODULES.values(), *texts]:
+    for match in _CITED.finditer(path.read_text()):
+      ref = match.group(1)
+      if not pathlib.Path(ref).stem.isupper() and not (REPO / ref).exists():
+        cited.append(f"{path.relative_to(REPO)} cites {ref}, which does not exist")
+  assert not cited, "\n".join(sorted(set(cited)))
 
 
 @pytest.mark.slow

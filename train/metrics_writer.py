@@ -69,9 +69,9 @@ class MetricsWriter:
 
   On resume from step S, lines for steps after S (written before a crash, and about to be redone)
   are dropped first, so the file never holds duplicates; a torn last line is dropped too. The
-  work directory may be an object store (``train/storage.py``): the file is then rewritten whole
-  (``flush()`` before every checkpoint save), and TensorBoard writes to a local mirror that is
-  copied up at the same moments.
+  work directory may be an object store (``input_pipeline/host/storage.py``): the file is then
+  rewritten whole (``flush()`` before every checkpoint save), and TensorBoard writes to a local
+  mirror that is copied up at the same moments.
   """
 
   def __init__(

@@ -9,7 +9,8 @@ spread over the hosts. A checkpoint is sealed when all N parts exist.
 
 ``verify(step_dir, parts=...)`` compares the named parts with the files (a restoring process
 checks the parts it is responsible for); ``verify_all`` checks everything (``python -m
-train.checkpoint verify DIR``). Paths may be local or object-store URIs (``train/storage.py``).
+train.checkpoint verify DIR``). Paths may be local or object-store URIs
+(``input_pipeline/host/storage.py``).
 """
 
 from __future__ import annotations
