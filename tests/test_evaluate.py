@@ -148,6 +148,11 @@ def test_the_command_runs_local_tasks_and_writes_results(workdir, tmp_path):
   assert metrics["harness/loom_python_text/bits_per_byte"] > 0
   saved = json.load(open(os.path.join(workdir, "eval", f"{step}.json")))
   assert saved["metrics"] == metrics and saved["n-samples"]["loom_python_mc"]["effective"] == 6
+  # Another evaluation of the step goes beside it, never over it.
+  from train.inference import harness
+
+  assert harness.write(workdir, saved, metrics_lines=False).endswith(f"eval/{step}.2.json")
+  assert json.load(open(os.path.join(workdir, "eval", f"{step}.json"))) == saved
   lines = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
   assert {"step": step, **metrics} in lines
   # An unknown task names itself and the remedy; nothing is written.

@@ -323,3 +323,14 @@ def test_convert_commands_print_json(tmp_path):
   exported = convert("export", f"--workdir={workdir}", out_dir, "--dtype=bfloat16")
   assert exported["files"] == ["model.safetensors"] and exported["model_type"] == "gpt2"
   assert json.load(open(os.path.join(out_dir, "config.json")))["torch_dtype"] == "bfloat16"
+  assert ".loom-partial" not in os.listdir(out_dir)
+  # OUT.partial: a user's folder there is refused and kept; an unfinished export's is replaced.
+  again = tmp_path / "again"
+  (again.parent / "again.partial").mkdir()
+  (again.parent / "again.partial" / "notes.txt").write_text("mine")
+  with pytest.raises(ConversionError, match="is not an unfinished output of Loom's"):
+    exporting.export_checkpoint(workdir, str(again))
+  assert (again.parent / "again.partial" / "notes.txt").read_text() == "mine"
+  (again.parent / "again.partial" / ".loom-partial").touch()  # as an interrupted export left it
+  exporting.export_checkpoint(workdir, str(again))
+  assert not (again.parent / "again.partial").exists() and (again / "config.json").exists()

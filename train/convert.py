@@ -62,5 +62,7 @@ if __name__ == "__main__":
     usage=USAGE,
     config_default="default.py",
     positional=2,
-    bad_input=(FileNotFoundError,),
+    # A step without a checkpoint, failed checksums, another run's data (loading.load), an
+    # output path under a file: one line each.
+    bad_input=(ValueError, OSError),
   )

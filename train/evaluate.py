@@ -43,17 +43,30 @@ def main(argv: Sequence[str]) -> int:
     raise ValueError(f"--tasks={f.tasks!r} names no task; pass T1,T2,...")
   if f.include_path and not os.path.isdir(f.include_path):
     raise FileNotFoundError(f"--include_path {f.include_path}: no such directory")
+  if f.limit is not None and not f.limit > 0:
+    raise ValueError(f"--limit={f.limit} must be a count >= 1 or a fraction in (0, 1)")
+  if f.num_fewshot is not None and f.num_fewshot < 0:
+    raise ValueError(f"--num_fewshot={f.num_fewshot} must be >= 0 (leave it out: the task's own)")
+  if f.batch_size < 1:
+    raise ValueError(f"--batch_size={f.batch_size} must be >= 1")
   limit = None if f.limit is None else (int(f.limit) if f.limit >= 1 else f.limit)
   harness.check_tasks(tasks, f.include_path)  # before the model is loaded
   model = loading.load(f.workdir, f.step)
-  results = harness.run_tasks(
-    model,
-    tasks,
-    include_path=f.include_path,
-    limit=limit,
-    num_fewshot=f.num_fewshot,
-    batch_size=f.batch_size,
-  )
+  try:
+    results = harness.run_tasks(
+      model,
+      tasks,
+      include_path=f.include_path,
+      limit=limit,
+      num_fewshot=f.num_fewshot,
+      batch_size=f.batch_size,
+    )
+  except ConnectionError as e:  # a task's dataset on the Hub, with no network here
+    raise ValueError(
+      f"a task's dataset could not be fetched ({type(e).__name__}: {e}); with no network, give "
+      "HF_DATASETS_CACHE a cache that holds it and set HF_DATASETS_OFFLINE=1 "
+      "(docs/evaluation.md), or use local task files with --include_path"
+    ) from e
   if jax.process_index() == 0:
     harness.write(f.workdir, results)
     for name, value in sorted(results["metrics"].items()):

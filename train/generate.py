@@ -39,15 +39,18 @@ def main(argv: Sequence[str]) -> int:
   command.quiet_libraries()  # Orbax/TFDS chatter would bury the text
   command.on_main_only()  # every process computes; process 0 alone prints
   prompts = _read_prompts(f.prompt or [], f.prompts_file)
+  if f.max_new_tokens < 1:  # before the checkpoint is read
+    raise ValueError(f"--max_new_tokens={f.max_new_tokens} must be a positive integer")
   sampling = Sampling(0.0 if f.greedy else f.temperature, f.top_k, f.top_p)
   model = loading.load(f.workdir, f.step)
   single = len(prompts) == 1
+  shown = []  # the prompt, printed with the first new text: an error is never on its line
 
   def stream(row: int, text: str) -> None:
+    if not shown:
+      shown.append(print(prompts[0], end=""))
     print(text, end="", flush=True)
 
-  if single and not f.json:
-    print(prompts[0], end="", flush=True)
   result = generation.generate(
     model,
     prompts,
@@ -59,7 +62,7 @@ def main(argv: Sequence[str]) -> int:
     stream=stream if single and not f.json else None,
   )
   if single and not f.json:
-    print()
+    print("" if shown else prompts[0])
   elif not f.json:
     for prompt, text in zip(prompts, result.texts, strict=True):
       print(f"--- {prompt!r}\n{prompt}{text}\n")

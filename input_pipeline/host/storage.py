@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pathlib
+import shutil
 import tempfile
 import time
 
@@ -65,6 +66,35 @@ def write_once(path: epath.Path, data: str) -> None:
       raise FileExistsError(f"{path} exists with other content")
     return
   write_atomic(path, data)
+
+
+# The mark of a directory an output is written in before it is renamed into place (OUT.partial).
+PARTIAL_MARK = ".loom-partial"
+
+
+def check_partial(path: str) -> None:
+  """Refuses ``path`` (an output's OUT.partial) where something other than an unfinished output
+  of Loom's (which carries the mark) is there: that is the user's, and is never deleted."""
+  if os.path.lexists(path) and not os.path.isfile(os.path.join(path, PARTIAL_MARK)):
+    raise FileExistsError(
+      f"{path} exists and is not an unfinished output of Loom's (no {PARTIAL_MARK} in it); move "
+      "it away or choose another output name"
+    )
+
+
+def start_partial(path: str) -> None:
+  """Makes ``path`` empty and marked: an earlier attempt's unfinished output is replaced."""
+  check_partial(path)
+  if os.path.lexists(path):
+    shutil.rmtree(path)
+  os.makedirs(path)
+  open(os.path.join(path, PARTIAL_MARK), "w").close()
+
+
+def finish_partial(path: str, final: str) -> None:
+  """Renames the finished output ``path`` into place at ``final``, without its mark."""
+  os.remove(os.path.join(path, PARTIAL_MARK))
+  os.replace(path, final)
 
 
 def local_scratch(path: str | os.PathLike) -> epath.Path:

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
-import shutil
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -24,6 +24,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tokenizers import Tokenizer
 
+from input_pipeline.host import storage
 from models import lora
 from models.config import ModelConfig
 from train.hf import families
@@ -31,6 +32,8 @@ from train.hf.families import ConversionError, Family
 from train.hf.importing import copy_tokenizer
 from train.hf.safetensors_io import write_shards
 from train.inference import loading
+
+log = logging.getLogger("loom")
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 
@@ -152,17 +155,30 @@ def export_checkpoint(
   out_dir = os.path.abspath(os.path.expanduser(out_dir))
   if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
     raise ConversionError(f"{out_dir} exists and is not an empty directory; choose a new one")
+  if not isinstance(max_shard_bytes, int) or max_shard_bytes < 1:
+    raise ConversionError(f"--max_shard_bytes={max_shard_bytes} must be a positive integer")
+  partial = out_dir + ".partial"
+  try:
+    storage.check_partial(partial)  # before any work: a user's folder there is never deleted
+  except FileExistsError as e:
+    raise ConversionError(str(e)) from e
   model = loading.load(workdir, step)
   cfg, config, params = model.model_cfg, model.config, model.params
   if cfg.lora_rank > 0:  # adapters folded into their kernels: a plain model for transformers
     params = lora.merge(params, cfg)
     cfg = dataclasses.replace(cfg, lora_rank=0)
   family = family_for(cfg, model.metadata.get("source"))
-  partial = out_dir + ".partial"
+  if cfg.quant != "none":
+    log.warning(
+      "model.quant=%r: the exported model's projections run unquantised in transformers (the "
+      "parameters are the same); its logits differ from Loom's quantised forward by the %s "
+      "rounding error",
+      cfg.quant,
+      cfg.quant,
+    )
   is_main = jax.process_index() == 0
   if is_main:
-    shutil.rmtree(partial, ignore_errors=True)
-    os.makedirs(partial)
+    storage.start_partial(partial)
   tensors = hf_tensors(params, cfg, family, DTYPES[dtype])
   if is_main:
     files = write_shards(tensors, partial, max_shard_bytes=max_shard_bytes)
@@ -181,7 +197,7 @@ def export_checkpoint(
   copied = copy_tokenizer(tokenizer[3:], partial) if tokenizer.startswith("hf:") else []
   if os.path.isdir(out_dir):
     os.rmdir(out_dir)
-  os.replace(partial, out_dir)
+  storage.finish_partial(partial, out_dir)
   return {
     "out_dir": out_dir,
     "step": model.step,

@@ -25,6 +25,7 @@ import optax
 from jax.experimental import multihost_utils
 from tokenizers import Tokenizer
 
+from input_pipeline.host import storage
 from models import lora
 from models.config import ModelConfig
 from train import config as config_lib
@@ -217,16 +218,19 @@ def import_checkpoint(hf_dir: str, workdir: str, base: ml_collections.ConfigDict
   workdir = os.path.abspath(os.path.expanduser(workdir))
   if os.path.exists(workdir) and (not os.path.isdir(workdir) or os.listdir(workdir)):
     raise ConversionError(f"--workdir {workdir} exists and is not empty; import into a new one")
+  partial = workdir + ".partial"
+  try:
+    storage.check_partial(partial)  # before any work: a user's folder there is never deleted
+  except FileExistsError as e:
+    raise ConversionError(str(e)) from e
   # Validated as it will be trained (the tokenizer read from the HF directory for now).
   resolved = config_lib.validate(run_config(base, model_cfg, tokenizer and checkpoint.path))
   spec = state_lib.state_spec(model_cfg, optax.identity(), resolved.mesh, resolved.rules)
   params = load_params(checkpoint, family, spec, model_cfg)
   config = run_config(base, model_cfg, tokenizer and os.path.join(workdir, "tokenizer"))
-  partial = workdir + ".partial"
   is_main = jax.process_index() == 0
   if is_main:
-    shutil.rmtree(partial, ignore_errors=True)
-    os.makedirs(partial)
+    storage.start_partial(partial)
     if tokenizer:
       copy_tokenizer(checkpoint.path, os.path.join(partial, "tokenizer"))
     with open(os.path.join(partial, "config.json"), "w", encoding="utf-8") as f:
@@ -240,6 +244,6 @@ def import_checkpoint(hf_dir: str, workdir: str, base: ml_collections.ConfigDict
   if is_main:
     if os.path.isdir(workdir):
       os.rmdir(workdir)
-    os.replace(partial, workdir)
+    storage.finish_partial(partial, workdir)
   log.info("imported %s (%s) into %s", checkpoint.path, family.model_type, workdir)
   return {"workdir": workdir, "model_type": family.model_type, "model_config": model_cfg.to_dict()}

@@ -324,11 +324,16 @@ def run_tasks(
 
 
 def write(workdir: str, results: dict[str, Any], *, metrics_lines: bool = True) -> str:
-  """``DIR/eval/<step>.json`` (whole, atomically) and, with ``metrics_lines``, the flattened
-  metrics as a line of ``DIR/metrics.jsonl`` at that step (a training run logs them through its
-  own writer instead); returns the JSON path."""
+  """``DIR/eval/<step>.json`` (whole, atomically; where an earlier evaluation of that step wrote
+  one, ``<step>.2.json``, ``<step>.3.json``, ...: none replaces another) and, with
+  ``metrics_lines``, the flattened metrics as a line of ``DIR/metrics.jsonl`` at that step (a
+  training run logs them through its own writer instead); returns the JSON path."""
   root = storage.absolute(workdir)
   path = root / "eval" / f"{results['step']}.json"
+  copy = 1
+  while path.exists():
+    copy += 1
+    path = root / "eval" / f"{results['step']}.{copy}.json"
   path.parent.mkdir(parents=True, exist_ok=True)
   storage.write_atomic(path, json.dumps(results, indent=1))
   if metrics_lines:

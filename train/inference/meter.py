@@ -101,8 +101,9 @@ def inference_stats(
     "assumptions": {
       "prefill": "prompt tokens up to the first generated token (shortest prompt × rows) / time "
       "to first token; longer prompts' remaining tokens run as decode steps",
-      "flops": f"2*(N_nonembedding + d_model*vocab) + 4*layers*heads*head_dim*context at the mean "
-      f"context {out.mean_context:.0f} (train/meter/flops.py forward_flops_per_token)",
+      "flops": f"2*(N_nonembedding_active + d_model*vocab if tied) + 4*layers*heads*head_dim*"
+      f"context at the mean context {out.mean_context:.0f} (train/meter/flops.py "
+      "forward_flops_per_token)",
       "bandwidth": "(all weights + the whole KV cache) read per decode step / median step time, "
       "against a jitted elementwise copy measured in this process",
       "energy_method": power["energy_method"],

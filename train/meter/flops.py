@@ -2,11 +2,13 @@
 
 FLOPs per token of training (forward + backward, the PaLM / Chinchilla convention):
 
-    6 · (N_nonembedding + d_model · V)  +  12 · num_layers · num_heads · head_dim · seq_len
+    6 · (N_nonembedding + d_model · V if tied)  +  12 · num_layers · num_heads · head_dim · seq_len
 
-- 6·N: each weight does one multiply-add (2 FLOPs) per token forward and two backward.
-- d_model · V: the output projection is a real matmul even when tied to the embedding, whose lookup
-  is not; position-embedding lookups are free.
+- 6·N: each weight does one multiply-add (2 FLOPs) per token forward and two backward. N leaves
+  out the embedding tables and holds an untied output layer; an MoE model's N is what one token
+  uses (the router, its K experts, the shared ones).
+- d_model · V: a tied output projection is a real matmul, though the embedding it shares, a
+  lookup, is not (an untied one is in N already); position-embedding lookups are free.
 - 12·L·(N·H)·T: attention scores (QKᵀ) and the weighted sum (AV), 2·T·N·H FLOPs each forward,
   ×3 for forward + backward, counted over the full T×T square (no causal discount), as PaLM does.
 

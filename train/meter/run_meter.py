@@ -24,8 +24,9 @@ from train.meter import energy
 PHASES = ("compile", "train", "eval", "checkpoint", "input_wait")
 
 FLOPS_FORMULA = (
-  "6*(N_nonembedding + d_model*vocab) + 12*layers*heads*head_dim*seq_len per token"
-  " (train/meter/flops.py)"
+  "6*(N_nonembedding_active + d_model*vocab if tied) + 12*layers*heads*head_dim*seq_len per "
+  "token; N_nonembedding_active: an untied output layer included, an MoE's router and K experts "
+  "(train/meter/flops.py)"
 )
 
 
