@@ -286,6 +286,12 @@ def test_a_run_resumed_mid_way_reproduces_the_uninterrupted_run_bit_for_bit(tmp_
   workdir = str(tmp_path / "run")
   report = loop.train_and_evaluate(config, workdir)
   assert report["restarted_from_step"] == 0
+  # The meter, as for pretraining: the updates' tokens and MFU, sampling a phase of its own.
+  assert report["tokens"] == 8 * config.train.batch_size * config.data.seq_len
+  assert report["flops_per_token"] > 0 and report["mfu_mean"] > 0 and report["energy_kwh"] > 0
+  assert report["time_breakdown"]["sample_s"] > 0 and report["time_breakdown"]["train_s"] > 0
+  with open(os.path.join(workdir, "report.json")) as f:
+    assert json.load(f)["tokens"] == report["tokens"]
   records = read_metrics(workdir)
   assert [r["step"] for r in records] == [0, 2, 4, 6, 8]
   assert all(r["train/logprob_diff_max"] < 1e-5 for r in records[1:])  # fp32: they agree

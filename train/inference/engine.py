@@ -6,10 +6,13 @@ Instead all rows walk the slots together from slot 0: the prompt's first ``m - 1
 the shortest prompt) are prefilled, in chunks whose lengths are powers of two (each chunk length is
 compiled once), then one compiled decode step runs per slot. At slot ``s`` a row whose prompt is
 longer than ``s + 1`` is fed its own prompt token (teacher forcing); the others are fed the token
-just sampled. No row ever sees a padding token, so each row gets the tokens it would get alone.
+just sampled. No row ever sees a padding token, so each row gets the logits (and greedy tokens)
+it would get alone.
 
 Sampling (``train/inference/sampling.py``): row ``i`` draws with the key
-``fold_in(fold_in(key(seed), i), slot)``: reproducible for a seed, independent of the batch size.
+``fold_in(fold_in(key(seed), i), slot)``: reproducible for a seed, independent of the batch size;
+a sampled row's draws follow its position ``i`` in the request, so the same prompt in another
+position samples other tokens.
 """
 
 from __future__ import annotations

@@ -133,10 +133,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   finally:
     ckpt.close()
     watcher.close()
-  report = storage.absolute(workdir) / "report.json"
-  if run.is_main and not (finished and report.exists()):
-    storage.write_atomic(report, json.dumps(summary, indent=2))
-  return summary
+  # The meter's report, as a pretraining run's (params, FLOPs, tokens, MFU, wall time by phase,
+  # energy) with the loop's summary.
+  return trainer.write_report(run, summary, keep_written=finished)
 
 
 def probe(rewards: rewards_lib.Rewards, prompts: rollout.Prompts, key: str) -> None:
@@ -186,19 +185,22 @@ class Loop:
       state, values = self.rollout_and_update(state, r)
       step = (r + 1) * mu
       if _due(step, self.config.train.eval_every, total) and self.held_out is not None:
-        values.update(self.evaluate(state["params"]))
+        with self.run.meter.phase("eval"):
+          values.update(self.evaluate(state["params"]))
       self.writer.write(step, values)
       if _due(step, self.config.log.every, total):
         log.info("step %d: %s", step, _brief(values))
       stop = self.watcher.should_stop(step)
       if stop or _due(step, self.config.checkpoint.every, total):
         self.writer.flush()
-        self.ckpt.save(step, state, self.metadata)
+        with self.run.meter.phase("checkpoint"):
+          self.ckpt.save(step, state, self.metadata)
       if stop:
-        self.ckpt.wait(last=True)
+        with self.run.meter.phase("checkpoint"):
+          self.ckpt.wait(last=True)
         summary["preempted"] = True
         break
-    summary["wall_time_s"] = time.perf_counter() - started
+    summary["loop_wall_time_s"] = time.perf_counter() - started
     summary["steps"] = float(self.config.train.steps)
     return summary
 
@@ -235,12 +237,22 @@ class Loop:
     sample_s, update_s = sampled - begin, updated - scored
     sampled_tokens = sum(len(t) for t in done.tokens)
     train_tokens = float(np.sum(batch_np["segment_ids"] > 0)) * rl.inner_steps
+    # The run's meter (report.json): the updates are its train phase and its tokens (rows ×
+    # seq_len a step, as the trainer counts them); sampling and scoring are phases of their own.
+    meter = self.run.meter
+    meter.seconds["sample"] += sample_s
+    meter.seconds["score"] += scored - sampled
+    meter.seconds["train"] += update_s
+    tokens = self.config.train.batch_size * self.config.data.seq_len * rl.inner_steps
+    meter.tokens += tokens
+    _, mfu = meter.record_window(tokens, update_s)
     values.update(
       {
         "perf/sample_tokens_per_second": sampled_tokens / max(sample_s, 1e-9),
         "perf/train_tokens_per_second": train_tokens / max(update_s, 1e-9),
         "perf/sampling_share": sample_s / max(updated - begin, 1e-9),
         "perf/step_time_s": updated - begin,
+        "perf/mfu": mfu,  # of the updates, against the peak (train/meter/flops.py)
       }
     )
     return state, values
