@@ -33,7 +33,7 @@ def param_count(cfg: ModelConfig, *, embeddings: bool = True, active: bool = Fal
     bias_e = moe.num_experts if moe.router == "sigmoid" and not active else 0
     mlp = d * moe.num_experts + bias_e + routed * expert + shared
     first = moe.first_dense
-  blocks = cfg.num_layers * (2 * norm + attention) + first * dense_mlp
+  blocks = cfg.num_layers * (2 * norm + attention) + first * dense_mlp + lora_count(cfg)
   blocks += (cfg.num_layers - first) * mlp
   total = blocks + norm  # final norm
   if not cfg.tie_embeddings:
@@ -43,3 +43,17 @@ def param_count(cfg: ModelConfig, *, embeddings: bool = True, active: bool = Fal
     if cfg.positions == "learned":
       total += cfg.max_seq_len * d
   return total
+
+
+def lora_count(cfg: ModelConfig) -> int:
+  """The LoRA adapters' parameters (models/lora.py): rank × (fan-in + fan-out) of each adapted
+  kernel of each layer (an MoE model adapts attention only; GELU has no gate)."""
+  if cfg.lora_rank <= 0:
+    return 0
+  d, f = cfg.d_model, cfg.mlp_dim
+  q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+  sides = {"q": d + q_dim, "k": d + kv_dim, "v": d + kv_dim, "out": q_dim + d}
+  if cfg.moe is None:
+    sides.update(up=d + f, down=f + d, **({"gate": d + f} if cfg.mlp == "swiglu" else {}))
+  adapted = sum(sides.get(target, 0) for target in cfg.lora_targets)
+  return cfg.num_layers * cfg.lora_rank * adapted

@@ -46,6 +46,13 @@ def test_tiny_config_params_and_flops_by_hand():
   assert flops.train_flops_per_token(cfg, 32) == 6 * (18_592 + 8_256) + 12 * 2 * 4 * 8 * 32
   assert flops.train_flops_per_token(cfg, 32) == 185_664
   assert flops.forward_flops_per_token(cfg, 10) == 2 * 26_848 + 4 * 2 * 4 * 8 * 10
+  # LoRA of rank 2 on q and down: 2 · ((32 + 32) + (64 + 32)) = 320 a layer. The frozen weights
+  # take no weight gradient: 4 FLOPs each a token (forward, input gradient); the adapters 6.
+  lora = dataclasses.replace(cfg, lora_rank=2, lora_targets=("q", "down"))
+  assert models.param_count(lora) == 26_848 + 2 * 320
+  frozen = 18_592 + 8_256
+  assert flops.train_flops_per_token(lora, 32) == 4 * frozen + 6 * 640 + 12 * 2 * 4 * 8 * 32
+  assert flops.forward_flops_per_token(lora, 10) == 2 * (26_848 + 640) + 4 * 2 * 4 * 8 * 10
 
 
 def _meter(span: energy.EnergySpan | None = None) -> meter.Meter:

@@ -11,7 +11,7 @@ from flax import nnx
 from model_configs import model_config
 
 import models
-from models import ModelConfig, Transformer
+from models import ModelConfig, Transformer, lora
 
 B, L = 2, 16
 
@@ -186,6 +186,19 @@ def test_param_count(name, tied, scan_layers):
   assert models.param_count(cfg) == sum(sizes.values())
   embedding_tables = sizes["embed/table"] + sizes.get("pos_embed/table", 0)
   assert models.param_count(cfg, embeddings=False) == sum(sizes.values()) - embedding_tables
+
+
+@pytest.mark.parametrize("mlp, targets", [("swiglu", lora.TARGETS), ("gelu", ("q", "gate", "up"))])
+def test_param_count_with_lora(mlp, targets):
+  cfg = dataclasses.replace(
+    CONFIGS[next(iter(CONFIGS))], mlp=mlp, lora_rank=4, lora_targets=targets
+  )
+  abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+  params = nnx.to_flat_state(nnx.state(abstract, nnx.Param))
+  sizes = {"/".join(map(str, path)): int(np.prod(v.shape)) for path, v in params}
+  assert models.param_count(cfg) == sum(sizes.values())
+  adapters = sum(size for path, size in sizes.items() if "lora" in path)
+  assert models.lora_count(cfg) == adapters > 0
 
 
 def test_gpt2_small_param_count():

@@ -6,7 +6,8 @@ FLOPs per token of training (forward + backward, the PaLM / Chinchilla conventio
 
 - 6·N: each weight does one multiply-add (2 FLOPs) per token forward and two backward. N leaves
   out the embedding tables and holds an untied output layer; an MoE model's N is what one token
-  uses (the router, its K experts, the shared ones).
+  uses (the router, its K experts, the shared ones). With LoRA the frozen weights take 4 (no
+  weight gradient) and the adapters 6.
 - d_model · V: a tied output projection is a real matmul, though the embedding it shares, a
   lookup, is not (an untied one is in N already); position-embedding lookups are free.
 - 12·L·(N·H)·T: attention scores (QKᵀ) and the weighted sum (AV), 2·T·N·H FLOPs each forward,
@@ -47,7 +48,11 @@ def attention_flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
 
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
-  return 6 * matmul_params(cfg) + 3 * attention_flops_per_token(cfg, seq_len)
+  """6 FLOPs per weight; with LoRA the frozen weights take no weight gradient: 4 for them (the
+  forward and the input's gradient), 6 for the adapters."""
+  adapters = models.lora_count(cfg)
+  frozen = matmul_params(cfg) - adapters if adapters else 0
+  return 6 * matmul_params(cfg) - 2 * frozen + 3 * attention_flops_per_token(cfg, seq_len)
 
 
 def forward_flops_per_token(cfg: ModelConfig, context: int) -> int:
