@@ -6,7 +6,7 @@ Hardware: a TPU v5p-128 or v5e-256 pod slice (multi-host, FSDP over all chips, f
           4+ nodes of 8 × H100 under Slurm.
 Expected: plan it first (python -m train.plan --config configs/llama_8b.py --topology v5p-128):
           compiled ahead of time for v5p-128 with splash attention and the chunked loss it needs
-          ~25.9 GB per chip of 95 GiB (with model.attention=xla it does not compile: the [L, L]
+          23.6 GiB per chip of 95 (with model.attention=xla it does not compile: the [L, L]
           scores overflow the TPU's scoped VMEM). Not yet trained by Loom: no loss or MFU is
           promised.
 """

@@ -301,6 +301,18 @@ def test_training_starts_from_hf_weights_and_from_an_import(tmp_path, cache_dir)
   with pytest.raises(ConfigError, match="model.d_model=64 in the config, 32 in the source") as e:
     train_in_process(str(tmp_path / "conflict"), cache_dir, conflict)
   assert e.value.exit_code == 2
+  # The tokenizer: SentencePiece to be trained on the run's data (configs/llama_1b.py's) gives
+  # way to the source's; one the config names for good is a conflict.
+  from cli_helpers import tiny_config
+
+  from train import init_from
+
+  source = {"checkpoint.init_from": f"loom:{imported}"}
+  spm = tiny_config(cache_dir, {**source, "data.tokenizer": "sentencepiece"})
+  assert init_from.adopt(spm).data.tokenizer == f"hf:{os.path.join(imported, 'tokenizer')}"
+  other = tiny_config(cache_dir, {**source, "data.tokenizer": f"hf:{tmp_path}"})
+  with pytest.raises(ConfigError, match="data.tokenizer='hf:.* in the config"):
+    init_from.adopt(other)
 
 
 def test_convert_commands_print_json(tmp_path):

@@ -114,13 +114,18 @@ def adopt(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     (adopted.model[group] if group else adopted.model)[name] = theirs
   ours = config.data.tokenizer
   if tokenizer is not None and ours != tokenizer:
-    if ours != defaults.data.tokenizer:
+    # A tokenizer the config names for good (an HF one, a SentencePiece model file) against the
+    # source's is a conflict; the byte default, or SentencePiece to be trained on the run's data
+    # (configs/llama_1b.py), give way to the one the weights were trained with.
+    named = ours.startswith("hf:") or (ours == "sentencepiece" and config.data.spm_model)
+    if named:
       conflicts.append(f"data.tokenizer={ours!r} in the config, {tokenizer!r} in the source")
     adopted.data.tokenizer = tokenizer
   if conflicts:
     raise ConfigError(
       f"checkpoint.init_from={spec!r} does not match the config: {'; '.join(conflicts)}. "
-      "Drop these overrides (the source decides the architecture) or start from another source"
+      "Drop these settings (the source decides the architecture and its tokenizer) or start "
+      "from another source"
     )
   return adopted
 

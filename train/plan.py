@@ -5,8 +5,8 @@ chip the compiler needs for the trainer's own train step (ahead of time, on libt
 plugin's compile-only devices), whether it fits the chip's HBM, the FLOPs of a step, and at a
 stated MFU the step time, the time to train N tokens and the energy; for GPUs also the attention
 kernel and the collectives in the compiled program. Without libtpu (the CUDA plugin) it falls
-back to an analytic estimate and says so. The last line printed is one JSON object (DESIGN.md:
-``topology``, ``fits``, ``memory_per_chip_bytes``, ``hbm_per_chip_bytes``, ``flops_per_step``,
+back to an analytic estimate and says so. The last line printed is one JSON object
+(``topology``, ``fits``, ``memory_per_chip_bytes``, ``hbm_per_chip_bytes``, ``flops_per_step``,
 ``step_time_s``, ``time_to_train_s``, ``energy_kwh``, and more).
 """
 
