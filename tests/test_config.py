@@ -92,6 +92,12 @@ def test_a_finished_run_started_again_keeps_what_it_wrote(tiny_run, tmp_path, ca
   assert report["restarted_from_step"] == 20
   for name, content in before.items():
     assert open(os.path.join(workdir, name), "rb").read() == content, name
+  # A report of a preempted attempt covers part of the run: not kept as the final one.
+  with open(os.path.join(workdir, "report.json"), "w") as f:
+    json.dump({"preempted": True, "tokens": 1}, f)
+  train_in_process(workdir, cache_dir)
+  with open(os.path.join(workdir, "report.json")) as f:
+    assert json.load(f)["preempted"] is False
 
 
 def test_validate_names_each_bad_key():

@@ -153,6 +153,9 @@ def test_the_command_runs_local_tasks_and_writes_results(workdir, tmp_path):
 
   assert harness.write(workdir, saved, metrics_lines=False).endswith(f"eval/{step}.2.json")
   assert json.load(open(os.path.join(workdir, "eval", f"{step}.json"))) == saved
+  # A training run's eval of a step it redid replaces the one of the trajectory it dropped.
+  path = harness.write(workdir, saved, metrics_lines=False, keep_earlier=False)
+  assert path.endswith(f"eval/{step}.json")
   lines = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
   assert {"step": step, **metrics} in lines
   # An unknown task names itself and the remedy; nothing is written.

@@ -64,6 +64,10 @@ def test_runs_sharing_a_local_directory_keep_their_own_steps(tmp_path):
   assert local_files.verify(local_files.step_dir(a.own, 2)) is None
   (local_files.step_dir(a.own, 2) / local_files.SEAL).write_text("[]")  # a seal of another shape
   assert "TypeError" in local_files.verify(local_files.step_dir(a.own, 2))  # quarantined, no crash
+  a.quarantine(a.own, 2, "a seal of another shape")
+  a.release()  # a finished: its steps go, what was moved aside stays; b's are untouched
+  assert _steps(a.own) == [] and len(os.listdir(a.dir / "corrupt")) == 1
+  assert _steps(b.own) == [4, 6]
 
 
 def _local_flags(local, *more) -> tuple[str, ...]:

@@ -11,6 +11,7 @@ import subprocess
 import threading
 import time
 
+import jax
 import numpy as np
 import pytest
 from cli_helpers import REPO, read_metrics, run_train, train_command, train_env, train_losses
@@ -315,6 +316,27 @@ def test_a_run_whose_checkpoints_were_all_moved_aside_is_not_started_over(tmp_pa
     assert ckpt.restore_latest_good(None, verify_checksums=True, check_metadata=None) is None
   finally:
     ckpt.close()
+
+
+def test_a_checkpoint_of_another_state_structure_is_refused_not_quarantined(tmp_path):
+  """A checkpoint from before the metadata named the state's parts, restored into a state with
+  other parts (a DPO reference copy): a mismatch in one line, the checkpoint left in place."""
+  import jax.numpy as jnp
+
+  from train.checkpoint import manager
+
+  ckpt = manager.Checkpointer(str(tmp_path / "checkpoints"), max_to_keep=2, async_save=False)
+  try:
+    ckpt.save(1, {"params": {"w": jnp.ones(4)}}, {"config": {}})
+    ckpt.wait()
+    other = {"params": {"w": jnp.ones(4)}, "reference": {"w": jnp.ones(4)}}
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), other)
+    with pytest.raises(manager.CheckpointMismatchError, match="another structure"):
+      ckpt.restore_latest_good(abstract, verify_checksums=True, check_metadata=lambda _: None)
+  finally:
+    ckpt.close()
+  assert os.listdir(tmp_path / "checkpoints") == ["1"]
+  assert not (tmp_path / "checkpoints_corrupt").exists()
 
 
 @pytest.mark.slow

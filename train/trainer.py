@@ -375,6 +375,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   finally:
     ckpt.close()
     watcher.close()
+  if ckpt.local is not None and not summary["preempted"]:
+    ckpt.local.release()  # finished: the persistent tier holds its last step
   # Hashing the checkpoints ran on the sealing thread, beside the steps (not in "checkpoint").
   summary["checkpoint_seal_s"] = round(ckpt.seal_seconds, 3)
   summary["checkpoint_retried_saves"] = ckpt.retried_saves
@@ -393,22 +395,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 def already_finished(run: Run, start_step: int) -> bool:
   """Whether the restored checkpoint is the run's last step: a start that trains nothing leaves
-  the run's config.json and report.json (its meter) as the run wrote them."""
+  the run's config.json and its final report.json (its meter) as the run wrote them."""
   finished = start_step >= run.config.train.steps > 0
   if finished:
     log.info(
-      "%s finished at step %d already: nothing to train; its config.json and report.json are "
-      "kept (raise train.steps to train on)",
+      "%s finished at step %d already: nothing to train (raise train.steps to train on); its "
+      "config.json and final report.json are kept",
       run.workdir,
       start_step,
     )
   return finished
 
 
+def _final_report(path) -> bool:
+  try:
+    return json.loads(path.read_text()).get("preempted") is False
+  except (OSError, ValueError, AttributeError):  # none, torn or not a report: write it
+    return False
+
+
 def write_report(
   run: Run, summary: dict[str, Any], *, keep_written: bool = False
 ) -> dict[str, Any]:
-  """The run's report; written to ``report.json`` unless ``keep_written`` and one is there."""
+  """The run's report; written to ``report.json`` unless ``keep_written`` and the one there is a
+  final report (an attempt that was not preempted: one that was covers part of the run)."""
   config = run.config
   report = run.meter.report(
     params=models.param_count(run.model_cfg),
@@ -423,7 +433,7 @@ def write_report(
   tokens_per_step = config.train.batch_size * config.data.seq_len
   report["goodput"] = meter_lib.goodput(report, tokens_per_step)
   path = storage.absolute(run.workdir) / "report.json"
-  if run.is_main and not (keep_written and path.exists()):
+  if run.is_main and not (keep_written and _final_report(path)):
     storage.write_atomic(path, json.dumps(report, indent=2))
     log.info(
       "done: %s", ", ".join(f"{k} {v:.4g}" for k, v in summary.items() if isinstance(v, float))

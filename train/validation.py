@@ -103,6 +103,6 @@ class Validation:
         seed=self.config.seed,
       )
       if jax.process_index() == 0:
-        harness.write(self.run.workdir, results, metrics_lines=False)
+        harness.write(self.run.workdir, results, metrics_lines=False, keep_earlier=False)
       metrics.update(results["metrics"])
     return metrics, sample

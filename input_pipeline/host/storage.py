@@ -77,8 +77,8 @@ def check_partial(path: str) -> None:
   of Loom's (which carries the mark) is there: that is the user's, and is never deleted."""
   if os.path.lexists(path) and not os.path.isfile(os.path.join(path, PARTIAL_MARK)):
     raise FileExistsError(
-      f"{path} exists and is not an unfinished output of Loom's (no {PARTIAL_MARK} in it); move "
-      "it away or choose another output name"
+      f"{path} exists and is not an unfinished output of Loom's (no {PARTIAL_MARK} in it; one of "
+      "an earlier Loom version has none either): move it away or choose another output name"
     )
 
 
@@ -92,9 +92,9 @@ def start_partial(path: str) -> None:
 
 
 def finish_partial(path: str, final: str) -> None:
-  """Renames the finished output ``path`` into place at ``final``, without its mark."""
-  os.remove(os.path.join(path, PARTIAL_MARK))
+  """Renames the finished output ``path`` into place at ``final``, then drops its mark."""
   os.replace(path, final)
+  os.remove(os.path.join(final, PARTIAL_MARK))
 
 
 def local_scratch(path: str | os.PathLike) -> epath.Path:

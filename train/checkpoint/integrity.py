@@ -193,9 +193,14 @@ def checkpoint_root(path: str) -> epath.Path:
 
 
 def step_dirs(root) -> list[tuple[int, epath.Path]]:
-  """Complete step directories (Orbax's in-progress saves carry a tmp suffix and are skipped)."""
+  """Complete step directories: Orbax's in-progress saves carry a tmp suffix on local disks, and
+  on object stores (no renames) lack their commit marker until finished; both are skipped."""
   root = storage.absolute(root)
-  return sorted((int(p.name), p) for p in root.iterdir() if p.name.isdigit())
+  return sorted((int(p.name), p) for p in root.iterdir() if p.name.isdigit() and _committed(p))
+
+
+def _committed(step_dir) -> bool:
+  return not storage.is_remote(step_dir) or (step_dir / "commit_success.txt").exists()
 
 
 def verify_all(path: str, process: int = 0, num_processes: int = 1) -> tuple[list[str], int]:
@@ -225,6 +230,8 @@ def verify_all(path: str, process: int = 0, num_processes: int = 1) -> tuple[lis
       lines.append(f"step {step}: unsealed (complete, no checksums recorded)")
     else:
       lines.append(f"step {step}: ok")
-  in_progress = [p.name for p in root.iterdir() if "tmp" in p.name]
+  in_progress = [
+    p.name for p in root.iterdir() if "tmp" in p.name or (p.name.isdigit() and not _committed(p))
+  ]
   lines.extend(f"ignored incomplete save: {root / n}" for n in sorted(in_progress))
   return lines, corrupt

@@ -19,9 +19,10 @@ never the run.
 Layout under ``local_dir/run_<id>/process_<p>/`` (the run's id: ``WORKDIR/local_tier_id``):
 ``own/step_<N>``, ``replica_of_<q>/step_<N>`` (the copies kept for process ``q``), ``corrupt/``
 (steps whose seal failed, moved aside, never deleted). At most ``checkpoint.local_keep`` steps are
-kept in each. Runs sharing a ``local_dir`` never touch each other's steps; a finished run's folder
-is left for its owner to delete. Nothing is written, the id file in the work directory included,
-before the run's first local save: a run refused at its start leaves both places as they were.
+kept in each. Runs sharing a ``local_dir`` never touch each other's steps; a run that finishes
+removes its own (``release``), so only interrupted runs' steps stay. Nothing is written, the id
+file in the work directory included, before the run's first local save: a run refused at its
+start leaves both places as they were.
 """
 
 from __future__ import annotations
@@ -212,6 +213,13 @@ class LocalTier:
     self.wait()
     if self.service is not None:
       self.service.close()
+
+  def release(self) -> None:
+    """Removes this process's steps and the replicas it holds, once the run has finished (its
+    last step is persistent): a RAM disk shared by many runs is not filled by finished ones.
+    The copies moved to ``corrupt/`` stay."""
+    for directory in [self.own, *self.dir.glob("replica_of_*")]:
+      shutil.rmtree(directory, ignore_errors=True)
 
   # --- restoring ----------------------------------------------------------------------------
 

@@ -361,7 +361,8 @@ class Checkpointer:
     if self.num_processes == 1:
       return problems
     everyone = agreement.gather(f"verified-{step}", json.dumps(problems))
-    return [problem for answer in everyone for problem in json.loads(answer)]
+    # Each once: an unsealed step's missing items are every process's finding.
+    return list(dict.fromkeys(problem for answer in everyone for problem in json.loads(answer)))
 
   def restore_latest_good(
     self, abstract_state: Any, *, verify_checksums: bool, check_metadata

@@ -29,7 +29,7 @@ from models import lora
 from models.config import ModelConfig
 from train.hf import families
 from train.hf.families import ConversionError, Family
-from train.hf.importing import copy_tokenizer
+from train.hf.importing import check_partial, copy_tokenizer
 from train.hf.safetensors_io import write_shards
 from train.inference import loading
 
@@ -158,10 +158,7 @@ def export_checkpoint(
   if not isinstance(max_shard_bytes, int) or max_shard_bytes < 1:
     raise ConversionError(f"--max_shard_bytes={max_shard_bytes} must be a positive integer")
   partial = out_dir + ".partial"
-  try:
-    storage.check_partial(partial)  # before any work: a user's folder there is never deleted
-  except FileExistsError as e:
-    raise ConversionError(str(e)) from e
+  check_partial(partial)  # before any work: a user's folder there is never deleted
   model = loading.load(workdir, step)
   cfg, config, params = model.model_cfg, model.config, model.params
   if cfg.lora_rank > 0:  # adapters folded into their kernels: a plain model for transformers

@@ -25,7 +25,7 @@ import optax
 from jax.experimental import multihost_utils
 from tokenizers import Tokenizer
 
-from input_pipeline.host import storage
+from input_pipeline.host import agreement, storage
 from models import lora
 from models.config import ModelConfig
 from train import config as config_lib
@@ -63,6 +63,21 @@ LORA_KEYS = ("lora_rank", "lora_alpha", "lora_targets")  # a run's, never a chec
 # From the run config's model.moe: how the experts are dispatched and the router losses' weights
 # (training choices; an HF config holds none of them in Loom's form, see train/hf/families.py).
 MOE_RUN_KEYS = ("dispatch", "capacity_factor", "balance_loss", "router_z_loss", "bias_rate")
+
+
+def check_partial(partial: str) -> None:
+  """Process 0's verdict on ``partial`` (storage.check_partial), on every process: the others
+  must not look while process 0 may already be replacing an unfinished attempt's."""
+  problem = None
+  if jax.process_index() == 0:
+    try:
+      storage.check_partial(partial)
+    except FileExistsError as e:
+      problem = str(e)
+    problem = problem or ""
+  problem = agreement.from_main("hf-partial", problem)
+  if problem:
+    raise ConversionError(problem)
 
 
 def _path_names(path) -> list[str]:
@@ -219,10 +234,7 @@ def import_checkpoint(hf_dir: str, workdir: str, base: ml_collections.ConfigDict
   if os.path.exists(workdir) and (not os.path.isdir(workdir) or os.listdir(workdir)):
     raise ConversionError(f"--workdir {workdir} exists and is not empty; import into a new one")
   partial = workdir + ".partial"
-  try:
-    storage.check_partial(partial)  # before any work: a user's folder there is never deleted
-  except FileExistsError as e:
-    raise ConversionError(str(e)) from e
+  check_partial(partial)  # before any work: a user's folder there is never deleted
   # Validated as it will be trained (the tokenizer read from the HF directory for now).
   resolved = config_lib.validate(run_config(base, model_cfg, tokenizer and checkpoint.path))
   spec = state_lib.state_spec(model_cfg, optax.identity(), resolved.mesh, resolved.rules)

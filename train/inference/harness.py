@@ -323,15 +323,18 @@ def run_tasks(
   return results
 
 
-def write(workdir: str, results: dict[str, Any], *, metrics_lines: bool = True) -> str:
-  """``DIR/eval/<step>.json`` (whole, atomically; where an earlier evaluation of that step wrote
-  one, ``<step>.2.json``, ``<step>.3.json``, ...: none replaces another) and, with
-  ``metrics_lines``, the flattened metrics as a line of ``DIR/metrics.jsonl`` at that step (a
-  training run logs them through its own writer instead); returns the JSON path."""
+def write(
+  workdir: str, results: dict[str, Any], *, metrics_lines: bool = True, keep_earlier: bool = True
+) -> str:
+  """``DIR/eval/<step>.json`` (whole, atomically; with ``keep_earlier``, where an earlier
+  evaluation of that step wrote one, ``<step>.2.json``, ``<step>.3.json``, ...: none replaces
+  another) and, with ``metrics_lines``, the flattened metrics as a line of ``DIR/metrics.jsonl``
+  at that step (a training run logs them through its own writer instead, and replaces what a
+  step redone after a restart or a rollback wrote); returns the JSON path."""
   root = storage.absolute(workdir)
   path = root / "eval" / f"{results['step']}.json"
   copy = 1
-  while path.exists():
+  while keep_earlier and path.exists():
     copy += 1
     path = root / "eval" / f"{results['step']}.{copy}.json"
   path.parent.mkdir(parents=True, exist_ok=True)

@@ -32,7 +32,6 @@ from train import init_from, metrics_writer, trainer
 from train.checkpoint import manager as checkpoint_lib
 from train.cluster.preemption import PreemptionWatcher
 from train.grpo import group_advantages
-from train.inference import loading
 from train.inference.engine import Engine
 from train.inference.sampling import Sampling
 from train.rl import rewards as rewards_lib
@@ -127,7 +126,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     try:
       loop = Loop(run, rewards, prompts, held_out, ckpt, writer, watcher)
       summary = loop.train(state, start_step)
-      ckpt.wait(last=True)
+      with run.meter.phase("checkpoint"):
+        ckpt.wait(last=True)
     finally:
       writer.close()
   finally:
@@ -167,10 +167,9 @@ class Loop:
     self.config = run.config
     self.rl = run.config.rl
     self.tokenizer = run.pipeline.tokenizer
-    # The policy as inference runs it (an MoE's dispatch dropless), on the train state's params.
-    self.engine = Engine(
-      *loading.for_inference(run.spec.graphdef, run.model_cfg), run.mesh, run.rules
-    )
+    # The policy as the train step computes it (an MoE's dispatch included), so that the
+    # sampler's log-probs and the train step's differ by the two programs' arithmetic only.
+    self.engine = Engine(run.spec.graphdef, run.model_cfg, run.mesh, run.rules)
     self.sampling = Sampling(temperature=float(self.rl.temperature), top_p=float(self.rl.top_p))
     self.metadata = trainer.run_metadata(run)
     self.names = rewards_lib.metric_names(rewards.names)
@@ -180,7 +179,8 @@ class Loop:
     summary: dict[str, Any] = {"preempted": False, "restarted_from_step": start_step}
     started = time.perf_counter()
     if start_step == 0 and self.held_out is not None:
-      self.writer.write(0, self.evaluate(state["params"]))
+      with self.run.meter.phase("eval"):
+        self.writer.write(0, self.evaluate(state["params"]))
     for r in range(start_step // mu, total // mu):
       state, values = self.rollout_and_update(state, r)
       step = (r + 1) * mu
