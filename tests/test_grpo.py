@@ -462,7 +462,7 @@ def test_the_demonstration_config_validates_and_holds_out_other_prompts(tmp_path
   # Again: the same files, left as they are; another seed's would replace what a run in that
   # work directory trained on: refused, the files unchanged.
   assert digits.write_prompts(str(tmp_path)) == (train_path, held_out_path)
-  with pytest.raises(command.LoomError, match="exists with other content: another seed's"):
+  with pytest.raises(command.LoomError, match="exists with other content: another seed's data"):
     digits.write_prompts(str(tmp_path), seed=1)
   assert read(train_path) == train and read(held_out_path) == held_out
 

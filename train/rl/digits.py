@@ -13,7 +13,7 @@ import numpy as np
 from absl import flags
 
 from input_pipeline.host import command, storage
-from train.rl import loop
+from train.rl import loop, rollout
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, report.")
 flags.mark_flag_as_required("workdir")
@@ -31,13 +31,7 @@ def write_prompts(directory: str, seed: int = 0) -> tuple[str, str]:
       digits = f"{int(n):03d}"
       lines.append(json.dumps({"prompt": f"{digits}>", "answer": digits[0], "format": "[0-9]"}))
     path = os.path.join(directory, f"{name}.jsonl")
-    try:
-      storage.write_once(storage.absolute(path), "\n".join(lines) + "\n")
-    except FileExistsError as e:  # the run in this workdir was trained on it: keep it
-      raise command.LoomError(
-        f"{e}: another seed's prompts; resume the run with its own --config.seed, or start "
-        "another in a new --workdir"
-      ) from e
+    rollout.write_demo_file(path, lines)
     paths.append(path)
   return paths[0], paths[1]
 

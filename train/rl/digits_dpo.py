@@ -20,6 +20,7 @@ from input_pipeline.host import command, storage
 from train import trainer
 from train.checkpoint import manager
 from train.inference import generation, loading
+from train.rl import rollout
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, report.")
 flags.mark_flag_as_required("workdir")
@@ -37,13 +38,7 @@ def write_pairs(directory: str, seed: int = 0) -> tuple[str, list[str], list[str
     wrong = str((int(digits[0]) + rng.integers(1, 10)) % 10)  # any other digit
     lines.append(json.dumps({"prompt": f"{digits}>", "chosen": digits[0], "rejected": wrong}))
   path = os.path.join(directory, "train.jsonl")
-  try:
-    storage.write_once(storage.absolute(path), "\n".join(lines) + "\n")
-  except FileExistsError as e:  # the run in this workdir was trained on it: keep it
-    raise command.LoomError(
-      f"{e}: another seed's pairs; resume the run with its own --config.seed, or start another "
-      "in a new --workdir"
-    ) from e
+  rollout.write_demo_file(path, lines)
   held_out = [f"{int(n):03d}" for n in numbers[800:900]]
   return path, [f"{d}>" for d in held_out], [d[0] for d in held_out]
 

@@ -86,6 +86,19 @@ def read_prompts(path: str, tokenizer, *, key: str, max_tokens: int) -> Prompts:
   return Prompts(texts, ids, fields, lines)
 
 
+def write_demo_file(path: str, lines: list[str]) -> None:
+  """A demonstration's data file (``train.rl.digits``, ``digits_dpo``) in its work directory:
+  written once; the same lines again leave it, another seed's are refused, since the run in that
+  work directory was trained on the file."""
+  try:
+    storage.write_once(storage.absolute(path), "\n".join(lines) + "\n")
+  except FileExistsError as e:
+    raise LoomError(
+      f"{e}: another seed's data; resume the run with its own --config.seed, or start another "
+      "in a new --workdir"
+    ) from e
+
+
 def prompt_indices(seed: int, rollout: int, per_rollout: int, count: int) -> list[int]:
   """The prompts of rollout ``rollout``: positions rollout·P .. rollout·P + P - 1 of a sequence
   of permutations of ``count`` prompts, one permutation per epoch, each seeded by (seed,
