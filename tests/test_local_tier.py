@@ -68,6 +68,10 @@ def test_runs_sharing_a_local_directory_keep_their_own_steps(tmp_path):
   a.release()  # a finished: its steps go, what was moved aside stays; b's are untouched
   assert _steps(a.own) == [] and len(os.listdir(a.dir / "corrupt")) == 1
   assert _steps(b.own) == [4, 6]
+  # A replica left by an earlier attempt with local_replicas > 0 is not offered now that there
+  # is no peer service to fetch it from (it indexed the empty address list).
+  shutil.copytree(b.own, b.dir / "replica_of_1")
+  assert b._inventory() == {"own": [4, 6], "held": {}}
 
 
 def _local_flags(local, *more) -> tuple[str, ...]:

@@ -225,6 +225,40 @@ def test_checkpoint_checksums_on_gcs_are_the_stores_own(emulator, tmp_path):
   )
 
 
+def test_a_corrupt_checkpoint_on_gcs_is_moved_aside_and_the_previous_one_restored(emulator):
+  """Object stores cannot rename: the quarantine copies the step beside the run, deletes it
+  (its commit marker first) and the restore falls back to the step before."""
+  import fsspec
+  import jax
+  import jax.numpy as jnp
+
+  from input_pipeline.host import storage
+  from train.checkpoint import manager
+
+  root = storage.absolute("gs://loom/quarantine")
+  ckpt = manager.Checkpointer(f"{root}/checkpoints", max_to_keep=3, async_save=False)
+  try:
+    for step in (1, 2):
+      ckpt.save(step, {"w": jnp.full(64, float(step))}, {"config": {}})
+    ckpt.wait()
+    fs, inner = fsspec.core.url_to_fs(f"{root}/checkpoints/2")
+    data = [p for p in sorted(fs.find(inner)) if "/d/" in p][0]  # an OCDBT data file
+    data = storage.absolute(f"gs://{data}")
+    blob = data.read_bytes()
+    data.write_bytes(blob[:-1] + bytes([blob[-1] ^ 1]))
+    abstract = {"w": jax.ShapeDtypeStruct((64,), jnp.float32)}
+    step, state = ckpt.restore_latest_good(
+      abstract, verify_checksums=True, check_metadata=lambda _: None
+    )
+    assert step == 1 and float(state["w"][0]) == 1.0
+    assert ckpt.all_steps() == [1]
+  finally:
+    ckpt.close()
+  (moved,) = list((root / "checkpoints_corrupt").iterdir())
+  assert moved.name.startswith("2-") and "checkpoints/2" in (moved / "REASON.txt").read_text()
+  assert (moved / "commit_success.txt").exists() and not (root / "checkpoints" / "2").exists()
+
+
 @pytest.mark.multiprocess
 @pytest.mark.slow
 def test_two_processes_train_kill_and_resume_on_gcs(emulator, tmp_path, two_process_run, capsys):

@@ -318,6 +318,22 @@ def test_a_run_whose_checkpoints_were_all_moved_aside_is_not_started_over(tmp_pa
     ckpt.close()
 
 
+def test_a_store_that_refuses_a_read_is_not_taken_for_a_corrupt_checkpoint():
+  """What TensorStore and gcsfs raise once their retries are spent leaves the checkpoint where
+  it is (raised with its cause); undecodable files move it aside."""
+  from train.checkpoint import manager
+
+  assert manager._is_format_failure(ValueError("DATA_LOSS: Error decoding b-tree node"))
+  assert manager._is_format_failure(FileNotFoundError("state/d/0a1b: no such object"))
+  for error in (
+    ValueError("UNAVAILABLE: Error reading gs://b/ckpt/state/d/0a1b: HTTP 503"),
+    ValueError("PERMISSION_DENIED: 403 Forbidden"),
+    OSError("429 Too Many Requests"),
+    PermissionError("gs://b/ckpt"),
+  ):
+    assert not manager._is_format_failure(error), error
+
+
 def test_a_checkpoint_of_another_state_structure_is_refused_not_quarantined(tmp_path):
   """A checkpoint from before the metadata named the state's parts, restored into a state with
   other parts (a DPO reference copy): a mismatch in one line, the checkpoint left in place."""

@@ -22,7 +22,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from configs import default
-from input_pipeline.host import storage
+from input_pipeline.host import agreement, storage
 from models import lora
 from models.config import ModelConfig
 from train import state as state_lib
@@ -56,7 +56,8 @@ def _loom_source(path: str, step: int | None) -> tuple[Any, int, dict[str, Any]]
     ckpt, steps = manager.open_read_only(path)
   except FileNotFoundError as e:
     raise ConfigError(f"checkpoint.init_from: {e}") from e
-  step = steps[-1] if step is None else step
+  if step is None:  # process 0's latest for all: a live run may save between two listings
+    step = int(agreement.from_main("init-from-latest-step", str(steps[-1])))
   if step not in steps:
     raise ConfigError(f"checkpoint.init_from: {path} has no step {step}; it has {steps}")
   restored = ckpt.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))

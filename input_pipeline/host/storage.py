@@ -68,6 +68,31 @@ def write_once(path: epath.Path, data: str) -> None:
   write_atomic(path, data)
 
 
+def move_tree(source: epath.Path, target: epath.Path, *, first: tuple[str, ...] = ()) -> None:
+  """Moves the directory ``source`` to ``target`` (which must not exist), creating its parent.
+
+  A rename on local disks. Object stores have neither directories nor rename (etils' rename
+  refuses a target whose parent "folder" holds no object yet): every object is copied, then the
+  source's objects are deleted, ``first`` (names in ``source``) before the rest, so that an
+  interrupted move leaves the source without them (a checkpoint without its commit marker)."""
+  source, target = epath.Path(source), epath.Path(target)
+  if target.exists():
+    raise FileExistsError(f"cannot move {source} to {target}: it exists")
+  if not is_remote(source):
+    target.parent.mkdir(parents=True, exist_ok=True)
+    source.rename(target)
+    return
+  # epath's own file system (and so its listings' cache, which must see the move).
+  fs = epath.backend.fsspec_backend.fs(source)
+  inner, inner_target = os.fspath(source), os.fspath(target)
+  fs.copy(inner, inner_target, recursive=True)
+  for name in first:
+    if fs.exists(f"{inner}/{name}"):
+      fs.rm(f"{inner}/{name}")
+  fs.rm(inner, recursive=True)
+  fs.invalidate_cache()
+
+
 # The mark of a directory an output is written in before it is renamed into place (OUT.partial).
 PARTIAL_MARK = ".loom-partial"
 

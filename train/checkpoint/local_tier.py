@@ -238,7 +238,9 @@ class LocalTier:
 
   def _inventory(self) -> dict[str, Any]:
     held = {}
-    for directory in self.dir.glob("replica_of_*"):
+    # Without replicas (local_replicas=0) there is no peer service to fetch from: a replica left
+    # by an earlier attempt run with them is not offered.
+    for directory in self.dir.glob("replica_of_*") if self.replicas else []:
       held[directory.name.removeprefix("replica_of_")] = self._usable(directory)
     return {"own": self._usable(self.own), "held": held}
 

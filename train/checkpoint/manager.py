@@ -344,8 +344,11 @@ class Checkpointer:
     stamp = agreement.from_main("quarantine-stamp", time.strftime("%Y%m%d-%H%M%S"))
     target = storage.absolute(self.directory).parent / "checkpoints_corrupt" / f"{step}-{stamp}"
     if self.is_main:
-      target.parent.mkdir(parents=True, exist_ok=True)
-      storage.absolute(self.step_dir(step)).rename(target)
+      # On object stores, Orbax's commit marker goes first: a move cut short leaves no step
+      # that looks complete.
+      storage.move_tree(
+        storage.absolute(self.step_dir(step)), target, first=("commit_success.txt",)
+      )
       storage.write_atomic(target / "REASON.txt", reason + "\n")
     agreement.barrier(f"quarantined-{step}")
     self._manager.reload()
@@ -358,9 +361,14 @@ class Checkpointer:
       written_by = num_parts(self.step_dir(step)) or 1
       parts = parts_for(self.process, self.num_processes, written_by)
       problems = verify(self.step_dir(step), parts)
+    return self._agreed(f"verified-{step}", problems)
+
+  def _agreed(self, name: str, problems: list[str]) -> list[str]:
+    """Every process's problems, on every process: a checkpoint one process cannot read is
+    moved aside by all or by none, never used by some while process 0 moves it."""
     if self.num_processes == 1:
       return problems
-    everyone = agreement.gather(f"verified-{step}", json.dumps(problems))
+    everyone = agreement.gather(name, json.dumps(problems))
     # Each once: an unsealed step's missing items are every process's finding.
     return list(dict.fromkeys(problem for answer in everyone for problem in json.loads(answer)))
 
@@ -402,6 +410,7 @@ class Checkpointer:
           metadata = self.metadata(step)
         except Exception as e:  # noqa: BLE001 - any unreadable metadata means a bad checkpoint
           problems = [f"{step_dir}: metadata unreadable ({type(e).__name__}: {e})"]
+        problems = self._agreed(f"metadata-{step}", problems)
       if not problems:
         check_metadata(metadata)  # a mismatch is the user's decision, not corruption: raise
         try:
@@ -415,6 +424,7 @@ class Checkpointer:
           if not _is_format_failure(e):
             raise
           problems = [f"{step_dir}: restore failed ({type(e).__name__}: {str(e)[:300]})"]
+        problems = self._agreed(f"restored-{step}", problems)
       if not problems:
         if not is_sealed(step_dir):
           # Complete in Orbax's eyes, but the processes died before sealing it.
@@ -453,10 +463,25 @@ def _await_finalized(step_dir, timeout_s: float = 600.0) -> None:
 def _is_format_failure(error: Exception) -> bool:
   """Whether a restore failed because the files are not a readable checkpoint (quarantine), as
   opposed to a target that does not fit, memory, or a store that timed out (raise)."""
-  if isinstance(error, (MemoryError, TimeoutError, ConnectionError)):
+  if isinstance(error, (MemoryError, TimeoutError, ConnectionError, PermissionError)):
     return False
   text = str(error).lower()
-  not_the_files = ("shape", "out of memory", "resource_exhausted", "deadline", "timed out")
+  not_the_files = (
+    "shape",
+    "out of memory",
+    "resource_exhausted",
+    "deadline",
+    "timed out",
+    # The store refused or could not serve the read (what TensorStore and gcsfs say once their
+    # own retries are spent): the files may be sound.
+    "unavailable",
+    "permission",
+    "forbidden",
+    "unauthenticated",
+    "unauthorized",
+    "too many requests",
+    "connection",
+  )
   return not any(word in text for word in not_the_files)
 
 

@@ -22,6 +22,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from input_pipeline import preparation, tokenizers
+from input_pipeline.host import agreement
 from models.config import ModelConfig
 from train import config as config_lib
 from train import state as state_lib
@@ -63,8 +64,10 @@ def load(
     raise ValueError(f"weights={weights!r}: give 'params' (the policy) or 'reference'")
   ckpt_manager, steps = manager.open_read_only(workdir)
   if step is None:
-    step = steps[-1]
-  elif step not in steps:
+    # Process 0's latest for every process: a save of a live run may land between two
+    # processes' listings, and each would restore its shards of another step.
+    step = int(agreement.from_main("load-latest-step", str(steps[-1])))
+  if step not in steps:
     raise ValueError(f"--step {step} has no checkpoint in {workdir}; available steps: {steps}")
   # The same integrity check as the trainer's restore: never sample from a corrupted checkpoint.
   problems = integrity.verify(os.path.join(ckpt_manager.directory, str(step)))
