@@ -128,7 +128,11 @@ def split_lines(good: list[tuple[str, Any]], validation_percent: int, what: str)
 class Renderer:
   """Renders conversations with a chat template into (text, trainable) pieces."""
 
-  def __init__(self, template: str | None):
+  def __init__(self, template: str | None, special_tokens: dict[str, str] | None = None):
+    """``special_tokens``: the tokenizer's special tokens by name (``bos_token``, ``eos_token``,
+    ...), which templates use as transformers' ``apply_chat_template`` passes them."""
+    self.special_tokens = dict(special_tokens or {})
+
     def raise_exception(message):
       raise errors.DataError(f"the chat template refused a conversation: {message}")
 
@@ -137,7 +141,9 @@ class Renderer:
     self.template = env.from_string(template or FALLBACK_TEMPLATE)
 
   def render(self, messages: list[dict[str, str]], generation_prompt: bool) -> str:
-    return self.template.render(messages=messages, add_generation_prompt=generation_prompt)
+    return self.template.render(
+      **self.special_tokens, messages=messages, add_generation_prompt=generation_prompt
+    )
 
   def pieces(self, messages: list[dict[str, str]]) -> list[tuple[str, bool]]:
     """The rendered conversation as consecutive pieces; assistant turns are trainable."""

@@ -20,7 +20,6 @@ are read and checked by ``mixture_spec.py``.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import logging
 import re
@@ -221,6 +220,12 @@ class Mixture:
     generator = np.random.Generator(np.random.Philox(key=[self.seed, _SOURCE_SALT]))
     draws = generator.random((num_batches, global_batch_size))
     sources = np.minimum(np.searchsorted(weights, draws, side="right"), len(rows) - 1)
+    empty = [spec for spec, count in zip(self.specs, rows, strict=True) if count == 0]
+    if empty and any(np.isin(sources, [self.specs.index(s) for s in empty]).ravel()):
+      raise errors.DataError(
+        f"data.mixture: source(s) {empty} have no validation rows; raise "
+        f"data.validation_percent or give them more text"
+      )
     next_row = np.zeros(len(rows), np.int64)
     out = []
     for b in range(num_batches):
@@ -231,15 +236,24 @@ class Mixture:
       mine = slice(process_index * local, (process_index + 1) * local)
       arrays = _read(self.stores, "validation", sources[b][mine], rows_B[mine])
       out.append(dict(zip(sampler.BATCH_KEYS, arrays, strict=True)))
-    empty = [spec for spec, count in zip(self.specs, rows, strict=True) if count == 0]
-    if empty and any(np.isin(sources, [self.specs.index(s) for s in empty]).ravel()):
-      raise errors.DataError(
-        f"data.mixture: source(s) {empty} have no validation rows; raise "
-        f"data.validation_percent or give them more text"
-      )
     return out
 
 
-def tokenizer_documents(sources) -> Iterator[str]:
-  """Training text for a tokenizer trained on the mixture: the sources' documents in turn."""
-  return itertools.chain.from_iterable(source.documents("train") for source in sources)
+def tokenizer_documents(sources, weights) -> Iterator[str]:
+  """Training text for a tokenizer trained on the mixture: the sources' documents interleaved so
+  that each source's share of the characters follows its (first stage's) weight, whichever the
+  tokenizer trainer's character budget stops at. Deterministic: the source furthest below its
+  share gives the next document; an exhausted source drops out."""
+  weights = np.asarray(weights, np.float64)
+  documents = [iter(source.documents("train")) for source in sources]
+  chars = np.zeros(len(documents))
+  live = weights > 0
+  while live.any():
+    target = weights / weights[live].sum() * chars.sum()
+    k = int(np.argmax(np.where(live, target - chars, -np.inf)))
+    document = next(documents[k], None)
+    if document is None:
+      live[k] = False
+      continue
+    chars[k] += max(len(document), 1)
+    yield document

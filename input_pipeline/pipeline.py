@@ -240,8 +240,12 @@ def _build_mixture(config: ml_collections.ConfigDict, cache_dir: Path) -> Pipeli
     data.tokenizer,
     spm_model=data.spm_model,
     spm_vocab_size=int(data.spm_vocab_size),
-    source_identity={"mixture": [source.identity for source in resolved]},
-    train_documents=lambda: mixture.tokenizer_documents(resolved),
+    # The tokenizer's sample follows the first stage's weights: they are part of its recipe.
+    source_identity={
+      "mixture": [source.identity for source in resolved],
+      "weights": [float(w) for w in table[0][1]],
+    },
+    train_documents=lambda: mixture.tokenizer_documents(resolved, table[0][1]),
     cache_dir=cache_dir,
   )
   stores = [_prepare(source, tokenizer, data, cache_dir) for source in resolved]
@@ -273,7 +277,7 @@ def _build_chat(config: ml_collections.ConfigDict, cache_dir: Path) -> Pipeline:
   template = getattr(tokenizer, "chat_template", None)
   if kind == "chat":
     source = chat.read(data.source, int(data.validation_percent))
-    renderer = chat.Renderer(template)
+    renderer = chat.Renderer(template, getattr(tokenizer, "special_tokens", None))
   else:
     source = preference.read(data.source, int(data.validation_percent))
     renderer = preference.PairRenderer(template, tokenizer)

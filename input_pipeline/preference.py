@@ -152,7 +152,7 @@ class PairRenderer:
   """Turns a record into the token ids and loss masks of its two documents."""
 
   def __init__(self, template: str | None, tokenizer):
-    self.chat = chat.Renderer(template)
+    self.chat = chat.Renderer(template, getattr(tokenizer, "special_tokens", None))
     self.tokenizer = tokenizer
 
   def texts(self, record: Record) -> tuple[str, str, str]:

@@ -7,9 +7,11 @@ others wait, or all of them tokenizing their shares with ``--config.data.paralle
 Prepares a run's data store ahead of the run, once, into ``data.cache_dir`` (which may be an
 object store shared by every host: ``gs://bucket/cache``). A run that finds the store opens it
 and prepares nothing. ``--verify`` re-hashes every array of the store against its manifest (the
-full check a run skips at start-up). Prints one JSON object last: ``store``, ``fingerprint``,
-``rows`` per split, ``packing_efficiency``, ``seconds``, ``verified``. Exit 2 on a data error
-(with the message), 0 otherwise.
+full check a run skips at start-up; ``--config.data.verify_store=True`` is the same). Prints one
+JSON object last: ``store``, ``fingerprint``, ``rows`` per split, ``packing_efficiency``,
+``seconds``, ``verified``; for a mixture (one store per source) ``store``, ``rows`` and
+``packing_efficiency`` are lists in the order of ``sources``, and ``fingerprint`` is the
+mixture's. Exit 2 on a data error (with the message), 0 otherwise.
 """
 
 from __future__ import annotations
@@ -31,19 +33,30 @@ USAGE = "usage: python -m input_pipeline.prepare [--config FILE] [--config.data.
 
 def main(argv: list[str]) -> int:
   config = command.config()
-  config.data.verify_store = bool(_VERIFY.value)
+  verify = bool(_VERIFY.value) or bool(config.data.verify_store)
+  config.data.verify_store = verify
   start = time.perf_counter()
   pipeline = preparation.build(config)  # one process, or several as in a run
-  manifest = pipeline.manifest
+  mixture = getattr(pipeline, "mixture", None)
+  stores = mixture.stores if mixture is not None else [pipeline.store]
   result = {
-    "store": os.fspath(pipeline.store.path),
+    "store": [os.fspath(store.path) for store in stores],
     "fingerprint": pipeline.fingerprint,
-    "rows": {split: stats["rows"] for split, stats in manifest["splits"].items()},
-    "packing_efficiency": manifest["packing_efficiency"],
-    "seconds": round(time.perf_counter() - start, 3),
-    "verified": bool(_VERIFY.value),
-    "processes": jax.process_count(),
+    "rows": [
+      {split: stats["rows"] for split, stats in store.manifest["splits"].items()}
+      for store in stores
+    ],
+    "packing_efficiency": [store.manifest["packing_efficiency"] for store in stores],
   }
+  if mixture is None:
+    result = {key: value[0] if key != "fingerprint" else value for key, value in result.items()}
+  else:
+    result["sources"] = list(mixture.specs)
+  result.update(
+    seconds=round(time.perf_counter() - start, 3),
+    verified=verify,
+    processes=jax.process_count(),
+  )
   if jax.process_index() == 0:
     print(json.dumps(result), flush=True)
   return command.EXIT_OK

@@ -102,6 +102,12 @@ def _walk(root: Path, suffix: str = "") -> list[Path]:
   return sorted(found)
 
 
+def _absolute(path: Path) -> Path:
+  """Absolute and normalised, symbolic links kept: a corpus of links (a Hugging Face hub
+  snapshot, git-annex, DVC) stays under its root, its files named by their links' names."""
+  return Path(os.path.abspath(path))
+
+
 def _expand_files(spec: str) -> tuple[Path, list[Path]]:
   pattern = os.path.expanduser(spec[len("files:") :])
   if not pattern:
@@ -113,18 +119,18 @@ def _expand_files(spec: str) -> tuple[Path, list[Path]]:
     files = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
     if not files:
       raise errors.DataNotFoundError(f"data.source={spec!r}: the glob {pattern!r} matched no files")
-    return root.resolve(), [f.resolve() for f in files]
+    return _absolute(root), [_absolute(f) for f in files]
   path = Path(pattern)
   if not path.exists():
     raise errors.DataNotFoundError(f"data.source={spec!r}: no such file or directory {path}")
   if path.is_file():
-    return path.parent.resolve(), [path.resolve()]
+    return _absolute(path.parent), [_absolute(path)]
   files = _walk(path)
   if not files:
     raise errors.DataError(
       f"data.source={spec!r}: the directory {path} holds no files (empty corpus)"
     )
-  return path.resolve(), [f.resolve() for f in files]
+  return _absolute(path), [_absolute(f) for f in files]
 
 
 @contextlib.contextmanager

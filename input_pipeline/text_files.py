@@ -44,9 +44,14 @@ def documents(path: Path, text_feature: str = "text") -> tuple[list[str], dict[s
     return [path.read_bytes().decode("utf-8", errors="replace")], {}
   texts, bad = [], {}
   if path.suffix == ".jsonl":
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with open(path, "rb") as f:
       values = []
-      for number, line in enumerate(f, 1):
+      for number, raw in enumerate(f, 1):
+        try:
+          line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+          bad.setdefault("not UTF-8", []).append(number)
+          continue
         if not line.strip():
           continue
         try:
@@ -107,7 +112,7 @@ def scan(
   kept = []
   for path in files:
     data = path.read_bytes()
-    if path.suffix != ".parquet":
+    if not is_records(path):  # a record file's lines that are not UTF-8 are its bad records
       try:
         data.decode("utf-8")
       except UnicodeDecodeError:

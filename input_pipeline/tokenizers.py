@@ -75,7 +75,13 @@ class SentencePieceTokenizer:
   def __init__(self, model_path):
     self.model_path = storage.absolute(model_path)
     proto = self.model_path.read_bytes()
-    self._sp = spm.SentencePieceProcessor(model_proto=proto)
+    try:
+      self._sp = spm.SentencePieceProcessor(model_proto=proto)
+    except RuntimeError as e:  # sentencepiece's parse failure
+      raise errors.DataError(
+        f"data.spm_model={os.fspath(model_path)!r} is not a SentencePiece model ({e}); give a "
+        "*.model file (or data.tokenizer='hf:DIR' for a tokenizer.json)"
+      ) from e
     self.vocab_size = int(self._sp.get_piece_size())
     if self._sp.eos_id() < 0:
       raise errors.DataError(
@@ -115,7 +121,10 @@ class HFTokenizer:
     path = self.directory / "tokenizer.json"
     if not path.is_file():
       raise errors.DataNotFoundError(f"data.tokenizer='hf:{directory}': no such file {path}")
-    self._tok = HFTokenizerFile.from_file(str(path))
+    try:
+      self._tok = HFTokenizerFile.from_file(str(path))
+    except Exception as e:  # noqa: BLE001 - the tokenizers library raises a bare Exception
+      raise errors.DataError(f"data.tokenizer='hf:{directory}': {path} cannot be read ({e})") from e
     self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
     eos = self._special_token("eos_token")
     if eos is None:
@@ -127,10 +136,16 @@ class HFTokenizer:
     self.pad_id = self._special_token("pad_token")
     self.pad_id = self.eod_id if self.pad_id is None else self.pad_id
     self.chat_template = self._chat_template()
+    self.special_tokens = self._special_token_texts()
     self.identity = {
       "kind": "hf",
       "vocab_size": self.vocab_size,
       "tokenizer_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+      # tokenizer_config.json decides these (the same tokenizer.json serves a base model and its
+      # instruct variant with another eos): stored rows end with this eod id.
+      "eod_id": self.eod_id,
+      "pad_id": self.pad_id,
+      "special_tokens": self.special_tokens,
     }
 
   def _chat_template(self) -> str | None:
@@ -139,23 +154,52 @@ class HFTokenizer:
     jinja = self.directory / "chat_template.jinja"
     if jinja.is_file():
       return jinja.read_text(encoding="utf-8")
-    config_path = self.directory / "tokenizer_config.json"
-    if not config_path.is_file():
-      return None
-    template = json.loads(config_path.read_text(encoding="utf-8")).get("chat_template")
+    template = self._config().get("chat_template")
     if isinstance(template, list):
       named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
       template = named.get("default")
     return template if isinstance(template, str) else None
 
-  def _special_token(self, key: str) -> int | None:
-    config_path = self.directory / "tokenizer_config.json"
-    if not config_path.is_file():
-      return None
-    token = json.loads(config_path.read_text(encoding="utf-8")).get(key)
+  def _config(self) -> dict:
+    """tokenizer_config.json ({} without one); one that is not a JSON object is an error."""
+    path = self.directory / "tokenizer_config.json"
+    if not path.is_file():
+      return {}
+    try:
+      config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise errors.DataError(
+        f"{path} is not JSON ({e}); give a Hugging Face tokenizer directory"
+      ) from e
+    if not isinstance(config, dict):
+      raise errors.DataError(
+        f"{path} is not a JSON object; give a Hugging Face tokenizer directory"
+      )
+    return config
+
+  def _special_token_text(self, key: str) -> str | None:
+    token = self._config().get(key)
     if isinstance(token, dict):  # {"content": "</s>", ...} in older files
       token = token.get("content")
+    return token if isinstance(token, str) else None
+
+  def _special_token(self, key: str) -> int | None:
+    token = self._special_token_text(key)
     return None if token is None else self._tok.token_to_id(token)
+
+  def _special_token_texts(self) -> dict[str, str]:
+    """The special tokens chat templates are given (transformers passes the same names)."""
+    keys = (
+      "bos_token",
+      "eos_token",
+      "unk_token",
+      "pad_token",
+      "sep_token",
+      "cls_token",
+      "mask_token",
+    )
+    found = {key: self._special_token_text(key) for key in keys}
+    return {key: text for key, text in found.items() if text is not None}
 
   def encode(self, text: str) -> list[int]:
     return self._tok.encode(text, add_special_tokens=False).ids

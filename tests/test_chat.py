@@ -70,6 +70,38 @@ def test_assistant_turns_are_the_only_trainable_pieces():
   assert trainable == ["print(1 + 2)<|im_end|>\n", "print((1 + 2) * 4)<|im_end|>\n"]
 
 
+def test_templates_get_the_special_tokens_transformers_gives_them(tmp_path):
+  """A template that writes bos_token and ends assistant turns with eos_token (Llama 2, Mistral,
+  Zephyr do) renders as transformers' apply_chat_template does; such a template had raised
+  jinja's UndefinedError, and bos_token had rendered as nothing."""
+  from input_pipeline import tokenizers
+
+  template = (
+    "{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+  )
+  _tokenizer(tmp_path)
+  theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+  theirs.bos_token, theirs.chat_template = "<|im_start|>", template
+  theirs.save_pretrained(str(tmp_path))
+  ours = tokenizers.HFTokenizer(tmp_path)
+  renderer = chat.Renderer(ours.chat_template, ours.special_tokens)
+  for conversation in CONVERSATIONS:
+    for generation, messages in ((False, conversation), (True, conversation[:-1])):
+      text = renderer.render(messages, generation_prompt=generation)
+      expected = theirs.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=generation
+      )
+      assert text == expected and text.startswith("<|im_start|><|im_start|>")
+  assert "print('hello')<|endoftext|><|im_end|>" in renderer.render(CONVERSATIONS[1], False)
+  # The store's fingerprint follows the end-of-document token, which tokenizer_config.json names.
+  theirs.eos_token = "<|im_end|>"
+  theirs.save_pretrained(str(tmp_path))
+  changed = tokenizers.HFTokenizer(tmp_path)
+  assert changed.eod_id != ours.eod_id and changed.identity != ours.identity
+
+
 def _config(tmp_path, source, tokenizer="byte"):
   config = tiny.get_config()
   config.data.source = f"chat:{source}"

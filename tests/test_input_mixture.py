@@ -4,12 +4,14 @@ resume, stages, realised shares in the logs and the report, a changed mixture re
 import itertools
 import json
 import os
+import subprocess
+import sys
 import sysconfig
 from pathlib import Path
 
 import numpy as np
 import pytest
-from cli_helpers import read_metrics, train_in_process
+from cli_helpers import REPO, read_metrics, train_env, train_in_process
 
 import input_pipeline
 from configs.default import get_config
@@ -110,6 +112,58 @@ def test_tokens_consumed_are_counted_per_source(pipe):
 def test_bad_mixtures_are_clear_errors(mixture_value, stages, message):
   with pytest.raises(errors.DataError, match=message.replace("(", r"\(").replace(")", r"\)")):
     mixture_spec.parse(mixture_value, stages)
+
+
+def test_a_tokenizer_trained_for_a_mixture_reads_each_source_by_its_weight():
+  """SentencePiece trains on a bounded sample: the sources' documents interleave by weight (the
+  first source alone had filled it), an exhausted source drops out, a weight of 0 reads none."""
+
+  class Source:
+    def __init__(self, name, n, size):
+      self.docs = [f"{name}{i}".ljust(size, ".") for i in range(n)]
+
+    def documents(self, split):
+      assert split == "train"
+      return iter(self.docs)
+
+  sources = [Source("a", 1000, 100), Source("b", 1000, 50), Source("c", 5, 100), Source("d", 9, 1)]
+  docs = list(itertools.islice(mixture.tokenizer_documents(sources, (0.6, 0.3, 0.1, 0.0)), 400))
+  chars = {k: sum(len(d) for d in docs if d[0] == k) for k in "abcd"}
+  assert chars["c"] == 500 and chars["d"] == 0  # c ran out; d has no weight
+  assert abs(chars["a"] / (chars["a"] + chars["b"]) - 2 / 3) < 0.01, chars
+  assert docs[:3] == [sources[0].docs[0], sources[1].docs[0], sources[2].docs[0]]
+
+
+def test_a_source_without_validation_rows_is_named(tmp_path):
+  """validation_percent=0: the fixed validation batches cannot be drawn; the error names the
+  sources (it was an IndexError from the empty split's first row)."""
+  c = _config(tmp_path / "cache", weights=(0.5, 0.5, 0.0))
+  c.data.validation_percent = 0
+  pipe = input_pipeline.build(c)
+  with pytest.raises(errors.DataError, match=r"source\(s\) \[.*json.*email.*\] have no valid"):
+    pipe.mixture.eval_batches(8, 1, 0, 1)
+
+
+def test_prepare_reports_each_source_of_a_mixture(tmp_path):
+  """python -m input_pipeline.prepare on a mixture: one store per source, each reported, and
+  --config.data.verify_store=True verifies as --verify does (it was overridden to False)."""
+  mix = f"(('{SOURCES[0]}', 0.5), ('{SOURCES[1]}', 0.5))"
+  args = [
+    "--config=configs/tiny.py",
+    f"--config.data.cache_dir={tmp_path}",
+    "--config.data.seq_len=32",
+  ]
+  done = subprocess.run(
+    [sys.executable, "-m", "input_pipeline.prepare", *args, f"--config.data.mixture={mix}",
+     "--config.data.verify_store=True"],
+    cwd=REPO, env=train_env(1), capture_output=True, text=True, timeout=300,
+  )  # fmt: skip
+  assert done.returncode == 0, done.stderr[-2000:]
+  result = json.loads(done.stdout.splitlines()[-1])
+  assert result["sources"] == SOURCES[:2] and result["verified"] is True
+  assert len(set(result["store"])) == 2 and [os.path.isdir(s) for s in result["store"]] == [1, 1]
+  assert all(rows["train"] > 0 for rows in result["rows"])
+  assert len(result["packing_efficiency"]) == 2
 
 
 @pytest.mark.slow

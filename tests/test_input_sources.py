@@ -1,5 +1,6 @@
 """Sources: named TFDS datasets (mocked), local files, and clear errors for bad input."""
 
+import json
 import logging
 import os
 import sysconfig
@@ -11,7 +12,7 @@ import tensorflow_datasets as tfds
 
 import input_pipeline
 from configs.default import get_config
-from input_pipeline import sources, text_files
+from input_pipeline import errors, sources, text_files
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 
@@ -132,6 +133,22 @@ def test_bad_input_is_a_clear_error(tmp_path, data, error, message):
     input_pipeline.build(_config(tmp_path, **data))
 
 
+def test_a_tokenizer_file_of_another_kind_is_a_clear_error(tmp_path):
+  from input_pipeline import tokenizers
+
+  (tmp_path / "tokenizer.json").write_text('{"model": {"type": "BPE"')  # cut short
+  with pytest.raises(errors.DataError, match=r"spm_model='.*tokenizer.json' is not a Sentence"):
+    tokenizers.SentencePieceTokenizer(tmp_path / "tokenizer.json")
+  with pytest.raises(errors.DataError, match=r"tokenizer.json cannot be read"):
+    tokenizers.HFTokenizer(tmp_path)
+  (tmp_path / "tokenizer.json").write_text(
+    json.dumps({"model": {"type": "BPE", "vocab": {"a": 0}, "merges": []}, "version": "1.0"})
+  )
+  (tmp_path / "tokenizer_config.json").write_text('{"eos_token": ')
+  with pytest.raises(errors.DataError, match=r"tokenizer_config.json is not JSON"):
+    tokenizers.HFTokenizer(tmp_path)
+
+
 def test_empty_corpus_is_a_clear_error(tmp_path):
   (tmp_path / "empty").mkdir()
   with pytest.raises(ValueError, match="holds no files \\(empty corpus\\)"):
@@ -212,18 +229,41 @@ def test_json_lines_records_are_documents_and_bad_ones_are_reported(tmp_path, ca
   lines.insert(10, json.dumps({"body": "no text field"}))  # line 11
   lines.insert(20, json.dumps({"text": 7}))  # line 21
   lines.insert(25, json.dumps({"text": "   "}))  # line 26
-  (corpus / "a.jsonl").write_text("\n".join(lines) + "\n\n")
+  lines.insert(30, '{"text": "caf\xe9"}')  # line 31: one bad byte (Latin-1), not UTF-8
+  text = "\n".join(lines) + "\n\n"
+  (corpus / "a.jsonl").write_bytes(text.encode("utf-8").replace(b"caf\xc3\xa9", b"caf\xe9"))
   (corpus / "b.jsonl").write_text("\n".join(json.dumps(r) for r in good[:5]) + "\n")
   with caplog.at_level(logging.WARNING):
     source = sources.from_spec(f"files:{corpus}", _config(tmp_path).data, tmp_path / "cache")
   report = [r.getMessage() for r in caplog.records if "bad records" in r.getMessage()]
-  assert len(report) == 1 and "a.jsonl: 4 bad records skipped" in report[0]
+  assert len(report) == 1 and "a.jsonl: 5 bad records skipped" in report[0]
   assert "1 not valid JSON (lines 4)" in report[0] and "no 'text' field (lines 11)" in report[0]
-  assert "(lines 21, 26)" in report[0]
+  assert "(lines 21, 26)" in report[0] and "1 not UTF-8 (lines 31)" in report[0]
   # Each good record is one document (in whichever split its file's name falls).
   docs = _records(source)
   expected = [r["text"] for r in good] + [r["text"] for r in good[:5]]
   assert sorted(docs["train"] + docs["validation"]) == sorted(expected)
+
+
+def test_a_corpus_of_symbolic_links_reads_as_its_links_names(tmp_path):
+  """A Hugging Face hub snapshot links each file to a blob elsewhere: the files are named (and
+  split, and fingerprinted) by their links, as a copy of the corpus would be."""
+  blobs, linked, copied = tmp_path / "blobs", tmp_path / "linked", tmp_path / "copied"
+  for d in (blobs, linked / "sub", copied / "sub"):
+    d.mkdir(parents=True)
+  for i, name in enumerate(["a.txt", "b.txt", "sub/c.txt"]):
+    text = f"file {i}\n" * 40
+    (blobs / f"{i:040x}").write_text(text)
+    (linked / name).symlink_to(blobs / f"{i:040x}")
+    (copied / name).write_text(text)
+  data = _config(tmp_path, validation_percent=30).data
+  source = sources.from_spec(f"files:{linked}", data, tmp_path / "cache")
+  twin = sources.from_spec(f"files:{copied}", data, tmp_path / "cache")
+  assert source.identity == twin.identity
+  assert _records(source) == _records(twin)
+  one = sources.from_spec(f"files:{linked / 'a.txt'}", data, tmp_path / "cache")
+  docs = _records(one)  # one file: split by position
+  assert "".join(docs["train"] + docs["validation"]) == "file 0\n" * 40
 
 
 def test_parquet_rows_and_a_named_text_field(tmp_path):

@@ -334,6 +334,28 @@ def test_a_store_that_refuses_a_read_is_not_taken_for_a_corrupt_checkpoint():
     assert not manager._is_format_failure(error), error
 
 
+def test_a_resume_with_another_batch_size_or_seed_is_refused():
+  """The data position is step x batch size in the seed's order: resuming with another would
+  silently skip, repeat or reorder data. Refused unless checkpoint.allow_mismatch."""
+  from train.checkpoint import manager
+
+  model = {"d_model": 64}
+
+  def meta(seed, batch_size):
+    config = {"seed": seed, "train": {"batch_size": batch_size}}
+    return {"config": config, "data_fingerprint": "f", "model_config": model}
+
+  assert manager.check_compatible(meta(0, 8), meta(0, 8), path="p", allow_mismatch=False) == []
+  with pytest.raises(
+    manager.CheckpointMismatchError, match="train.batch_size=8 in the che.*16 now"
+  ):
+    manager.check_compatible(meta(0, 8), meta(0, 16), path="p", allow_mismatch=False)
+  with pytest.raises(manager.CheckpointMismatchError, match="seed=0 in the checkpoint, 1 now"):
+    manager.check_compatible(meta(0, 8), meta(1, 8), path="p", allow_mismatch=False)
+  (problem,) = manager.check_compatible(meta(0, 8), meta(0, 4), path="p", allow_mismatch=True)
+  assert "repeat" in problem
+
+
 def test_a_checkpoint_of_another_state_structure_is_refused_not_quarantined(tmp_path):
   """A checkpoint from before the metadata named the state's parts, restored into a state with
   other parts (a DPO reference copy): a mismatch in one line, the checkpoint left in place."""

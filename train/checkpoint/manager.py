@@ -513,6 +513,18 @@ def check_compatible(
       f"data fingerprint {saved.get('data_fingerprint')!r} in the checkpoint, "
       f"{current['data_fingerprint']!r} now"
     )
+  # The data position is step x global batch, in the order the seed draws: another batch size
+  # would skip or repeat part of an epoch, another seed reorder it mid-way.
+  saved_config, config = saved.get("config") or {}, current.get("config") or {}
+  for section, key, effect in (("train", "batch_size", "skip or repeat"), ("", "seed", "reorder")):
+    before = (saved_config.get(section) or {}).get(key) if section else saved_config.get(key)
+    now = (config.get(section) or {}).get(key) if section else config.get(key)
+    if before is not None and now is not None and before != now:
+      name = f"{section}.{key}" if section else key
+      problems.append(
+        f"{name}={before!r} in the checkpoint, {now!r} now (the data position is step x batch "
+        f"size in the seed's order: this would {effect} part of the data)"
+      )
   # Checkpoints from before a model field existed hold that field's default.
   fields = dataclasses.fields(ModelConfig)
   defaults = {f.name: f.default for f in fields if f.default is not dataclasses.MISSING}

@@ -49,7 +49,9 @@ def read_prompts(path: str, tokenizer, *, key: str, max_tokens: int) -> Prompts:
   file = storage.absolute(path) if path else None
   if file is None or not file.exists():
     raise PromptError(f"{key}={path!r}: no such file; give a JSON-lines file of prompts")
-  renderer = chat.Renderer(getattr(tokenizer, "chat_template", None))
+  renderer = chat.Renderer(
+    getattr(tokenizer, "chat_template", None), getattr(tokenizer, "special_tokens", None)
+  )
   texts, ids, fields, lines = [], [], [], []
   for number, raw in enumerate(file.read_bytes().splitlines(), start=1):
     where = f"{key}={path!r} line {number}"
