@@ -20,9 +20,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   # "stdlib" | "files:<dir|glob>" | "tfds:<name>[:<ver>]" | "chat:<jsonl>" | "prefs:<jsonl>"
   c.data.source = "stdlib"
+  c.data.store_shard_mb = 256.0  # prepared stores are written in shards of about this many MB
   # Weighted mixture instead of data.source: ((source, weight), ...), each row's source drawn
   # from the weights (input_pipeline/mixture.py); () = off.
-  c.data.store_shard_mb = 256.0  # prepared stores are written in shards of about this many MB
   c.data.mixture = ()
   c.data.mixture_stages = ()  # ((start step, (w1, w2, ...)), ...): weights from that step on
   c.data.text_feature = "text"  # the text field of "tfds:" examples, *.jsonl records, *.parquet

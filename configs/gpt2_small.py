@@ -1,11 +1,13 @@
-"""GPT-2 small (124M parameters): the architecture of OpenAI's GPT-2, on SentencePiece tokens.
+"""GPT-2 small's shape (12 × 768): the architecture of OpenAI's GPT-2 on SentencePiece tokens, 111M
+parameters with this 32k vocabulary (124M with GPT-2's own 50,257).
 
 Command:  python -m train --workdir gs://BUCKET/gpt2 --config configs/gpt2_small.py \
               --config.data.source=tfds:c4/en:3.1.0
-Hardware: one TPU v5e-8 / v4-8 host or one or more A100/H100 GPUs (bf16 compute, fp32 params);
-          it also compiles and steps on a CPU, slowly.
+Hardware: one TPU host (v6e-8 as it is; v5e-8 with train.microbatches=4, v4-8 with 8, by the
+          analytic plan) or one or more A100/H100 GPUs (bf16 compute, fp32 params); it also
+          compiles and steps on a CPU, slowly.
 Expected: not yet trained to the end by Loom: no loss or MFU is promised here. Measured once, the
-          step alone on one H200 in bf16 (32 × 1024 tokens): 160k tokens/s, MFU ~0.14 of the
+          step alone on one H200 in bf16 (32 × 1024 tokens): 160k tokens/s, MFU ~0.13 of the
           datasheet peak (docs/speed.md).
 """
 

@@ -2,7 +2,8 @@
 
 Command:  python -m train --workdir gs://BUCKET/llama1b --config configs/llama_1b.py \
               --config.data.source=tfds:c4/en:3.1.0 --config.data.spm_model=/path/tokenizer.model
-Hardware: a TPU v5e-16 / v5p-8 slice or 8 × H100 (FSDP over all chips, bf16 compute).
+Hardware: 8 × H100 or a TPU v5p-8 with train.microbatches=8, a v5e-16 with 16 (FSDP over all
+          chips, bf16 compute; in one microbatch none of them holds the activations).
 Expected: plan it first (python -m train.plan --config configs/llama_1b.py --topology v5p-128:
           30.5 GiB per chip of 95, compiled ahead of time). Not yet trained by Loom: no loss or
           MFU is promised here.

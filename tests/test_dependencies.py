@@ -177,6 +177,7 @@ def test_every_file_the_project_cites_is_in_the_repository():
   that moved left its old path in three comments)."""
   cited = []
   texts = [*REPO.glob("*.md"), *REPO.glob("docs/*.md"), *REPO.glob("notebooks/*.ipynb")]
+  texts += [REPO / "pyproject.toml", REPO / ".ci" / "run"]
   for path in [*MODULES.values(), *texts]:
     for match in _CITED.finditer(path.read_text()):
       ref = match.group(1)
