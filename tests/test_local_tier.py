@@ -72,6 +72,37 @@ def test_runs_sharing_a_local_directory_keep_their_own_steps(tmp_path):
   # is no peer service to fetch it from (it indexed the empty address list).
   shutil.copytree(b.own, b.dir / "replica_of_1")
   assert b._inventory() == {"own": [4, 6], "held": {}}
+  # A tier turned off on one process (a full disk) keeps the run's schedule of local steps.
+  b.enabled = False
+  assert b.due(8) and not b.due(7)
+  b.save(8, state, {})
+  b.wait()
+  assert _steps(b.own) == [4, 6]
+
+
+def test_a_local_save_that_hangs_is_given_up_in_bounded_time(tmp_path, monkeypatch):
+  """A hung local disk (or a peer that never answers) had held the training thread at the next
+  save, and a stopping run at its exit, for ever."""
+  import threading
+  import time
+
+  import jax.numpy as jnp
+
+  release = threading.Event()
+  monkeypatch.setattr(local_files, "write", lambda *args: release.wait(60))
+  stop = threading.Event()
+  tier = local_tier.LocalTier(
+    str(tmp_path / "local"), "r", every=2, keep=2, replicas=0, signature="s", timeout_s=30,
+    stop_requested=stop.is_set,
+  )  # fmt: skip
+  monkeypatch.setattr(local_tier, "GRACE_S", 0.3)
+  tier.save(2, {"w": jnp.arange(8.0)}, {})
+  stop.set()  # a preemption notice: the grace period, not the 30 s, bounds the wait
+  start = time.monotonic()
+  tier.close()
+  assert time.monotonic() - start < 5
+  assert not tier.enabled and tier.stats["failed_saves"] == 1
+  release.set()
 
 
 def _local_flags(local, *more) -> tuple[str, ...]:

@@ -207,6 +207,16 @@ def test_paths_and_atomic_writes_on_the_emulator(emulator):
   assert len((root / "metrics.jsonl").read_text().splitlines()) == 4
   events = list(epath.Path(root / "tensorboard").glob("events.out.tfevents.*"))
   assert len(events) == 1 and events[0].stat().length > 0
+  # train.evaluate beside a live run adds its line to the object; the run's next upload (from
+  # memory) had dropped it.
+  log = storage.AppendOnlyLog(root / "live.jsonl", ['{"step": 1}'], upload_every=3600)
+  log.append('{"step": 2}')
+  log.flush()
+  storage.append_lines(root / "live.jsonl", ['{"harness": 2}'])
+  log.append('{"step": 3}')
+  log.close()
+  lines = (root / "live.jsonl").read_text().splitlines()
+  assert lines == ['{"step": 1}', '{"step": 2}', '{"harness": 2}', '{"step": 3}']
 
 
 def test_checkpoint_checksums_on_gcs_are_the_stores_own(emulator, tmp_path):

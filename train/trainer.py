@@ -203,6 +203,8 @@ def open_checkpoints(run: Run, watcher: PreemptionWatcher, *, local: bool = True
       keep=config.local_keep,
       replicas=config.local_replicas,
       signature=local_files.layout_signature(run.spec.abstract),
+      timeout_s=config.save_timeout_s,
+      stop_requested=watcher.noticed,
     )
     if run.config.debug.kill_at_step:
       faults.kill_after(ckpt, run.config.debug.kill_at_step)

@@ -147,7 +147,8 @@ class AppendOnlyLog:
   """A JSON-lines file that grows: appended to on local disks; on object stores (which cannot
   append) the whole object is rewritten from memory at most every ``upload_every`` seconds and at
   every ``flush(force=True)`` (the loop forces one before each checkpoint save, so no line of a
-  checkpointed step is ever lost)."""
+  checkpointed step is ever lost). Lines another writer added to the object since the last upload
+  (``append_lines``: ``train.evaluate`` beside a live run) are read back and kept, in place."""
 
   def __init__(self, path: epath.Path, lines: list[str], *, upload_every: float = 30.0):
     self.path = epath.Path(path)
@@ -156,7 +157,8 @@ class AppendOnlyLog:
     self._upload_every = upload_every
     self._uploaded_at = 0.0
     self._dirty = False
-    write_atomic(self.path, "".join(line + "\n" for line in self._lines))
+    self._uploaded = "".join(line + "\n" for line in self._lines)
+    write_atomic(self.path, self._uploaded)
     self._file = None
     if not self.remote:
       self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
@@ -174,9 +176,23 @@ class AppendOnlyLog:
     if self._file is not None or not self._dirty:
       return
     if force or time.monotonic() - self._uploaded_at >= self._upload_every:
-      write_atomic(self.path, "".join(line + "\n" for line in self._lines))
-      self._uploaded_at = time.monotonic()
+      self._adopt_others_lines()
+      text = "".join(line + "\n" for line in self._lines)
+      write_atomic(self.path, text)
+      self._uploaded, self._uploaded_at = text, time.monotonic()
       self._dirty = False
+
+  def _adopt_others_lines(self) -> None:
+    try:
+      current = self.path.read_text() if self.path.exists() else ""
+    except OSError:
+      return  # the upload below says what is wrong with the store
+    if current == self._uploaded or not current.startswith(self._uploaded):
+      return
+    # Theirs came after what this log had uploaded and before what it holds since.
+    theirs = [line for line in current[len(self._uploaded) :].splitlines() if line.strip()]
+    at = self._uploaded.count("\n")
+    self._lines[at:at] = theirs
 
   def close(self) -> None:
     if self._file is not None:

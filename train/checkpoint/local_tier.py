@@ -34,6 +34,7 @@ import secrets
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,7 @@ from train.checkpoint import local_files, peers
 
 log = logging.getLogger("loom")
 
+GRACE_S = 15.0  # what a local save in flight is given once the run is asked to stop
 _PERMANENT = (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT, errno.EPERM)
 
 
@@ -61,6 +63,8 @@ class LocalTier:
     replicas: int,
     signature: str,
     id_file: Any = None,
+    timeout_s: float = 1200.0,
+    stop_requested: Callable[[], bool] = lambda: False,
   ):
     self.process, self.num_processes = jax.process_index(), jax.process_count()
     self.root = Path(root).expanduser().absolute()
@@ -71,6 +75,9 @@ class LocalTier:
     self.every, self.keep = every, keep
     self.replicas = min(replicas, 1) if self.num_processes > 1 else 0
     self.enabled = True
+    # A local save that outlasts timeout_s (a hung disk, a peer that neither takes nor refuses
+    # the replica) is given up, and the tier with it; after a stop request, GRACE_S.
+    self.timeout_s, self._stop_requested = float(timeout_s), stop_requested
     self._thread: threading.Thread | None = None
     self._error: BaseException | None = None
     self._writing: int | None = None
@@ -93,7 +100,10 @@ class LocalTier:
     return (self.process + 1) % self.num_processes
 
   def due(self, step: int) -> bool:
-    return self.enabled and self.every > 0 and step % self.every == 0
+    """The same steps on every process, whether or not this process's tier is still on (a full
+    disk turns off one process's): the loop checks the step's health before a local save, and
+    processes that did so at different steps would roll back at different steps."""
+    return self.every > 0 and step % self.every == 0
 
   # --- saving -------------------------------------------------------------------------------
 
@@ -179,8 +189,24 @@ class LocalTier:
     persistent tier still holds the run; a full disk or lost permissions turn the tier off."""
     if self._thread is None:
       return
-    self._thread.join()
-    self._thread, step = None, self._writing
+    deadline = time.monotonic() + self.timeout_s
+    while self._thread.is_alive() and time.monotonic() < deadline:
+      if self._stop_requested():
+        deadline = min(deadline, time.monotonic() + GRACE_S)
+      self._thread.join(0.1)
+    thread, self._thread, step = self._thread, None, self._writing
+    if thread.is_alive():  # left to itself (a daemon thread); nothing more is written here
+      self.enabled = False
+      self.stats["failed_saves"] += 1
+      self._buffers = None  # the thread may still read them
+      log.warning(
+        "local checkpoint tier: saving step %s on process %d did not end within %.0f s; the "
+        "local tier is off for the rest of this run; the persistent tier goes on",
+        step,
+        self.process,
+        self.timeout_s,
+      )
+      return
     error, self._error = self._error, None
     if error is None:
       return
