@@ -105,8 +105,10 @@ class SentencePieceTokenizer:
     return [np.asarray(x, np.int32) for x in ids]
 
   def decode(self, ids: Iterable[int]) -> str:
+    # The model's vocabulary is padded past the pieces (configs/llama_1b.py: 128,256 rows for
+    # 32,000 pieces); a sampled id beyond them decodes to nothing, as an unused row should.
     keep = [int(i) for i in ids if int(i) not in (self.eod_id, self.pad_id)]
-    return self._sp.decode(keep)
+    return self._sp.decode([i for i in keep if 0 <= i < self.vocab_size])
 
 
 class HFTokenizer:
@@ -135,6 +137,7 @@ class HFTokenizer:
     self.eod_id = eos
     self.pad_id = self._special_token("pad_token")
     self.pad_id = self.eod_id if self.pad_id is None else self.pad_id
+    self.bos_id = self._special_token("bos_token")
     self.chat_template = self._chat_template()
     self.special_tokens = self._special_token_texts()
     self.identity = {
@@ -204,12 +207,29 @@ class HFTokenizer:
   def encode(self, text: str) -> list[int]:
     return self._tok.encode(text, add_special_tokens=False).ids
 
+  def encode_with_special_tokens(self, text: str) -> list[int]:
+    """As transformers' ``tokenizer.encode(text)`` (its default ``add_special_tokens=True``: a
+    Llama tokenizer's post-processor adds BOS), unless ``text`` starts with the BOS text itself:
+    how lm-eval's ``hf`` model encodes what it scores."""
+    bos = self.special_tokens.get("bos_token") or self.special_tokens.get("eos_token")
+    if bos and text.startswith(bos):
+      return self.encode(text)
+    return self._tok.encode(text, add_special_tokens=True).ids
+
   def encode_array(self, texts: list[str]) -> list[np.ndarray]:
     encoded = self._tok.encode_batch(texts, add_special_tokens=False)
     return [np.asarray(e.ids, np.int32) for e in encoded]
 
   def decode(self, ids: Iterable[int]) -> str:
     return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+def encode_as_text_to_score(tokenizer, text: str) -> list[int]:
+  """Ids of a prompt or of a text to score, as transformers' ``tokenizer(text)`` and lm-eval's
+  ``hf`` model give them: with the tokenizer's special tokens (BOS first for Llama's); Loom's
+  byte and SentencePiece tokenizers have none to add. Training documents are encoded without."""
+  with_special = getattr(tokenizer, "encode_with_special_tokens", None)
+  return with_special(text) if with_special else tokenizer.encode(text)
 
 
 def _sample_lines(documents: Iterable[str], max_chars: int) -> Iterator[str]:

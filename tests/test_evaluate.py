@@ -169,7 +169,8 @@ def test_the_command_runs_local_tasks_and_writes_results(workdir, tmp_path):
 @pytest.mark.slow
 def test_scores_equal_the_harness_hf_model_on_imported_weights(tmp_path):
   """The same requests through lm-eval's own ``hf`` model (transformers on CPU torch) and
-  through Loom's adapter on the imported weights: equal within 1e-4."""
+  through Loom's adapter on the imported weights: equal within 1e-4. The tokenizer adds BOS, as
+  Llama's do: lm-eval scores every context after it (Loom had scored them without)."""
   from lm_eval.models.huggingface import HFLM
   from test_hf import _base, _hf_model, _tokenizer
 
@@ -177,7 +178,7 @@ def test_scores_equal_the_harness_hf_model_on_imported_weights(tmp_path):
 
   hf_dir, loom_dir = str(tmp_path / "hf"), str(tmp_path / "loom")
   _hf_model("llama", hf_dir)
-  _tokenizer(hf_dir)
+  _tokenizer(hf_dir, bos=True)
   importing.import_checkpoint(hf_dir, loom_dir, _base(scan=False))
   requests = [_Request(*pair) for pair in PAIRS]
   ours = harness.loom_lm(loading.load(loom_dir), 4).loglikelihood(requests)
@@ -190,6 +191,22 @@ def test_scores_equal_the_harness_hf_model_on_imported_weights(tmp_path):
     harness.loom_lm(loading.load(loom_dir), 4).loglikelihood_rolling(rolling),
     theirs.loglikelihood_rolling(rolling),
     atol=1e-3,
+  )
+  # train.generate's prompts get BOS as transformers' tokenizer(prompt) gives it, and the
+  # text it prints is what the tokens add to the prompt's.
+  import torch
+
+  from train.inference import generation
+
+  prompt = "def loads(s"
+  ids = theirs.tokenizer(prompt, return_tensors="pt").input_ids
+  assert ids[0, 0].item() == theirs.tokenizer.bos_token_id
+  with torch.no_grad():
+    expected = theirs.model.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=None)
+  ours = generation.generate(loading.load(loom_dir), [prompt], max_new_tokens=6, temperature=0)
+  assert ours.tokens[0] == expected[0, ids.shape[1] :].tolist()
+  assert (
+    ours.texts[0] == theirs.tokenizer.decode(expected[0], skip_special_tokens=True)[len(prompt) :]
   )
 
 

@@ -152,21 +152,28 @@ def test_greedy_generation_matches_transformers(tmp_path):
   assert out.tokens[0] == reference
 
 
-def _tokenizer(directory: str) -> None:
-  """A byte-level BPE tokenizer trained here on standard-library text, saved as HF files."""
-  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def _tokenizer(directory: str, bos: bool = False) -> None:
+  """A byte-level BPE tokenizer trained here on standard-library text, saved as HF files;
+  ``bos``: with a BOS token its post-processor adds to every encoding, as Llama's does."""
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
   tok = Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
   trainer = trainers.BpeTrainer(
     vocab_size=290,
-    special_tokens=["<|endoftext|>"],
+    special_tokens=["<|endoftext|>"] + ["<s>"] * bos,
     initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte: nothing is unknown
   )
   text = open(json.__file__).read().splitlines()
   tok.train_from_iterator(text, trainer)
-  fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+  special = {"eos_token": "<|endoftext|>"}
+  if bos:
+    tok.post_processor = processors.TemplateProcessing(
+      single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+    )
+    special["bos_token"] = "<s>"
+  fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, **special)
   fast.save_pretrained(directory)
 
 
@@ -258,6 +265,24 @@ def test_bad_checkpoints_are_one_line_errors_and_write_nothing(tmp_path, edit, m
     assert message in str(refused.value) and "\n" not in str(refused.value)
     assert refused.value.exit_code == 2
   assert not os.path.exists(workdir) and not os.path.exists(workdir + ".partial")
+
+
+def test_a_source_without_rope_scaling_gets_none_whatever_the_run_config_says():
+  """configs/llama_8b_131k.py scales RoPE (llama3): importing a model without scaling through it
+  had kept that scaling, and the logits silently differed from transformers'."""
+  from configs import llama_8b_131k
+  from train.hf import families
+
+  base = llama_8b_131k.get_config().model
+  assert base.rope_scaling == "llama3"
+  mistral = FAMILIES["mistral"]().to_dict()
+  cfg = families.model_config_from_hf(mistral, "hf", base)
+  assert (cfg.rope_scaling, cfg.rope_theta) == ("none", 5e5)
+  llama = FAMILIES["llama"]().to_dict()
+  assert families.model_config_from_hf(llama, "hf", base).rope_original_max_len == 32
+  del llama["rope_parameters"]["low_freq_factor"]
+  with pytest.raises(ConversionError, match="llama3 RoPE scaling has no low_freq_factor"):
+    families.model_config_from_hf(llama, "hf", base)
 
 
 def test_a_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path):

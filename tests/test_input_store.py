@@ -189,6 +189,10 @@ def test_sentencepiece_round_trips_stdlib_text(spm_model):
     assert max(ids) < 400 and tok.eod_id not in ids
     assert tok.decode(ids) == text
   assert len(tok.encode(unseen)) < len(unseen.encode())  # it does compress
+  # A model's padded vocabulary rows beyond the pieces (a sampled id there) decode to nothing;
+  # sentencepiece itself raised IndexError.
+  ids = tok.encode("def f(): pass")
+  assert tok.decode([*ids[:3], 400, 131071, *ids[3:]]) == "def f(): pass"
 
 
 def test_sentencepiece_trained_from_the_train_split_is_cached(tmp_path):

@@ -78,8 +78,14 @@ def _rope(hf: dict[str, Any]) -> dict[str, Any]:
   theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
   kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
   source = params if params.get("rope_type") not in (None, "default") else scaling
-  out = {"rope_theta": float(theta)}
+  # Unscaled RoPE says so: a run config's own scaling (configs/llama_8b_131k.py) must not carry
+  # over to a source without one.
+  out: dict[str, Any] = {"rope_theta": float(theta), "rope_scaling": "none"}
   if kind == "llama3":
+    keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    missing = [key for key in keys if source.get(key) is None]
+    if missing:
+      raise ConversionError(f"config.json's llama3 RoPE scaling has no {', '.join(missing)}")
     out.update(
       rope_scaling="llama3",
       rope_scaling_factor=float(source["factor"]),

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from input_pipeline import tokenizers
 from train.inference.loading import Model
 from train.inference.meter import inference_stats
 from train.inference.sampling import Sampling
@@ -52,8 +53,8 @@ def generate(
   for i, prompt in enumerate(prompts):
     if not prompt:
       raise ValueError(f"prompt {i} is empty; give at least one character")
-  ids = [tokenizer.encode(p) for p in prompts]
-  printer = _StreamDecoder(tokenizer, len(prompts), stream) if stream else None
+  ids = [tokenizers.encode_as_text_to_score(tokenizer, p) for p in prompts]
+  printer = _StreamDecoder(tokenizer, ids, stream) if stream else None
   span = energy.EnergySpan.start()
   out = model.engine.run(
     model.params,
@@ -76,27 +77,38 @@ def generate(
     measured_by=span.counter.source if span.counter else "",
     measure_bandwidth=measure_bandwidth,
   )
-  texts = [tokenizer.decode(t) for t in out.tokens]
+  texts = [continuation(tokenizer, p, t) for p, t in zip(ids, out.tokens, strict=True)]
   return Result(texts, out.tokens, out.stop_reasons, stats, out.logits)
+
+
+def continuation(tokenizer, prompt_ids: Sequence[int], new_ids: Sequence[int]) -> str:
+  """The text the new tokens add to the prompt's: decoded together and the prompt's text cut
+  off, since a SentencePiece-style decoder drops the leading space of a text's first token
+  ("is" + "▁Paris" alone decodes to "isParis")."""
+  prompt = tokenizer.decode(prompt_ids)
+  whole = tokenizer.decode(list(prompt_ids) + list(new_ids))
+  if whole.startswith(prompt):
+    return whole[len(prompt) :]
+  return tokenizer.decode(new_ids)
 
 
 class _StreamDecoder:
   """Turns token ids into text deltas per row, holding back incomplete UTF-8 sequences."""
 
-  def __init__(self, tokenizer, rows: int, emit: Callable[[int, str], None]):
-    self.tokenizer, self.emit = tokenizer, emit
-    self.ids: list[list[int]] = [[] for _ in range(rows)]
-    self.shown = [0] * rows
+  def __init__(self, tokenizer, prompts: list[list[int]], emit: Callable[[int, str], None]):
+    self.tokenizer, self.emit, self.prompts = tokenizer, emit, prompts
+    self.ids: list[list[int]] = [[] for _ in prompts]
+    self.shown = [0] * len(prompts)
 
   def add(self, row: int, token: int) -> None:
     self.ids[row].append(token)
-    text = self.tokenizer.decode(self.ids[row])
+    text = continuation(self.tokenizer, self.prompts[row], self.ids[row])
     if not text.endswith("\ufffd"):
       self._show(row, text)
 
   def flush(self) -> None:
     for row, ids in enumerate(self.ids):
-      self._show(row, self.tokenizer.decode(ids))
+      self._show(row, continuation(self.tokenizer, self.prompts[row], ids))
 
   def _show(self, row: int, text: str) -> None:
     if len(text) > self.shown[row]:
@@ -111,12 +123,13 @@ def greedy_sample(model: Model, prompt: str, max_new_tokens: int) -> str | None:
   if max_new_tokens <= 0:
     return None
   tokenizer = model.tokenizer
+  ids = tokenizers.encode_as_text_to_score(tokenizer, prompt)
   out = model.engine.run(
     model.params,
-    [tokenizer.encode(prompt)],
+    [ids],
     max_new_tokens=max_new_tokens,
     sampling=Sampling(temperature=0.0),
     seed=int(model.config.seed),
     eod_id=tokenizer.eod_id,
   )
-  return prompt + tokenizer.decode(out.tokens[0])
+  return prompt + continuation(tokenizer, ids, out.tokens[0])

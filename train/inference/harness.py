@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from input_pipeline import tokenizers
 from input_pipeline.device import to_global
 from input_pipeline.host import storage
 from train.cluster import mesh as mesh_lib
@@ -86,17 +87,26 @@ def _score_program(graphdef: nnx.GraphDef, mesh: jax.sharding.Mesh):
   return jax.jit(functools.partial(_score_rows, graphdef=graphdef), out_shardings=replicated)
 
 
+def prefix_id(tokenizer) -> int:
+  """What an empty context and the first rolling window are conditioned on: BOS where the
+  tokenizer has one, else the end-of-document token (lm-eval's ``prefix_token_id``)."""
+  bos = getattr(tokenizer, "bos_id", None)
+  return tokenizer.eod_id if bos is None else bos
+
+
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
   """Token ids of a context and its continuation, as the harness's own ``hf`` model makes them:
   trailing spaces of the context move to the continuation, the continuation is the tail of the
-  whole text's encoding, and an empty context becomes the end-of-document token."""
+  whole text's encoding, and an empty context becomes the prefix token (unless the
+  continuation starts with it)."""
   spaces = len(context) - len(context.rstrip())
   if spaces:
     context, continuation = context[:-spaces], context[-spaces:] + continuation
   if not context:
-    return [tokenizer.eod_id], tokenizer.encode(continuation)
-  whole = tokenizer.encode(context + continuation)
-  context_ids = tokenizer.encode(context)
+    ids, prefix = tokenizer.encode(continuation), prefix_id(tokenizer)
+    return ([prefix], ids) if not ids or ids[0] != prefix else (ids[:1], ids[1:])
+  whole = tokenizers.encode_as_text_to_score(tokenizer, context + continuation)
+  context_ids = tokenizers.encode_as_text_to_score(tokenizer, context)
   return context_ids, whole[len(context_ids) :]
 
 
@@ -180,8 +190,8 @@ def _lm_class():
       for index, req in enumerate(requests):
         (text,) = req.args
         for window in get_rolling_token_windows(
-          self.tokenizer.encode(text),
-          prefix_token=self.tokenizer.eod_id,
+          tokenizers.encode_as_text_to_score(self.tokenizer, text),
+          prefix_token=prefix_id(self.tokenizer),
           max_seq_len=self.scorer.context,
           context_len=1,
         ):
@@ -208,8 +218,8 @@ def _lm_class():
         keep = max(self.scorer.context - max_new, 1)
         for start in range(0, len(members), self.scorer.batch):
           chunk = members[start : start + self.scorer.batch]
-          prompts = [self.tokenizer.encode(requests[i].args[0])[-keep:] or [self.tokenizer.eod_id]
-                     for i in chunk]  # fmt: skip
+          prompts = [tokenizers.encode_as_text_to_score(self.tokenizer, requests[i].args[0])[-keep:]
+                     or [prefix_id(self.tokenizer)] for i in chunk]  # fmt: skip
           out = self.model.engine.run(
             self.model.params,
             prompts,
