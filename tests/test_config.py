@@ -181,6 +181,11 @@ def test_the_hardware_table_is_the_one_source_for_mfu_energy_and_plans():
   assert hardware.datasheet_peak(Device(), "bfloat16") == 989e12
   assert hardware.lookup("TPU v5 lite").name == "TPU v5e"
   assert hardware.lookup("NVIDIA H100 PCIe").peak_flops["bfloat16"] == 756e12
+  # A name is matched where its word ends: an L40S is not an L4 (a third of its peak).
+  assert hardware.lookup("NVIDIA L40S").name == "NVIDIA L40S"
+  assert hardware.lookup("NVIDIA L4").name == "NVIDIA L4"
+  assert hardware.lookup("NVIDIA H100 NVL").peak_flops["bfloat16"] == 835e12
+  assert hardware.lookup("NVIDIA A100-SXM4-80GB").name == "NVIDIA A100 SXM"
 
   class Cpu:
     platform, device_kind = "cpu", "cpu"

@@ -108,6 +108,7 @@ ACCELERATORS: dict[str, Accelerator] = {
     gpu=GpuSpec("NVIDIA H200 141GB HBM3e", memory_bandwidth=4_800_000_000_000, **_HOPPER),
   ),
   "h100 pcie": _gpu("NVIDIA H100 PCIe", 756e12, 378e12, 80 * 1e9 / GiB, 350.0),
+  "h100 nvl": _gpu("NVIDIA H100 NVL", 835e12, 417.5e12, 94 * 1e9 / GiB, 400.0),
   "h100": _gpu(
     "NVIDIA H100 SXM",
     989e12,
@@ -118,6 +119,7 @@ ACCELERATORS: dict[str, Accelerator] = {
     gpu=GpuSpec("NVIDIA H100 80GB HBM3", memory_bandwidth=3_352_320_000_000, **_HOPPER),
   ),
   "a100": _gpu("NVIDIA A100 SXM", 312e12, 156e12, 80 * 1e9 / GiB, 400.0, ("int8",)),
+  "l40s": _gpu("NVIDIA L40S", 362e12, 183e12, 48 * 1e9 / GiB, 350.0),
   "l4": _gpu("NVIDIA L4", 121e12, 60e12, 24 * 1e9 / GiB, 72.0),
 }
 
@@ -131,7 +133,8 @@ def lookup(device_kind: str) -> Accelerator | None:
   """The table entry for a ``jax.Device.device_kind`` ("TPU v5 lite", "NVIDIA H100 80GB HBM3")."""
   kind = device_kind.lower()
   for key, accelerator in ACCELERATORS.items():
-    if key in kind:
+    # The key ends where the name's word does: "l4" is not the start of "l40s".
+    if re.search(re.escape(key) + r"(?![a-z0-9])", kind):
       return accelerator
   return None
 

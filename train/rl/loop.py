@@ -237,13 +237,14 @@ class Loop:
     sample_s, update_s = sampled - begin, updated - scored
     sampled_tokens = sum(len(t) for t in done.tokens)
     train_tokens = float(np.sum(batch_np["segment_ids"] > 0)) * rl.inner_steps
-    # The run's meter (report.json): the updates are its train phase and its tokens (rows ×
-    # seq_len a step, as the trainer counts them); sampling and scoring are phases of their own.
+    # The run's meter (report.json): the updates are its train phase and its tokens, those of
+    # the prompts and completions (a rollout's rows are padded to seq_len, often half of them:
+    # counting the padding had doubled the MFU); sampling and scoring are phases of their own.
     meter = self.run.meter
     meter.seconds["sample"] += sample_s
     meter.seconds["score"] += scored - sampled
     meter.seconds["train"] += update_s
-    tokens = self.config.train.batch_size * self.config.data.seq_len * rl.inner_steps
+    tokens = int(train_tokens)
     meter.tokens += tokens
     _, mfu = meter.record_window(tokens, update_s)
     values.update(
