@@ -210,6 +210,38 @@ class ModelConfig:
         f"model.lora_rank={self.lora_rank} / model.lora_targets={self.lora_targets}: the rank "
         f"must be >= 0 (0 = off) and the targets a non-empty subset of {targets}"
       )
+    if self.lora_rank and self.mlp != "swiglu" and "gate" in self.lora_targets:
+      raise ValueError(
+        f"model.lora_targets={self.lora_targets}: 'gate' is a kernel of the swiglu MLP, and "
+        f"model.mlp={self.mlp!r} has none (its kernels: up, down)"
+      )
+    if self.lora_rank and not self.lora_alpha > 0:
+      raise ValueError(
+        f"model.lora_alpha={self.lora_alpha!r} must be > 0: the adapters' output is scaled by "
+        "alpha / rank, and 0 leaves them without a gradient"
+      )
+    if self.param_dtype == "float16":
+      raise ValueError(
+        "model.param_dtype='float16' keeps the parameters and Adam's moments in float16, "
+        "without loss scaling: eps and small second moments round to 0 and the first update is "
+        "inf; use 'float32' (with model.dtype='float16' or 'bfloat16' compute) or 'bfloat16'"
+      )
+    if not self.norm_eps > 0:
+      raise ValueError(f"model.norm_eps={self.norm_eps!r} must be > 0")
+    if self.positions == "rope":
+      if not self.rope_theta > 0:
+        raise ValueError(f"model.rope_theta={self.rope_theta!r} must be > 0 (RoPE's base)")
+      if self.rope_scaling == "llama3" and not (
+        self.rope_scaling_factor > 0
+        and 0 < self.rope_low_freq_factor < self.rope_high_freq_factor
+        and self.rope_original_max_len > 0
+      ):
+        raise ValueError(
+          f"model.rope_scaling='llama3' needs rope_scaling_factor > 0 (got "
+          f"{self.rope_scaling_factor!r}), 0 < rope_low_freq_factor < rope_high_freq_factor "
+          f"(got {self.rope_low_freq_factor!r}, {self.rope_high_freq_factor!r}) and "
+          f"rope_original_max_len > 0 (got {self.rope_original_max_len!r})"
+        )
     # The schedule's own values here; against the stages, where the mesh is known (train/config.py).
     pipeline.check(self.num_layers, 1, self.pipeline_microbatches, self.pipeline_repeats)
     if self.positions == "rope" and self.head_dim % 2:

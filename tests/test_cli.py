@@ -123,3 +123,15 @@ def test_bad_config_is_a_clear_error_before_any_work(overrides, message, tmp_pat
   assert refused.value.exit_code == 2
   assert not cache.exists(), "data was prepared before the config was checked"
   assert not workdir.exists(), "a refused run wrote into its work directory"
+
+
+def test_a_sample_prompt_the_context_cannot_hold_costs_the_sample_only(tmp_path, cache_dir, caplog):
+  """The eval's greedy sample of a prompt longer than the model's context had ended the run with
+  a traceback at its first eval, before the checkpoint of the same step."""
+  overrides = {"log.sample_prompt": "x" * 100, "checkpoint.every": 2, "train.eval_every": 2}
+  with caplog.at_level(logging.WARNING, logger="loom"):
+    trainer.train_and_evaluate(
+      tiny_config(cache_dir, {**overrides, "train.steps": 2}), str(tmp_path / "run")
+    )
+  assert os.path.isdir(tmp_path / "run" / "checkpoints" / "2")
+  assert "log.sample_prompt: no sample at step 2: prompt 0 is 100 tokens" in caplog.text

@@ -112,6 +112,13 @@ def test_validate_names_each_bad_key():
     "checkpoint.local_dir": "gs://bucket/local",  # the object store is the persistent tier
     "checkpoint.local_replicas": 2,
     "checkpoint.local_keep": 0,
+    # An empty sample prompt had crashed the first eval, before the save at the same step.
+    "log.sample_prompt": "",
+    # Each of these had trained on NaN from step 1 (or inf updates), ending in a DivergenceError
+    # that advised a lower learning rate.
+    "model.norm_eps": -1.0,
+    "model.rope_theta": 0.0,
+    "model.param_dtype": "float16",
   }
   for key, value in cases.items():
     config = tiny.get_config()
@@ -122,6 +129,25 @@ def test_validate_names_each_bad_key():
   config = tiny.get_config()
   config.model.vocab_size = 100
   with pytest.raises(config_lib.ConfigError, match="model.vocab_size=100 is smaller than .* 258"):
+    config_lib.validate(config, devices=devices)
+  config = tiny.get_config()
+  config.model.lora_rank, config.model.lora_targets = 4, ("q", "gate")
+  config.model.mlp = "gelu"
+  with pytest.raises(config_lib.ConfigError, match="'gate' is a kernel of the swiglu MLP"):
+    config_lib.validate(config, devices=devices)
+  config.model.lora_targets, config.model.lora_alpha = ("q",), 0.0
+  with pytest.raises(config_lib.ConfigError, match="model.lora_alpha=0.0 must be > 0"):
+    config_lib.validate(config, devices=devices)
+  # A key a config file adds (ml_collections lets it) was ignored: the default was trained with.
+  config = tiny.get_config()
+  config.optim.lr = 1e-4
+  with pytest.raises(config_lib.ConfigError, match=r"optim.lr is not a config key .*learning_rate"):
+    config_lib.validate(config, devices=devices)
+  config = tiny.get_config()
+  config.train.stpes = 10
+  with pytest.raises(
+    config_lib.ConfigError, match=r"train.stpes is not a config key \(did you mean train.steps\?"
+  ):
     config_lib.validate(config, devices=devices)
 
 

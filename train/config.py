@@ -10,6 +10,7 @@ key, its value and what would be valid. It writes nothing: a refused run leaves 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 from typing import Any
@@ -65,6 +66,7 @@ def validate(
   tokenizer file) naming what to change.
   """
   _check_finite(config.to_dict())
+  _check_known_keys(config.to_dict(), default.get_config().to_dict())
   _check_train(config)
   _check_objective(config)
   _check_optim(config.optim)
@@ -151,6 +153,25 @@ def check_layout(config: ml_collections.ConfigDict, model_cfg: ModelConfig, size
   _check_model_on_mesh(model_cfg, mesh, rules)
 
 
+def _check_known_keys(values: dict[str, Any], known: dict[str, Any], prefix: str = "") -> None:
+  """Every key is one of configs/default.py's: a config file that sets ``c.optim.lr`` (adding a
+  key ml_collections allows) would train with the default learning rate. The model group is
+  ModelConfig's to check (models/config.py), an MoE's included."""
+  for name, value in values.items():
+    key = f"{prefix}{name}"
+    if key == "model":
+      continue
+    if name not in known:
+      close = difflib.get_close_matches(name, list(known), n=1)
+      hint = f"did you mean {prefix}{close[0]}? " if close else ""
+      raise ConfigError(
+        f"{key} is not a config key ({hint}the keys of {prefix.rstrip('.') or 'the config'}: "
+        f"{', '.join(sorted(known))}); every key is declared in configs/default.py"
+      )
+    if isinstance(value, dict) and isinstance(known[name], dict) and known[name]:
+      _check_known_keys(value, known[name], f"{key}.")
+
+
 def _check_finite(values: dict[str, Any], prefix: str = "") -> None:
   """No key of the config holds NaN or an infinity: a comparison such as ``value < 0`` lets NaN
   through, and a run trained on one skips every step or compiles nothing useful."""
@@ -218,6 +239,12 @@ def _check_train(config) -> None:
     raise ConfigError(
       f"train.spike_factor={train.spike_factor!r} must be > 1 (a loss that many times "
       f"the running mean is a spike), or set train.spike_policy='off'"
+    )
+  log = config.log
+  if log.sample_tokens > 0 and not (isinstance(log.sample_prompt, str) and log.sample_prompt):
+    raise ConfigError(
+      f"log.sample_prompt={log.sample_prompt!r} must be a non-empty text to continue at each "
+      "eval, or set log.sample_tokens=0 (no sample)"
     )
   window = tuple(config.log.profile_steps)
   if window and (

@@ -8,6 +8,7 @@ Every process calls it (the steps are global); process 0 alone writes the harnes
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from typing import Any
 
@@ -18,6 +19,8 @@ from train import dpo
 from train.inference import generation, harness, loading
 from train.inference.engine import Engine
 from train.inference.loading import Model
+
+_log = logging.getLogger("loom")
 
 
 def validation_loss(
@@ -89,9 +92,13 @@ class Validation:
     )
     sample = None
     if log.sample_tokens > 0:
-      sample = generation.greedy_sample(
-        self.model(params, step), log.sample_prompt, int(log.sample_tokens)
-      )
+      try:
+        sample = generation.greedy_sample(
+          self.model(params, step), log.sample_prompt, int(log.sample_tokens)
+        )
+      except ValueError as e:  # a prompt the context cannot hold: the eval (and the save
+        # after it) goes on without its sample
+        _log.warning("log.sample_prompt: no sample at step %d: %s", step, e)
     if harness_config.tasks:
       results = harness.run_tasks(
         self.model(params, step),
