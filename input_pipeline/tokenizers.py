@@ -131,8 +131,9 @@ class HFTokenizer:
     eos = self._special_token("eos_token")
     if eos is None:
       raise errors.DataError(
-        f"data.tokenizer='hf:{directory}': tokenizer_config.json names no eos_token; Loom uses it "
-        "as the end-of-document id"
+        f"data.tokenizer='hf:{directory}': neither tokenizer_config.json nor "
+        "special_tokens_map.json names an eos_token, nor config.json an eos_token_id; Loom uses "
+        "it as the end-of-document id"
       )
     self.eod_id = eos
     self.pad_id = self._special_token("pad_token")
@@ -163,9 +164,10 @@ class HFTokenizer:
       template = named.get("default")
     return template if isinstance(template, str) else None
 
-  def _config(self) -> dict:
-    """tokenizer_config.json ({} without one); one that is not a JSON object is an error."""
-    path = self.directory / "tokenizer_config.json"
+  def _config(self, name: str = "tokenizer_config.json") -> dict:
+    """A JSON file of the directory ({} without one); one that is not a JSON object is an
+    error."""
+    path = self.directory / name
     if not path.is_file():
       return {}
     try:
@@ -181,10 +183,18 @@ class HFTokenizer:
     return config
 
   def _special_token_text(self, key: str) -> str | None:
-    token = self._config().get(key)
-    if isinstance(token, dict):  # {"content": "</s>", ...} in older files
-      token = token.get("content")
-    return token if isinstance(token, str) else None
+    """tokenizer_config.json's, else special_tokens_map.json's, else the token of config.json's
+    ``<key>_id`` (GPT-2's directories name their end of text only there)."""
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+      token = self._config(name).get(key)
+      if isinstance(token, dict):  # {"content": "</s>", ...} in older files
+        token = token.get("content")
+      if isinstance(token, str):
+        return token
+    token_id = self._config("config.json").get(f"{key}_id")
+    if isinstance(token_id, list) and token_id:  # Llama 3.1 Instruct lists several ends
+      token_id = token_id[0]
+    return self._tok.id_to_token(token_id) if isinstance(token_id, int) else None
 
   def _special_token(self, key: str) -> int | None:
     token = self._special_token_text(key)

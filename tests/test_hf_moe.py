@@ -181,6 +181,22 @@ def test_export_picks_the_family_or_names_what_none_expresses():
     assert named in str(refused.value)
 
 
+def test_export_refuses_a_gpt2_layout_that_gpt2_cannot_hold():
+  """A GPT-2-shaped model with q/k norms, grouped kv heads or another head width had been
+  written as GPT-2 anyway: the norms left out, or shapes transformers refuses to load."""
+  gpt2 = dict(vocab_size=VOCAB, max_seq_len=64, positions="learned", norm="layer", mlp="gelu")
+  gpt2 |= dict(use_bias=True, d_model=32, num_heads=4, num_kv_heads=4, head_dim=8)
+  assert exporting.family_for(model_config(**gpt2), None).model_type == "gpt2"
+  for fields, named in [
+    ({"qk_norm": True}, "model.qk_norm=True"),
+    ({"num_kv_heads": 2}, "model.num_kv_heads=2 (GPT-2: one per head, 4)"),
+    ({"head_dim": 16}, "model.head_dim=16 (GPT-2: d_model / num_heads = 8)"),
+  ]:
+    with pytest.raises(ConversionError, match="has GPT-2's layout but") as refused:
+      exporting.family_for(model_config(**{**gpt2, **fields}), None)
+    assert named in str(refused.value)
+
+
 def test_init_from_takes_the_experts_from_hf_and_the_dispatch_from_the_run(imported):
   """The source decides the experts' shape; dispatch and loss weights stay the run's."""
   config = default.get_config()

@@ -147,6 +147,14 @@ def test_a_tokenizer_file_of_another_kind_is_a_clear_error(tmp_path):
   (tmp_path / "tokenizer_config.json").write_text('{"eos_token": ')
   with pytest.raises(errors.DataError, match=r"tokenizer_config.json is not JSON"):
     tokenizers.HFTokenizer(tmp_path)
+  # GPT-2's directories name their end of text in config.json only (tokenizer_config.json
+  # holds model_max_length): the import had been refused.
+  (tmp_path / "tokenizer_config.json").write_text('{"model_max_length": 1024}')
+  with pytest.raises(errors.DataError, match=r"names an eos_token, nor config.json an eos_tok"):
+    tokenizers.HFTokenizer(tmp_path)
+  (tmp_path / "config.json").write_text('{"eos_token_id": 0, "bos_token_id": 0}')
+  tok = tokenizers.HFTokenizer(tmp_path)
+  assert (tok.eod_id, tok.bos_id, tok.special_tokens["eos_token"]) == (0, 0, "a")
 
 
 def test_empty_corpus_is_a_clear_error(tmp_path):

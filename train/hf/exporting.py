@@ -47,6 +47,21 @@ def family_for(cfg: ModelConfig, source: dict[str, Any] | None) -> Family:
     if not family.moe:
       return family
   if cfg.positions == "learned" and cfg.norm == "layer" and cfg.mlp == "gelu" and cfg.use_bias:
+    misfit = []  # what GPT-2's config cannot say: written anyway, transformers computes another
+    if cfg.qk_norm:
+      misfit.append("model.qk_norm=True (GPT-2 has no q/k norms)")
+    if cfg.num_kv_heads != cfg.num_heads:
+      misfit.append(f"model.num_kv_heads={cfg.num_kv_heads} (GPT-2: one per head, {cfg.num_heads})")
+    if cfg.head_dim * cfg.num_heads != cfg.d_model:
+      misfit.append(
+        f"model.head_dim={cfg.head_dim} (GPT-2: d_model / num_heads = "
+        f"{cfg.d_model / cfg.num_heads:g})"
+      )
+    if misfit:
+      raise ConversionError(
+        f"this model has GPT-2's layout but {'; '.join(misfit)}: no Hugging Face family Loom "
+        "writes holds it"
+      )
     return families.FAMILIES["gpt2"]
   if _llama_layout(cfg):
     if cfg.qk_norm and not cfg.qkv_bias:
