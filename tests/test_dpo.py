@@ -33,6 +33,7 @@ from train.cluster import mesh as mesh_lib
 from train.hf import families, importing
 from train.hf.safetensors_io import HFCheckpoint
 from train.inference import loading
+from train.meter import flops
 
 # Plain-string records (TRL's "standard" preference format); completions start with a space, so
 # no BPE token straddles the prompt / completion boundary in either tokenization.
@@ -489,6 +490,12 @@ def test_a_dpo_run_learns_the_preferred_answers_and_resumes_exactly(tmp_path):
   resumed = copy_run(workdir, tmp_path / "resumed", 16)
   report = train_in_process(resumed, tmp_path / "cache", overrides)
   assert report["restarted_from_step"] == 8  # the reference came back from the checkpoint
+  # The meter counts the reference model's forward pass (2 FLOPs a weight) beside the policy's
+  # forward and backward (6): 8 a weight, plus attention.
+  cfg = loading.load(workdir, 16).model_cfg
+  seq = tiny.get_config().data.seq_len
+  expected = flops.train_flops_per_token(cfg, seq) + flops.forward_flops_per_token(cfg, seq)
+  assert report["flops_per_token"] == expected
   assert train_losses(read_metrics(resumed)) == train_losses(read_metrics(workdir))
   # The reference serves inference; SimPO keeps none, so its resume is refused in one line (no
   # Orbax tree error), and a run without one has no reference to load.

@@ -59,6 +59,13 @@ def abstract_batch(
   return {key: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding) for key, dtype in fields}
 
 
+def uses_reference(config: ml_collections.ConfigDict) -> bool:
+  """Whether each train step also runs a reference model's forward pass (DPO but SimPO, GRPO
+  with rl.kl_coef > 0): the frozen copy, or with LoRA the weights with the adapters off."""
+  settings = (dpo.Preference.from_config(config), grpo.Settings.from_config(config))
+  return any(s is not None and s.uses_reference for s in settings)
+
+
 def jit_programs(
   config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules, model_cfg: ModelConfig
 ) -> Programs:
@@ -72,9 +79,7 @@ def jit_programs(
   policy = grpo.Settings.from_config(config)
   # DPO's and GRPO's reference: with LoRA the adapters switched off, else a frozen copy in the
   # state.
-  reference = not lora_only and any(
-    settings is not None and settings.uses_reference for settings in (preference, policy)
-  )
+  reference = not lora_only and uses_reference(config)
   spec = state_lib.state_spec(model_cfg, tx, mesh, rules, seed=config.seed, reference=reference)
   batch_sharding = mesh_lib.batch_sharding(mesh, rules)
   replicated = mesh_lib.replicated(mesh)

@@ -35,7 +35,7 @@ from train.cluster.preemption import PreemptionWatcher
 from train.meter import flops
 from train.meter import run_meter as meter_lib
 from train.meter.run_meter import Meter
-from train.programs import Programs, jit_programs
+from train.programs import Programs, jit_programs, uses_reference
 
 log = logging.getLogger("loom")
 
@@ -160,8 +160,11 @@ def build_steps(
   """
   programs = jit_programs(config, mesh, rules, model_cfg)
   peak = flops.run_peak(model_cfg.dtype, use_given=not measure_peak)
+  per_token = flops.train_flops_per_token(model_cfg, config.data.seq_len)
+  if uses_reference(config):  # the reference model's forward pass, every step
+    per_token += flops.forward_flops_per_token(model_cfg, config.data.seq_len)
   meter = Meter(
-    flops_per_token=flops.train_flops_per_token(model_cfg, config.data.seq_len),
+    flops_per_token=per_token,
     peak_flops_per_second=peak.flops_per_second,
     peak_source=peak.source,
   )

@@ -26,7 +26,9 @@ PHASES = ("compile", "train", "eval", "checkpoint", "input_wait")
 FLOPS_FORMULA = (
   "6*(N_nonembedding_active + d_model*vocab if tied) + 12*layers*heads*head_dim*seq_len per "
   "token; N_nonembedding_active: an untied output layer included, an MoE's router and K experts; "
-  "LoRA: 4 per frozen weight, 6 per adapter weight; attention over the whole seq_len x seq_len "
+  "LoRA: 4 per frozen weight, 6 per adapter weight; DPO (not SimPO) and GRPO with a KL term add "
+  "the reference model's forward pass, 2*N_nonembedding_active + 4*layers*heads*head_dim*seq_len; "
+  "attention over the whole seq_len x seq_len "
   "square (PaLM's and nanoGPT's convention: causal masks and packed documents not discounted); "
   "rematerialised and chunked-loss recompute not counted (train/meter/flops.py)"
 )
