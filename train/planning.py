@@ -471,14 +471,23 @@ def plan(
       )
   result.update(_time_and_energy(config, model_cfg, topology, tokens, mfu))
   stages = _ways(sizes, rules, "layers")
+  step_time = result["step_time_s"]
   if stages > 1:  # the idle ticks of the schedule lengthen each step (models/pipeline.py)
     schedule = pipeline.schedule(
       stages, model_cfg.pipeline_microbatches, model_cfg.pipeline_repeats
     )
-    schedule["step_time_with_bubble_s"] = result["step_time_s"] / (1 - schedule["bubble"])
+    # step_time_s is the stages' compute at the assumed MFU; the run's time, chip-hours,
+    # energy and rate include the bubble (its MFU is mfu × (1 - bubble)).
+    step_time = step_time / (1 - schedule["bubble"])
+    schedule["step_time_with_bubble_s"] = step_time
+    schedule["mfu_with_bubble"] = mfu * (1 - schedule["bubble"])
     result["pipeline"] = schedule
+    longer = step_time / result["step_time_s"]
+    for key in ("time_to_train_s", "chip_hours", "energy_kwh"):
+      result[key] *= longer
+    result["tokens_per_second"] /= longer
   result["checkpoints"] = checkpoint_losses(
-    config, estimate["state"] * chips_per_host(topology), result["step_time_s"], save_rates
+    config, estimate["state"] * chips_per_host(topology), step_time, save_rates
   )
   return result
 
