@@ -230,7 +230,8 @@ def get_config() -> ml_collections.ConfigDict:
   # save, which CPU-bound hosts take from their steps (True on hosts with idle cores, if bytes
   # matter more).
   c.checkpoint.compress = False
-  c.checkpoint.allow_mismatch = False  # resume even if the data fingerprint or model config changed
+  # Resume even if the data fingerprint, the model, train.batch_size or seed changed.
+  c.checkpoint.allow_mismatch = False
   c.checkpoint.verify = True  # check each checkpoint's checksums before restoring from it
   # A save that fails in a way that may pass (a store's error) is logged and the next save tries
   # again; after this many failures in a row, or at once for a full disk or lost permissions, the

@@ -240,11 +240,9 @@ def _build_mixture(config: ml_collections.ConfigDict, cache_dir: Path) -> Pipeli
     data.tokenizer,
     spm_model=data.spm_model,
     spm_vocab_size=int(data.spm_vocab_size),
-    # The tokenizer's sample follows the first stage's weights: they are part of its recipe.
-    source_identity={
-      "mixture": [source.identity for source in resolved],
-      "weights": [float(w) for w in table[0][1]],
-    },
+    # The sample follows the first stage's weights, which are left out of the recipe: a
+    # mixture reweighted on resume (checkpoint.allow_mismatch) keeps its cached tokenizer.
+    source_identity={"mixture": [source.identity for source in resolved]},
     train_documents=lambda: mixture.tokenizer_documents(resolved, table[0][1]),
     cache_dir=cache_dir,
   )

@@ -183,15 +183,17 @@ class HFTokenizer:
     return config
 
   def _special_token_text(self, key: str) -> str | None:
-    """tokenizer_config.json's, else special_tokens_map.json's, else the token of config.json's
-    ``<key>_id`` (GPT-2's directories name their end of text only there)."""
+    """As transformers reads it: tokenizer_config.json's (an explicit null included), else
+    special_tokens_map.json's; for the eos alone, else the token of config.json's eos_token_id
+    (GPT-2's directories name their end of text only there)."""
     for name in ("tokenizer_config.json", "special_tokens_map.json"):
-      token = self._config(name).get(key)
-      if isinstance(token, dict):  # {"content": "</s>", ...} in older files
-        token = token.get("content")
-      if isinstance(token, str):
-        return token
-    token_id = self._config("config.json").get(f"{key}_id")
+      config = self._config(name)
+      if key in config:
+        token = config[key]
+        if isinstance(token, dict):  # {"content": "</s>", ...} in older files
+          token = token.get("content")
+        return token if isinstance(token, str) else None
+    token_id = self._config("config.json").get(f"{key}_id") if key == "eos_token" else None
     if isinstance(token_id, list) and token_id:  # Llama 3.1 Instruct lists several ends
       token_id = token_id[0]
     return self._tok.id_to_token(token_id) if isinstance(token_id, int) else None

@@ -210,22 +210,6 @@ class ModelConfig:
         f"model.lora_rank={self.lora_rank} / model.lora_targets={self.lora_targets}: the rank "
         f"must be >= 0 (0 = off) and the targets a non-empty subset of {targets}"
       )
-    if self.lora_rank and self.mlp != "swiglu" and "gate" in self.lora_targets:
-      raise ValueError(
-        f"model.lora_targets={self.lora_targets}: 'gate' is a kernel of the swiglu MLP, and "
-        f"model.mlp={self.mlp!r} has none (its kernels: up, down)"
-      )
-    if self.lora_rank and not self.lora_alpha > 0:
-      raise ValueError(
-        f"model.lora_alpha={self.lora_alpha!r} must be > 0: the adapters' output is scaled by "
-        "alpha / rank, and 0 leaves them without a gradient"
-      )
-    if self.param_dtype == "float16":
-      raise ValueError(
-        "model.param_dtype='float16' keeps the parameters and Adam's moments in float16, "
-        "without loss scaling: eps and small second moments round to 0 and the first update is "
-        "inf; use 'float32' (with model.dtype='float16' or 'bfloat16' compute) or 'bfloat16'"
-      )
     if not self.norm_eps > 0:
       raise ValueError(f"model.norm_eps={self.norm_eps!r} must be > 0")
     if self.positions == "rope":

@@ -64,6 +64,18 @@ def test_a_restoring_process_checks_its_parts_and_finds_damage_there(step_dir):
   assert any("extra: not part of the saved checkpoint" in p for p in integrity.verify(step_dir))
 
 
+def test_a_part_sealed_by_more_processes_does_not_spoil_the_seal_of_fewer(step_dir):
+  """Two processes were killed after process 0 of a three-process cluster had sealed its part;
+  the run restored on one process (which seals the whole step) had read as corrupt: the extra
+  files of the other count's processes "not part of the saved checkpoint"."""
+  integrity.seal(step_dir, process=0, num_processes=3)
+  assert integrity.num_parts(step_dir) == 3 and not integrity.is_sealed(step_dir)
+  integrity.seal(step_dir, process=0, num_processes=1)  # the restore's seal, on one process
+  assert integrity.is_sealed(step_dir) and integrity.num_parts(step_dir) == 1
+  assert integrity.verify(step_dir) == []
+  assert integrity.verify_all(str(step_dir.parent.parent))[1] == 0
+
+
 def test_every_part_is_checked_exactly_once_on_any_process_count():
   for written_by in (1, 2, 3, 8):
     for now in (1, 2, 4, 5):

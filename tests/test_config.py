@@ -2,6 +2,7 @@
 
 import ast
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -80,7 +81,7 @@ def test_a_refused_resume_leaves_the_work_directory_as_it_was(tiny_run, tmp_path
   assert sorted(os.listdir(workdir)) == listing and not local.exists()
 
 
-def test_a_finished_run_started_again_keeps_what_it_wrote(tiny_run, tmp_path, cache_dir):
+def test_a_finished_run_started_again_keeps_what_it_wrote(tiny_run, tmp_path, cache_dir, caplog):
   """Nothing to train (its last step is saved): the run's report (its meter), config and
   metrics stay as the run wrote them, whatever the new start's settings."""
   from cli_helpers import train_in_process
@@ -98,9 +99,14 @@ def test_a_finished_run_started_again_keeps_what_it_wrote(tiny_run, tmp_path, ca
   train_in_process(workdir, cache_dir)
   with open(os.path.join(workdir, "report.json")) as f:
     assert json.load(f)["preempted"] is False
+  # Raising train.steps trains on, and says that the decay now spans the new count.
+  with caplog.at_level(logging.WARNING, logger="loom"):
+    report = train_in_process(workdir, cache_dir, {"train.steps": 22})
+  assert report["restarted_from_step"] == 20 and report["steps"] == 22
+  assert "train.steps=20 in the checkpoint, 22 now: the learning rate" in caplog.text
 
 
-def test_validate_names_each_bad_key():
+def test_validate_names_each_bad_key(tmp_path):
   devices = jax.devices()
   cases = {
     "optim.b2": 1.0,
@@ -118,14 +124,16 @@ def test_validate_names_each_bad_key():
     # that advised a lower learning rate.
     "model.norm_eps": -1.0,
     "model.rope_theta": 0.0,
-    "model.param_dtype": "float16",
+    "model.param_dtype": "float16",  # refused for a run that trains (it has a workdir)
   }
   for key, value in cases.items():
     config = tiny.get_config()
     group, name = key.split(".")
     config[group][name] = value
     with pytest.raises(config_lib.ConfigError, match=f"{key}={value!r}"):
-      config_lib.validate(config, devices=devices)
+      config_lib.validate(config, devices=devices, workdir=str(tmp_path / "w"))
+  config.model.param_dtype = "float16"  # an import or inference holds float16 weights
+  config_lib.validate(config, devices=devices)
   config = tiny.get_config()
   config.model.vocab_size = 100
   with pytest.raises(config_lib.ConfigError, match="model.vocab_size=100 is smaller than .* 258"):
@@ -134,11 +142,15 @@ def test_validate_names_each_bad_key():
   config.model.lora_rank, config.model.lora_targets = 4, ("q", "gate")
   config.model.mlp = "gelu"
   with pytest.raises(config_lib.ConfigError, match="'gate' is a kernel of the swiglu MLP"):
-    config_lib.validate(config, devices=devices)
+    config_lib.validate(config, devices=devices, workdir=str(tmp_path / "w"))
   config.model.lora_targets, config.model.lora_alpha = ("q",), 0.0
   with pytest.raises(config_lib.ConfigError, match="model.lora_alpha=0.0 must be > 0"):
-    config_lib.validate(config, devices=devices)
+    config_lib.validate(config, devices=devices, workdir=str(tmp_path / "w"))
   # A key a config file adds (ml_collections lets it) was ignored: the default was trained with.
+  config = tiny.get_config()
+  config.data.mixture_stages = ((5, (1.0,)),)  # without a mixture: it had been ignored
+  with pytest.raises(config_lib.ConfigError, match=r"data.mixture_stages=.* but data.mixture"):
+    config_lib.validate(config, devices=devices)
   config = tiny.get_config()
   config.optim.lr = 1e-4
   with pytest.raises(config_lib.ConfigError, match=r"optim.lr is not a config key .*learning_rate"):

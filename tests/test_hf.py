@@ -204,6 +204,11 @@ def test_the_tokenizer_travels_with_import_and_export(tmp_path):
   assert tokenizer("def f():", add_special_tokens=False)["input_ids"] == model.tokenizer.encode(
     "def f():"
   )
+  # The imported work directory moved (its config names its tokenizer by the old absolute
+  # path): the copy beside the checkpoint serves (loading it had failed: no such file).
+  moved = str(tmp_path / "moved")
+  os.rename(workdir, moved)
+  assert loading.load(moved).tokenizer.encode("def f():") == model.tokenizer.encode("def f():")
 
 
 def _bad(tmp_path, edit) -> str:

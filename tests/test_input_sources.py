@@ -154,7 +154,11 @@ def test_a_tokenizer_file_of_another_kind_is_a_clear_error(tmp_path):
     tokenizers.HFTokenizer(tmp_path)
   (tmp_path / "config.json").write_text('{"eos_token_id": 0, "bos_token_id": 0}')
   tok = tokenizers.HFTokenizer(tmp_path)
-  assert (tok.eod_id, tok.bos_id, tok.special_tokens["eos_token"]) == (0, 0, "a")
+  assert (tok.eod_id, tok.bos_id, tok.special_tokens["eos_token"]) == (0, None, "a")
+  # An explicit null is read as transformers reads it: no such token.
+  (tmp_path / "tokenizer_config.json").write_text('{"eos_token": "a", "pad_token": null}')
+  (tmp_path / "special_tokens_map.json").write_text('{"pad_token": "a"}')
+  assert tokenizers.HFTokenizer(tmp_path).special_tokens == {"eos_token": "a"}
 
 
 def test_empty_corpus_is_a_clear_error(tmp_path):

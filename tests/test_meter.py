@@ -87,6 +87,20 @@ def test_mfu_and_windows():
   assert report["mfu_median"] == pytest.approx(samples[0])
 
 
+def test_a_phase_inside_another_is_counted_once():
+  """The restore inside start-up had counted in both phases (their sum past the wall time)."""
+  m = meter.Meter(flops_per_token=1, peak_flops_per_second=1.0)
+  with m.phase("restore_or_init"):
+    time.sleep(0.05)
+    with m.phase("checkpoint"):
+      time.sleep(0.1)
+  with m.phase("checkpoint"):
+    time.sleep(0.02)
+  wall = time.perf_counter() - m.started
+  assert 0.05 <= m.seconds["restore_or_init"] < 0.1 and m.seconds["checkpoint"] >= 0.12
+  assert sum(m.seconds.values()) <= wall
+
+
 def test_report_on_four_tpu_v4_chips_for_an_hour_by_hand():
   m = _meter()
   report = m.report(

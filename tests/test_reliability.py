@@ -157,7 +157,7 @@ def test_health_in_the_logs_applied_rate_layer_norms_tokens_and_goodput(
   assert 0 < goodput["goodput"] <= 1 and goodput["redone_steps"] == 0
   accounted = goodput["productive_s"] + sum(goodput["lost_s"].values())
   assert accounted == pytest.approx(goodput["wall_s"], rel=0.02)
-  assert {"compile", "checkpoint", "input_wait", "eval", "restore_or_init"} <= goodput[
+  assert {"compile", "checkpoint", "input_wait", "eval", "restore_or_init", "data"} <= goodput[
     "lost_s"
   ].keys()
 
@@ -325,11 +325,15 @@ def test_a_store_that_refuses_a_read_is_not_taken_for_a_corrupt_checkpoint():
 
   assert manager._is_format_failure(ValueError("DATA_LOSS: Error decoding b-tree node"))
   assert manager._is_format_failure(FileNotFoundError("state/d/0a1b: no such object"))
+  # A hash that holds a status's digits is no status.
+  assert manager._is_format_failure(ValueError("DATA_LOSS: state/d/ce9500b3: bad b-tree node"))
   for error in (
     ValueError("UNAVAILABLE: Error reading gs://b/ckpt/state/d/0a1b: HTTP 503"),
     ValueError("PERMISSION_DENIED: 403 Forbidden"),
     OSError("429 Too Many Requests"),
     PermissionError("gs://b/ckpt"),
+    ValueError("Error reading gs://b/ckpt/state/d/0a1b: 504 Gateway Timeout"),
+    ValueError("INTERNAL: HTTP status 500"),
   ):
     assert not manager._is_format_failure(error), error
 

@@ -89,9 +89,31 @@ def validate(
     hardware.check_quant(model_cfg.quant, model_cfg.quant_emulation, mesh.devices.flat[0])
   except ValueError as e:
     raise ConfigError(str(e)) from e
-  if workdir is not None:
+  if workdir is not None:  # a run that trains (an import, a plan or a bench does not)
+    check_trainable(model_cfg)
     check_workdir(workdir)
   return Resolved(model_cfg, mesh, rules)
+
+
+def check_trainable(cfg: ModelConfig) -> None:
+  """What a model may hold and be loaded with, but not be trained with: a saved LoRA run's
+  targets or an import's float16 weights stay loadable for inference."""
+  if cfg.lora_rank and cfg.mlp != "swiglu" and "gate" in cfg.lora_targets:
+    raise ConfigError(
+      f"model.lora_targets={cfg.lora_targets}: 'gate' is a kernel of the swiglu MLP, and "
+      f"model.mlp={cfg.mlp!r} has none (its kernels: up, down); no adapter would be trained there"
+    )
+  if cfg.lora_rank and not cfg.lora_alpha > 0:
+    raise ConfigError(
+      f"model.lora_alpha={cfg.lora_alpha!r} must be > 0: the adapters' output is scaled by "
+      "alpha / rank, and 0 leaves them without a gradient"
+    )
+  if cfg.param_dtype == "float16":
+    raise ConfigError(
+      "model.param_dtype='float16' keeps the parameters and Adam's moments in float16, "
+      "without loss scaling: eps and small second moments round to 0 and the first update is "
+      "inf; train with 'float32' (model.dtype='float16' or 'bfloat16' computes) or 'bfloat16'"
+    )
 
 
 def model_config(config: ml_collections.ConfigDict, *, with_tokenizer: bool = True) -> ModelConfig:
@@ -388,6 +410,11 @@ def _check_data(data) -> None:
     for spec, _ in data.mixture:
       _check_source(spec, "data.mixture source")
   else:
+    if tuple(data.mixture_stages):
+      raise ConfigError(
+        f"data.mixture_stages={tuple(data.mixture_stages)} changes a mixture's weights, but "
+        "data.mixture is () (one data.source): set data.mixture, or mixture_stages=()"
+      )
     _check_source(data.source, "data.source")
   _check_store_keys(data)
 

@@ -56,8 +56,8 @@ def _loom_source(path: str, step: int | None) -> tuple[Any, int, dict[str, Any]]
     ckpt, steps = manager.open_read_only(path)
   except FileNotFoundError as e:
     raise ConfigError(f"checkpoint.init_from: {e}") from e
-  if step is None:  # process 0's latest for all: a live run may save between two listings
-    step = int(agreement.from_main("init-from-latest-step", str(steps[-1])))
+  if step is None:  # the processes' oldest latest: a live run may save between two listings
+    step = min(int(s) for s in agreement.gather("init-from-latest-step", str(steps[-1])))
   if step not in steps:
     raise ConfigError(f"checkpoint.init_from: {path} has no step {step}; it has {steps}")
   restored = ckpt.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))

@@ -215,7 +215,8 @@ class _Loop:
     self.pending.clear()  # steps after the checkpoint are discarded, and what they recorded
     self.latest = None
     self.health, self.skips_seen = self.new_health(), 0
-    self.state = self.ckpt.restore(latest, self.run.spec.abstract)
+    with self.meter.phase("checkpoint"):  # lost time, not training
+      self.state = self.ckpt.restore(latest, self.run.spec.abstract)
     if self.ckpt.local is not None:
       self.ckpt.local.discard_after(latest)  # the steps after it are another trajectory now
     plan = health.plan_rollback(

@@ -54,7 +54,8 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
     ),
     f"at MFU {result['mfu']:.0%} of the datasheet dense peak "
     f"({result['peak_flops_per_chip'] / 1e12:,.0f} TFLOP/s per chip): "
-    f"{result['step_time_s']:.3f} s/step, "
+    f"{result.get('pipeline', {}).get('step_time_with_bubble_s', result['step_time_s']):.3f} "
+    f"s/step{' with the bubble' if 'pipeline' in result else ''}, "
     f"{result['tokens_per_second']:,.0f} tokens/s; {result['tokens']:.3g} tokens in "
     f"{result['time_to_train_s'] / 3600:,.1f} h ({result['chip_hours']:,.0f} chip-hours), "
     f"~{result['energy_kwh']:,.0f} kWh (estimated, PUE {result['pue']})",

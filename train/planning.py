@@ -33,7 +33,7 @@ from train.cluster import gpu_nodes, tpu_slice
 from train.cluster import mesh as mesh_lib
 from train.meter import flops, hardware
 from train.meter.gemms import low_precision_counts, low_precision_gemms
-from train.programs import jit_programs
+from train.programs import jit_programs, uses_reference
 
 # --- the analytic model (used alone without libtpu, and beside the compiler's figures) ---
 
@@ -569,7 +569,10 @@ def _time_and_energy(config, model_cfg, topology, tokens: int | None, mfu: float
   tokens_per_step = config.train.batch_size * config.data.seq_len
   # Analytic FLOPs (train/meter/flops.py) over the datasheet peak of the compute dtype: the
   # same quantity the trainer's MFU divides by.
-  flops_per_step = flops.train_flops_per_token(model_cfg, config.data.seq_len) * tokens_per_step
+  per_token = flops.train_flops_per_token(model_cfg, config.data.seq_len)
+  if uses_reference(config):  # DPO's or GRPO's reference model, a forward pass a step
+    per_token += flops.forward_flops_per_token(model_cfg, config.data.seq_len)
+  flops_per_step = per_token * tokens_per_step
   peak = chip.peak_flops[model_cfg.dtype if model_cfg.dtype in chip.peak_flops else "bfloat16"]
   tokens = tokens or config.train.steps * tokens_per_step
   steps = math.ceil(tokens / tokens_per_step)

@@ -37,6 +37,7 @@ WALL_PARTS = {  # goodput's names -> the bar's labels
   "input_wait": "input wait",
   "eval": "eval",
   "restore_or_init": "restore / init",
+  "data": "data preparation",
   "redone_steps": "redone steps",
   "other": "other",
 }

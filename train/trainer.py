@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import os
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -118,6 +119,7 @@ class Run:
 
 def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
   """Validates the config, then builds the data, the state shapes and the compiled steps."""
+  started = time.perf_counter()  # the meter's wall time starts here: data preparation included
   config = init_from.adopt(config)  # the source's architecture, when starting from weights
   if config.train.objective == "grpo":  # its batches are rollouts, not a data pipeline's
     raise config_lib.ConfigError(
@@ -125,13 +127,17 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
     )
   resolved = config_lib.validate(config, workdir=workdir)
   workdir = config_lib.create_workdir(workdir)
+  data_started = time.perf_counter()
   pipeline = preparation.build(config)  # prepared once for every process
+  data_s = time.perf_counter() - data_started
   if pipeline.tokenizer.vocab_size > resolved.model_cfg.vocab_size:
     raise RuntimeError(  # validation predicted the vocabulary from the config: a bug if it differs
       f"the tokenizer has {pipeline.tokenizer.vocab_size} ids, more than the model's "
       f"vocab_size={resolved.model_cfg.vocab_size} resolved from the config"
     )
   compiled = build_steps(config, resolved.mesh, resolved.rules, resolved.model_cfg)
+  compiled.meter.started = started
+  compiled.meter.seconds["data"] += data_s  # preparing (or opening) the run's data store
   return Run(
     config=config,
     workdir=workdir,
@@ -232,6 +238,17 @@ def restore_or_init(run: Run, ckpt: checkpoint_lib.Checkpointer) -> tuple[Any, i
     )
     for problem in problems:
       log.warning("resuming despite a mismatch (checkpoint.allow_mismatch): %s", problem)
+    before = (saved.get("config") or {}).get("train", {}).get("steps")
+    optim = run.config.optim
+    if before not in (None, run.config.train.steps) and optim.schedule != "constant":
+      log.warning(
+        "train.steps=%s in the checkpoint, %d now: the learning rate (optim.schedule=%r) decays "
+        "over the new count, so it changes where the run resumes; give optim.schedule='constant' "
+        "or keep train.steps for the old schedule",
+        before,
+        run.config.train.steps,
+        optim.schedule,
+      )
 
   if ckpt.local is not None:
     with run.meter.phase("checkpoint"):

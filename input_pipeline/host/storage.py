@@ -183,8 +183,10 @@ class AppendOnlyLog:
       self._dirty = False
 
   def _adopt_others_lines(self) -> None:
-    try:
-      current = self.path.read_text() if self.path.exists() else ""
+    try:  # the object's size first (one metadata request): read it only when it grew
+      if not self.path.exists() or self.path.stat().length == len(self._uploaded.encode()):
+        return
+      current = self.path.read_text()
     except OSError:
       return  # the upload below says what is wrong with the store
     if current == self._uploaded or not current.startswith(self._uploaded):

@@ -100,16 +100,22 @@ def seal(step_dir, process: int = 0, num_processes: int = 1) -> int:
 
 
 def _parts(step_dir: epath.Path) -> tuple[dict[int, epath.Path], int | None]:
-  """The seal parts present (process -> path) and N, or ({}, None) when unsealed."""
-  parts, total = {}, None
+  """The seal parts present (process -> path) and N, or ({}, None) when unsealed.
+
+  A step partly sealed by N processes (killed between their seals) and sealed again by the M
+  processes that restored it holds parts of both counts: the complete set wins, else the one
+  with the most parts (the larger count on a tie)."""
+  by_total: dict[int, dict[int, epath.Path]] = {}
   for path in step_dir.glob(f"{CHECKSUMS_PREFIX}*.json"):
     if path.name == LEGACY_CHECKSUMS:
       return {0: path}, 1
     match = _PART.match(path.name)
     if match:
-      parts[int(match.group(1))] = path
-      total = int(match.group(2))
-  return parts, total
+      by_total.setdefault(int(match.group(2)), {})[int(match.group(1))] = path
+  if not by_total:
+    return {}, None
+  total = max(by_total, key=lambda n: (len(by_total[n]) == n, len(by_total[n]), n))
+  return by_total[total], total
 
 
 def is_sealed(step_dir) -> bool:

@@ -189,7 +189,8 @@ class LocalTier:
     persistent tier still holds the run; a full disk or lost permissions turn the tier off."""
     if self._thread is None:
       return
-    deadline = time.monotonic() + self.timeout_s
+    began = time.monotonic()
+    deadline = began + self.timeout_s
     while self._thread.is_alive() and time.monotonic() < deadline:
       if self._stop_requested():
         deadline = min(deadline, time.monotonic() + GRACE_S)
@@ -200,11 +201,11 @@ class LocalTier:
       self.stats["failed_saves"] += 1
       self._buffers = None  # the thread may still read them
       log.warning(
-        "local checkpoint tier: saving step %s on process %d did not end within %.0f s; the "
-        "local tier is off for the rest of this run; the persistent tier goes on",
+        "local checkpoint tier: saving step %s on process %d had not ended after %.0f s of "
+        "waiting; the local tier is off for the rest of this run; the persistent tier goes on",
         step,
         self.process,
-        self.timeout_s,
+        time.monotonic() - began,
       )
       return
     error, self._error = self._error, None

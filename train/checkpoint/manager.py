@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -472,9 +473,13 @@ def _is_format_failure(error: Exception) -> bool:
     "resource_exhausted",
     "deadline",
     "timed out",
+    "timeout",
     # The store refused or could not serve the read (what TensorStore and gcsfs say once their
     # own retries are spent): the files may be sound.
     "unavailable",
+    "internal error",
+    "internal:",
+    "gateway",
     "permission",
     "forbidden",
     "unauthenticated",
@@ -482,7 +487,9 @@ def _is_format_failure(error: Exception) -> bool:
     "too many requests",
     "connection",
   )
-  return not any(word in text for word in not_the_files)
+  if any(word in text for word in not_the_files):
+    return False
+  return not re.search(r"\b(?:429|500|502|503|504)\b", text)  # HTTP statuses of the store
 
 
 # Why two runs' train states differ in their parts (train/state.py, train/programs.py).

@@ -230,6 +230,14 @@ def import_checkpoint(hf_dir: str, workdir: str, base: ml_collections.ConfigDict
   family = families.family_of(checkpoint.config, checkpoint.path)
   model_cfg = model_config(checkpoint, base)
   tokenizer = check_tokenizer(checkpoint, model_cfg)
+  if tokenizer is None:
+    log.warning(
+      "%s has no tokenizer.json: the import keeps the config's data.tokenizer=%r, which "
+      "generate, evaluate and training will use. For the model's own, save it as tokenizer.json "
+      "(transformers: AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)) and import again",
+      checkpoint.path,
+      base.data.tokenizer,
+    )
   workdir = os.path.abspath(os.path.expanduser(workdir))
   if os.path.exists(workdir) and (not os.path.isdir(workdir) or os.listdir(workdir)):
     raise ConversionError(f"--workdir {workdir} exists and is not empty; import into a new one")

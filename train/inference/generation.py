@@ -81,14 +81,18 @@ def generate(
   return Result(texts, out.tokens, out.stop_reasons, stats, out.logits)
 
 
+PROMPT_TAIL = 8  # prompt tokens decoded with the new ones (a bounded cost per streamed token)
+
+
 def continuation(tokenizer, prompt_ids: Sequence[int], new_ids: Sequence[int]) -> str:
-  """The text the new tokens add to the prompt's: decoded together and the prompt's text cut
-  off, since a SentencePiece-style decoder drops the leading space of a text's first token
-  ("is" + "▁Paris" alone decodes to "isParis")."""
-  prompt = tokenizer.decode(prompt_ids)
-  whole = tokenizer.decode(list(prompt_ids) + list(new_ids))
-  if whole.startswith(prompt):
-    return whole[len(prompt) :]
+  """The text the new tokens add to the prompt's: decoded after the prompt's last tokens and
+  their text cut off, since a SentencePiece-style decoder drops the leading space of a text's
+  first token ("is" + "▁Paris" alone decodes to "isParis")."""
+  tail = list(prompt_ids[-PROMPT_TAIL:])
+  before = tokenizer.decode(tail)
+  whole = tokenizer.decode(tail + list(new_ids))
+  if whole.startswith(before):
+    return whole[len(before) :]
   return tokenizer.decode(new_ids)
 
 

@@ -64,9 +64,9 @@ def load(
     raise ValueError(f"weights={weights!r}: give 'params' (the policy) or 'reference'")
   ckpt_manager, steps = manager.open_read_only(workdir)
   if step is None:
-    # Process 0's latest for every process: a save of a live run may land between two
-    # processes' listings, and each would restore its shards of another step.
-    step = int(agreement.from_main("load-latest-step", str(steps[-1])))
+    # The oldest of the processes' latest steps, for every process: a save of a live run may
+    # land between two processes' listings, and each would restore its shards of another step.
+    step = min(int(s) for s in agreement.gather("load-latest-step", str(steps[-1])))
   if step not in steps:
     raise ValueError(f"--step {step} has no checkpoint in {workdir}; available steps: {steps}")
   # The same integrity check as the trainer's restore: never sample from a corrupted checkpoint.
@@ -157,6 +157,13 @@ def _tokenizer(config: ml_collections.ConfigDict, metadata: dict[str, Any], work
   loaded alone: ``data.source`` fed it nothing)."""
   grpo = config.get("train", {}).get("objective") == "grpo"
   if metadata.get("data_fingerprint") is None or grpo:
+    kind, own = str(config.data.tokenizer), os.path.join(workdir, "tokenizer")
+    moved = kind.startswith("hf:") and not os.path.exists(kind[3:])
+    if moved and os.path.isfile(os.path.join(own, "tokenizer.json")):
+      # An import names its copy of the tokenizer by its absolute path: the (local) work
+      # directory was moved or copied since, and its own copy is beside the checkpoint.
+      config = config.copy_and_resolve_references()
+      config.data.tokenizer = f"hf:{own}"
     return tokenizers.load_tokenizer(config.data)
   pipeline = preparation.build(config)
   if pipeline.fingerprint != metadata["data_fingerprint"]:

@@ -21,7 +21,7 @@ import jax
 from train.meter import energy
 
 # The phases the trainer times; each appears in the report's breakdown even when it took no time.
-PHASES = ("compile", "train", "eval", "checkpoint", "input_wait")
+PHASES = ("compile", "train", "eval", "checkpoint", "input_wait", "data")
 
 FLOPS_FORMULA = (
   "6*(N_nonembedding_active + d_model*vocab if tied) + 12*layers*heads*head_dim*seq_len per "
@@ -48,13 +48,22 @@ class Meter:
   # Energy counters read from the meter's creation (None inside where the platform has none).
   energy_span: energy.EnergySpan = dataclasses.field(default_factory=energy.EnergySpan.start)
 
+  # The seconds spent in the phases opened inside each open phase (the innermost last).
+  _inner: list[float] = dataclasses.field(default_factory=list, repr=False)
+
   @contextmanager
   def phase(self, name: str):
+    """Times a phase; one opened inside another takes its seconds from the outer one, so that
+    the phases never count a second twice (a restore inside start-up is checkpoint time)."""
     start = time.perf_counter()
+    self._inner.append(0.0)
     try:
       yield
     finally:
-      self.seconds[name] += time.perf_counter() - start
+      elapsed = time.perf_counter() - start
+      self.seconds[name] += elapsed - self._inner.pop()
+      if self._inner:
+        self._inner[-1] += elapsed
 
   def mfu(self, tokens_per_second: float) -> float:
     return self.flops_per_token * tokens_per_second / self.peak_flops_per_second
