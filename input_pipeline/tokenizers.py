@@ -141,6 +141,7 @@ class HFTokenizer:
     self.bos_id = self._special_token("bos_token")
     self.chat_template = self._chat_template()
     self.special_tokens = self._special_token_texts()
+    self.document_prefix = self._document_prefix()
     self.identity = {
       "kind": "hf",
       "vocab_size": self.vocab_size,
@@ -150,6 +151,7 @@ class HFTokenizer:
       "eod_id": self.eod_id,
       "pad_id": self.pad_id,
       "special_tokens": self.special_tokens,
+      "document_prefix": self.document_prefix,  # stored documents start with these ids
     }
 
   def _chat_template(self) -> str | None:
@@ -228,9 +230,22 @@ class HFTokenizer:
       return self.encode(text)
     return self._tok.encode(text, add_special_tokens=True).ids
 
+  def _document_prefix(self) -> list[int]:
+    """What the post-processor puts before a text (Llama's BOS; nothing for GPT-2's or Qwen's),
+    found by encoding a probe with and without it."""
+    plain = self._tok.encode("a", add_special_tokens=False).ids
+    full = self._tok.encode("a", add_special_tokens=True).ids
+    for start in range(len(full) - len(plain) + 1):
+      if full[start : start + len(plain)] == plain:
+        return full[:start]
+    return []
+
   def encode_array(self, texts: list[str]) -> list[np.ndarray]:
+    """Training documents: each starts with what the post-processor puts before a text (BOS for
+    Llama's tokenizers, as transformers' ``tokenizer(text)`` and the harness give it); packing
+    ends each with the eod id."""
     encoded = self._tok.encode_batch(texts, add_special_tokens=False)
-    return [np.asarray(e.ids, np.int32) for e in encoded]
+    return [np.asarray(self.document_prefix + e.ids, np.int32) for e in encoded]
 
   def decode(self, ids: Iterable[int]) -> str:
     return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)

@@ -187,6 +187,16 @@ def test_hf_tokenizer_ids_equal_transformers(tmp_path):
   assert ours.encode(text) == theirs(text, add_special_tokens=False)["input_ids"]
   assert ours.eod_id == theirs.eos_token_id
   assert ours.decode(ours.encode(text)) == text
+  # Training documents are what transformers' tokenizer(text) gives: with a Llama-style BOS
+  # where the post-processor adds one (the harness scores after it too), without one here.
+  assert [list(ids) for ids in ours.encode_array([text])] == [theirs(text)["input_ids"]]
+  _tokenizer(str(tmp_path / "bos"), bos=True)
+  ours, theirs = (
+    HFTokenizer(tmp_path / "bos"),
+    transformers.AutoTokenizer.from_pretrained(str(tmp_path / "bos")),
+  )
+  assert ours.document_prefix == [theirs.bos_token_id]
+  assert [list(ids) for ids in ours.encode_array([text])] == [theirs(text)["input_ids"]]
 
 
 def test_the_tokenizer_travels_with_import_and_export(tmp_path):
