@@ -148,6 +148,10 @@ def test_validate_names_each_bad_key(tmp_path):
     config_lib.validate(config, devices=devices, workdir=str(tmp_path / "w"))
   # A key a config file adds (ml_collections lets it) was ignored: the default was trained with.
   config = tiny.get_config()
+  config.train.spike_policy, config.checkpoint.every = "rollback", 0  # had become "skip"
+  with pytest.raises(config_lib.ConfigError, match=r"spike_policy='rollback' .*every=0 saves"):
+    config_lib.validate(config, devices=devices)
+  config = tiny.get_config()
   config.data.mixture_stages = ((5, (1.0,)),)  # without a mixture: it had been ignored
   with pytest.raises(config_lib.ConfigError, match=r"data.mixture_stages=.* but data.mixture"):
     config_lib.validate(config, devices=devices)

@@ -291,6 +291,16 @@ def test_inference_meter_reports_throughput_bandwidth_and_energy(model):
   # forward FLOPs: 2 * (non-embedding + output layer) + attention at the mean context.
   assert stats["flops_per_generated_token"] > 2 * (26848 - 8256 + cfg.d_model * cfg.vocab_size)
   assert stats["energy_source"] in ("measured", "estimated")
+  # An energy counter's span opens once the programs are compiled (the time's clock starts
+  # there too): compiling for a new length is not the generation's energy.
+  compiled_at_start = []
+  longer = [model.tokenizer.encode("def " * 5)]
+  model.engine.run(
+    model.params, longer, max_new_tokens=3, sampling=sampling_lib.Sampling(0.0), seed=0,
+    eod_id=None,
+    on_start=lambda: compiled_at_start.append(model.engine.compile_seconds),
+  )  # fmt: skip
+  assert compiled_at_start == [model.engine.compile_seconds]
 
 
 def test_greedy_sample_is_the_greedy_continuation(model):

@@ -252,6 +252,7 @@ def _drop_tensor(hf_dir):
   [
     (lambda d: os.remove(os.path.join(d, "config.json")), "has no config.json"),
     (_set_config("model_type", "bert"), "model_type='bert' is not supported"),
+    (_set_config("num_attention_heads", None), "config.json has no 'num_attention_heads'"),
     (_drop_tensor, "tensor 'model.layers.1.mlp.up_proj.weight' is missing"),
     (
       _set_config("intermediate_size", 48),

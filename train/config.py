@@ -257,6 +257,12 @@ def _check_train(config) -> None:
     raise ConfigError(
       f"train.spike_policy={train.spike_policy!r} is not one of {health.SPIKE_POLICIES}"
     )
+  if train.spike_policy == "rollback" and config.checkpoint.every == 0:
+    raise ConfigError(
+      "train.spike_policy='rollback' returns to the last checkpoint, but checkpoint.every=0 "
+      "saves none before the end (every spike would only be skipped): give checkpoint.every > 0 "
+      "or train.spike_policy='skip'"
+    )
   if train.spike_policy != "off" and not train.spike_factor > 1:
     raise ConfigError(
       f"train.spike_factor={train.spike_factor!r} must be > 1 (a loss that many times "

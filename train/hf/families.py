@@ -134,7 +134,8 @@ def _llama_config(qkv_bias: bool, qk_norm: bool):
         f"config.json sliding_window={window} is below max_position_embeddings={max_len}: "
         "Loom's attention is full causal"
       )
-    d, heads = int(_get(hf, "hidden_size", required=True)), int(_get(hf, "num_attention_heads"))
+    d = int(_get(hf, "hidden_size", required=True))
+    heads = int(_get(hf, "num_attention_heads", required=True))
     return {
       "vocab_size": int(_get(hf, "vocab_size", required=True)),
       "d_model": d,

@@ -44,7 +44,12 @@ class HFCheckpoint:
     index_path = os.path.join(self.path, INDEX)
     if os.path.isfile(index_path):
       with open(index_path, encoding="utf-8") as f:
-        weight_map = json.load(f)["weight_map"]
+        try:
+          weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+          raise ConversionError(
+            f"{index_path} is not a safetensors index (no JSON object with a weight_map: {e})"
+          ) from e
       return {name: os.path.join(self.path, file) for name, file in weight_map.items()}
     single = os.path.join(self.path, SINGLE)
     if not os.path.isfile(single):

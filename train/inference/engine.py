@@ -195,10 +195,12 @@ class Engine:
     on_token: Callable[[int, int], None] | None = None,
     record_logits: bool = False,
     record_logps: bool = False,
+    on_start: Callable[[], None] | None = None,
   ) -> Generation:
     """Generates up to ``max_new_tokens`` after each prompt (token ids); see the module docstring.
 
-    on_token(row, token_id) is called as each generated token reaches the host.
+    on_token(row, token_id) is called as each generated token reaches the host; on_start() once
+    the programs are compiled, as the generation's clock starts (an energy counter's span).
     ``record_logits``: each generated token's logits [V]; ``record_logps`` (not with it): each
     one's log-probability at the sampling temperature, computed on the devices.
     """
@@ -213,6 +215,8 @@ class Engine:
     )
     record = "logits" if record_logits else "logps" if record_logps else None
     collector = _Collector(layout, max_new_tokens, eod_id, on_token, record)
+    if on_start is not None:
+      on_start()
     start = time.perf_counter()
     cache = make_cache(params)
     offset = 0

@@ -55,7 +55,7 @@ def generate(
       raise ValueError(f"prompt {i} is empty; give at least one character")
   ids = [tokenizers.encode_as_text_to_score(tokenizer, p) for p in prompts]
   printer = _StreamDecoder(tokenizer, ids, stream) if stream else None
-  span = energy.EnergySpan.start()
+  spans: list[energy.EnergySpan] = []  # measured from the end of compilation, as the time is
   out = model.engine.run(
     model.params,
     ids,
@@ -65,7 +65,9 @@ def generate(
     eod_id=tokenizer.eod_id,
     on_token=printer.add if printer else None,
     record_logits=record_logits,
+    on_start=lambda: spans.append(energy.EnergySpan.start()),
   )
+  span = spans[0]
   measured = span.measured_joules()
   if printer:
     printer.flush()
