@@ -70,7 +70,9 @@ class _Loop:
     self.new_health = jax.jit(health.init_health, out_shardings=replicated)
     self.track_health = jax.jit(health.track_health)  # not donated: log steps keep theirs
     self.health, self.skips_seen = self.new_health(), 0
-    self.window_start, self.window_steps = time.perf_counter(), 0
+    # The throughput window: from when step window_from was done to a log step's fetch. It
+    # counts the steps done in between, not those dispatched (two run ahead of the fetch).
+    self.window_start, self.window_from = time.perf_counter(), start_step
     window = tuple(self.config.log.profile_steps) or (None, None)
     self.profiler = profiling.StepProfiler(os.path.join(run.workdir, "profile"), *window)
     self.open_batches()
@@ -134,7 +136,6 @@ class _Loop:
       if _due(step_number, self.config.log.every, self.total):
         self.pending.append((step_number, step_metrics, self.health))
       self.meter.tokens += self.tokens_per_step
-      self.window_steps += 1
       while self.pending and self.pending[0][0] <= step_number - RUN_AHEAD:
         self.handle(*self.pending.popleft())
         if self.rolled_back:
@@ -173,10 +174,11 @@ class _Loop:
       return
     values = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
     now = time.perf_counter()
+    done = max(step_number - self.window_from, 0)  # its metrics fetched: every step to it ran
     tokens_per_second, mfu = self.meter.record_window(
-      self.window_steps * self.tokens_per_step, now - self.window_start
+      done * self.tokens_per_step, now - self.window_start
     )
-    self.window_start, self.window_steps = now, 0
+    self.window_start, self.window_from = now, step_number
     values.update({"perf/tokens_per_second": tokens_per_second, "perf/mfu": mfu})
     values["train/tokens_seen"] = float(step_number * self.tokens_per_step)
     shares, mixture_report = self.run.pipeline.consumption(self.step_index)
@@ -227,6 +229,7 @@ class _Loop:
     # The steps after the checkpoint ran and are thrown away: goodput lost (report.json).
     self.summary["redone_steps"] += plan.redone_steps
     self.step_index = plan.to_step
+    self.window_start, self.window_from = time.perf_counter(), plan.to_step
     self.open_batches()
     self.summary["rollbacks"] += 1
     self.rolled_back = True
@@ -257,8 +260,9 @@ class _Loop:
       )
       if sample is not None:
         log.info("sample at step %d: %r", step_number, sample)
-    # Eval time is not train throughput: the measuring window restarts after it.
-    self.window_start, self.window_steps = time.perf_counter(), 0
+    # Eval time is not train throughput: the measuring window restarts after it (every step to
+    # this one has run: the flush before the eval fetched them).
+    self.window_start, self.window_from = time.perf_counter(), step_number
 
 
 def train_loop(
