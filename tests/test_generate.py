@@ -301,6 +301,13 @@ def test_inference_meter_reports_throughput_bandwidth_and_energy(model):
     on_start=lambda: compiled_at_start.append(model.engine.compile_seconds),
   )  # fmt: skip
   assert compiled_at_start == [model.engine.compile_seconds]
+  # The decode rate counts the tokens decode steps made: the shortest prompt's first token came
+  # with the prefill, within the time to the first token (it had counted: 8/7 of the rate).
+  two = [model.tokenizer.encode("def "), model.tokenizer.encode("class ")]
+  out = model.engine.run(
+    model.params, two, max_new_tokens=4, sampling=sampling_lib.Sampling(0.0), seed=0, eod_id=None
+  )
+  assert (sum(map(len, out.tokens)), out.decode_tokens) == (8, 7)
 
 
 def test_greedy_sample_is_the_greedy_continuation(model):

@@ -109,6 +109,7 @@ class Generation:
   prefill_tokens: int
   time_to_first_token_s: float
   decode_seconds: float
+  decode_tokens: int  # those taken after the first token: the ones decode_seconds produced
   decode_steps: int
   bytes_per_decode_step: int
   mean_context: float  # mean attended length over the generated tokens
@@ -371,18 +372,22 @@ class _Collector:
     self.recorded: list[list[np.ndarray]] = [[] for _ in range(rows)]
     self.reasons = [""] * rows
     self.first_token_at: float | None = None
+    self.before_decode = 0  # tokens taken with the first (in the time to the first token)
 
   def take(self, slot: int, token_dev, logits_dev) -> bool:
     """Reads the tokens chosen for ``slot``; returns True once every row has stopped."""
     token_host = _to_host(token_dev)
     logits_host = _to_host(logits_dev) if self.record else None
     new = self.layout.new
+    first = self.first_token_at is None
     for row, length in enumerate(self.layout.lengths):
       if self.reasons[row] or slot < length:
         continue
       if self.first_token_at is None:
         self.first_token_at = time.perf_counter()
       tok = int(token_host[row])
+      if first and tok != self.eod_id:
+        self.before_decode += 1
       if logits_host is not None:
         self.recorded[row].append(logits_host[row])
       if self.eod_id is not None and tok == self.eod_id:
@@ -412,6 +417,7 @@ class _Collector:
       prefill_tokens=len(lengths) * self.layout.shortest,
       time_to_first_token_s=first_token_at - start,
       decode_seconds=end - first_token_at,
+      decode_tokens=sum(map(len, generated)) - self.before_decode,
       mean_context=statistics.fmean(contexts) if contexts else float(self.layout.shortest),
       **figures,
     )
