@@ -101,6 +101,15 @@ def test_a_phase_inside_another_is_counted_once():
   assert sum(m.seconds.values()) <= wall
 
 
+def test_nvml_reads_the_gpus_cuda_gave_this_process():
+  """NVML ignores CUDA_VISIBLE_DEVICES: CUDA's ordinal 0 of a process given "4,5" is NVML's 4
+  (it had read GPU 0, another process's or an idle one)."""
+  assert energy.nvml_device(0, {}) == ("index", 0)
+  assert energy.nvml_device(1, {"CUDA_VISIBLE_DEVICES": "4,5"}) == ("index", 5)
+  uuid = "GPU-8e1c2a47-0000-4d3b-9f00-1a2b3c4d5e6f"
+  assert energy.nvml_device(0, {"CUDA_VISIBLE_DEVICES": f"{uuid},GPU-x"}) == ("uuid", uuid)
+
+
 def test_report_on_four_tpu_v4_chips_for_an_hour_by_hand():
   m = _meter()
   report = m.report(

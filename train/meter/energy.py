@@ -95,6 +95,19 @@ class RaplCounter:
     return self._total_uj / 1e6
 
 
+def nvml_device(ordinal: int, environ=os.environ) -> tuple[str, int | str]:
+  """How NVML names the GPU that CUDA calls ``ordinal`` (jax.Device.local_hardware_id): NVML
+  ignores CUDA_VISIBLE_DEVICES, so a process given GPUs "4,5,6,7" has CUDA ordinal 0 on NVML's
+  index 4 (or a UUID, "GPU-..."/"MIG-..."). ("index", n) or ("uuid", text)."""
+  visible = [v.strip() for v in environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+  if ordinal >= len(visible):
+    return "index", ordinal
+  entry = visible[ordinal]
+  if entry.isdigit():
+    return "index", int(entry)
+  return "uuid", entry
+
+
 class NvmlCounter:
   """Total energy of this process's NVIDIA GPUs through NVML (millijoules since driver load)."""
 
@@ -113,12 +126,15 @@ class NvmlCounter:
       return None
     try:
       pynvml.nvmlInit()
-      # jax.Device.id is the global id; local_hardware_id is the CUDA ordinal NVML counts by.
-      handles = [
-        pynvml.nvmlDeviceGetHandleByIndex(getattr(d, "local_hardware_id", None) or 0)
-        for d in devices
-        if d.process_index == jax.process_index()
-      ]
+      handles = []
+      for d in devices:
+        if d.process_index != jax.process_index():
+          continue
+        kind, key = nvml_device(getattr(d, "local_hardware_id", None) or 0)
+        by = (
+          pynvml.nvmlDeviceGetHandleByUUID if kind == "uuid" else pynvml.nvmlDeviceGetHandleByIndex
+        )
+        handles.append(by(key))
       counter = cls(pynvml, handles)
       counter.joules()  # GPUs older than Volta have no energy counter: fail here, not later
       return counter
