@@ -113,9 +113,10 @@ class SentencePieceTokenizer:
 
 class HFTokenizer:
   """A Hugging Face ``tokenizer.json`` (byte-level BPE, SentencePiece-derived, Llama 3's), read
-  with the ``tokenizers`` library. Ids are those of ``transformers``' tokenizer for the same
-  directory with ``add_special_tokens=False``: documents are tokenized as they are, and the
-  end-of-document id (the tokenizer's eos token) is appended by packing.
+  with the ``tokenizers`` library. ``encode`` gives ``transformers``' ids with
+  ``add_special_tokens=False``; a training document (``encode_array``) starts with what the
+  post-processor puts first (Llama's BOS), as ``tokenizer(text)`` does, and packing appends the
+  end-of-document id (the tokenizer's eos token).
   """
 
   def __init__(self, directory: Path):
@@ -254,7 +255,7 @@ class HFTokenizer:
 def encode_as_text_to_score(tokenizer, text: str) -> list[int]:
   """Ids of a prompt or of a text to score, as transformers' ``tokenizer(text)`` and lm-eval's
   ``hf`` model give them: with the tokenizer's special tokens (BOS first for Llama's); Loom's
-  byte and SentencePiece tokenizers have none to add. Training documents are encoded without."""
+  byte and SentencePiece tokenizers have none to add. Training documents: ``encode_array``."""
   with_special = getattr(tokenizer, "encode_with_special_tokens", None)
   return with_special(text) if with_special else tokenizer.encode(text)
 

@@ -19,7 +19,8 @@ def param_count(cfg: ModelConfig, *, embeddings: bool = True, active: bool = Fal
   q_dim, kv_dim = cfg.num_heads * h, cfg.num_kv_heads * h
   bias = int(cfg.use_bias)
   norm = d * (1 + bias)  # scale (+ bias)
-  attention = d * (q_dim + 2 * kv_dim) + q_dim * d + bias * (q_dim + 2 * kv_dim + d)
+  qkv_bias = int(cfg.use_bias or cfg.qkv_bias)  # Qwen2's q/k/v biases without the others
+  attention = d * (q_dim + 2 * kv_dim) + q_dim * d + qkv_bias * (q_dim + 2 * kv_dim) + bias * d
   attention += 2 * h if cfg.qk_norm else 0  # qk-norm scales, no bias
   mlp_in = 2 if cfg.mlp == "swiglu" else 1
   mlp = dense_mlp = mlp_in * (d * f + bias * f) + f * d + bias * d

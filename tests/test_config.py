@@ -308,3 +308,29 @@ def test_measured_xla_cpu_defaults_are_set_unless_the_user_set_them():
   assert out.returncode == 0, out.stderr[-2000:]
   fusions = ast.literal_eval(out.stdout.splitlines()[-1])
   assert "ynn_fusion" in fusions and len(fusions) > 1, fusions
+
+
+def test_init_from_a_run_with_a_sentencepiece_file_takes_that_file(tmp_path):
+  """A source trained with data.spm_model: the new run had trained a tokenizer of its own on its
+  data (the weights were given other ids), and a config naming another file was not refused."""
+  import jax.numpy as jnp
+
+  from train import init_from
+  from train.checkpoint import manager
+
+  source = tiny.get_config()
+  source.data.tokenizer, source.data.spm_model = "sentencepiece", "/models/a.model"
+  model_cfg = config_lib.model_config(tiny.get_config()).to_dict()  # its shapes: any will do
+  ckpt = manager.Checkpointer(
+    str(tmp_path / "src" / "checkpoints"), max_to_keep=1, async_save=False
+  )
+  metadata = {"config": source.to_dict(), "model_config": model_cfg, "data_fingerprint": "f"}
+  ckpt.save(1, {"w": jnp.ones(2)}, metadata)
+  ckpt.close()
+  config = tiny.get_config()
+  config.checkpoint.init_from = f"loom:{tmp_path / 'src'}"
+  adopted = init_from.adopt(config)
+  assert (adopted.data.tokenizer, adopted.data.spm_model) == ("sentencepiece", "/models/a.model")
+  config.data.tokenizer, config.data.spm_model = "sentencepiece", "/models/b.model"
+  with pytest.raises(config_lib.ConfigError, match="data.spm_model='/models/b.model' in the con"):
+    init_from.adopt(config)

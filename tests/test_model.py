@@ -188,6 +188,13 @@ def test_param_count(name, tied, scan_layers):
   assert models.param_count(cfg, embeddings=False) == sum(sizes.values()) - embedding_tables
 
 
+def test_param_count_counts_qwen2s_qkv_biases():
+  cfg = dataclasses.replace(LLAMA_LIKE, qkv_bias=True)
+  abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+  params = nnx.to_flat_state(nnx.state(abstract, nnx.Param))
+  assert models.param_count(cfg) == sum(int(np.prod(v.shape)) for _, v in params)
+
+
 @pytest.mark.parametrize("mlp, targets", [("swiglu", lora.TARGETS), ("gelu", ("q", "gate", "up"))])
 def test_param_count_with_lora(mlp, targets):
   cfg = dataclasses.replace(

@@ -64,20 +64,24 @@ def _loom_source(path: str, step: int | None) -> tuple[Any, int, dict[str, Any]]
   return ckpt, step, restored["metadata"]
 
 
-def _source_model(config, kind: str, path: str, step: int | None) -> tuple[dict, str | None]:
-  """The source's model fields and tokenizer (``data.tokenizer`` form, or None: no opinion)."""
+def _source_model(config, kind: str, path: str, step: int | None) -> tuple[dict, dict | None]:
+  """The source's model fields and tokenizer ({"tokenizer": data.tokenizer[, "spm_model": ...]},
+  or None: no opinion)."""
   numerics = {key: config.model[key] for key in MODEL_KEYS + LORA_KEYS}
   if kind == "hf":
     checkpoint = HFCheckpoint(path)
     model = families.model_config_from_hf(checkpoint.config, checkpoint.path, config.model)
     has_tokenizer = os.path.isfile(os.path.join(path, "tokenizer.json"))
-    return model.to_dict(), f"hf:{path}" if has_tokenizer else None
+    return model.to_dict(), {"tokenizer": f"hf:{path}"} if has_tokenizer else None
   ckpt, step, metadata = _loom_source(path, step)
   ckpt.close()
   data = metadata["config"]["data"]
-  tokenizer = data["tokenizer"]
-  if tokenizer == "sentencepiece" and not data.get("spm_model"):
-    tokenizer = None  # trained on that run's data: the config must bring the same model
+  tokenizer = {"tokenizer": data["tokenizer"]}
+  if data["tokenizer"] == "sentencepiece":
+    if not data.get("spm_model"):
+      tokenizer = None  # trained on that run's data: the config must bring the same model
+    else:  # the model file the weights were trained with
+      tokenizer["spm_model"] = data["spm_model"]
   return {**metadata["model_config"], **numerics}, tokenizer
 
 
@@ -113,15 +117,19 @@ def adopt(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       conflicts.append(f"model.{key}={ours!r} in the config, {theirs!r} in the source")
     group, _, name = key.rpartition(".")
     (adopted.model[group] if group else adopted.model)[name] = theirs
-  ours = config.data.tokenizer
+  ours = {"tokenizer": config.data.tokenizer}
+  if config.data.tokenizer == "sentencepiece" and config.data.spm_model:
+    ours["spm_model"] = config.data.spm_model
   if tokenizer is not None and ours != tokenizer:
     # A tokenizer the config names for good (an HF one, a SentencePiece model file) against the
     # source's is a conflict; the byte default, or SentencePiece to be trained on the run's data
     # (configs/llama_1b.py), give way to the one the weights were trained with.
-    named = ours.startswith("hf:") or (ours == "sentencepiece" and config.data.spm_model)
+    named = ours["tokenizer"].startswith("hf:") or "spm_model" in ours
     if named:
-      conflicts.append(f"data.tokenizer={ours!r} in the config, {tokenizer!r} in the source")
-    adopted.data.tokenizer = tokenizer
+      said = lambda t: ", ".join(f"data.{k}={v!r}" for k, v in t.items())  # noqa: E731
+      conflicts.append(f"{said(ours)} in the config, {said(tokenizer)} in the source")
+    adopted.data.tokenizer = tokenizer["tokenizer"]
+    adopted.data.spm_model = tokenizer.get("spm_model", "")
   if conflicts:
     raise ConfigError(
       f"checkpoint.init_from={spec!r} does not match the config: {'; '.join(conflicts)}. "
