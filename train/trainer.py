@@ -33,7 +33,7 @@ from train.checkpoint import local_files, local_tier
 from train.checkpoint import manager as checkpoint_lib
 from train.cluster import mesh as mesh_lib
 from train.cluster.preemption import PreemptionWatcher
-from train.meter import flops
+from train.meter import energy, flops
 from train.meter import run_meter as meter_lib
 from train.meter.run_meter import Meter
 from train.programs import Programs, jit_programs, uses_reference
@@ -119,7 +119,8 @@ class Run:
 
 def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
   """Validates the config, then builds the data, the state shapes and the compiled steps."""
-  started = time.perf_counter()  # the meter's wall time starts here: data preparation included
+  # The meter's wall time and measured energy start here: data preparation included.
+  started, span = time.perf_counter(), energy.EnergySpan.start()
   config = init_from.adopt(config)  # the source's architecture, when starting from weights
   if config.train.objective == "grpo":  # its batches are rollouts, not a data pipeline's
     raise config_lib.ConfigError(
@@ -136,7 +137,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
       f"vocab_size={resolved.model_cfg.vocab_size} resolved from the config"
     )
   compiled = build_steps(config, resolved.mesh, resolved.rules, resolved.model_cfg)
-  compiled.meter.started = started
+  compiled.meter.started, compiled.meter.energy_span = started, span
   compiled.meter.seconds["data"] += data_s  # preparing (or opening) the run's data store
   return Run(
     config=config,
