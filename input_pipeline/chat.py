@@ -4,8 +4,10 @@ PATH is a JSON-lines file, one conversation per line: ``{"messages": [{"role": "
 | "assistant", "content": "..."}, ...]}``. Each conversation is rendered with the tokenizer's
 chat template (``tokenizer_config.json``'s ``chat_template``, or ``chat_template.jinja``; Loom's
 own byte and SentencePiece tokenizers use ``FALLBACK_TEMPLATE``) and becomes one document whose
-tokens carry a loss mask: only the assistant turns (and the end-of-document token after a final
-assistant turn) are trained on. The mask travels through packing into the batch's ``weights``.
+tokens carry a loss mask: only the assistant turns are trained on, each with the end its template
+writes (``<|im_end|>``, ``<|eot_id|>``); with FALLBACK_TEMPLATE, which writes none, the
+end-of-document token after a final assistant turn is trained. The mask travels through packing
+into the batch's ``weights``.
 
 Rendering finds each assistant turn's text by rendering growing prefixes of the conversation:
 the span between the prefix before the turn (with the generation prompt) and the prefix with it
@@ -27,6 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from input_pipeline import errors
@@ -34,6 +37,9 @@ from input_pipeline import errors
 _log = logging.getLogger(__name__)
 
 ROLES = ("system", "user", "assistant", "tool")
+# How conversations are tokenized, in the store's fingerprint: 2 since the end-of-document id after
+# a conversation is trained only with FALLBACK_TEMPLATE (1: after every final assistant turn).
+TOKENIZED = 2
 # A plain template for tokenizers that bring none: role headers, the content, a blank line.
 FALLBACK_TEMPLATE = (
   "{% for message in messages %}### {{ message['role'] }}:\n{{ message['content'] }}\n\n"
@@ -62,10 +68,8 @@ def read(spec: str, validation_percent: int) -> ChatSource:
   good: list[tuple[str, list[dict[str, str]]]] = []
   bad: list[tuple[int, str]] = []
   raw = path.read_bytes()
-  for number, line in enumerate(raw.decode("utf-8", errors="replace").splitlines(), start=1):
-    if not line.strip():
-      continue
-    problem, messages = _parse(line)
+  for number, line in json_lines(raw):
+    problem, messages = _parse(line) if line is not None else (NOT_UTF8, [])
     if problem:
       bad.append((number, problem))
     else:
@@ -82,11 +86,28 @@ def read(spec: str, validation_percent: int) -> ChatSource:
   splits = split_lines(good, validation_percent, "conversation")
   identity = {
     "kind": "chat",
+    "tokenized": TOKENIZED,
     "file_sha256": hashlib.sha256(raw).hexdigest(),
     "validation_percent": validation_percent,
     "bad_lines": len(bad),
   }
   return ChatSource(spec, identity, splits)
+
+
+NOT_UTF8 = "not UTF-8"
+
+
+def json_lines(raw: bytes) -> Iterator[tuple[int, str | None]]:
+  """(line number, text) of each line of a JSON-lines file that is not blank; text None for a
+  line that is not UTF-8. Lines end at newlines only: JSON strings may hold U+2028, U+0085 and
+  the other characters ``str.splitlines`` would cut them at."""
+  for number, line in enumerate(raw.split(b"\n"), start=1):
+    if not line.strip():
+      continue
+    try:
+      yield number, line.removesuffix(b"\r").decode("utf-8")
+    except UnicodeDecodeError:
+      yield number, None
 
 
 def _parse(line: str) -> tuple[str, list[dict[str, str]]]:
@@ -98,11 +119,17 @@ def _parse(line: str) -> tuple[str, list[dict[str, str]]]:
   messages = record.get("messages") if isinstance(record, dict) else None
   if not isinstance(messages, list) or not messages:
     return 'no "messages" list', []
+  return check_messages(messages)
+
+
+def check_messages(messages: list, label: str = "message") -> tuple[str, list[dict[str, str]]]:
+  """(problem, messages): problem is "" when each message has a role of ROLES and string content;
+  the messages keep only those two keys."""
   for i, message in enumerate(messages):
     if not isinstance(message, dict) or message.get("role") not in ROLES:
-      return f"message {i} has no role in {ROLES}", []
+      return f"{label} {i} has no role in {ROLES}", []
     if not isinstance(message.get("content"), str):
-      return f"message {i} has no string content", []
+      return f"{label} {i} has no string content", []
   return "", [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
@@ -136,14 +163,32 @@ class Renderer:
     def raise_exception(message):
       raise errors.DataError(f"the chat template refused a conversation: {message}")
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    # As transformers builds its environment: loop controls ({% break %}, {% continue %}), which
+    # Cohere's and other templates use.
+    env = ImmutableSandboxedEnvironment(
+      trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+    )
     env.globals["raise_exception"] = raise_exception
-    self.template = env.from_string(template or FALLBACK_TEMPLATE)
+    # The tokenizer's own template ends each turn as its model was taught (Qwen's <|im_end|>,
+    # Llama 3's <|eot_id|>), so nothing is added after a completion, as TRL adds nothing to
+    # conversations; FALLBACK_TEMPLATE marks no end, so the end-of-document token does.
+    self.own_template = template is not None
+    try:
+      self.template = env.from_string(template or FALLBACK_TEMPLATE)
+    except jinja2.TemplateError as e:
+      raise errors.DataError(f"the tokenizer's chat template does not parse: {e}") from e
 
   def render(self, messages: list[dict[str, str]], generation_prompt: bool) -> str:
-    return self.template.render(
-      **self.special_tokens, messages=messages, add_generation_prompt=generation_prompt
-    )
+    try:
+      return self.template.render(
+        **self.special_tokens, messages=messages, add_generation_prompt=generation_prompt
+      )
+    except errors.DataError:  # the template's own raise_exception
+      raise
+    except Exception as e:  # jinja's errors, and Python's from inside the template (TypeError...)
+      raise errors.DataError(
+        f"the chat template failed on a conversation: {type(e).__name__}: {e}"
+      ) from e
 
   def pieces(self, messages: list[dict[str, str]]) -> list[tuple[str, bool]]:
     """The rendered conversation as consecutive pieces; assistant turns are trainable."""

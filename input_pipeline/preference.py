@@ -7,9 +7,10 @@ assistant turn (a string, a message dict, or a one-message list). Conversations 
 the tokenizer's chat template as ``chat:`` renders them (``input_pipeline/chat.py``): the prompt
 with the generation prompt, the completion as the text the template adds for the assistant turn.
 
-Each comparison becomes two documents, prompt + chosen and prompt + rejected, each ended by the
-end-of-document id; only the completion tokens and that end-of-document id carry loss weight
-(TRL's ``completion_mask``, with its end-of-sequence token).
+Each comparison becomes two documents, prompt + chosen and prompt + rejected, tokenized as TRL's
+DPOTrainer tokenizes them (``PairRenderer.pair``); only the completion tokens carry loss weight
+(TRL's ``completion_mask``): a plain-string completion ends with the end-of-document id, trained
+(TRL's added EOS), a chat completion with what the template ends an assistant turn with.
 
 Bad lines (not JSON, no prompt, no ``chosen`` or ``rejected``, wrong types, empty completions)
 are counted and reported with their line numbers; a file without a good line is an error naming
@@ -20,6 +21,7 @@ or by position when that leaves either split empty, as ``chat:`` splits conversa
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -28,11 +30,14 @@ from pathlib import Path
 
 import numpy as np
 
-from input_pipeline import chat, errors
+from input_pipeline import chat, errors, tokenizers
 
 _log = logging.getLogger(__name__)
 
 PREFIX = "prefs:"
+# How pairs are tokenized, in the store's fingerprint: 2 since BOS, one tokenization of each whole
+# sequence and no end-of-document id after a template's own end (1: prompt and completion apart).
+TOKENIZED = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,10 +70,8 @@ def read(spec: str, validation_percent: int) -> PreferenceSource:
   good: list[tuple[str, Record]] = []
   bad: list[tuple[int, str]] = []
   raw = path.read_bytes()
-  for number, line in enumerate(raw.decode("utf-8", errors="replace").splitlines(), start=1):
-    if not line.strip():
-      continue
-    problem, record = parse(line)
+  for number, line in chat.json_lines(raw):
+    problem, record = parse(line) if line is not None else (chat.NOT_UTF8, None)
     if problem:
       bad.append((number, problem))
     else:
@@ -83,6 +86,7 @@ def read(spec: str, validation_percent: int) -> PreferenceSource:
     )
   identity = {
     "kind": "prefs",
+    "tokenized": TOKENIZED,
     "file_sha256": hashlib.sha256(raw).hexdigest(),
     "validation_percent": validation_percent,
     "bad_lines": len(bad),
@@ -123,12 +127,7 @@ def parse(line: str) -> tuple[str, Record | None]:
 def _turns(messages: list, key: str) -> tuple[str, list[dict[str, str]]]:
   if not messages:
     return f'"{key}" is an empty list', []
-  for i, message in enumerate(messages):
-    if not isinstance(message, dict) or message.get("role") not in chat.ROLES:
-      return f"{key} message {i} has no role in {chat.ROLES}", []
-    if not isinstance(message.get("content"), str):
-      return f"{key} message {i} has no string content", []
-  return "", [{"role": m["role"], "content": m["content"]} for m in messages]
+  return chat.check_messages(messages, f"{key} message")
 
 
 def _completion(value, key: str, chat_prompt: bool) -> tuple[str, str]:
@@ -149,37 +148,62 @@ def _completion(value, key: str, chat_prompt: bool) -> tuple[str, str]:
 
 
 class PairRenderer:
-  """Turns a record into the token ids and loss masks of its two documents."""
+  """Turns a record into the token ids and loss masks of its two documents, as TRL's DPOTrainer
+  tokenizes them (1.16, ``_prepare_dataset``)."""
 
   def __init__(self, template: str | None, tokenizer):
     self.chat = chat.Renderer(template, getattr(tokenizer, "special_tokens", None))
     self.tokenizer = tokenizer
 
   def texts(self, record: Record) -> tuple[str, str, str]:
-    """(prompt, chosen, rejected) as text: chat prompts rendered with the generation prompt,
-    chat completions as what the template adds for the assistant turn."""
+    """(prompt, prompt + chosen, prompt + rejected) as text: a chat prompt rendered with the
+    generation prompt, each conversation with its assistant turn."""
     if isinstance(record.prompt, str):
-      return record.prompt, record.chosen, record.rejected
+      return record.prompt, record.prompt + record.chosen, record.prompt + record.rejected
     prompt = self.chat.render(record.prompt, generation_prompt=True)
-    completions = []
-    for text in (record.chosen, record.rejected):
-      turn = [*record.prompt, {"role": "assistant", "content": text}]
-      full = self.chat.render(turn, generation_prompt=False)
-      if not full.startswith(prompt):
-        raise errors.DataError("the chat template does not render conversations prefix-wise")
-      completions.append(full[len(prompt) :])
-    return prompt, completions[0], completions[1]
+    full = [
+      self.chat.render([*record.prompt, {"role": "assistant", "content": text}], False)
+      for text in (record.chosen, record.rejected)
+    ]
+    return prompt, full[0], full[1]
 
   def pair(self, record: Record) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(chosen ids, chosen mask, rejected ids, rejected mask): prompt + completion + eod, the
-    mask 1 on the completion and the eod. Prompt and completion are tokenized apart (as TRL's
-    collator joins ``prompt_ids`` and ``chosen_ids``), so no token straddles the boundary."""
-    prompt, chosen, rejected = self.texts(record)
-    prompt_ids = self.tokenizer.encode(prompt) if prompt else []
+    """(chosen ids, chosen mask, rejected ids, rejected mask), the mask 1 on the completion.
+
+    - A plain-string record is tokenized as transformers' ``tokenizer(text)`` does (BOS first for
+      Llama's tokenizers), and each completion ends with the end-of-document id (TRL appends the
+      EOS text), trained.
+    - A conversation is tokenized as rendered (the template writes its own BOS), and nothing
+      follows the template's end of the assistant turn; with Loom's FALLBACK_TEMPLATE, which marks
+      no end, the end-of-document id does.
+    - The prompt and each whole sequence are tokenized apart; the completion starts where the
+      prompt's ids and both sequences' ids part (TRL's ``common_prefix_length``), so a token that
+      straddles the boundary, or a template that renders the prompt alone differently, moves the
+      boundary, never the tokens."""
+    prompt, *sequences = self.texts(record)
+    plain = isinstance(record.prompt, str)
+    if plain:
+      encode = functools.partial(tokenizers.encode_as_text_to_score, self.tokenizer)
+    else:
+      encode = self.tokenizer.encode
+    prompt_ids = encode(prompt)
+    full = [encode(text) for text in sequences]
+    if plain or not self.chat.own_template:
+      eod = self.tokenizer.eod_id
+      full = [ids if ids and ids[-1] == eod else [*ids, eod] for ids in full]
+    shared = min(_common_prefix(prompt_ids, ids) for ids in full)
     out = []
-    for completion in (chosen, rejected):
-      ids = prompt_ids + self.tokenizer.encode(completion) + [self.tokenizer.eod_id]
+    for ids in full:
       mask = np.zeros(len(ids), np.uint8)
-      mask[len(prompt_ids) :] = 1
+      mask[shared:] = 1
       out += [np.asarray(ids, np.int64), mask]
     return tuple(out)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+  n = 0
+  for x, y in zip(a, b, strict=False):
+    if x != y:
+      break
+    n += 1
+  return n

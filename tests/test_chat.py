@@ -126,6 +126,11 @@ def test_batches_weigh_only_assistant_tokens(tmp_path):
     assert prompt not in trained
   assert "print(" in trained and "user" not in trained
   assert "Add one" in ignored or "Say hello" in ignored or "Python" in ignored
+  # The template ends each assistant turn (<|im_end|>), trained; the end-of-document token after
+  # it is not (TRL adds nothing to conversations).
+  targets = batch["targets"][batch["weights"] > 0].tolist()
+  assert tokenizer.eod_id not in targets
+  assert targets.count(tokenizer.encode("<|im_end|>")[0]) > 0
 
 
 def test_prompt_tokens_get_no_gradient(tmp_path):
@@ -139,6 +144,8 @@ def test_prompt_tokens_get_no_gradient(tmp_path):
 
   spec = state_lib.state_spec(cfg, optax.identity(), mesh, rules)
   params = state_lib.init_state(spec, cfg, optax.identity(), mesh, rules, 0)["params"]
+  # FALLBACK_TEMPLATE marks no end of a turn: the end-of-document token after one is trained.
+  assert pipeline.tokenizer.eod_id in batch["targets"][batch["weights"] > 0].tolist()
   # Changing the targets the mask leaves out changes neither the loss nor its gradient.
   other = dict(batch, targets=np.where(batch["weights"] > 0, batch["targets"], 7))
   grad = jax.grad(lambda p, b: loss.loss_sums(p, spec.graphdef, b)[0])
@@ -146,6 +153,36 @@ def test_prompt_tokens_get_no_gradient(tmp_path):
     jax.tree.leaves(grad(params, batch)), jax.tree.leaves(grad(params, other)), strict=True
   ):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_templates_with_loop_controls_render_and_bad_ones_are_data_errors():
+  """Loop controls, as transformers enables them (Cohere's templates use them); a template that
+  does not parse, or fails on a conversation, is a DataError (a one-line error), not a jinja
+  traceback."""
+  template = (
+    "{% for m in messages %}{% if m['role'] == 'system' %}{% continue %}{% endif %}"
+    "{{ m['role'] }}: {{ m['content'] }}\n{% if loop.index > 2 %}{% break %}{% endif %}"
+    "{% endfor %}"
+  )
+  text = chat.Renderer(template).render(CONVERSATIONS[0], generation_prompt=False)
+  assert text == "user: Add one and two.\nassistant: print(1 + 2)\n"
+  with pytest.raises(errors.DataError, match="does not parse"):
+    chat.Renderer("{% for m in messages %}")
+  with pytest.raises(errors.DataError, match="failed on a conversation"):
+    chat.Renderer("{{ messages[0]['content'] + 1 }}").render(CONVERSATIONS[0], False)
+
+
+def test_lines_end_at_newlines_only(tmp_path):
+  """U+2028, U+2029 and U+0085 are legal inside a JSON string (json.dumps(ensure_ascii=False)
+  writes them raw): one record each, not lines cut in two; a line that is not UTF-8 is a bad
+  line with its number."""
+  text = "print(1)\u2028print(2)\u2029\x85"
+  conversation = [{"role": "user", "content": "Go."}, {"role": "assistant", "content": text}]
+  raw = json.dumps({"messages": conversation}, ensure_ascii=False).encode() + b"\r\n"
+  path = tmp_path / "chats.jsonl"
+  path.write_bytes(raw * 3 + b'{"messages": "\xff"}\n')
+  parsed = chat.read(f"chat:{path}", 0)
+  assert parsed.conversations["train"] == [conversation] * 3 and parsed.identity["bad_lines"] == 1
 
 
 def test_bad_lines_are_reported_and_no_assistant_is_an_error(tmp_path, caplog):

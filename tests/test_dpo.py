@@ -19,6 +19,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 from test_chat import CHATML, _tokenizer
 from test_hf import _base, _hf_model
+from test_hf import _tokenizer as _hf_tokenizer
 
 import input_pipeline
 from configs import tiny
@@ -114,7 +115,7 @@ def test_chat_records_render_with_the_template_and_weigh_only_completions(tmp_pa
   renderer = preference.PairRenderer(CHATML, tokenizer=None)
   prompt, chosen, rejected = renderer.texts(parsed)
   assert prompt == "<|im_start|>user\nSay hello.<|im_end|>\n<|im_start|>assistant\n"
-  assert (chosen, rejected) == ("print('hello')<|im_end|>\n", "hello<|im_end|>\n")
+  assert (chosen, rejected) == (prompt + "print('hello')<|im_end|>\n", prompt + "hello<|im_end|>\n")
   # Through the store: the byte tokenizer's own template (chat.FALLBACK_TEMPLATE).
   source = _prefs_file(tmp_path / "p.jsonl", [record, RECORDS[0]] * 4)
   pipeline = input_pipeline.build(_prefs_config(tmp_path, source))
@@ -302,7 +303,55 @@ def trl_runs(models):
     means = {key: metrics[key][-1] for key in dpo.METRICS}
     per_pair = {key: np.array([r[key] for r in rows]) for key in rows[0]}
     out[loss] = {"pairs": per_pair, "loss": batch_loss, "means": means, "examples": examples}
+  out["trainer"] = dpo_trainer  # its _prepare_dataset tokenizes other records and tokenizers
   return out
+
+
+# Conversations (TRL's "conversational" format), and a plain prompt that ends in a space.
+CHAT_PAIRS = [
+  {
+    "prompt": [{"role": "system", "content": "You answer in Python."},
+               {"role": "user", "content": "Add one and two."}],
+    "chosen": [{"role": "assistant", "content": "print(1 + 2)"}],
+    "rejected": [{"role": "assistant", "content": "3"}],
+  },
+  {
+    "prompt": [{"role": "user", "content": "Say hello."}],
+    "chosen": [{"role": "assistant", "content": "print('hello')"}],
+    "rejected": [{"role": "assistant", "content": "hello"}],
+  },
+]  # fmt: skip
+SPACED = [{"prompt": "Add one and two: ", "chosen": "print(1 + 2)", "rejected": "3"}]
+
+
+def test_pairs_are_tokenized_as_trl_tokenizes_them(models, trl_runs, tmp_path):
+  """TRL's own tokenization (DPOTrainer._prepare_dataset) of conversations (nothing after the
+  template's end of turn: Loom had added an end-of-document token), of plain text with a BOS
+  tokenizer (Loom had left BOS out) and of a prompt ending in a space (the boundary moves to
+  where the ids part): the same sequences, and the same completion tokens weighted."""
+  from datasets import Dataset
+
+  trainer = trl_runs["trainer"]
+  _hf_tokenizer(str(tmp_path / "bos"), bos=True)
+  cases = {
+    "chat": (CHAT_PAIRS, models["tmp"] / "tok"),
+    "bos": (RECORDS[:2] + SPACED, tmp_path / "bos"),
+  }
+  for name, (records, tokenizer_dir) in cases.items():
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    theirs = trainer._prepare_dataset(Dataset.from_list(records), tokenizer, trainer.args, name)
+    examples = [theirs[i] for i in range(len(records))]
+    source = _prefs_file(tmp_path / f"{name}.jsonl", records)
+    config = _prefs_config(tmp_path / name, source, f"hf:{tokenizer_dir}")
+    rows = _all_rows(input_pipeline.build(config))
+    want = [
+      (e["prompt_ids"] + e["chosen_ids"], e["prompt_ids"] + e["rejected_ids"]) for e in examples
+    ]
+    assert _sequences(rows) == want, name
+    batch = packing.make_batch(*rows)
+    weighted = batch["targets"][batch["weights"] > 0].tolist()
+    assert weighted == [t for e in examples for t in e["chosen_ids"] + e["rejected_ids"]], name
+  assert tokenizer.bos_token_id == want[0][0][0]  # BOS first
 
 
 @pytest.mark.parametrize("loss", ["sigmoid", "ipo"])
