@@ -127,9 +127,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh.dcn_stage = 1  # multi-slice / multi-node: stages across slices (× mesh.stage)
   c.mesh.dcn_data = 1  # multi-slice / multi-node: data replicas across slices (× mesh.data)
   c.mesh.dcn_fsdp = 1  # multi-slice / multi-node: fsdp sharding across slices (× mesh.fsdp)
-  # multi-slice / multi-node: rows split across slices (× mesh.context); refused above 1 while
-  # each process reads whole rows
-  c.mesh.dcn_context = 1
+  c.mesh.dcn_context = 1  # multi-slice / multi-node: rows split across slices (× mesh.context)
   c.mesh.dcn_expert = 1  # multi-slice / multi-node: experts split across slices (× mesh.expert)
   c.mesh.dcn_tensor = 1  # multi-slice / multi-node: tensor split across slices (× mesh.tensor)
   c.mesh.rules = (  # logical axis -> mesh axes (None = replicated)

@@ -92,6 +92,12 @@ def context_kernel(
   (causal, padding) cannot say which keys a striped shard's queries may see (query j of shard r
   is token j·C + r of the row).
   """
+  if choice == "cudnn":  # an explicit choice that cannot run is an error (``implementation``)
+    raise ValueError(
+      f"model.attention='cudnn' cannot run under {shards} context shards: cuDNN's masks cannot "
+      "say which keys a striped shard's queries may see; use 'auto' (the XLA math on GPUs) or "
+      "'xla'"
+    )
   if form != "all_gather" or implementation(choice, dtype, length, where) != "splash":
     return "xla"
   local = length // shards

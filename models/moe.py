@@ -50,6 +50,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from models import attention, sharding
 from models.config import ModelConfig, MoEConfig
@@ -99,7 +100,8 @@ def expert_load(experts_TK: jax.Array, num_experts: int) -> jax.Array:
 
 def balance_loss(probs_TE: jax.Array, experts_TK: jax.Array) -> jax.Array:
   """E · Σ_e f_e · P_e: f_e the share of assignments expert e received (no gradient), P_e its
-  mean router probability. 1 when both are uniform; up to E when one expert takes everything."""
+    mean router probability. 1 when both are uniform; at most E / K with K experts a token (each
+  token's K picks are distinct, so no expert gets more than 1 / K of the assignments)."""
   num_experts = probs_TE.shape[-1]
   f_E = jax.lax.stop_gradient(expert_load(experts_TK, num_experts))
   return num_experts * jnp.sum(f_E * jnp.mean(probs_TE, axis=0))
@@ -338,8 +340,12 @@ def exchange(
 
 
 def _activate(up, kernels, kind: str, project):
+  """The experts' hidden rows from their input projections, which are named "mlp" as the dense
+  MLP's are (models/layers.py): ``model.remat=save_mlp`` keeps them too. (``save_dots`` does
+  not: a grouped matmul is no dot_general, and the capacity einsum has a batch dimension.)"""
+  up = checkpoint_name(up, "mlp")
   if kind == "swiglu":
-    return jax.nn.silu(project(kernels["gate"])) * up
+    return jax.nn.silu(checkpoint_name(project(kernels["gate"]), "mlp")) * up
   return jax.nn.gelu(up, approximate=True)
 
 

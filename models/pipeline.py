@@ -101,10 +101,13 @@ def check(num_layers: int, stages: int, microbatches: int, repeats: int) -> None
       f"{repeats}; use stages × repeats dividing {num_layers}"
     )
   m = resolve_microbatches(microbatches, stages)
-  if m < stages:
+  # Circular: stage 0 takes microbatch j again in round q + 1 at tick (q + 1)·M + j, and the last
+  # stage gives it back at q·M + j + S - 1, so M >= S. GPipe (one round) reads each once.
+  if repeats > 1 and m < stages:
     raise ValueError(
-      f"pipeline.microbatches={m} is fewer than the {stages} stages: a microbatch must come "
-      f"back to stage 0 after the last stage is done with it; use at least {stages}"
+      f"pipeline.microbatches={m} is fewer than the {stages} stages with pipeline.repeats="
+      f"{repeats}: a microbatch must come back to stage 0 for its next round after the last "
+      f"stage is done with it; use at least {stages} (or pipeline.repeats=1)"
     )
 
 

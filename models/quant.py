@@ -19,7 +19,9 @@ and ``dw = xᵀ·dy`` backward — each take both operands in the low format:
   before a bf16 dot) compiled to bf16 GEMMs on the rounded operands (docs/gpus.md).
 - ``int8``, per-channel symmetric scaling with int32 accumulation (the AQT/Qwix recipe for
   TPUs): each operand is scaled per row or column that the dot does not contract (per token for
-  activations and gradients, per output or input channel for the weight), rounded to int8, and
+  the activations and the gradients in the forward and input-gradient dots, per output or input
+  channel for the weight; in the weight gradient x^T·dy, per input channel of x and per output
+  channel of dy, each over all tokens), rounded to int8, and
   multiplied as int8 x int8 -> int32 (native on TPUs and on NVIDIA tensor cores); the int32 sum
   times the two scales is the float result. Contracted axes share one scale, so it factors out.
 

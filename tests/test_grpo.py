@@ -5,6 +5,7 @@ import dataclasses
 import functools
 import json
 import os
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -12,12 +13,14 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
+import transformers
 from cli_helpers import REPO, copy_run, read_metrics, tiny_config, train_env
+from test_hf import _tokenizer as _hf_tokenizer
 
-from input_pipeline import tokenizers
+from input_pipeline import chat, tokenizers
 from input_pipeline.host import command
 from train import config as config_lib
-from train import grpo, step, trainer
+from train import grpo, health, step, trainer
 from train import programs as programs_lib
 from train import state as state_lib
 from train.checkpoint import manager as checkpoint_lib
@@ -400,6 +403,43 @@ def test_bad_input_is_one_line_naming_the_key(tmp_path, prompt_file):
   bad.write_bytes(b'{"prompt": "1+1=", "answer": "2"}\n{"prompt": "1\xff=", "answer": "3"}\n')
   with pytest.raises(rollout.PromptError, match="line 2 is not UTF-8 .*at byte offset 13"):
     rollout.read_prompts(str(bad), tokenizers.ByteTokenizer(), key="rl.prompts", max_tokens=26)
+  # A message without content is named with its line (it had rendered as an empty prompt).
+  bad.write_text('{"prompt": "1+1="}\n{"messages": [{"role": "user", "text": "1+2="}]}\n')
+  with pytest.raises(rollout.PromptError, match="line 2: message 0 has no string content"):
+    rollout.read_prompts(str(bad), tokenizers.ByteTokenizer(), key="rl.prompts", max_tokens=26)
+  assert error(**{"train.spike_policy": "rollback"}).startswith(
+    "train.spike_policy='rollback' is not supported with train.objective='grpo'"
+  )
+
+
+def test_prompts_are_tokenized_as_trl_does(tmp_path):
+  """A plain prompt as transformers' tokenizer(text) gives it (BOS first, as TRL's GRPOTrainer
+  and train.generate have it; Loom had left BOS out), a conversation as its template renders."""
+  _hf_tokenizer(str(tmp_path / "tok"), bos=True)
+  ours = tokenizers.HFTokenizer(tmp_path / "tok")
+  theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
+  path = tmp_path / "prompts.jsonl"
+  turns = [{"role": "user", "content": "1+2="}]
+  path.write_text(json.dumps({"prompt": "1+1="}) + "\n" + json.dumps({"messages": turns}) + "\n")
+  prompts = rollout.read_prompts(str(path), ours, key="rl.prompts", max_tokens=64)
+  assert prompts.ids[0] == theirs("1+1=")["input_ids"] and prompts.ids[0][0] == ours.bos_id
+  rendered = chat.Renderer(None).render(turns, generation_prompt=True)
+  assert prompts.ids[1] == theirs(rendered, add_special_tokens=False)["input_ids"]
+
+
+def test_skipped_updates_in_a_row_stop_the_run_as_pretraining_does():
+  """train.max_consecutive_skips across a rollout's updates and the next rollout's, with
+  train/health.py's message (GRPO had trained on to train.steps, only counting the skips)."""
+  config = _config("/tmp", "/tmp/p.jsonl", **{"train.max_consecutive_skips": 3})
+  looper = SimpleNamespace(config=config, ckpt=SimpleNamespace(directory="/w/checkpoints"))
+  looper.skips_in_a_row = 0
+  metrics = lambda *skipped: [
+    {"train/skipped": s, "train/loss": float("nan"), "train/grad_norm": 1.0} for s in skipped
+  ]
+  loop.Loop.check_skips(looper, 0, metrics(1, 1, 0, 1))  # a skip, then another, then none...
+  loop.Loop.check_skips(looper, 4, metrics(1))  # two in a row
+  with pytest.raises(health.DivergenceError, match="3 consecutive steps skipped up to step 7"):
+    loop.Loop.check_skips(looper, 6, metrics(1, 1))
 
 
 def test_the_command_refuses_a_missing_prompt_file_in_one_line(tmp_path):

@@ -149,6 +149,8 @@ def test_transformers_fused_expert_tensors_import_too(imported, tmp_path):
   [
     ("mlp_only_layers", [0], "mlp_only_layers=[0]: those layers have a dense MLP"),
     ("decoder_sparse_step", 2, "decoder_sparse_step=2: experts in one layer of every 2"),
+    # transformers builds this one as a dense model: it had crashed with an AttributeError.
+    ("num_local_experts", 0, "num_experts=0: a mixture of experts needs at least 1"),
   ],
 )
 def test_dense_layers_between_experts_are_refused(imported, tmp_path, key, value, message):

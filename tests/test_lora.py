@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import torch
 import transformers
@@ -12,8 +13,8 @@ from test_hf import _hf_logits, _hf_model, _text_ids
 
 from configs import tiny
 from train import config as config_lib
+from train import init_from, trainer
 from train import state as state_lib
-from train import trainer
 from train.bench import synthetic_batch
 from train.hf import exporting
 from train.inference import generation, loading
@@ -99,3 +100,20 @@ def test_merged_export_equals_the_adapter_model(tmp_path, cache_dir):
   np.testing.assert_allclose(_hf_logits(merged.eval(), ids), adapted, atol=1e-4, rtol=0)
   sample = generation.generate(model, ["def "], max_new_tokens=4, temperature=0.0)
   assert sample.stats["generated_tokens"] <= 4
+
+  # A new run from the LoRA run (DPO after LoRA SFT) starts from the model it trained: the
+  # adapters merged into their kernels (they had been dropped, leaving the base model).
+  config = tiny.get_config()
+  config.checkpoint.init_from = f"loom:{run}"
+  config = init_from.adopt(config)
+  resolved = config_lib.validate(config)
+  spec = state_lib.state_spec(resolved.model_cfg, optax.identity(), resolved.mesh, resolved.rules)
+  params = init_from.load_params(config, spec, resolved.model_cfg, resolved.mesh, resolved.rules)
+  assert not any(
+    "lora" in jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)
+  )
+  with jax.set_mesh(resolved.mesh), nnx.logical_axis_rules(resolved.rules):
+    started = jax.jit(lambda p, t: nnx.merge(spec.graphdef, p)(t, positions))(
+      params, jnp.asarray(ids, jnp.int32)
+    )
+  np.testing.assert_allclose(np.asarray(started), adapted, atol=1e-4, rtol=0)

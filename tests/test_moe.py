@@ -1,7 +1,10 @@
 """models/moe.py: dispatch against a dense reference, the routers, the balancing losses, the bias
 rule and the errors of bad settings."""
 
+import contextlib
 import dataclasses
+import io
+import re
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +13,7 @@ import pytest
 from flax import nnx
 from model_configs import model_config
 
+import models
 from configs import default
 from models import moe as moe_lib
 from models.config import MoEConfig
@@ -314,6 +318,47 @@ def test_the_train_step_on_8_devices_equals_one_device_and_moves_only_the_bias_b
     assert np.all(np.abs(steps) <= 3) and np.any(steps != 0), bias
   else:
     assert bias is None
+
+
+def test_with_lora_the_router_bias_is_frozen_with_the_base_model():
+  """The bias moves by the load, not by a gradient; with LoRA it stays as loaded, as every
+  frozen weight does (a DPO/GRPO reference, the policy with its adapters off, routes as it
+  started); the adapters train."""
+  config = _moe_config(router="sigmoid", bias_rate=0.01)
+  config.model.lora_rank, config.model.lora_targets = 4, ("q", "v")
+  # Three steps: an odd number of ±bias_rate moves can never sum back to the start.
+  losses, _, first, last = _losses_on(config, (1, 1, 1, 1), steps=3)
+  assert np.isfinite(losses).all()
+  np.testing.assert_array_equal(
+    last["blocks"]["mlp"]["router_bias"], first["blocks"]["mlp"]["router_bias"]
+  )
+  assert not np.array_equal(last["blocks"]["attn"]["q_lora"]["b"], 0)
+
+
+def _saved_residuals(cfg) -> list[tuple[int, ...]]:
+  """The shapes the backward pass keeps of a whole model's forward (jax.ad_checkpoint)."""
+  graphdef, params = nnx.split(models.Transformer(cfg, rngs=nnx.Rngs(0)), nnx.Param)
+  tokens, positions = jnp.zeros((2, 8), jnp.int32), jnp.broadcast_to(jnp.arange(8), (2, 8))
+
+  def loss(p):
+    out = nnx.merge(graphdef, p)(tokens, positions)
+    return jnp.sum(out[0] if isinstance(out, tuple) else out)
+
+  printed = io.StringIO()
+  with contextlib.redirect_stdout(printed):  # "f32[2,32,24] output of ..." a line
+    jax.ad_checkpoint.print_saved_residuals(loss, params)
+  shapes = re.findall(r"^\w+\[([\d,]*)\]", printed.getvalue(), re.MULTILINE)
+  return [tuple(int(n) for n in shape.split(",") if n) for shape in shapes]
+
+
+def test_save_mlp_keeps_the_experts_input_projections_as_it_keeps_the_dense_mlps():
+  """model.remat='save_mlp' keeps the routed experts' gate and up outputs (the stacked layers'
+  [2 layers, 16 tokens × K, F] rows, named "mlp" as the dense MLP's are); it had kept nothing of
+  them, the same as 'full', while the plan counted them as kept."""
+  cfg = dataclasses.replace(CFG, moe=MOE, scan_layers=True)
+  rows = (CFG.num_layers, 2 * 8 * K, F)
+  assert _saved_residuals(dataclasses.replace(cfg, remat="full")).count(rows) == 0
+  assert _saved_residuals(dataclasses.replace(cfg, remat="save_mlp")).count(rows) == 2
 
 
 _ONE_DEVICE: list = []  # the one-device run the mesh cases compare with (made once)

@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import json
 import os
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -81,7 +82,7 @@ def _reference():
   "stage, fsdp, tensor, microbatches, repeats, context",
   [
     (2, 1, 1, 2, 1, ""),
-    (4, 1, 1, 8, 1, ""),
+    (4, 1, 1, 2, 1, ""),  # GPipe: fewer microbatches than stages
     (2, 2, 2, 4, 1, ""),
     (2, 1, 1, 2, 2, ""),
     (2, 2, 1, 4, 2, ""),
@@ -90,7 +91,7 @@ def _reference():
   ],
   ids=[
     "gpipe2",
-    "gpipe4_m8",
+    "gpipe4_m2",
     "gpipe2xfsdp2xtensor2_m4",
     "circular2_r2",
     "circular2xfsdp2_m4_r2",
@@ -137,10 +138,16 @@ def _validate(**overrides):
 def test_bad_pipeline_settings_are_refused_before_any_work():
   resolved = _validate()  # tiny's two layers over two stages, one microbatch each: accepted
   assert resolved.mesh.shape["stage"] == 2 and resolved.model_cfg.pipeline_microbatches == -1
+  # GPipe reads each microbatch once: fewer microbatches than stages run (a larger bubble).
+  assert _validate(**{"pipeline.microbatches": 1}).model_cfg.pipeline_microbatches == 1
   refusals = {
     "model.num_layers=3 is not divisible by 2 stages × pipeline.repeats=1": {"model.num_layers": 3},
     "model.num_layers=2 is not divisible by 2 stages × pipeline.repeats=2": {"pipeline.repeats": 2},
-    r"pipeline.microbatches=1 is fewer than the 2 stages": {"pipeline.microbatches": 1},
+    r"pipeline.microbatches=1 is fewer than the 2 stages with pipeline.repeats=2": {
+      "pipeline.microbatches": 1,
+      "pipeline.repeats": 2,
+      "model.num_layers": 4,
+    },
     r"pipeline.microbatches=4 does not cut the 8 rows .* the 4 data-parallel shards": {
       "pipeline.microbatches": 4
     },
@@ -154,6 +161,24 @@ def test_bad_pipeline_settings_are_refused_before_any_work():
   for message, overrides in refusals.items():
     with pytest.raises(config_lib.ConfigError, match=message):
       _validate(**overrides)
+
+
+def test_task_scoring_on_a_training_mesh_takes_whole_microbatches_and_context_shards():
+  """In-training tasks score on the training mesh: rows rounded up to whole pipeline
+  microbatches of whole data shards (harness.batch_size=1 under 2 stages had cut 1 row into 2
+  microbatches, a crash at the first eval), lengths to what the context axis divides."""
+  cases = [  # (stage, fsdp, context, pipeline.microbatches, harness.batch_size) -> rows, multiple
+    ((2, 1, 1, -1, 1), 2, 128),
+    ((2, 2, 1, 3, 16), 18, 128),
+    ((1, 2, 3, -1, 16), 16, 384),  # 128-token steps that a context of 3 divides
+  ]
+  for (stage, fsdp, context, micro, batch_size), rows, multiple in cases:
+    cfg = dataclasses.replace(CFG, pipeline_microbatches=micro, max_seq_len=1536)
+    mesh = _mesh(stage, fsdp, context=context)
+    model = SimpleNamespace(model_cfg=cfg, mesh=mesh, rules=RULES, graphdef=None)
+    scorer = harness.Scorer(model, batch_size=batch_size)
+    assert scorer.batch == rows, (stage, fsdp, context)
+    assert scorer._padded_length(100) == multiple and scorer._padded_length(400) % multiple == 0
 
 
 def test_rules_that_split_the_layers_over_another_axis_are_refused():

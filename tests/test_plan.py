@@ -204,6 +204,37 @@ def test_an_analytic_plan_refuses_what_a_run_would(changes, message):
     plan_lib.plan(config, topology_lib.parse("h100:8"), use_compiler=False)
 
 
+def test_a_plan_checks_the_attention_for_the_chips_it_plans():
+  """The layout checks take the planned chips' attention, not this CPU host's: cuDNN under a
+  context axis is refused for what it is on GPUs (it had been refused as "needs a GPU"), and a
+  block size the per-shard splash kernel never uses is no reason to refuse a TPU plan."""
+  from configs import llama_8b_131k
+
+  config = llama_8b_131k.get_config()
+  config.model.attention = "cudnn"
+  with pytest.raises(config_lib.ConfigError, match=r"'cudnn' cannot run under 2 context shards"):
+    plan_lib.plan(config, topology_lib.parse("h100:8"), use_compiler=False)
+  config.model.attention = "auto"
+  assert plan_lib.plan(config, topology_lib.parse("h100:8"), use_compiler=False)["mesh"]
+  config = llama_8b_131k.get_config()
+  config.data.seq_len, config.model.attention_block = 1280 * 2, 512  # 1280 a shard: 10 × 128
+  result = plan_lib.plan(config, topology_lib.parse("v5p-128"), use_compiler=False)
+  assert result["attention"] == "context:all_gather+splash"
+  with pytest.raises(config_lib.ConfigError, match=r"attention_block=512 does not divide"):
+    plan_lib.plan(config, topology_lib.parse("h100:8"), use_compiler=False)  # XLA's blocks
+
+
+def test_the_moe_line_names_the_platform_whose_dispatch_auto_took():
+  moe = {"num_experts": 8, "experts_per_token": 2, "expert_dim": 256, "dispatch": "dropless"}
+  moe.update(setting="auto", expert_ways=1, capacity_factor=1.0, buffer_rows_per_token=2.0)
+  assert "(model.moe.dispatch=auto, as on GPUs)" in plan_cli.moe_line(
+    {"moe": dict(moe, platform="gpu")}
+  )
+  assert "(model.moe.dispatch=auto, as on TPUs)" in plan_cli.moe_line(
+    {"moe": dict(moe, platform="tpu")}
+  )
+
+
 def small_llama():
   """llama_1b's shape family (GQA, SwiGLU, RoPE, bf16, remat), shrunk so that it compiles in
   seconds; layers unrolled because XLA's cost analysis counts a scanned body once."""

@@ -90,6 +90,10 @@ def test_a_quant_the_chips_cannot_run_is_refused_naming_what_would_work():
     hardware.check_quant("fp8", False, _device("gpu", "NVIDIA A100-SXM4-80GB"))
   with pytest.raises(ValueError, match=r"model.quant_emulation=True"):
     hardware.check_quant("int8", False, _device("cpu", "cpu"))
+  # A GPU the table does not know is not said to lack the units (an H800 has fp8's).
+  with pytest.raises(ValueError, match=r"NVIDIA H800\) is not in Loom's hardware table") as e:
+    hardware.check_quant("fp8", False, _device("gpu", "NVIDIA H800"))
+  assert "has no fp8" not in str(e.value) and "quant_emulation=True" in str(e.value)
 
 
 def test_the_run_config_refuses_an_unnative_quant_and_an_unknown_one(cache_dir):

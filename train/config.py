@@ -81,7 +81,7 @@ def validate(
     raise ConfigError(str(e)) from e
   process_count = jax.process_count() if process_count is None else process_count
   _check_batch(config, mesh, rules, process_count)
-  _check_context(config, mesh, rules)
+  _check_context(config, mesh, rules, mesh.devices.flat[0].platform)
   _check_pipeline(config, model_cfg, mesh, rules)
   _check_tensor_within_hosts(mesh.devices, mesh.axis_names)
   _check_model_on_mesh(model_cfg, mesh, rules)
@@ -162,15 +162,17 @@ def saved_model_config(saved: dict[str, Any]) -> ModelConfig:
   return ModelConfig(**{**default.get_config().model.to_dict(), **saved})
 
 
-def check_layout(config: ml_collections.ConfigDict, model_cfg: ModelConfig, sizes: dict) -> None:
+def check_layout(
+  config: ml_collections.ConfigDict, model_cfg: ModelConfig, sizes: dict, platform: str
+) -> None:
   """``validate``'s checks of the batch, context, stages, heads, experts and parameter shapes
-  against mesh axis ``sizes`` alone, on an abstract mesh: ``train.plan --analytic`` (or without
-  libtpu or the CUDA plugin) has no devices to build a mesh of, and must refuse what a run
-  would refuse."""
+  against mesh axis ``sizes`` alone, on an abstract mesh of ``platform``'s chips ("tpu", "gpu"):
+  ``train.plan --analytic`` (or without libtpu or the CUDA plugin) has no devices to build a mesh
+  of, and must refuse what a run would refuse."""
   mesh = jax.sharding.AbstractMesh(tuple(sizes.values()), tuple(sizes))
   rules = mesh_lib.logical_rules(config.mesh)
   _check_batch(config, mesh, rules, 1)
-  _check_context(config, mesh, rules)
+  _check_context(config, mesh, rules, platform)
   _check_pipeline(config, model_cfg, mesh, rules)
   _check_model_on_mesh(model_cfg, mesh, rules)
 
@@ -385,6 +387,12 @@ def _check_rl(config) -> None:
         f"{key}={value!r} is not supported with train.objective='grpo' (its log-probs use the "
         "whole logits); set it to 0"
       )
+  if config.train.spike_policy == "rollback":
+    raise ConfigError(
+      "train.spike_policy='rollback' is not supported with train.objective='grpo': its loss "
+      "measures no progress from step to step, so no loss spike is detected; non-finite steps "
+      "are skipped up to train.max_consecutive_skips (train.spike_policy='skip' or 'off')"
+    )
 
 
 # optim keys: (what a valid value is, the test of it).
@@ -496,7 +504,7 @@ def _check_batch(config, mesh: Mesh, rules, process_count: int) -> None:
       raise ConfigError(f"mesh: {e}") from e
 
 
-def _check_context(config, mesh: Mesh, rules) -> None:
+def _check_context(config, mesh: Mesh, rules, platform: str) -> None:
   """A context axis splits each row's length, in the striped layout (models/context_parallel.py):
   the row length must be a multiple of its size, and the rules must give it to a batch's
   "length" (not to its "batch", whose rule would take it first)."""
@@ -519,26 +527,30 @@ def _check_context(config, mesh: Mesh, rules) -> None:
       f"data.seq_len={seq_len} is not divisible by {split}, the size of mesh axes {axes} that "
       f"split each row ({mesh_lib.describe(mesh)}); use a multiple of {split}"
     )
-  local, block = seq_len // split, config.model.attention_block
-  gathered = split > 1 and config.model.attention_context == "all_gather"
+  if split == 1:
+    return
+  model = config.model
+  try:
+    kernel = context_kernel(
+      model.attention, model.dtype, seq_len, split, model.attention_context, platform
+    )
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+  local, block = seq_len // split, model.attention_block
+  # The XLA all-gather form goes by blocks of each shard's queries; splash has its own.
+  gathered = kernel == "xla" and model.attention_context == "all_gather"
   if gathered and 0 < block < local and local % block:
     raise ConfigError(
       f"model.attention_block={block} does not divide the {local} positions of each row's "
       f"context shard (data.seq_len={seq_len} / {split}): the all-gather attention goes by "
       f"whole blocks of them; use a divisor of {local}, or 0 (whole shards)"
     )
-  if split > 1:
-    model = config.model
-    try:
-      context_kernel(model.attention, model.dtype, seq_len, split, model.attention_context)
-    except ValueError as e:
-      raise ConfigError(str(e)) from e
 
 
 def _check_pipeline(config, model_cfg: ModelConfig, mesh: Mesh, rules) -> None:
   """Pipeline stages (models/pipeline.py) split the scanned layers of a dense model: the layers
-  must divide into stages × repeats, each forward pass's rows into at least one microbatch per
-  stage."""
+  must divide into stages × repeats, each forward pass's rows into microbatches (at least one per
+  stage when the schedule is circular)."""
   size = mesh.shape[mesh_lib.STAGE]
   stages, axes = mesh_lib.ways(mesh, rules, "layers")
   if (size > 1 and axes != (mesh_lib.STAGE,)) or (stages > 1 and mesh_lib.STAGE not in axes):

@@ -14,17 +14,21 @@ than the source's value is a conflict, named field by field.
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 from typing import Any
 
 import jax
 import ml_collections
+import optax
 import orbax.checkpoint as ocp
 
 from configs import default
 from input_pipeline.host import agreement, storage
 from models import lora
 from models.config import ModelConfig
+from train import config as config_lib
 from train import state as state_lib
 from train.checkpoint import integrity, manager
 from train.config import ConfigError
@@ -32,6 +36,8 @@ from train.hf import families
 from train.hf.importing import LORA_KEYS, MODEL_KEYS, MOE_RUN_KEYS
 from train.hf.importing import load_params as load_hf_params
 from train.hf.safetensors_io import HFCheckpoint
+
+log = logging.getLogger("loom")
 
 
 def _parse(spec: str) -> tuple[str, str, int | None]:
@@ -140,20 +146,47 @@ def adopt(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def load_params(
-  config: ml_collections.ConfigDict, spec: state_lib.StateSpec, model_cfg: ModelConfig
+  config: ml_collections.ConfigDict,
+  spec: state_lib.StateSpec,
+  model_cfg: ModelConfig,
+  mesh: jax.sharding.Mesh,
+  rules: Any,
 ) -> Any:
-  """The source's parameters in the shardings of ``spec`` (a fresh run's state spec); LoRA
-  adapters, which no source holds, come back as None for the caller to initialise."""
+  """The source's parameters in the shardings of ``spec`` (a fresh run's state spec); the run's
+  LoRA adapters come back as None for the caller to initialise. A Loom source trained with LoRA
+  is the model it trained: its adapters are merged into their kernels (``models.lora.merge``),
+  as its export would be."""
   kind, path, step = _parse(config.checkpoint.init_from)
   if kind == "hf":
     checkpoint = HFCheckpoint(path)
     family = families.family_of(checkpoint.config, checkpoint.path)
     return load_hf_params(checkpoint, family, spec, model_cfg)
-  ckpt, step, _ = _loom_source(path, step)
+  ckpt, step, metadata = _loom_source(path, step)
   problems = integrity.verify(os.path.join(ckpt.directory, str(step)))
   if problems:
     raise ConfigError(f"checkpoint.init_from: {path} step {step} fails its checksums: {problems}")
-  loaded = manager.restore_params(ckpt, step, _without_adapters(spec.abstract["params"]))
+  base = _without_adapters(spec.abstract["params"])
+  loaded = manager.restore_params(ckpt, step, base)
+  source_cfg = config_lib.saved_model_config(metadata["model_config"])
+  if source_cfg.lora_rank > 0:
+    if source_cfg.scan_layers != model_cfg.scan_layers:
+      ckpt.close()
+      raise ConfigError(
+        f"checkpoint.init_from={config.checkpoint.init_from!r}: the source's LoRA adapters are "
+        f"merged into its weights in its own layer layout (model.scan_layers="
+        f"{source_cfg.scan_layers}); set model.scan_layers={source_cfg.scan_layers}"
+      )
+    source = state_lib.state_spec(source_cfg, optax.identity(), mesh, rules)
+    adapters = manager.restore_params(ckpt, step, _only_adapters(source.abstract["params"]))
+    shardings = jax.tree.map(lambda leaf: leaf.sharding, base)
+    merge = jax.jit(functools.partial(lora.merge, cfg=source_cfg), out_shardings=shardings)
+    loaded = merge(_joined(loaded, adapters))
+    log.info(
+      "merged %s's LoRA adapters (rank %d, alpha %s) into their kernels",
+      path,
+      source_cfg.lora_rank,
+      source_cfg.lora_alpha,
+    )
   ckpt.close()
   return jax.tree_util.tree_map_with_path(
     lambda path, _: _get(loaded, _names(path)), spec.abstract["params"]
@@ -168,6 +201,25 @@ def _without_adapters(tree: Any) -> Any:
   if not isinstance(tree, dict):
     return tree
   return {k: _without_adapters(v) for k, v in tree.items() if not lora.is_adapter([k])}
+
+
+def _only_adapters(tree: Any) -> dict:
+  """The LoRA adapters of a parameter tree, in its nesting (nothing else)."""
+  out = {}
+  for key, value in tree.items():
+    if lora.is_adapter([key]):
+      out[key] = value
+    elif isinstance(value, dict) and (inner := _only_adapters(value)):
+      out[key] = inner
+  return out
+
+
+def _joined(base: dict, adapters: dict) -> dict:
+  """``base`` with ``adapters`` (``_only_adapters``' nesting) put back in."""
+  out = dict(base)
+  for key, value in adapters.items():
+    out[key] = _joined(base[key], value) if key in base else value
+  return out
 
 
 def _get(tree: Any, names: list[str]) -> Any:

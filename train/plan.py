@@ -134,7 +134,8 @@ def moe_line(result: dict[str, Any]) -> str:
     f"{moe['expert_dim']:,}), {moe['dispatch']} dispatch"
   )
   if moe["setting"] != moe["dispatch"]:
-    line += f" (model.moe.dispatch={moe['setting']}, as on TPUs)"
+    where = {"tpu": "TPUs", "gpu": "GPUs"}.get(moe.get("platform", "tpu"), moe.get("platform"))
+    line += f" (model.moe.dispatch={moe['setting']}, as on {where})"
   if moe["dispatch"] == "capacity":
     line += f" (capacity_factor {moe['capacity_factor']})"
   if moe["expert_ways"] > 1:

@@ -125,31 +125,43 @@ def analytic_memory(
   block, local = model_cfg.attention_block, config.data.seq_len // context
   if kernel == "context:all_gather" and block and local > block and local % block == 0:
     scores = scores_full * block // local  # one block of local queries' scores at a time
-  experts = 0  # an MoE layer's working set per token: its dispatch buffers' rows, empty or not
+
+  def per_layer(mlp: int, experts: int = 0, experts_saved: int = 0) -> tuple[int, int]:
+    """(one layer's full working set per token: norms, q/k/v/o, residuals, MLP in and out, an
+    MoE's dispatch buffers; what the remat policy keeps of it for the backward pass)."""
+    live = act_bytes * (8 * d + kv + 4 * mlp) + scores + experts
+    saved = {
+      "full": act_bytes * d,  # the block input only; the rest is recomputed
+      # matmul outputs (no batch dimension: an MoE's grouped matmuls are not among them)
+      "save_dots": act_bytes * (4 * d + kv + 3 * (mlp - experts_saved)),
+      "save_attention": act_bytes * 2 * d,  # block input and attention output
+      "save_mlp": act_bytes * (d + 2 * mlp),  # block input and the MLP's input projections
+      "save_attention_mlp": act_bytes * (2 * d + 2 * mlp),
+      "none": live,
+    }[model_cfg.remat]
+    return live, saved
+
+  layer_live, saved = per_layer(mlp)
+  saved_all = layers * saved
   dispatch = moe_dispatch(model_cfg, sizes, rules)
   if dispatch:
     f = model_cfg.moe.expert_dim
-    mlp = model_cfg.moe.shared_experts * f  # the shared experts' MLP
     # Per buffer row ~4 [D] rows (sent, received, sorted, sent back) and ~6 [F] ones (gate, up,
     # their product; float32 matmul outputs; the backward's): fitted to the compiled figures of
     # mixtral_8x7b and qwen3_30b_a3b on v5p (docs/moe.md). Plus float32 router logits and probs.
     rows = dispatch["buffer_rows_per_token"]
     experts = int(act_bytes * rows * (4 * d + 6 * f)) + 2 * 4 * model_cfg.moe.num_experts
-    mlp += int(rows * f)  # the experts' hidden rows, for the policies that save them
-  # One layer's full working set per token: norms, q/k/v/o, residuals, MLP in and out.
-  layer_live = act_bytes * (8 * d + kv + 4 * mlp) + scores + experts
-  saved = {
-    "full": act_bytes * d,  # the block input only; the rest is recomputed
-    "save_dots": act_bytes * (4 * d + kv + 3 * mlp),  # matmul outputs
-    "save_attention": act_bytes * 2 * d,  # block input and attention output
-    "save_mlp": act_bytes * (d + 2 * mlp),  # block input and the MLP's input projections
-    "save_attention_mlp": act_bytes * (2 * d + 2 * mlp),
-    "none": layer_live,
-  }[model_cfg.remat]
+    # The shared experts' MLP, and the routed experts' hidden rows ("mlp", as the dense MLP's).
+    moe_live, moe_saved = per_layer(
+      model_cfg.moe.shared_experts * f + int(rows * f), experts, int(rows * f)
+    )
+    dense = model_cfg.moe.first_dense  # the first layers' MLPs are model.mlp_dim wide
+    layer_live = max(moe_live, layer_live) if dense else moe_live
+    saved_all = dense * saved + (layers - dense) * moe_saved
   # Pipeline stages: a device keeps its stage's layers' saved inputs, for all of its rows, and
   # the microbatch buffer (its rows' hidden states) beside them.
   stages = _ways(sizes, rules, "layers")
-  activations = tokens * (layers // stages * saved + layer_live)
+  activations = tokens * (saved_all // stages + layer_live)
   if stages > 1:
     activations += tokens * act_bytes * d * 2
   logits_full = tokens * model_cfg.vocab_size * 4 * 2 // _ways(sizes, rules, "vocab")  # + grad
@@ -421,7 +433,7 @@ def plan(
   # Before any compile, and for --analytic too: a format the chips lack is refused, not planned.
   hardware.check_quant_on(model_cfg.quant, model_cfg.quant_emulation, chip)
   sizes = mesh_lib.mesh_shape(config.mesh, topology.chips)
-  config_lib.check_layout(config, model_cfg, sizes)  # what a run refuses, --analytic too
+  config_lib.check_layout(config, model_cfg, sizes, platform)  # what a run refuses, --analytic too
   rules = mesh_lib.logical_rules(config.mesh)
   estimate = analytic_memory(config, model_cfg, sizes, rules, platform)
   result: dict[str, Any] = {
@@ -452,7 +464,8 @@ def plan(
     result["dcn"] = " × ".join(f"{a}={config.mesh.get(a, 1)}" for a in DCN_AXES)
   dispatch = moe_dispatch(model_cfg, sizes, rules)
   if dispatch:
-    result["moe"] = dict(dispatch, setting=setting)  # setting: model.moe.dispatch as given
+    # setting: model.moe.dispatch as given; platform: whose choice "auto" took
+    result["moe"] = dict(dispatch, setting=setting, platform=platform)
   result.update(_memory(config, model_cfg, topology, estimate, use_compiler))
   # XLA's GPU compiler does not refuse a program larger than the memory: the plan compares.
   result.setdefault("fits", result["memory_per_chip_bytes"] <= chip.hbm_bytes)

@@ -143,8 +143,9 @@ def train_step(
   accept = finite & ~spike
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
   params = optax.apply_updates(state["params"], updates)
-  if moe_stats and moe is not None and moe.router == "sigmoid":
-    # The selection bias moves by the measured load, not by its (zero) gradient.
+  if moe_stats and moe is not None and moe.router == "sigmoid" and frozen is None:
+    # The selection bias moves by the measured load, not by its (zero) gradient; with LoRA it is
+    # frozen with the rest of the base model (and a DPO/GRPO reference routes as it started).
     params = moe_lib.rebalance(
       params, state["params"], moe_stats["load"], moe.bias_rate, moe.first_dense
     )

@@ -278,7 +278,7 @@ def restore_or_init(run: Run, ckpt: checkpoint_lib.Checkpointer) -> tuple[Any, i
     )
   if restored is None and run.config.checkpoint.init_from:
     with run.meter.phase("checkpoint"):
-      params = init_from.load_params(run.config, run.spec, run.model_cfg)
+      params = init_from.load_params(run.config, run.spec, run.model_cfg, run.mesh, run.rules)
     log.info("initialised the parameters from %s", run.config.checkpoint.init_from)
     if run.model_cfg.lora_rank > 0:  # the adapters start fresh: A random, B zero
       initial = state_lib.init_state(

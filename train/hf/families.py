@@ -334,6 +334,11 @@ def _moe_config(model_type: str, qk_norm: bool):
     experts = _get(hf, "num_local_experts", _get(hf, "num_experts"))
     if experts is None:
       raise ConversionError("config.json has neither 'num_local_experts' nor 'num_experts'")
+    if int(experts) < 1:  # transformers builds a dense model from num_experts=0
+      raise ConversionError(
+        f"config.json num_experts={experts}: a mixture of experts needs at least 1; a model "
+        "without experts is a dense one (convert it with its dense model_type, e.g. qwen3)"
+      )
     out["moe"] = {
       "num_experts": int(experts),
       "experts_per_token": int(_get(hf, "num_experts_per_tok", required=True)),

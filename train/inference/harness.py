@@ -35,6 +35,7 @@ from flax import nnx
 from input_pipeline import tokenizers
 from input_pipeline.device import to_global
 from input_pipeline.host import storage
+from models import pipeline
 from train.cluster import mesh as mesh_lib
 from train.inference import tasks as task_index
 from train.inference.loading import Model
@@ -117,8 +118,16 @@ class Scorer:
     self.model = model
     self.context = model.model_cfg.max_seq_len
     shards = mesh_lib.data_parallel_size(model.mesh, model.rules)
-    step = math.lcm(shards, jax.process_count())
+    # On a training mesh with pipeline stages (in-training tasks) the rows are cut into the
+    # pipeline's microbatches, each split over the batch shards (models/pipeline.py).
+    stages = mesh_lib.ways(model.mesh, model.rules, "layers")[0]
+    micro = 1
+    if stages > 1:
+      micro = pipeline.resolve_microbatches(model.model_cfg.pipeline_microbatches, stages)
+    step = math.lcm(shards * micro, jax.process_count())
     self.batch = -(-batch_size // step) * step  # rows divide over the batch shards and processes
+    # A context axis splits each row's length (models/context_parallel.py): lengths it divides.
+    self.length_ways = mesh_lib.ways(model.mesh, model.rules, "length")[0]
     self.sharding = mesh_lib.batch_sharding(model.mesh, model.rules)
     self._score = _score_program(model.graphdef, model.mesh)
     self.rows_scored = 0
@@ -129,7 +138,7 @@ class Scorer:
     return tokens[:-1], tokens[1:], min(len(continuation), len(tokens) - 1)
 
   def _padded_length(self, longest: int) -> int:
-    multiple = min(LENGTH_MULTIPLE, self.context)
+    multiple = math.lcm(min(LENGTH_MULTIPLE, self.context), self.length_ways)
     return min(-(-longest // multiple) * multiple, max(self.context, multiple))
 
   def score(self, pairs: Sequence[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:

@@ -156,6 +156,13 @@ def check_quant_on(
   native = accelerator.quant if accelerator else ()
   if quant in native:
     return
+  if accelerator is None and unknown != "this chip" and not unknown.startswith("cpu"):
+    raise ValueError(
+      f"model.quant={quant!r}: {unknown} is not in Loom's hardware table "
+      f"(train/meter/hardware.py), so whether it has native {quant} matmul units is unknown; "
+      "set model.quant_emulation=True to run it anyway (native where the chip has the units, "
+      "emulated where not), or model.quant='none'"
+    )
   name = accelerator.name if accelerator else unknown
   would = f"model.quant={native[0]!r} or " if native else ""
   raise ValueError(

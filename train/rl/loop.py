@@ -28,7 +28,7 @@ import numpy as np
 from input_pipeline import tokenizers
 from input_pipeline.host import settings, storage
 from train import config as config_lib
-from train import init_from, metrics_writer, trainer
+from train import health, init_from, metrics_writer, trainer
 from train.checkpoint import manager as checkpoint_lib
 from train.cluster.preemption import PreemptionWatcher
 from train.grpo import group_advantages
@@ -173,6 +173,7 @@ class Loop:
     self.sampling = Sampling(temperature=float(self.rl.temperature), top_p=float(self.rl.top_p))
     self.metadata = trainer.run_metadata(run)
     self.names = rewards_lib.metric_names(rewards.names)
+    self.skips_in_a_row = 0  # skipped updates in a row (train.max_consecutive_skips)
 
   def train(self, state, start_step: int) -> dict[str, Any]:
     mu, total = self.rl.inner_steps, self.config.train.steps
@@ -232,6 +233,7 @@ class Loop:
       state, metrics = self.run.compiled_step(state, batch)
       step_metrics.append(metrics)
     step_metrics = jax.device_get(step_metrics)  # one fetch per rollout
+    self.check_skips(r * rl.inner_steps, step_metrics)
     updated = time.perf_counter()
     values = self.metrics(step_metrics, scores, total, advantages, done, batch_np)
     sample_s, update_s = sampled - begin, updated - scored
@@ -266,6 +268,23 @@ class Loop:
     fields = {key: [record.get(key) for record in records] for key in keys}
     scores = self.rewards.score(texts, done.texts, fields)
     return scores, self.rewards.total(scores)
+
+  def check_skips(self, first_step: int, step_metrics) -> None:
+    """``train.max_consecutive_skips`` as a pretraining run applies it (train/health.py): skipped
+    updates in a row, across rollouts, stop the run with the same message. GRPO detects no loss
+    spikes (its loss measures no progress step to step), so every skip is a non-finite one."""
+    policy = health.Policy.from_config(self.config.train)
+    for i, m in enumerate(step_metrics):
+      self.skips_in_a_row = self.skips_in_a_row + 1 if m["train/skipped"] else 0
+      if self.skips_in_a_row:
+        skip = health.Skip(
+          step=first_step + i + 1,
+          spike=False,
+          loss=float(m["train/loss"]),
+          grad_norm=float(m["train/grad_norm"]),
+          in_a_row=self.skips_in_a_row,
+        )
+        health.after_skip(skip, policy, 0, self.ckpt.directory)
 
   def metrics(self, step_metrics, scores, total, advantages, done, batch_np) -> dict[str, float]:
     first, last = step_metrics[0], step_metrics[-1]

@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from input_pipeline import chat
+from input_pipeline import chat, tokenizers
+from input_pipeline.errors import DataError
 from input_pipeline.host import storage
 from input_pipeline.host.command import LoomError
 from train.inference.engine import Engine
@@ -49,9 +50,7 @@ def read_prompts(path: str, tokenizer, *, key: str, max_tokens: int) -> Prompts:
   file = storage.absolute(path) if path else None
   if file is None or not file.exists():
     raise PromptError(f"{key}={path!r}: no such file; give a JSON-lines file of prompts")
-  renderer = chat.Renderer(
-    getattr(tokenizer, "chat_template", None), getattr(tokenizer, "special_tokens", None)
-  )
+  renderer = None  # made at the first conversation: plain prompts need no template
   texts, ids, fields, lines = [], [], [], []
   for number, raw in enumerate(file.read_bytes().splitlines(), start=1):
     where = f"{key}={path!r} line {number}"
@@ -67,13 +66,26 @@ def read_prompts(path: str, tokenizer, *, key: str, max_tokens: int) -> Prompts:
       raise PromptError(f"{where} is not JSON ({e.msg})") from e
     if not isinstance(record, dict):
       raise PromptError(f"{where} is not a JSON object")
+    # As TRL's GRPOTrainer tokenizes prompts: a plain one as transformers' tokenizer(text) (BOS
+    # first for Llama's tokenizers), a conversation as its template renders it.
     if isinstance(record.get("prompt"), str) and record["prompt"]:
       text = record.pop("prompt")
+      tokens = tokenizers.encode_as_text_to_score(tokenizer, text)
     elif isinstance(record.get("messages"), list) and record["messages"]:
-      text = renderer.render(record.pop("messages"), generation_prompt=True)
+      problem, messages = chat.check_messages(record.pop("messages"))
+      if problem:
+        raise PromptError(f"{where}: {problem}")
+      try:
+        if renderer is None:
+          renderer = chat.Renderer(
+            getattr(tokenizer, "chat_template", None), getattr(tokenizer, "special_tokens", None)
+          )
+        text = renderer.render(messages, generation_prompt=True)
+      except DataError as e:
+        raise PromptError(f"{where}: {e}") from e
+      tokens = tokenizer.encode(text)
     else:
       raise PromptError(f'{where} has no "prompt" string or "messages" list')
-    tokens = tokenizer.encode(text)
     if not 0 < len(tokens) <= max_tokens:
       raise PromptError(
         f"{where}: the prompt is {len(tokens)} tokens; at most {max_tokens} fit (data.seq_len "
