@@ -5,9 +5,10 @@ PATH is a JSON-lines file, one conversation per line: ``{"messages": [{"role": "
 chat template (``tokenizer_config.json``'s ``chat_template``, or ``chat_template.jinja``; Loom's
 own byte and SentencePiece tokenizers use ``FALLBACK_TEMPLATE``) and becomes one document whose
 tokens carry a loss mask: only the assistant turns are trained on, each with the end its template
-writes (``<|im_end|>``, ``<|eot_id|>``); with FALLBACK_TEMPLATE, which writes none, the
-end-of-document token after a final assistant turn is trained. The mask travels through packing
-into the batch's ``weights``.
+writes (``<|im_end|>``, ``<|eot_id|>``), and the end-of-document token after a final assistant
+turn unless the template wrote that token itself (Qwen's and Llama 3's instruct tokenizers end
+turns with their eos: it is not trained twice). The mask travels through packing into the
+batch's ``weights``.
 
 Rendering finds each assistant turn's text by rendering growing prefixes of the conversation:
 the span between the prefix before the turn (with the generation prompt) and the prefix with it
@@ -38,7 +39,7 @@ _log = logging.getLogger(__name__)
 
 ROLES = ("system", "user", "assistant", "tool")
 # How conversations are tokenized, in the store's fingerprint: 2 since the end-of-document id after
-# a conversation is trained only with FALLBACK_TEMPLATE (1: after every final assistant turn).
+# a conversation is not trained where the template wrote it (1: after every final assistant turn).
 TOKENIZED = 2
 # A plain template for tokenizers that bring none: role headers, the content, a blank line.
 FALLBACK_TEMPLATE = (
@@ -122,14 +123,20 @@ def _parse(line: str) -> tuple[str, list[dict[str, str]]]:
   return check_messages(messages)
 
 
-def check_messages(messages: list, label: str = "message") -> tuple[str, list[dict[str, str]]]:
-  """(problem, messages): problem is "" when each message has a role of ROLES and string content;
-  the messages keep only those two keys."""
+def check_messages(
+  messages: list, label: str = "message", roles: tuple[str, ...] | None = ROLES
+) -> tuple[str, list[dict[str, Any]]]:
+  """(problem, messages): problem is "" when each message has a role of ``roles`` and string
+  content; the messages keep only those two keys. ``roles=None`` (prompts that are only
+  rendered): any string role, and every key kept for the template (``name``, ``tool_calls``)."""
   for i, message in enumerate(messages):
-    if not isinstance(message, dict) or message.get("role") not in ROLES:
-      return f"{label} {i} has no role in {ROLES}", []
+    role = message.get("role") if isinstance(message, dict) else None
+    if not (isinstance(role, str) if roles is None else role in roles):
+      return f"{label} {i} has no role in {roles}" if roles else f"{label} {i} has no role", []
     if not isinstance(message.get("content"), str):
       return f"{label} {i} has no string content", []
+  if roles is None:
+    return "", [dict(m) for m in messages]
   return "", [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
@@ -169,10 +176,6 @@ class Renderer:
       trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
     )
     env.globals["raise_exception"] = raise_exception
-    # The tokenizer's own template ends each turn as its model was taught (Qwen's <|im_end|>,
-    # Llama 3's <|eot_id|>), so nothing is added after a completion, as TRL adds nothing to
-    # conversations; FALLBACK_TEMPLATE marks no end, so the end-of-document token does.
-    self.own_template = template is not None
     try:
       self.template = env.from_string(template or FALLBACK_TEMPLATE)
     except jinja2.TemplateError as e:

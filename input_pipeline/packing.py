@@ -207,7 +207,8 @@ class PairPacker:
   def add(
     self, chosen: np.ndarray, chosen_mask: np.ndarray, rejected: np.ndarray, rejected_mask
   ) -> Iterator[tuple[np.ndarray, ...]]:
-    """Places one pair (each sequence already ends with eod) and yields full blocks of rows."""
+    """Places one pair (each sequence already ends as input_pipeline/preference.py ends it) and
+    yields full blocks of rows."""
     size = len(chosen) + len(rejected)
     if size > self.width:
       self.too_long += 1

@@ -10,7 +10,8 @@ with the generation prompt, the completion as the text the template adds for the
 Each comparison becomes two documents, prompt + chosen and prompt + rejected, tokenized as TRL's
 DPOTrainer tokenizes them (``PairRenderer.pair``); only the completion tokens carry loss weight
 (TRL's ``completion_mask``): a plain-string completion ends with the end-of-document id, trained
-(TRL's added EOS), a chat completion with what the template ends an assistant turn with.
+(TRL's added EOS), a chat completion with what the template ends an assistant turn with, and the
+end-of-document id where that is not it.
 
 Bad lines (not JSON, no prompt, no ``chosen`` or ``rejected``, wrong types, empty completions)
 are counted and reported with their line numbers; a file without a good line is an error naming
@@ -36,7 +37,7 @@ _log = logging.getLogger(__name__)
 
 PREFIX = "prefs:"
 # How pairs are tokenized, in the store's fingerprint: 2 since BOS, one tokenization of each whole
-# sequence and no end-of-document id after a template's own end (1: prompt and completion apart).
+# sequence and no second end-of-document id after a template's (1: prompt and completion apart).
 TOKENIZED = 2
 
 
@@ -173,9 +174,12 @@ class PairRenderer:
     - A plain-string record is tokenized as transformers' ``tokenizer(text)`` does (BOS first for
       Llama's tokenizers), and each completion ends with the end-of-document id (TRL appends the
       EOS text), trained.
-    - A conversation is tokenized as rendered (the template writes its own BOS), and nothing
-      follows the template's end of the assistant turn; with Loom's FALLBACK_TEMPLATE, which marks
-      no end, the end-of-document id does.
+    - A conversation is tokenized as rendered (the template writes its own BOS). Where the
+      template ends the assistant turn with the end-of-document token (Qwen's instruct tokenizers
+      end turns with their eos <|im_end|>, Llama 3's with <|eot_id|>) nothing follows, as TRL adds
+      nothing to conversations; where it does not (Loom's FALLBACK_TEMPLATE; a base model's
+      tokenizer whose eos is not the turn's end) the end-of-document id follows, trained: it is
+      where Loom's sampler stops (TRL would leave that to a generation config).
     - The prompt and each whole sequence are tokenized apart; the completion starts where the
       prompt's ids and both sequences' ids part (TRL's ``common_prefix_length``), so a token that
       straddles the boundary, or a template that renders the prompt alone differently, moves the
@@ -188,10 +192,12 @@ class PairRenderer:
       encode = self.tokenizer.encode
     prompt_ids = encode(prompt)
     full = [encode(text) for text in sequences]
-    if plain or not self.chat.own_template:
-      eod = self.tokenizer.eod_id
-      full = [ids if ids and ids[-1] == eod else [*ids, eod] for ids in full]
     shared = min(_common_prefix(prompt_ids, ids) for ids in full)
+    eod = self.tokenizer.eod_id
+    if plain:
+      full = [ids if ids and ids[-1] == eod else [*ids, eod] for ids in full]
+    else:
+      full = [ids if eod in ids[shared:] else [*ids, eod] for ids in full]
     out = []
     for ids in full:
       mask = np.zeros(len(ids), np.uint8)

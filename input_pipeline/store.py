@@ -329,8 +329,7 @@ def _write_split(
     if pairs:
       write(packer.add(*renderer.pair(item)))
     elif renderer is not None:
-      end_trained = not renderer.own_template
-      write(packer.add(*_masked_tokens(renderer.pieces(item), tokenizer, end_trained)))
+      write(packer.add(*_masked_tokens(renderer.pieces(item), tokenizer)))
     else:
       write(packer.add(item))
   write(packer.finish())
@@ -355,19 +354,18 @@ def _write_split(
   return stats, arrays, shard_rows_list
 
 
-def _masked_tokens(
-  pieces: list[tuple[str, bool]], tokenizer, end_trained: bool
-) -> tuple[np.ndarray, np.ndarray]:
+def _masked_tokens(pieces: list[tuple[str, bool]], tokenizer) -> tuple[np.ndarray, np.ndarray]:
   """A conversation's token ids and its loss mask (one more flag: the eod after the last piece,
-  trained when the conversation ends with an assistant turn and ``end_trained``: the template
-  marks no end of its own, input_pipeline/chat.py)."""
+  trained when the conversation ends with an assistant turn that the template did not end with
+  the eod token itself, input_pipeline/chat.py)."""
   ids: list[int] = []
   mask: list[int] = []
   for text, trainable in pieces:
     piece = tokenizer.encode(text)
     ids += piece
     mask += [int(trainable)] * len(piece)
-  mask.append(int(pieces[-1][1] and end_trained) if pieces else 0)
+  ended = bool(pieces) and tokenizer.eod_id in piece  # the template wrote the eod token itself
+  mask.append(int(pieces[-1][1] and not ended) if pieces else 0)
   return np.asarray(ids, np.int64), np.asarray(mask, np.uint8)
 
 

@@ -100,7 +100,7 @@ def expert_load(experts_TK: jax.Array, num_experts: int) -> jax.Array:
 
 def balance_loss(probs_TE: jax.Array, experts_TK: jax.Array) -> jax.Array:
   """E · Σ_e f_e · P_e: f_e the share of assignments expert e received (no gradient), P_e its
-    mean router probability. 1 when both are uniform; at most E / K with K experts a token (each
+  mean router probability. 1 when both are uniform; at most E / K with K experts a token (each
   token's K picks are distinct, so no expert gets more than 1 / K of the assignments)."""
   num_experts = probs_TE.shape[-1]
   f_E = jax.lax.stop_gradient(expert_load(experts_TK, num_experts))

@@ -42,8 +42,9 @@ def _chat_file(path, conversations, extra_lines=()):
   return str(path)
 
 
-def _tokenizer(directory) -> None:
-  """A byte-level BPE tokenizer with a ChatML template, trained here and saved as HF files."""
+def _tokenizer(directory, eos: str = "<|endoftext|>") -> None:
+  """A byte-level BPE tokenizer with a ChatML template, trained here and saved as HF files;
+  ``eos="<|im_end|>"``: the template ends turns with its eos, as Qwen's instruct tokenizers do."""
   from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
   tok = Tokenizer(models.BPE())
@@ -55,7 +56,7 @@ def _tokenizer(directory) -> None:
   )
   tok.train_from_iterator([json.dumps(c) for c in CONVERSATIONS] * 20, trainer)
   fast = transformers.PreTrainedTokenizerFast(
-    tokenizer_object=tok, eos_token="<|endoftext|>", additional_special_tokens=special[1:]
+    tokenizer_object=tok, eos_token=eos, additional_special_tokens=special[1:]
   )
   fast.chat_template = CHATML
   fast.save_pretrained(str(directory))
@@ -126,11 +127,24 @@ def test_batches_weigh_only_assistant_tokens(tmp_path):
     assert prompt not in trained
   assert "print(" in trained and "user" not in trained
   assert "Add one" in ignored or "Say hello" in ignored or "Python" in ignored
-  # The template ends each assistant turn (<|im_end|>), trained; the end-of-document token after
-  # it is not (TRL adds nothing to conversations).
+  # The template's end of turn (<|im_end|>) is trained, and the eos after a final turn.
   targets = batch["targets"][batch["weights"] > 0].tolist()
-  assert tokenizer.eod_id not in targets
-  assert targets.count(tokenizer.encode("<|im_end|>")[0]) > 0
+  assert tokenizer.eod_id in targets and tokenizer.encode("<|im_end|>")[0] in targets
+
+
+def test_the_end_of_document_token_is_trained_once(tmp_path):
+  """After a final assistant turn the end-of-document token is trained, unless the template
+  wrote that very token to end the turn (a Qwen instruct tokenizer: eos <|im_end|>), where it
+  had been trained twice in a row."""
+  from input_pipeline import store, tokenizers
+
+  pieces = chat.Renderer(CHATML).pieces(CONVERSATIONS[0])
+  for eos, trained in (("<|endoftext|>", 1), ("<|im_end|>", 0)):
+    _tokenizer(tmp_path / f"tok{trained}", eos=eos)
+    tokenizer = tokenizers.HFTokenizer(tmp_path / f"tok{trained}")
+    ids, mask = store._masked_tokens(pieces, tokenizer)
+    assert len(mask) == len(ids) + 1 and mask[-1] == trained, eos
+    assert list(ids).count(tokenizer.encode("<|im_end|>")[0]) == 5  # one a turn
 
 
 def test_prompt_tokens_get_no_gradient(tmp_path):

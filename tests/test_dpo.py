@@ -333,8 +333,9 @@ def test_pairs_are_tokenized_as_trl_tokenizes_them(models, trl_runs, tmp_path):
 
   trainer = trl_runs["trainer"]
   _hf_tokenizer(str(tmp_path / "bos"), bos=True)
+  _tokenizer(tmp_path / "instruct", eos="<|im_end|>")  # turns end with the eos (Qwen's)
   cases = {
-    "chat": (CHAT_PAIRS, models["tmp"] / "tok"),
+    "chat": (CHAT_PAIRS, tmp_path / "instruct"),
     "bos": (RECORDS[:2] + SPACED, tmp_path / "bos"),
   }
   for name, (records, tokenizer_dir) in cases.items():
@@ -351,7 +352,22 @@ def test_pairs_are_tokenized_as_trl_tokenizes_them(models, trl_runs, tmp_path):
     batch = packing.make_batch(*rows)
     weighted = batch["targets"][batch["weights"] > 0].tolist()
     assert weighted == [t for e in examples for t in e["chosen_ids"] + e["rejected_ids"]], name
-  assert tokenizer.bos_token_id == want[0][0][0]  # BOS first
+    if name == "bos":
+      assert want[0][0][0] == tokenizer.bos_token_id  # BOS first
+  # Where the template's end of turn is not the eos (<|im_end|> against <|endoftext|>), Loom
+  # ends each completion with the eos as well, where its sampler stops; TRL adds nothing.
+  tokenizer = transformers.AutoTokenizer.from_pretrained(str(models["tmp"] / "tok"))
+  theirs = trainer._prepare_dataset(Dataset.from_list(CHAT_PAIRS), tokenizer, trainer.args, "base")
+  source = _prefs_file(tmp_path / "base.jsonl", CHAT_PAIRS)
+  rows = _all_rows(
+    input_pipeline.build(_prefs_config(tmp_path / "base", source, f"hf:{models['tmp'] / 'tok'}"))
+  )
+  eos = [tokenizer.eos_token_id]
+  want = [
+    (e["prompt_ids"] + e["chosen_ids"] + eos, e["prompt_ids"] + e["rejected_ids"] + eos)
+    for e in (theirs[i] for i in range(len(CHAT_PAIRS)))
+  ]
+  assert _sequences(rows) == want
 
 
 @pytest.mark.parametrize("loss", ["sigmoid", "ipo"])
@@ -553,6 +569,11 @@ def test_a_dpo_run_learns_the_preferred_answers_and_resumes_exactly(tmp_path):
   with pytest.raises(checkpoint_lib.CheckpointMismatchError, match="other parts .* reference"):
     train_in_process(simpo, tmp_path / "cache", {**overrides, "dpo.loss": "simpo"})
   assert sorted(os.listdir(os.path.join(simpo, "checkpoints"))) == ["8"]
+  # Inference needs the tokenizer, not the pairs (which a prefs: run's tokenizer never depends
+  # on): the run loads with its data file gone, as it does after the store's tokenization
+  # changes (its data fingerprint with it).
+  os.rename(tmp_path / "sums.jsonl", tmp_path / "moved.jsonl")
+  assert loading.load(workdir, 16).tokenizer.eod_id == 256
 
 
 def test_a_run_without_a_reference_copy_has_none_to_load(tiny_run):

@@ -15,9 +15,10 @@ import orbax.checkpoint as ocp
 import pytest
 import transformers
 from cli_helpers import REPO, copy_run, read_metrics, tiny_config, train_env
+from test_chat import _tokenizer as _chat_tokenizer
 from test_hf import _tokenizer as _hf_tokenizer
 
-from input_pipeline import chat, tokenizers
+from input_pipeline import tokenizers
 from input_pipeline.host import command
 from train import config as config_lib
 from train import grpo, health, step, trainer
@@ -414,17 +415,25 @@ def test_bad_input_is_one_line_naming_the_key(tmp_path, prompt_file):
 
 def test_prompts_are_tokenized_as_trl_does(tmp_path):
   """A plain prompt as transformers' tokenizer(text) gives it (BOS first, as TRL's GRPOTrainer
-  and train.generate have it; Loom had left BOS out), a conversation as its template renders."""
-  _hf_tokenizer(str(tmp_path / "tok"), bos=True)
-  ours = tokenizers.HFTokenizer(tmp_path / "tok")
-  theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
+  and train.generate have it; Loom had left BOS out), a conversation as transformers'
+  apply_chat_template tokenizes it (any role a template knows, "developer" too)."""
   path = tmp_path / "prompts.jsonl"
-  turns = [{"role": "user", "content": "1+2="}]
+  turns = [{"role": "developer", "content": "Add."}, {"role": "user", "content": "1+2="}]
   path.write_text(json.dumps({"prompt": "1+1="}) + "\n" + json.dumps({"messages": turns}) + "\n")
-  prompts = rollout.read_prompts(str(path), ours, key="rl.prompts", max_tokens=64)
-  assert prompts.ids[0] == theirs("1+1=")["input_ids"] and prompts.ids[0][0] == ours.bos_id
-  rendered = chat.Renderer(None).render(turns, generation_prompt=True)
-  assert prompts.ids[1] == theirs(rendered, add_special_tokens=False)["input_ids"]
+  _hf_tokenizer(str(tmp_path / "bos"), bos=True)
+  _chat_tokenizer(tmp_path / "chat")  # a ChatML template
+  for name in ("bos", "chat"):
+    ours = tokenizers.HFTokenizer(tmp_path / name)
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path / name))
+    prompts = rollout.read_prompts(str(path), ours, key="rl.prompts", max_tokens=64)
+    assert prompts.ids[0] == theirs("1+1=")["input_ids"], name
+    if name == "bos":
+      assert prompts.ids[0][0] == ours.bos_id
+    else:
+      want = theirs.apply_chat_template(
+        turns, add_generation_prompt=True, tokenize=True, return_dict=True
+      )
+      assert prompts.ids[1] == want["input_ids"]
 
 
 def test_skipped_updates_in_a_row_stop_the_run_as_pretraining_does():

@@ -117,3 +117,9 @@ def test_merged_export_equals_the_adapter_model(tmp_path, cache_dir):
       params, jnp.asarray(ids, jnp.int32)
     )
   np.testing.assert_allclose(np.asarray(started), adapted, atol=1e-4, rtol=0)
+  # In another layer layout the adapters could not be merged: refused before any work.
+  config = tiny.get_config()
+  config.checkpoint.init_from = f"loom:{run}"
+  config.model.scan_layers = not model.model_cfg.scan_layers
+  with pytest.raises(config_lib.ConfigError, match=r"merged into its weights in its own layer"):
+    init_from.adopt(config)

@@ -4,7 +4,8 @@ The parameters come from a Hugging Face model directory or another Loom run; the
 fresh and the run starts at step 0 (continued pretraining or fine-tuning on any data source).
 
 ``adopt(config)`` runs before validation: the source decides the architecture (every model field
-but the numerics, layout and adapters: dtype, param_dtype, scan_layers, remat, init_std,
+but the numerics, layout and adapters: dtype, param_dtype, scan_layers (a LoRA source's, whose
+adapters are merged in its layout, excepted), remat, init_std,
 attention, attention_block, lora_*, and an MoE's dispatch and router-loss weights: moe.dispatch,
 capacity_factor, balance_loss, router_z_loss, bias_rate), and its tokenizer when the config keeps
 the default one. A model field the config sets to something other than the default and other
@@ -70,15 +71,16 @@ def _loom_source(path: str, step: int | None) -> tuple[Any, int, dict[str, Any]]
   return ckpt, step, restored["metadata"]
 
 
-def _source_model(config, kind: str, path: str, step: int | None) -> tuple[dict, dict | None]:
-  """The source's model fields and tokenizer ({"tokenizer": data.tokenizer[, "spm_model": ...]},
-  or None: no opinion)."""
+def _source_model(config, kind: str, path: str, step: int | None) -> tuple[dict, dict | None, dict]:
+  """The source's model fields (the run's own among them), its tokenizer ({"tokenizer":
+  data.tokenizer[, "spm_model": ...]}, or None: no opinion), and a Loom source's model fields as
+  it trained ({} for HF)."""
   numerics = {key: config.model[key] for key in MODEL_KEYS + LORA_KEYS}
   if kind == "hf":
     checkpoint = HFCheckpoint(path)
     model = families.model_config_from_hf(checkpoint.config, checkpoint.path, config.model)
     has_tokenizer = os.path.isfile(os.path.join(path, "tokenizer.json"))
-    return model.to_dict(), {"tokenizer": f"hf:{path}"} if has_tokenizer else None
+    return model.to_dict(), {"tokenizer": f"hf:{path}"} if has_tokenizer else None, {}
   ckpt, step, metadata = _loom_source(path, step)
   ckpt.close()
   data = metadata["config"]["data"]
@@ -88,7 +90,7 @@ def _source_model(config, kind: str, path: str, step: int | None) -> tuple[dict,
       tokenizer = None  # trained on that run's data: the config must bring the same model
     else:  # the model file the weights were trained with
       tokenizer["spm_model"] = data["spm_model"]
-  return {**metadata["model_config"], **numerics}, tokenizer
+  return {**metadata["model_config"], **numerics}, tokenizer, metadata["model_config"]
 
 
 # The run's own model fields: numerics, layout, adapters, an MoE's dispatch and loss weights.
@@ -110,7 +112,9 @@ def adopt(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if not spec:
     return config
   kind, path, step = _parse(spec)
-  source, tokenizer = _source_model(config, kind, path, step)
+  source, tokenizer, trained = _source_model(config, kind, path, step)
+  if trained.get("lora_rank", 0) > 0 and trained.get("scan_layers") != config.model.scan_layers:
+    raise ConfigError(_lora_layout(spec, trained["scan_layers"]))
   defaults = default.get_config()
   fields, default_fields = _fields(config.model), _fields(defaults.model)
   adopted = ml_collections.ConfigDict(config.to_dict())
@@ -169,13 +173,9 @@ def load_params(
   loaded = manager.restore_params(ckpt, step, base)
   source_cfg = config_lib.saved_model_config(metadata["model_config"])
   if source_cfg.lora_rank > 0:
-    if source_cfg.scan_layers != model_cfg.scan_layers:
+    if source_cfg.scan_layers != model_cfg.scan_layers:  # adopt refuses it first
       ckpt.close()
-      raise ConfigError(
-        f"checkpoint.init_from={config.checkpoint.init_from!r}: the source's LoRA adapters are "
-        f"merged into its weights in its own layer layout (model.scan_layers="
-        f"{source_cfg.scan_layers}); set model.scan_layers={source_cfg.scan_layers}"
-      )
+      raise ConfigError(_lora_layout(config.checkpoint.init_from, source_cfg.scan_layers))
     source = state_lib.state_spec(source_cfg, optax.identity(), mesh, rules)
     adapters = manager.restore_params(ckpt, step, _only_adapters(source.abstract["params"]))
     shardings = jax.tree.map(lambda leaf: leaf.sharding, base)
@@ -201,6 +201,13 @@ def _without_adapters(tree: Any) -> Any:
   if not isinstance(tree, dict):
     return tree
   return {k: _without_adapters(v) for k, v in tree.items() if not lora.is_adapter([k])}
+
+
+def _lora_layout(spec: str, scan_layers: bool) -> str:
+  return (
+    f"checkpoint.init_from={spec!r}: the source's LoRA adapters are merged into its weights in "
+    f"its own layer layout (model.scan_layers={scan_layers}); set model.scan_layers={scan_layers}"
+  )
 
 
 def _only_adapters(tree: Any) -> dict:

@@ -337,7 +337,7 @@ def _moe_config(model_type: str, qk_norm: bool):
     if int(experts) < 1:  # transformers builds a dense model from num_experts=0
       raise ConversionError(
         f"config.json num_experts={experts}: a mixture of experts needs at least 1; a model "
-        "without experts is a dense one (convert it with its dense model_type, e.g. qwen3)"
+        "without experts is a dense one (convert it with the dense family's model_type)"
       )
     out["moe"] = {
       "num_experts": int(experts),

@@ -152,11 +152,17 @@ def unstaged(mesh_config: Any) -> Any:
 
 
 def _tokenizer(config: ml_collections.ConfigDict, metadata: dict[str, Any], workdir: str) -> Any:
-  """The run's tokenizer: rebuilt with its data (fingerprint checked), or alone for an import or
-  a GRPO run (its fingerprint is its prompt files', train/rl/loop.py, and its tokenizer was
-  loaded alone: ``data.source`` fed it nothing)."""
+  """The run's tokenizer: rebuilt with its data (fingerprint checked), or alone for an import, a
+  GRPO run (its fingerprint is its prompt files', train/rl/loop.py, and its tokenizer was loaded
+  alone: ``data.source`` fed it nothing) or a chat:/prefs: run, whose tokenizer never depends on
+  its data (a SentencePiece model must be given: input_pipeline/pipeline.py), and whose data
+  fingerprint changes with the way conversations are tokenized, not with the tokenizer."""
   grpo = config.get("train", {}).get("objective") == "grpo"
-  if metadata.get("data_fingerprint") is None or grpo:
+  source = str(config.get("data", {}).get("source", ""))
+  conversations = source.startswith(("chat:", "prefs:")) and not tuple(
+    config.data.get("mixture", ())
+  )
+  if metadata.get("data_fingerprint") is None or grpo or conversations:
     kind, own = str(config.data.tokenizer), os.path.join(workdir, "tokenizer")
     moved = kind.startswith("hf:") and not os.path.exists(kind[3:])
     if moved and os.path.isfile(os.path.join(own, "tokenizer.json")):

@@ -72,7 +72,7 @@ def read_prompts(path: str, tokenizer, *, key: str, max_tokens: int) -> Prompts:
       text = record.pop("prompt")
       tokens = tokenizers.encode_as_text_to_score(tokenizer, text)
     elif isinstance(record.get("messages"), list) and record["messages"]:
-      problem, messages = chat.check_messages(record.pop("messages"))
+      problem, messages = chat.check_messages(record.pop("messages"), roles=None)
       if problem:
         raise PromptError(f"{where}: {problem}")
       try:
