@@ -18,6 +18,9 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 
 import pytest
 from cluster_helpers import DEVICES, REPO, SETTINGS, STEPS, free_port, losses
@@ -53,6 +56,18 @@ def _serve(directory, *args: str) -> tuple[str, subprocess.Popen]:
       assert proc.poll() is None and time.monotonic() < deadline, "the GCS emulator did not start"
       time.sleep(0.2)
   return f"http://127.0.0.1:{port}", proc
+
+
+def _object(host: str, name: str) -> str:
+  """The text of object ``name`` of the bucket ``loom`` on the emulator at ``host`` ("" if none)."""
+  url = f"{host}/download/storage/v1/b/loom/o/{urllib.parse.quote(name, safe='')}?alt=media"
+  try:
+    with urllib.request.urlopen(url, timeout=10) as response:
+      return response.read().decode()
+  except urllib.error.HTTPError as e:
+    if e.code == 404:
+      return ""
+    raise
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -475,7 +490,13 @@ def test_sigterm_during_a_save_that_hangs_ends_every_process_within_30_s(tmp_pat
         assert all(p.poll() is None for p in procs), "a process ended before its save hung"
         assert time.monotonic() < deadline, "the upload to hold never came"
         time.sleep(0.2)
-      time.sleep(10)  # the processes train on to step 15 and wait there for step 10's save
+      # The processes train on to step 15, write its metrics before its save, and wait there for
+      # step 10's save (a fixed 10 s sleep before).
+      while '"step": 15' not in _object(host, "pod/hung/metrics.jsonl"):
+        assert all(p.poll() is None for p in procs), "a process ended before step 15"
+        assert time.monotonic() < deadline, "no metrics of step 15 within 300 s"
+        time.sleep(0.2)
+      time.sleep(1)
       assert all(p.poll() is None for p in procs)
       signalled = time.strftime("%H:%M:%S")
       for p in procs:
