@@ -49,19 +49,54 @@ def platform() -> str:
 SPLASH_BLOCKS = (512, 256, 128)  # splash block sizes tried, largest first (multiples of 128 lanes)
 
 
-def implementation(choice: str, dtype, length: int, where: str | None = None) -> str:
+def compute_capability() -> float | None:
+  """The CUDA compute capability of this process's GPUs, or None (no GPU here: a plan traced on
+  a CPU host passes its chips' own to ``implementation``)."""
+  devices = jax.devices()
+  found = getattr(devices[0], "compute_capability", None) if devices else None
+  try:
+    return float(found)
+  except (TypeError, ValueError):
+    return None
+
+
+def cudnn_refusal(head_dim: int | None, capability: float | None = None) -> str:
+  """Why cuDNN's fused attention cannot take this model's packed rows ("" if it can): JAX's
+  binding runs packed (ragged) rows on Hopper or later only (compute capability 9.0), for head
+  widths that are multiples of 8 up to 256."""
+  capability = compute_capability() if capability is None else capability
+  if capability is not None and capability < 9.0:
+    return (
+      f"cuDNN's attention on packed rows needs a Hopper or later GPU (compute capability 9.0; "
+      f"this one has {capability:g})"
+    )
+  if head_dim is not None and not (head_dim <= 256 and head_dim % 8 == 0):
+    return f"cuDNN's flash attention needs model.head_dim a multiple of 8, at most 256 ({head_dim})"
+  return ""
+
+
+def implementation(
+  choice: str,
+  dtype,
+  length: int,
+  where: str | None = None,
+  head_dim: int | None = None,
+  capability: float | None = None,
+) -> str:
   """The kernel that computes training attention: ``model.attention`` resolved for this program.
 
-  ``auto``: cuDNN flash attention on GPUs in bf16/fp16, Pallas splash attention on TPUs when the
-  row length is a multiple of 128, the XLA einsum (the reference) otherwise. An explicit choice
-  the platform cannot run is an error; ``splash`` off TPUs runs in Pallas interpret mode (exact,
-  slow: for checking, as the tests do).
+  ``auto``: cuDNN flash attention on GPUs in bf16/fp16 where it takes the packed rows
+  (``cudnn_refusal``: Hopper or later, ``head_dim`` a multiple of 8 up to 256), Pallas splash
+  attention on TPUs when the row length is a multiple of 128, the XLA einsum (the reference)
+  otherwise. An explicit choice the platform cannot run is an error; ``splash`` off TPUs runs in
+  Pallas interpret mode (exact, slow: for checking, as the tests do). ``capability``: the GPUs'
+  compute capability where the caller knows it (a plan), else read from the devices.
   """
   where = where or platform()
   half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
   splash_fits = length % SPLASH_BLOCKS[-1] == 0
   if choice == "auto":
-    if where == "gpu" and half:
+    if where == "gpu" and half and not cudnn_refusal(head_dim, capability):
       return "cudnn"
     if where == "tpu" and splash_fits:
       return "splash"
@@ -71,6 +106,8 @@ def implementation(choice: str, dtype, length: int, where: str | None = None) ->
       f"model.attention='cudnn' needs a GPU and model.dtype bfloat16 or float16 (here: {where}, "
       f"{jnp.dtype(dtype).name}); use 'auto' or 'xla'"
     )
+  if choice == "cudnn" and (why := cudnn_refusal(head_dim, capability)):
+    raise ValueError(f"model.attention='cudnn': {why}; use 'auto' or 'xla'")
   if choice == "splash" and not splash_fits:
     raise ValueError(
       f"model.attention='splash' needs rows of a multiple of {SPLASH_BLOCKS[-1]} tokens "
@@ -228,6 +265,13 @@ def _cudnn_local(q_BLNH, k_BSKH, v_BSKH, segment_ids_BL, scale: float, runs: int
       q_BLNH, k_BSKH, v_BSKH, scale=scale, mask_type=cudnn.MaskType.CAUSAL, qkv_layout="BTNH"
     )
   lengths, offsets = segment_runs(segment_ids_BL, runs)
+  # Grouped-query models get their keys and values repeated to the query heads: JAX's binding
+  # (0.10.x) steps through the packed keys' offsets by the query heads' width (N·H per token,
+  # where K·H is the keys'), so with K < N every document but a row's first would read other
+  # tokens' keys.
+  groups = q_BLNH.shape[2] // k_BSKH.shape[2]
+  if groups > 1:
+    k_BSKH, v_BSKH = (jnp.repeat(x, groups, axis=2) for x in (k_BSKH, v_BSKH))
   return cudnn.dot_product_attention(
     q_BLNH,
     k_BSKH,
@@ -493,7 +537,7 @@ class Attention(nnx.Module):
     elif mask_BLS is not None:
       kernel = "xla"
     else:
-      kernel = implementation(self.attention, self.dtype, length)
+      kernel = implementation(self.attention, self.dtype, length, head_dim=q_BLNH.shape[-1])
     if kernel == "xla" and mask_BLS is None:  # the reference, for a caller that built no mask
       mask_BLS = causal_segment_mask(segment_ids_BL, length)
     if kernel == "context":

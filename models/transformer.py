@@ -217,7 +217,7 @@ class Transformer(nnx.Module):
         segment_ids_BL = context_parallel.to_striped(segment_ids_BL, c)
     # The einsum reference takes one [B, L, L] mask, built once for all layers; the kernels take
     # the segment ids themselves and never see a mask.
-    kernel = implementation(self.cfg.attention, self.cfg.dtype, length)
+    kernel = implementation(self.cfg.attention, self.cfg.dtype, length, head_dim=self.cfg.head_dim)
     xla = kernel == "xla" and c == 1
     mask_BLL = causal_segment_mask(segment_ids_BL, length) if xla else None
     x_BLD = self._embed(tokens_BL, positions_BL)

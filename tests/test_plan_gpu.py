@@ -85,6 +85,7 @@ def test_collectives_and_attention_calls_are_read_from_the_program_text():
       "%rs = bf16[16]{0} reduce-scatter(%d), dimensions={0}",
       "%f = (bf16[2,12,1024,64]{3,1,2,0}, f32[128,12,1024]{2,1,0}) custom-call(%q, %k), custom_c"
       'all_target="__cudnn$fmhaSoftmax", operand_layout_constraints={bf16[2,1024,12,64]{3,2,1,0}'
+      ", bf16[2,1024,4,64]{3,2,1,0}, bf16[2,1024,4,64]{3,2,1,0}"
       ", s32[2,64]{1,0}, s32[2,64]{1,0}, s32[2,65]{1,0}, s32[2,65]{1,0}}, api_version=API_VERS"
       'ION_STATUS_RETURNING, backend_config={"mask_type": "PADDING_CAUSAL"}',
     ]
@@ -95,7 +96,12 @@ def test_collectives_and_attention_calls_are_read_from_the_program_text():
     "reduce-scatter": {"count": 1, "bytes": 32},
   }
   assert plan_lib.cudnn_attention_calls(hlo) == [
-    {"target": "__cudnn$fmhaSoftmax", "mask_type": "PADDING_CAUSAL", "ragged_offsets": "s32[2,65]"}
+    {
+      "target": "__cudnn$fmhaSoftmax",
+      "mask_type": "PADDING_CAUSAL",
+      "ragged_offsets": "s32[2,65]",
+      "heads": (12, 4),  # query, key heads of the operands
+    }
   ]
 
 
@@ -163,7 +169,11 @@ def test_a_plan_over_what_jax_preallocates_says_how_to_run_it():
   hbm = hardware.ACCELERATORS["h100"].hbm_bytes
   # gpt2_small with XLA attention on 8 H100s: 69.3 GiB of 79.1 (docs/gpus.md).
   note = plan_lib.preallocation_note(int(69.26 * GiB), hbm)
-  assert note.startswith("88% of the GPU's memory") and "XLA_PYTHON_CLIENT_MEM_FRACTION" in note
+  assert (
+    note.startswith("88% of the GPU's memory") and "XLA_PYTHON_CLIENT_MEM_FRACTION=0.90" in note
+  )
+  # At 97% no fraction leaves the CUDA context and the libraries room ("e.g. 0.95" had).
+  assert "use more GPUs" in plan_lib.preallocation_note(int(0.97 * hbm), hbm)
   assert plan_lib.preallocation_note(int(33.6 * GiB), hbm) is None
   assert plan_lib.preallocation_note(hbm + 1, hbm) is None  # does not fit: no way to run it
 
@@ -212,15 +222,41 @@ def test_cudnn_attention_forward_and_backward_take_packed_rows(which, request):
   assert result["attention_in_program"] == ["__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward"]
   # The packed rows reach cuDNN as ragged runs: a padding-causal mask and, on each GPU, the
   # offsets of its own 2 rows (model.max_segments = 64 runs, and the end), not all 16 rows'.
+  heads = {"gpt2_plan": 12, "llama_plan": 32}[which]
   for call in result["attention_calls"]:
     assert call["mask_type"] == "PADDING_CAUSAL", call
     assert call["ragged_offsets"] == "s32[2,65]", call
+    # llama_1b's 8 key heads reach cuDNN repeated to its 32 query heads: JAX's binding steps
+    # through packed keys by the query heads' width, so 8 would be read at the wrong offsets.
+    assert tuple(call["heads"]) == (heads, heads), call
   assert result["fits"] and result["memory_per_chip_bytes"] < result["hbm_per_chip_bytes"]
   # Fully-sharded data parallelism: parameters gathered, gradients reduce-scattered.
   assert {"all-gather", "reduce-scatter"} <= set(result["collectives"]), result["collectives"]
   assert result["step_time_s"] == pytest.approx(
     result["flops_per_step"] / (8 * 989e12 * result["mfu"])
   )
+
+
+def test_auto_attention_takes_cudnn_only_where_it_runs_packed_rows():
+  """JAX's cuDNN binding runs packed rows on Hopper or later, head widths a multiple of 8 up to
+  256: elsewhere 'auto' is the XLA einsum (an A100 run had crashed at its first trace with
+  NotImplementedError), and an explicit 'cudnn' is a one-line refusal."""
+  from models import attention
+
+  assert attention.implementation("auto", "bfloat16", 1024, "gpu", 64, 9.0) == "cudnn"
+  assert attention.implementation("auto", "bfloat16", 1024, "gpu", 64, 8.0) == "xla"
+  assert attention.implementation("auto", "bfloat16", 1024, "gpu", 384, 9.0) == "xla"
+  with pytest.raises(ValueError, match=r"'cudnn': .*Hopper or later GPU .* this one has 8\.9"):
+    attention.implementation("cudnn", "bfloat16", 1024, "gpu", 64, 8.9)
+  with pytest.raises(ValueError, match=r"model.head_dim a multiple of 8, at most 256 \(384\)"):
+    attention.implementation("cudnn", "bfloat16", 1024, "gpu", 384, 9.0)
+  # A plan takes its GPUs' compute capability from the hardware table (traced on a CPU host).
+  assert hardware.ACCELERATORS["h100"].compute_capability == 9.0
+  assert hardware.ACCELERATORS["a100"].compute_capability == 8.0
+  h100 = plan_lib.plan(two_layers("gpt2_small", 16), hardware.parse("h100:8"), use_compiler=False)
+  assert h100["attention"] == "cudnn"
+  assert hardware.lookup("NVIDIA GH200 480GB") is None  # not the H200's entry
+  assert hardware.lookup("NVIDIA H200") is hardware.ACCELERATORS["h200"]
 
 
 def test_the_attention_kernel_keeps_the_scores_out_of_memory(gpt2_plan, h100x8):

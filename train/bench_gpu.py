@@ -20,6 +20,7 @@ import argparse
 import collections
 import dataclasses
 import json
+import os
 import re
 import sys
 import time
@@ -51,7 +52,7 @@ KERNEL_MARKERS = {  # custom-call targets worth naming in a compiled GPU program
   "cudnn_attention": r"__cudnn\$fmha",
   "fp8_gemm": r"__cublas\$lt\$matmul\$f8",
   "cublas_gemm": r"__cublas\$(?:lt\$)?(?:matmul|gemm)(?!\$f8)",
-  "triton_gemm": r"__triton_gemm",
+  "triton_gemm": r"__triton_(?:nested_)?gemm",  # jaxlib 0.10: __triton_nested_gemm_fusion
 }
 
 
@@ -263,6 +264,9 @@ def main(argv: list[str] | None = None) -> int:
   )
   args = parser.parse_args(argv)
   begun = time.perf_counter()
+  # The largest cases need more than the 75% of a GPU JAX preallocates by default (gpt2_small's
+  # XLA scores: 116.5 GiB on an H200); set before the first call starts the GPU backend.
+  os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
   device = jax.devices()[0]
   _emit({
     "case": "environment", "platform": device.platform, "device_kind": device.device_kind,
@@ -270,9 +274,16 @@ def main(argv: list[str] | None = None) -> int:
   })  # fmt: skip
   shrink = None
   if args.shrink:
-    shrink = dict(
-      zip(("seq_len", "batch", "num_layers"), map(int, args.shrink.split(",")), strict=True)
-    )
+    try:
+      shrink = dict(
+        zip(("seq_len", "batch", "num_layers"), map(int, args.shrink.split(",")), strict=True)
+      )
+    except ValueError:
+      print(
+        f"loom: error: --shrink={args.shrink!r} must be three integers: seq_len,batch,num_layers",
+        file=sys.stderr,
+      )
+      return 2
   if device.platform != "gpu" and not shrink:
     print(
       f"loom: error: no GPU here (platform {device.platform}); this suite needs one",
@@ -296,8 +307,13 @@ def main(argv: list[str] | None = None) -> int:
       else:
         record.update(run_case(name, attention, quant, args.steps, args.warmup, shrink))
     except Exception as e:  # noqa: BLE001 (one case's failure is reported; the rest still run)
-      failures += 1
-      record["error"] = f"{type(e).__name__}: {str(e)[:600]}"
+      if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():
+        # A case larger than this GPU (gpt2_small's XLA scores: 116.5 GiB of temporaries, more
+        # than an H100 has) is not a failure of the code: said, and the suite goes on.
+        record["skipped"] = f"does not fit in this GPU's memory: {str(e)[:300]}"
+      else:
+        failures += 1
+        record["error"] = f"{type(e).__name__}: {str(e)[:600]}"
       record["where"] = traceback.format_exc().splitlines()[-3:]
     record["elapsed_s"] = round(time.perf_counter() - begun, 1)
     _emit(record)

@@ -95,6 +95,7 @@ def analytic_memory(
   sizes: dict[str, int],
   rules,
   platform: str = "tpu",
+  capability: float | None = None,
 ) -> dict[str, int]:
   """Bytes per chip by a rough formula: state and gradients sharded like the parameters (leaf by
   leaf), activations kept for the backward pass (by remat policy) sharded like the batch, and an
@@ -120,7 +121,7 @@ def analytic_memory(
   scores_full = 2 * 4 * model_cfg.num_heads * config.data.seq_len // heads_ways
   context = _ways(sizes, rules, "length")
   tokens //= context  # a device's share of each row under context parallelism
-  kernel = attention_kernel(model_cfg, config.data.seq_len, platform, context)
+  kernel = attention_kernel(model_cfg, config.data.seq_len, platform, context, capability)
   scores = 0 if kernel in ("cudnn", "splash") or kernel.endswith("+splash") else scores_full
   block, local = model_cfg.attention_block, config.data.seq_len // context
   if kernel == "context:all_gather" and block and local > block and local % block == 0:
@@ -181,7 +182,11 @@ def analytic_memory(
 
 
 def attention_kernel(
-  model_cfg: ModelConfig, seq_len: int, platform: str = "tpu", context: int = 1
+  model_cfg: ModelConfig,
+  seq_len: int,
+  platform: str = "tpu",
+  context: int = 1,
+  capability: float | None = None,
 ) -> str:
   """The attention kernel the train step asks for on ``platform`` ("tpu" or "gpu"):
   ``model.attention`` resolved; under a split context, "context:" and the form, with "+splash"
@@ -192,7 +197,9 @@ def attention_kernel(
     form = model_cfg.attention_context
     fused = context_kernel(model_cfg.attention, model_cfg.dtype, seq_len, context, form, platform)
     return f"context:{form}" + ("+splash" if fused == "splash" else "")
-  return implementation(model_cfg.attention, model_cfg.dtype, seq_len, where=platform)
+  return implementation(
+    model_cfg.attention, model_cfg.dtype, seq_len, platform, model_cfg.head_dim, capability
+  )
 
 
 def platform_of(topology) -> str:
@@ -356,7 +363,8 @@ def cudnn_attention_calls(hlo: str) -> list[dict[str, Any]]:
   form: ``target`` ("__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward", ...: the kernel the
   compiler kept, not the config's wish), ``mask_type`` ("CAUSAL"; "PADDING_CAUSAL" for packed
   rows) and ``ragged_offsets``, the shape of one device's packed-row offsets operand
-  ("s32[2,65]": its 2 rows, 64 runs each), or None without packed rows."""
+  ("s32[2,65]": its 2 rows, 64 runs each), or None without packed rows; ``heads``, the query and
+  key heads of its operands (equal for packed rows: models/attention.py repeats grouped keys)."""
   found = {}
   for line in hlo.splitlines():
     target = re.search(r'custom_call_target="(__cudnn\$fmha[^"]*)"', line)
@@ -365,11 +373,14 @@ def cudnn_attention_calls(hlo: str) -> list[dict[str, Any]]:
     mask = re.search(r'"mask_type": ?"(\w+)"', line)
     operands = re.search(r"operand_layout_constraints=\{(.*?)\}, api_version", line)
     ints = re.findall(r"s32\[[\d,]+\]", operands.group(1)) if operands else []
+    floats = re.findall(r"(?:bf16|f16|f32)\[([\d,]+)\]", operands.group(1)) if operands else []
+    shapes = [[int(n) for n in shape.split(",")] for shape in floats[:2]]  # query, key: BTNH
     call = {
       "target": target.group(1),
       "mask_type": mask.group(1) if mask else None,
-      # Lengths, then offsets (one more column: where each run starts, and the end).
+      # Lengths, then offsets (one more column: where each run starts; -1 until JAX sets it).
       "ragged_offsets": ints[-1] if len(ints) == 4 else None,
+      "heads": tuple(shape[2] for shape in shapes) if len(shapes) == 2 else None,
     }
     found[tuple(call.values())] = call
   return sorted(found.values(), key=lambda call: call["target"])
@@ -435,7 +446,8 @@ def plan(
   sizes = mesh_lib.mesh_shape(config.mesh, topology.chips)
   config_lib.check_layout(config, model_cfg, sizes, platform)  # what a run refuses, --analytic too
   rules = mesh_lib.logical_rules(config.mesh)
-  estimate = analytic_memory(config, model_cfg, sizes, rules, platform)
+  capability = chip.compute_capability if platform == "gpu" else None
+  estimate = analytic_memory(config, model_cfg, sizes, rules, platform, capability)
   result: dict[str, Any] = {
     "topology": topology.name,
     # The compile-only devices' name for it: libtpu's ("v5p:4x4x4") or the CUDA plugin's
@@ -456,7 +468,7 @@ def plan(
     "hbm_per_chip_bytes": chip.hbm_bytes,
     "analytic_memory_per_chip_bytes": estimate,
     "attention": attention_kernel(
-      model_cfg, config.data.seq_len, platform, _ways(sizes, rules, "length")
+      model_cfg, config.data.seq_len, platform, _ways(sizes, rules, "length"), capability
     ),
     "loss_chunk": config.train.loss_chunk,
   }
@@ -543,10 +555,11 @@ def checkpoint_losses(
 def preallocation_note(memory: int, hbm: int) -> str | None:
   """What a GPU run needs when a plan fits its memory but not the 75% of it JAX preallocates."""
   if 0.75 * hbm < memory <= hbm:
-    return (
-      f"{memory / hbm:.0%} of the GPU's memory, over the 75% that JAX preallocates by default: "
-      "run with XLA_PYTHON_CLIENT_MEM_FRACTION raised (e.g. 0.95)"
-    )
+    needed = math.ceil(memory / hbm * 100) / 100  # the fraction the program needs, rounded up
+    advice = f"run with XLA_PYTHON_CLIENT_MEM_FRACTION={max(needed + 0.02, 0.9):.2f} or more"
+    if needed + 0.02 > 0.98:  # the CUDA context, cuDNN's and NCCL's buffers need some too
+      advice = "little is left for the CUDA context and the libraries' buffers: use more GPUs"
+    return f"{memory / hbm:.0%} of the GPU's memory, over the 75% that JAX preallocates: {advice}"
   return None
 
 

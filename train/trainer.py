@@ -106,7 +106,10 @@ class Run:
     """The batches, each first checked to fit the compiled attention (cuDNN's bound on the
     documents per packed row, ``model.max_segments``): a fuller row stops the run, named."""
     cfg = self.model_cfg
-    if attention.implementation(cfg.attention, cfg.dtype, self.config.data.seq_len) != "cudnn":
+    seq_len = self.config.data.seq_len
+    if (
+      attention.implementation(cfg.attention, cfg.dtype, seq_len, head_dim=cfg.head_dim) != "cudnn"
+    ):
       yield from batches
       return
     for batch in batches:

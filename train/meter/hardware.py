@@ -67,6 +67,7 @@ class Accelerator:
   power_source: str
   quant: tuple[str, ...] = ()  # model.quant formats with native matmul units
   gpu: GpuSpec | None = None  # what XLA's GPU compiler is told (train.plan's GPU targets)
+  compute_capability: float | None = None  # a GPU's CUDA compute capability (cuDNN's kernels)
 
 
 def _tpu(name, bf16, hbm_gib, watts, power_source, quant=("int8",)):
@@ -74,10 +75,10 @@ def _tpu(name, bf16, hbm_gib, watts, power_source, quant=("int8",)):
   return Accelerator(name, peaks, hbm_gib * GiB, watts, power_source, quant)
 
 
-def _gpu(name, bf16, tf32, hbm_gib, watts, quant=("fp8", "int8"), hbm_bytes=None, gpu=None):
+def _gpu(name, bf16, tf32, hbm_gib, watts, quant=("fp8", "int8"), hbm_bytes=None, gpu=None, cc=9.0):
   peaks = {"bfloat16": bf16, "float16": bf16, "float32": tf32}
   hbm = hbm_bytes or int(hbm_gib * GiB)
-  return Accelerator(name, peaks, hbm, watts, "NVIDIA TDP", quant, gpu)
+  return Accelerator(name, peaks, hbm, watts, "NVIDIA TDP", quant, gpu, cc)
 
 
 # Keyed by a lower-case substring of ``jax.Device.device_kind``; the first match wins, so more
@@ -118,9 +119,9 @@ ACCELERATORS: dict[str, Accelerator] = {
     hbm_bytes=84_942_979_072,
     gpu=GpuSpec("NVIDIA H100 80GB HBM3", memory_bandwidth=3_352_320_000_000, **_HOPPER),
   ),
-  "a100": _gpu("NVIDIA A100 SXM", 312e12, 156e12, 80 * 1e9 / GiB, 400.0, ("int8",)),
-  "l40s": _gpu("NVIDIA L40S", 362e12, 183e12, 48 * 1e9 / GiB, 350.0),
-  "l4": _gpu("NVIDIA L4", 121e12, 60e12, 24 * 1e9 / GiB, 72.0),
+  "a100": _gpu("NVIDIA A100 SXM", 312e12, 156e12, 80 * 1e9 / GiB, 400.0, ("int8",), cc=8.0),
+  "l40s": _gpu("NVIDIA L40S", 362e12, 183e12, 48 * 1e9 / GiB, 350.0, cc=8.9),
+  "l4": _gpu("NVIDIA L4", 121e12, 60e12, 24 * 1e9 / GiB, 72.0, cc=8.9),
 }
 
 # A CPU has no datasheet peak here; its power is per core (a 2-core share of a ~100-200 W socket).
@@ -133,8 +134,9 @@ def lookup(device_kind: str) -> Accelerator | None:
   """The table entry for a ``jax.Device.device_kind`` ("TPU v5 lite", "NVIDIA H100 80GB HBM3")."""
   kind = device_kind.lower()
   for key, accelerator in ACCELERATORS.items():
-    # The key ends where the name's word does: "l4" is not the start of "l40s".
-    if re.search(re.escape(key) + r"(?![a-z0-9])", kind):
+    # The key is a word of the name: "l4" is not the start of "l40s", "h200" not the end of
+    # "gh200" (a Grace Hopper part, not in the table).
+    if re.search(r"(?<![a-z0-9])" + re.escape(key) + r"(?![a-z0-9])", kind):
       return accelerator
   return None
 
