@@ -434,6 +434,9 @@ def test_nodes_join_over_the_data_centre_network(h100x8):
   assert result["dcn"] == (
     "dcn_stage=1 × dcn_data=4 × dcn_fsdp=1 × dcn_context=1 × dcn_expert=1 × dcn_tensor=1"
   )
+  # The config set no DCN size: the plan says what the run must set to be this plan.
+  assert "run it with --config.mesh.dcn_data=4" in result["mesh_note"]
+  assert "mesh note: planned with mesh.dcn_data=4" in "\n".join(plan_cli.summary_lines(result))
   # Gradients are summed across the replicas (an all-reduce over the nodes) besides FSDP's.
   assert {"all-gather", "reduce-scatter", "all-reduce"} <= set(result["collectives"])
   assert result["fits"]

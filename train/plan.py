@@ -86,7 +86,7 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
       )
     )
   lines.append(checkpoint_line(result["checkpoints"]))
-  for key in ("note", "memory_note", "flops_note", "compile_error"):
+  for key in ("note", "mesh_note", "memory_note", "flops_note", "compile_error"):
     if key in result:
       lines.append(f"{key.replace('_', ' ')}: {result[key]}")
   return lines

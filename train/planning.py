@@ -436,7 +436,7 @@ def plan(
   save_rates = save_rates or DEFAULT_SAVE_RATES
   if not 0 < mfu <= 1:
     raise ValueError(f"--mfu={mfu} must be in (0, 1]")
-  setting = config.model.moe.dispatch
+  setting, given = config.model.moe.dispatch, config
   platform = platform_of(topology)
   config = nodes_over_dcn(dispatch_for_tpu(config, platform), topology)
   model_cfg = config_lib.model_config(config, with_tokenizer=False)
@@ -474,6 +474,13 @@ def plan(
   }
   if topology.num_slices > 1:
     result["dcn"] = " × ".join(f"{a}={config.mesh.get(a, 1)}" for a in DCN_AXES)
+    if math.prod(given.mesh.get(a, 1) for a in DCN_AXES) == 1:  # nodes_over_dcn chose it
+      n = topology.num_slices
+      result["mesh_note"] = (
+        f"planned with mesh.dcn_data={n} (the config sets no mesh.dcn_* size): run it with "
+        f"--config.mesh.dcn_data={n}; without it the run's mesh is flat over all "
+        f"{topology.chips} chips, which this plan does not describe"
+      )
   dispatch = moe_dispatch(model_cfg, sizes, rules)
   if dispatch:
     # setting: model.moe.dispatch as given; platform: whose choice "auto" took
