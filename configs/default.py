@@ -75,8 +75,9 @@ def get_config() -> ml_collections.ConfigDict:
   # outputs) | "save_attention" (the attention kernel's output) | "save_mlp" (the MLP's input
   # projections) | "save_attention_mlp" (both).
   c.model.remat = "none"
-  # Attention kernel: "auto" (cuDNN flash attention on GPUs in bf16/fp16, Pallas splash attention
-  # on TPUs, the XLA einsum elsewhere) | "xla" | "cudnn" | "splash" (interpreted off TPUs: slow).
+  # Attention kernel: "auto" (cuDNN flash attention on Hopper or later GPUs in bf16/fp16, Pallas
+  # splash attention on TPUs, the XLA einsum elsewhere) | "xla" | "cudnn" | "splash" (interpreted
+  # off TPUs: slow).
   c.model.attention = "auto"
   # cuDNN attention takes packed rows as ragged sequences, at most this many per row (documents,
   # padding counted as one); its float32 softmax statistics grow with it (B·M·heads·length). A

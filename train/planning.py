@@ -563,8 +563,9 @@ def preallocation_note(memory: int, hbm: int) -> str | None:
   """What a GPU run needs when a plan fits its memory but not the 75% of it JAX preallocates."""
   if 0.75 * hbm < memory <= hbm:
     needed = math.ceil(memory / hbm * 100) / 100  # the fraction the program needs, rounded up
-    advice = f"run with XLA_PYTHON_CLIENT_MEM_FRACTION={max(needed + 0.02, 0.9):.2f} or more"
-    if needed + 0.02 > 0.98:  # the CUDA context, cuDNN's and NCCL's buffers need some too
+    fraction = max(needed + 0.02, 0.9)  # and some for the CUDA context, cuDNN's, NCCL's buffers
+    advice = f"run with XLA_PYTHON_CLIENT_MEM_FRACTION={fraction:.2f}"
+    if fraction > 0.99:
       advice = "little is left for the CUDA context and the libraries' buffers: use more GPUs"
     return f"{memory / hbm:.0%} of the GPU's memory, over the 75% that JAX preallocates: {advice}"
   return None
