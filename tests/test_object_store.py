@@ -3,10 +3,10 @@
 A GCS emulator (gcp-storage-emulator, in the [test] extra, with GCS's generation preconditions:
 tests/gcs_emulator.py) runs on 127.0.0.1 for this module; Loom reaches it through the standard
 STORAGE_EMULATOR_HOST variable (input_pipeline/host/settings.py translates it for TensorStore and
-gcsfs). The end-to-end test trains with two jax.distributed processes on ``gs://`` paths,
-SIGKILLs both mid-run, resumes, and checks the losses bit for bit against the same run on local
-disk (the session's two-process run, conftest.py); then the other commands work on that work
-directory.
+gcsfs). The end-to-end test trains with two jax.distributed processes on ``gs://`` paths
+through a failed save and its retry, SIGKILLs both mid-run, resumes to a save that fails for good,
+resumes again, and checks the losses bit for bit against the same run on local disk (the
+session's two-process run, conftest.py); then the other commands work on that work directory.
 """
 
 import hashlib
@@ -26,13 +26,13 @@ import pytest
 from cluster_helpers import DEVICES, REPO, SETTINGS, STEPS, free_port, losses
 
 KILL_AFTER = 10  # SIGKILL once the checkpoint of this step is sealed by both processes
-# Refused uploads of the failing-save test's work directory (gs://loom/pod/failing): process 1's
-# part of step 10 once with 400 (a store's error that may pass), process 0's part of the final
-# step once with 403 (a permission withdrawn: it will not pass).
+# Refused uploads of the end-to-end test's work directory (gs://loom/pod/run): process 1's part
+# of step 5 once with 400 (a store's error that may pass), process 0's part of the final step
+# once with 403 (a permission withdrawn: it will not pass).
 REFUSED_LOG = []  # the emulator's list of the uploads it refused
 REFUSALS = (
-  r"pod/failing/checkpoints/10/state/ocdbt\.process_1/:400:1",
-  rf"pod/failing/checkpoints/{STEPS}/state/ocdbt\.process_0/:403:1",
+  r"pod/run/checkpoints/5/state/ocdbt\.process_1/:400:1",
+  rf"pod/run/checkpoints/{STEPS}/state/ocdbt\.process_0/:403:1",
 )
 
 
@@ -286,7 +286,20 @@ def test_a_corrupt_checkpoint_on_gcs_is_moved_aside_and_the_previous_one_restore
 
 @pytest.mark.multiprocess
 @pytest.mark.slow
-def test_two_processes_train_kill_and_resume_on_gcs(emulator, tmp_path, two_process_run, capsys):
+def test_two_processes_on_gcs_retry_a_failed_save_stop_at_a_lasting_one_and_resume_exactly(
+  emulator, tmp_path, two_process_run, capsys
+):
+  """Two processes train on gs:// while the store refuses one process's part of two saves
+  (REFUSALS), and the run is SIGKILLed once on the way; every loss equals the uninterrupted
+  run's on local disk (the session's), bit for bit.
+
+  - Step 5's save (400, may pass): both processes log the failure and train on; the save of step
+    10 is its retry. Both are SIGKILLed once step 10 is sealed.
+  - The resume reaches the final step, whose save will not pass (403): both stop with exit 4 and
+    one line naming the step, the process and the cause, at once (not at Orbax's 20-minute
+    barrier timeout, where they sat before).
+  - A second resume starts from step 15 and finishes.
+  Then the offline commands work on that work directory."""
   from etils import epath
 
   from train import report as report_command
@@ -312,6 +325,10 @@ def test_two_processes_train_kill_and_resume_on_gcs(emulator, tmp_path, two_proc
     _kill(procs)
   first = [open(path).read() for path in paths]
   assert "Prepared store gs://loom/pod/cache/stores/" in first[0]
+  for output in first:
+    # The retry, on every process, naming the process whose part failed.
+    assert re.search(r"saving the checkpoint of step 5 failed \(process 1: .*400", output), output
+    assert "failure 1 of at most 2 in a row: the next save tries again" in output
   # Process 1 prepared nothing and copied nothing (no TFDS build, no store in its scratch
   # space): it waited, then read its rows from the emulator. Process 0 built the TFDS dataset.
   scratch1 = f"{logs}.scratch1"
@@ -320,14 +337,37 @@ def test_two_processes_train_kill_and_resume_on_gcs(emulator, tmp_path, two_proc
   assert "tfds" in os.listdir(os.path.join(f"{logs}.scratch0", scratch0))
   done_before_kill = max(_losses(epath.Path(f"{workdir}/metrics.jsonl").read_text()))
   assert KILL_AFTER <= done_before_kill < STEPS, done_before_kill
+  checkpoints = epath.Path(f"{workdir}/checkpoints")
+  assert not (checkpoints / "5" / "commit_success.txt").exists()  # never finalised
+
+  procs, paths = _start(workdir, cache, logs, emulator)
+  waited = _wait(procs, 300)
+  outputs = [open(path).read() for path in paths]
+  codes = [p.returncode for p in procs]
+  _kill(procs)
+  assert codes == [4, 4], f"exit codes {codes} after {waited:.0f} s\n" + "\n".join(
+    f"--- process {i}:\n{out[-4000:]}" for i, out in enumerate(outputs)
+  )
+  # From step 10, or 15 where that was sealed too before the kill landed.
+  assert re.search(rf"resumed from {workdir}/checkpoints at step (10|15)\b", outputs[0])
+  refused = REFUSED_LOG[0].read_text().splitlines()
+  assert [line.split()[0] for line in refused] == ["400", "403"], refused
+  for output in outputs:
+    # The stop: one line with the step, the process and the cause.
+    (line,) = [x for x in output.splitlines() if x.startswith("loom: error: saving")]
+    assert "failed on process 0: " in line and "PERMISSION_DENIED" in line.upper(), line
+    assert "latest: 15" in line
+  assert (checkpoints / "15" / "commit_success.txt").exists()
+  assert not (checkpoints / str(STEPS) / "commit_success.txt").exists()  # not a step
 
   outputs = _finish(*_start(workdir, cache, logs, emulator))
   wall = time.monotonic() - started
-  assert "resumed from gs://loom/pod/run/checkpoints at step" in outputs[0]
-  assert "Prepared store" not in outputs[0] + outputs[1]  # the shared store is reused
+  assert f"resumed from {workdir}/checkpoints at step 15" in outputs[0]
+  for output in outputs:  # the shared store is reused
+    assert "Prepared store" not in output
   resumed = _losses(epath.Path(f"{workdir}/metrics.jsonl").read_text())
-  assert resumed == reference  # every step once, bit for bit
-  print(f"two processes on the emulator, with a kill and a resume: {wall:.1f} s wall")
+  assert resumed == reference  # every step, bit for bit (some twice: the last is kept)
+  print(f"two processes on the emulator, with a kill, a stop and two resumes: {wall:.1f} s wall")
 
   # The store process 0 of two put on the emulator is byte for byte the one a single process
   # prepares ahead of a run (python -m input_pipeline.prepare) into a fresh local cache.
@@ -420,52 +460,6 @@ def test_two_processes_read_only_their_rows_of_a_sharded_store_on_gcs(emulator, 
     assert result["rows"] == 6 * 8 and result["shards"] > 5
     assert 0 < result["bytes_read"] <= 2 * share, result
   assert sum(r["bytes_read"] for r in results) < total / 4
-
-
-@pytest.mark.slow
-@pytest.mark.multiprocess
-def test_a_failed_save_is_retried_or_stops_every_process_and_the_resume_is_exact(
-  emulator, tmp_path, two_process_run
-):
-  """Two processes on gs://, the store refusing one process's part of two saves (REFUSALS).
-
-  Step 10 (400, may pass): both processes log the failure, train on, and the save of step 15
-  is its retry. The final step (403, will not pass): both stop with exit 4 and one line naming
-  the step, the process and the cause, at once (not at Orbax's 20-minute barrier timeout, where
-  they sat before). A resume then starts from step 15 and every loss equals the uninterrupted
-  run's on local disk, bit for bit."""
-  from etils import epath
-
-  logs = str(tmp_path / "logs" / "run")
-  os.makedirs(os.path.dirname(logs))
-  reference = losses(two_process_run[0])
-  workdir, cache = "gs://loom/pod/failing", "gs://loom/pod/failing-cache"
-  procs, paths = _start(workdir, cache, logs, emulator)
-  waited = _wait(procs, 300)
-  outputs = [open(path).read() for path in paths]
-  codes = [p.returncode for p in procs]
-  _kill(procs)
-  assert codes == [4, 4], f"exit codes {codes} after {waited:.0f} s\n" + "\n".join(
-    f"--- process {i}:\n{out[-4000:]}" for i, out in enumerate(outputs)
-  )
-  refused = REFUSED_LOG[0].read_text().splitlines()
-  assert [line.split()[0] for line in refused] == ["400", "403"], refused
-  for output in outputs:
-    # The retry, on every process, naming the process whose part failed.
-    assert re.search(r"saving the checkpoint of step 10 failed \(process 1: .*400", output), output
-    assert "failure 1 of at most 2 in a row: the next save tries again" in output
-    # The stop: one line with the step, the process and the cause.
-    (line,) = [x for x in output.splitlines() if x.startswith("loom: error: saving")]
-    assert "failed on process 0: " in line and "PERMISSION_DENIED" in line.upper(), line
-    assert "latest: 15" in line
-  checkpoints = epath.Path(f"{workdir}/checkpoints")
-  assert (checkpoints / "15" / "commit_success.txt").exists()
-  assert not (checkpoints / "20" / "commit_success.txt").exists()  # never finalised: not a step
-
-  outputs = _finish(*_start(workdir, cache, logs, emulator))
-  assert "resumed from gs://loom/pod/failing/checkpoints at step 15" in outputs[0]
-  resumed = _losses(epath.Path(f"{workdir}/metrics.jsonl").read_text())
-  assert resumed == reference  # every step, bit for bit (16-20 twice: the second is kept)
 
 
 @pytest.mark.slow

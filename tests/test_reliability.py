@@ -111,15 +111,44 @@ def test_sigterm_saves_the_current_step_and_exits(tmp_path, cache_dir):
 
 
 @pytest.mark.slow
-def test_nonfinite_steps_are_skipped_counted_and_bounded(tmp_path, cache_dir):
-  result = run_train(str(tmp_path / "a"), "--config.debug.nan_steps=(3, 4)", cache_dir=cache_dir)
+def test_nonfinite_steps_are_skipped_counted_and_bounded_and_the_health_is_logged(
+  reference, tmp_path, cache_dir
+):
+  """One run with two non-finite steps (3 and 4) checks the skips, their count and the health
+  logged around them; a second run with four in a row stops at the limit."""
+  workdir = str(tmp_path / "a")
+  result = run_train(
+    workdir, "--config.debug.nan_steps=(3, 4)", "--config.log.every=1", cache_dir=cache_dir
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   assert "step 3 skipped (non-finite loss or gradients)" in result.stderr
   report = json.load(open(tmp_path / "a" / "report.json"))
   assert report["skipped_nonfinite"] == 2
   assert np.isfinite(report["train/loss"]) and np.isfinite(report["eval/loss"])
-  events = [r for r in read_metrics(str(tmp_path / "a")) if "event" in r]
+  events = [r for r in read_metrics(workdir) if "event" in r]
   assert [r["step"] for r in events] == [3, 4]
+
+  # The health in the logs: the applied learning rate, per-layer norms, tokens and goodput.
+  lines = {r["step"]: r for r in read_metrics(workdir) if "train/loss" in r and "event" not in r}
+  expected = {r["step"]: r for r in read_metrics(reference) if "train/learning_rate" in r}
+  # A skipped step applies no update; the optimizer's schedule does not advance past it.
+  assert lines[3]["train/learning_rate"] == lines[4]["train/learning_rate"] == 0.0
+  assert lines[5]["train/learning_rate"] == pytest.approx(expected[3]["train/learning_rate"])
+  assert lines[2]["train/learning_rate"] == pytest.approx(expected[2]["train/learning_rate"])
+  assert lines[20]["train/tokens_seen"] == 20 * 8 * 32  # steps × batch × seq_len
+  # Per-layer norms (two layers, embedding, final norm) add up to the global gradient norm.
+  grads = {k: v for k, v in lines[5].items() if k.startswith("grad_norm/")}
+  assert {"grad_norm/layer_0", "grad_norm/layer_1", "grad_norm/embed"} <= grads.keys()
+  total = np.sqrt(sum(v**2 for v in grads.values()))
+  assert total == pytest.approx(lines[5]["train/grad_norm"], rel=1e-4)
+  assert lines[3]["update_norm/layer_0"] == 0.0 and lines[5]["update_norm/layer_0"] > 0
+  goodput = report["goodput"]
+  assert 0 < goodput["goodput"] <= 1 and goodput["redone_steps"] == 0
+  accounted = goodput["productive_s"] + sum(goodput["lost_s"].values())
+  assert accounted == pytest.approx(goodput["wall_s"], rel=0.02)
+  assert {"compile", "checkpoint", "input_wait", "eval", "restore_or_init", "data"} <= goodput[
+    "lost_s"
+  ].keys()
 
   result = run_train(
     str(tmp_path / "b"),
@@ -129,37 +158,6 @@ def test_nonfinite_steps_are_skipped_counted_and_bounded(tmp_path, cache_dir):
   )
   assert result.returncode == 3, result.stderr[-3000:]
   assert "training diverged: 3 consecutive steps skipped up to step 5" in result.stderr
-
-
-@pytest.mark.slow
-def test_health_in_the_logs_applied_rate_layer_norms_tokens_and_goodput(
-  reference, tmp_path, cache_dir
-):
-  workdir = str(tmp_path / "w")
-  result = run_train(
-    workdir, "--config.debug.nan_steps=(3,)", "--config.log.every=1", cache_dir=cache_dir
-  )
-  assert result.returncode == 0, result.stderr[-3000:]
-  lines = {r["step"]: r for r in read_metrics(workdir) if "train/loss" in r and "event" not in r}
-  expected = {r["step"]: r for r in read_metrics(reference) if "train/learning_rate" in r}
-  # The skipped step applies no update; the optimizer's schedule does not advance past it.
-  assert lines[3]["train/learning_rate"] == 0.0
-  assert lines[4]["train/learning_rate"] == pytest.approx(expected[3]["train/learning_rate"])
-  assert lines[2]["train/learning_rate"] == pytest.approx(expected[2]["train/learning_rate"])
-  assert lines[20]["train/tokens_seen"] == 20 * 8 * 32  # steps × batch × seq_len
-  # Per-layer norms (two layers, embedding, final norm) add up to the global gradient norm.
-  grads = {k: v for k, v in lines[5].items() if k.startswith("grad_norm/")}
-  assert {"grad_norm/layer_0", "grad_norm/layer_1", "grad_norm/embed"} <= grads.keys()
-  total = np.sqrt(sum(v**2 for v in grads.values()))
-  assert total == pytest.approx(lines[5]["train/grad_norm"], rel=1e-4)
-  assert lines[3]["update_norm/layer_0"] == 0.0 and lines[5]["update_norm/layer_0"] > 0
-  goodput = json.load(open(os.path.join(workdir, "report.json")))["goodput"]
-  assert 0 < goodput["goodput"] <= 1 and goodput["redone_steps"] == 0
-  accounted = goodput["productive_s"] + sum(goodput["lost_s"].values())
-  assert accounted == pytest.approx(goodput["wall_s"], rel=0.02)
-  assert {"compile", "checkpoint", "input_wait", "eval", "restore_or_init", "data"} <= goodput[
-    "lost_s"
-  ].keys()
 
 
 @pytest.mark.slow
