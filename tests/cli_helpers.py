@@ -6,6 +6,8 @@ import shutil
 import subprocess
 import sys
 
+import fork_server
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The overrides of the session's shared tiny run (conftest.py: tiny_run): a profile of steps 3-5.
 TINY_RUN = ("--config.log.profile_steps=(3, 5)",)
@@ -36,8 +38,12 @@ def train_env(devices: int = 8, *, user_compile: bool = False) -> dict:
   return env
 
 
-def run_train(workdir, *overrides, cache_dir, devices=8, timeout=300, config="configs/tiny.py"):
-  return subprocess.run(
+def run_train(
+  workdir, *overrides, cache_dir, devices=8, timeout=300, config="configs/tiny.py", fresh=False
+):
+  """``python -m train`` to its end: a fork of the worker's fork server (tests/fork_server.py),
+  or with ``fresh`` a new interpreter, as a user starts it."""
+  return (subprocess.run if fresh else fork_server.run)(
     train_command(workdir, *overrides, cache_dir=cache_dir, config=config),
     cwd=REPO,
     env=train_env(devices),

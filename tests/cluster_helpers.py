@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 
+import fork_server
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 20
 SAVED_AT = 15  # a checkpoint the 20-step runs keep (every 5 steps, the newest 3 kept)
@@ -95,7 +97,7 @@ def launch(
       paths.append(f"{workdir}.{processes}x{devices}.{i}.log")
       with open(paths[-1], "w") as log:  # the child keeps its own copy of the descriptor
         procs.append(
-          subprocess.Popen(
+          fork_server.spawn(
             cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
           )
         )
@@ -129,7 +131,7 @@ def run_command(module_args: list[str], processes: int, devices: int, timeout: f
   procs = []
   for i in range(processes):
     procs.append(
-      subprocess.Popen(
+      fork_server.spawn(
         [sys.executable, "-m", *module_args, *cluster_flags(port, processes, i)],
         cwd=REPO,
         env=env,

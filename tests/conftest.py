@@ -67,7 +67,8 @@ if not getattr(sys.modules.get("sitecustomize"), "LOOM_TESTS_SITE", False):
   _spec.loader.exec_module(importlib.util.module_from_spec(_spec))
 
 
-import pytest  # noqa: E402 (after the environment above, which must precede any JAX import)
+import fork_server  # noqa: E402 (after the environment above, which must precede any JAX import)
+import pytest  # noqa: E402
 from cli_helpers import TINY_RUN, run_train  # noqa: E402
 from cluster_helpers import DEVICES, launch  # noqa: E402
 
@@ -84,6 +85,9 @@ settings.apply()
 if flops_lib.PEAK_VARIABLE not in os.environ:
   _peak = flops_lib.run_peak("float32", use_given=False)
   os.environ[flops_lib.PEAK_VARIABLE] = repr(_peak.measured)
+# The commands the tests start are forks of a server that imports with this environment
+# (tests/fork_server.py), whichever test starts the first of them.
+fork_server.set_base_env(os.environ)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -125,9 +129,10 @@ def once(tmp_path_factory, name: str, make) -> pathlib.Path:
   return target
 
 
-def _train_into(workdir: pathlib.Path, *overrides: str) -> None:
+def _train_into(workdir: pathlib.Path, *overrides: str, fresh: bool = False) -> None:
   # A data cache of its own: the run must not depend on which worker's cache exists.
-  result = run_train(str(workdir / "run"), *overrides, cache_dir=str(workdir / "cache"))
+  cache = str(workdir / "cache")
+  result = run_train(str(workdir / "run"), *overrides, cache_dir=cache, fresh=fresh)
   (workdir / "stderr.txt").write_text(result.stderr)
   assert result.returncode == 0, result.stderr[-3000:]
 
@@ -136,8 +141,9 @@ def _train_into(workdir: pathlib.Path, *overrides: str) -> None:
 def tiny_run(tmp_path_factory) -> tuple[str, str]:
   """``python -m train --config configs/tiny.py`` as a user runs it, with a profile of steps 3-5:
   20 steps, logged every 5, evaluated and checkpointed at 10 and 20. (work directory, stderr).
-  Several test files read it; a test that changes it works on a copy."""
-  made = once(tmp_path_factory, "tiny_run", lambda path: _train_into(path, *TINY_RUN))
+  Several test files read it; a test that changes it works on a copy. A fresh interpreter, as a
+  user's (the other commands of the session are forks: tests/fork_server.py)."""
+  made = once(tmp_path_factory, "tiny_run", lambda path: _train_into(path, *TINY_RUN, fresh=True))
   return str(made / "run"), (made / "stderr.txt").read_text()
 
 

@@ -22,6 +22,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
+import fork_server
 import pytest
 from cluster_helpers import DEVICES, REPO, SETTINGS, STEPS, free_port, losses
 
@@ -137,7 +138,7 @@ def _start(workdir: str, cache: str, logs: str, emulator: str | None, processes:
     paths.append(f"{logs}.{len(os.listdir(os.path.dirname(logs)))}.{i}.log")
     with open(paths[-1], "w") as out:
       procs.append(
-        subprocess.Popen(
+        fork_server.spawn(
           cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
       )
@@ -189,7 +190,7 @@ def _losses(text: str) -> dict[int, float]:
 
 
 def _command(args: list[str], emulator: str, scratch: str) -> subprocess.CompletedProcess:
-  return subprocess.run(
+  return fork_server.run(
     [sys.executable, "-m", *args],
     cwd=REPO,
     env=_env(emulator, 8, scratch),

@@ -1,0 +1,369 @@
+"""Commands the tests start, as forks of a process that has imported Loom's libraries once.
+
+Each ``python -m train`` the suite starts spent about 3 CPU-s importing TensorFlow, JAX, Flax and
+Orbax before its first line of Loom ran (a warm tiny run: 6.3 s wall, 6.8 CPU-s; forked from a
+process that had imported them: 2.7 s, 3.1 CPU-s, the same losses). ``spawn`` and ``run`` start a
+command as ``subprocess.Popen`` and ``subprocess.run`` would, but as a fork of this module's
+server: one per pytest worker, started on first use, which imported the trainer's modules with
+the worker's environment and never started a JAX backend or parsed a flag. The child then takes
+the command's environment, working directory, standard streams and session, and runs the module
+as ``python -m`` runs it (``runpy``, as ``__main__``), exiting through Python's own shutdown.
+
+It is a real process of its own: tests signal it, kill its process group and read its exit
+code as before (the server waits for it and reports its status). Only what the command's
+interpreter would have read from its environment before Loom's code ran is shared, so a command
+whose environment differs from the server's in anything but the variables read later
+(``_RUNTIME``) starts as a fresh interpreter instead, as does every command when
+``LOOM_TESTS_FORK_SERVER=0``. The commands that test a fresh start itself (imports, the README's
+commands, the notebooks, the other entry points' own tests) start fresh interpreters.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+# Read by the command at run time, not by the imports the server made: they may differ.
+_RUNTIME = {
+  "XLA_FLAGS",  # read when the CPU backend starts, in the child (the device count)
+  "LOOM_TESTS_XLA_FLAGS",  # added to XLA_FLAGS again in the child (subprocess_site)
+  "LOOM_LOCAL_SCRATCH",
+  "STORAGE_EMULATOR_HOST",  # translated by input_pipeline/host/settings.py's apply(), at run time
+  "TENSORSTORE_GCS_HTTP_URL",
+  "GOOGLE_AUTH_TOKEN_FOR_TESTING",
+  "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT",
+  "PYTEST_CURRENT_TEST",
+}
+# Set by libraries as they import (TensorFlow, libtpu, h5py, Hugging Face's hub) to the same value
+# in every process: a pytest worker that imported them passes them on, the server may not have.
+_SET_BY_IMPORTS = {
+  "TF2_BEHAVIOR",
+  "TPU_ML_PLATFORM",
+  "TPU_ML_PLATFORM_VERSION",
+  "HDF5_PLUGIN_PATH",
+  "ENABLE_RUNTIME_UPTIME_TELEMETRY",
+  "HF_XET_HIGH_PERFORMANCE",
+}
+_MODULES = ("train.trainer", "train.inference.generation", "input_pipeline.host.command")
+
+
+# ---------------------------------------------------------------------------------------------
+# The server (``python tests/fork_server.py SOCKET``).
+
+
+def _serve(path: str) -> None:
+  import importlib
+
+  for name in _MODULES:
+    importlib.import_module(name)
+  listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+  listener.bind(path)
+  listener.listen(64)
+  # The client holds our stdin: its end (the pytest worker gone) ends the server.
+  threading.Thread(target=_exit_with_stdin, daemon=True).start()
+  print("ready", flush=True)
+  while True:
+    connection, _ = listener.accept()
+    message, fds, _, _ = socket.recv_fds(connection, 1 << 20, 3)
+    while not message.endswith(b"\n"):  # the rest of a long request
+      message += connection.recv(1 << 20)
+    request = json.loads(message)
+    pid = os.fork()
+    if pid == 0:
+      listener.close()
+      _child(request, fds, connection)  # never returns: exits through SystemExit
+    for fd in fds:
+      os.close(fd)
+    connection.sendall(json.dumps({"pid": pid}).encode() + b"\n")
+    threading.Thread(target=_report, args=(pid, connection), daemon=True).start()
+
+
+def _exit_with_stdin() -> None:
+  # Raw reads: a thread blocked in sys.stdin's buffered reader would hold its lock in every fork.
+  while os.read(0, 4096):
+    pass
+  os._exit(0)
+
+
+def _report(pid: int, connection: socket.socket) -> None:
+  _, status = os.waitpid(pid, 0)
+  try:
+    connection.sendall(json.dumps({"status": status}).encode() + b"\n")
+  finally:
+    connection.close()
+
+
+def _child(request: dict, fds: list[int], connection: socket.socket) -> None:
+  connection.close()
+  if request["new_session"]:
+    os.setsid()
+  for target, fd in enumerate(fds):
+    os.dup2(fd, target)
+  for fd in set(fds):
+    if fd > 2:
+      os.close(fd)
+  # sys.stdout and sys.stderr write to descriptors 1 and 2, now the command's; buffered as a
+  # fresh interpreter's are for a file or pipe (the server's were one too, and are empty).
+  os.chdir(request["cwd"])
+  os.environ.clear()
+  os.environ.update(request["env"])
+  site = sys.modules.get("sitecustomize")
+  if getattr(site, "LOOM_TESTS_SITE", False):
+    site._add_session_flags()
+  module, args = request["module"], request["args"]
+  sys.path[0] = os.getcwd()  # as `python -m` has it
+  sys.argv = [module, *args]
+  import runpy
+
+  runpy.run_module(module, run_name="__main__", alter_sys=True)
+  sys.exit(0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The client.
+
+
+class _Server:
+  def __init__(self) -> None:
+    self.directory = tempfile.mkdtemp(prefix="loom-fork-server-")
+    self.path = os.path.join(self.directory, "socket")
+    self.env = dict(os.environ if _base_env is None else _base_env)
+    self.process = subprocess.Popen(
+      [sys.executable, os.path.abspath(__file__), self.path],
+      env=self.env,
+      stdin=subprocess.PIPE,
+      stdout=subprocess.PIPE,
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
+    line = self.process.stdout.readline()
+    if line.strip() != b"ready":
+      raise RuntimeError(f"the fork server did not start (exit {self.process.wait()})")
+    atexit.register(self.close)
+
+  def differences(self, env: dict) -> set[str]:
+    """The variables an import could have read that ``env`` has otherwise than the server."""
+    keys = (set(env) | set(self.env)) - _RUNTIME - _SET_BY_IMPORTS
+    return {k for k in keys if env.get(k) != self.env.get(k)}
+
+  def serves(self, env: dict) -> bool:
+    return self.process.poll() is None and not self.differences(env)
+
+  def close(self) -> None:
+    if self.process.poll() is None:
+      self.process.stdin.close()
+      try:
+        self.process.wait(timeout=10)
+      except subprocess.TimeoutExpired:
+        self.process.kill()
+    shutil.rmtree(self.directory, ignore_errors=True)
+
+
+_server: _Server | None = None
+_server_lock = threading.Lock()
+# The environment the server imports with: the session's, as conftest.py left it (set_base_env),
+# not whatever a test had patched when it first started a command.
+_base_env: dict | None = None
+
+
+def set_base_env(env: dict) -> None:
+  global _base_env
+  _base_env = dict(env)
+
+
+def _the_server() -> _Server | None:
+  global _server
+  if os.environ.get("LOOM_TESTS_FORK_SERVER", "1") == "0":
+    return None
+  with _server_lock:
+    if _server is None:
+      _server = _Server()
+    return _server
+
+
+class Forked:
+  """The part of ``subprocess.Popen``'s interface the tests use, for a forked command."""
+
+  def __init__(self, connection: socket.socket, pid: int, stdout, stderr, args) -> None:
+    self.args, self.pid, self.returncode = args, pid, None
+    self.stdout, self.stderr = stdout, stderr
+    self._connection = connection
+    self._buffer = b""
+
+  def _read_status(self, timeout: float | None) -> bool:
+    while b"\n" not in self._buffer:
+      ready, _, _ = select.select([self._connection], [], [], timeout)
+      if not ready:
+        return False
+      chunk = self._connection.recv(4096)
+      if not chunk:  # the server ended without a word: count the command as killed
+        self._buffer += json.dumps({"status": signal.SIGKILL}).encode() + b"\n"
+        break
+      self._buffer += chunk
+    line, self._buffer = self._buffer.split(b"\n", 1)
+    self.returncode = os.waitstatus_to_exitcode(json.loads(line)["status"])
+    self._connection.close()
+    return True
+
+  def poll(self) -> int | None:
+    if self.returncode is None:
+      self._read_status(0)
+    return self.returncode
+
+  def wait(self, timeout: float | None = None) -> int:
+    if self.returncode is None and not self._read_status(timeout):
+      raise subprocess.TimeoutExpired(self.args, timeout)
+    return self.returncode
+
+  def send_signal(self, sig: int) -> None:
+    if self.poll() is None:
+      os.kill(self.pid, sig)
+
+  def kill(self) -> None:
+    self.send_signal(signal.SIGKILL)
+
+  def terminate(self) -> None:
+    self.send_signal(signal.SIGTERM)
+
+  def communicate(self, timeout: float | None = None):
+    results = {}
+
+    def drain(name, stream):
+      results[name] = stream.read()
+      stream.close()
+
+    readers = [
+      threading.Thread(target=drain, args=(name, stream), daemon=True)
+      for name, stream in (("stdout", self.stdout), ("stderr", self.stderr))
+      if stream is not None and not stream.closed
+    ]
+    for reader in readers:
+      reader.start()
+    deadline = None if timeout is None else time.monotonic() + timeout
+    for reader in readers:
+      reader.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+      if reader.is_alive():
+        raise subprocess.TimeoutExpired(self.args, timeout)
+    self.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+    return results.get("stdout"), results.get("stderr")
+
+
+def _stream(spec, default: int, opened: list[int], keep: list):
+  """(fd for the child, the client's end or None) of a Popen stdout/stderr argument."""
+  if spec is None:
+    return default, None
+  if spec == subprocess.DEVNULL:
+    fd = os.open(os.devnull, os.O_RDWR)
+    opened.append(fd)
+    return fd, None
+  if spec == subprocess.PIPE:
+    read, write = os.pipe()
+    opened.append(write)
+    keep.append(read)
+    return write, read
+  return spec.fileno(), None
+
+
+def spawn(
+  args: list[str],
+  *,
+  cwd: str,
+  env: dict,
+  stdout=None,
+  stderr=None,
+  text: bool = False,
+  start_new_session: bool = False,
+):
+  """``subprocess.Popen(args, ...)`` for ``args`` = [python, "-m", MODULE, *ARGS]: a fork of the
+  server where it serves ``env``, else a fresh interpreter (a ``subprocess.Popen``)."""
+  server = _the_server() if args[:2] == [sys.executable, "-m"] else None
+  forked = server is not None and server.serves(env)
+  if os.environ.get("LOOM_TESTS_FORK_SERVER_LOG"):  # which commands were forked, and why not
+    with open(os.environ["LOOM_TESTS_FORK_SERVER_LOG"], "a") as log:
+      differ = [] if server is None else sorted(server.differences(env))
+      log.write(f"{'fork' if forked else 'fresh'} {' '.join(args[2:4])} {differ}\n")
+  if not forked:
+    return subprocess.Popen(
+      args,
+      cwd=cwd,
+      env=env,
+      stdout=stdout,
+      stderr=stderr,
+      text=text,
+      start_new_session=start_new_session,
+    )
+  opened: list[int] = []
+  ends: list[int] = []
+  null = os.open(os.devnull, os.O_RDONLY)
+  opened.append(null)
+  try:
+    out_fd, out_end = _stream(stdout, 1, opened, ends)
+    if stderr == subprocess.STDOUT:
+      err_fd, err_end = out_fd, None
+    else:
+      err_fd, err_end = _stream(stderr, 2, opened, ends)
+    request = {
+      "module": args[2],
+      "args": list(args[3:]),
+      "cwd": os.path.abspath(cwd),
+      "env": dict(env),
+      "new_session": start_new_session,
+    }
+    connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    connection.connect(server.path)
+    message = json.dumps(request).encode() + b"\n"
+    sent = socket.send_fds(connection, [message], [null, out_fd, err_fd])
+    connection.sendall(message[sent:])
+  except BaseException:
+    for fd in ends:
+      os.close(fd)
+    raise
+  finally:
+    for fd in opened:
+      os.close(fd)  # the child has its own copies: the pipes end when it does
+  reply = b""
+  while not reply.endswith(b"\n"):
+    chunk = connection.recv(4096)
+    if not chunk:
+      raise RuntimeError("the fork server closed the connection before starting the command")
+    reply += chunk
+  first, _, rest = reply.partition(b"\n")
+  pid = json.loads(first)["pid"]
+
+  def wrap(fd):
+    if fd is None:
+      return None
+    return open(fd, "r" if text else "rb", closefd=True)  # noqa: SIM115 - the caller's stream
+
+  process = Forked(connection, pid, wrap(out_end), wrap(err_end), args)
+  process._buffer = rest
+  return process
+
+
+def run(
+  args: list[str], *, cwd: str, env: dict, capture_output: bool = False, text: bool = False,
+  timeout: float | None = None,
+) -> subprocess.CompletedProcess:  # fmt: skip
+  """``subprocess.run(args, ...)`` through ``spawn``."""
+  pipe = subprocess.PIPE if capture_output else None
+  process = spawn(args, cwd=cwd, env=env, stdout=pipe, stderr=pipe, text=text)
+  try:
+    out, err = process.communicate(timeout=timeout)
+  except subprocess.TimeoutExpired:
+    process.kill()
+    process.communicate()
+    raise
+  return subprocess.CompletedProcess(args, process.returncode, out, err)
+
+
+if __name__ == "__main__":
+  _serve(sys.argv[1])
