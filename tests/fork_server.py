@@ -5,16 +5,16 @@ Orbax before its first line of Loom ran (a warm tiny run: 6.3 s wall, 6.8 CPU-s;
 process that had imported them: 2.7 s, 3.1 CPU-s, the same losses). ``spawn`` and ``run`` start a
 command as ``subprocess.Popen`` and ``subprocess.run`` would, but as a fork of this module's
 server: one per pytest worker, started on first use, which imported the trainer's modules with
-the worker's environment and never started a JAX backend or parsed a flag. The child then takes
+the session's environment (conftest.py) and never started a JAX backend or parsed a flag. The child then takes
 the command's environment, working directory, standard streams and session, and runs the module
 as ``python -m`` runs it (``runpy``, as ``__main__``), exiting through Python's own shutdown.
 
 It is a real process of its own: tests signal it, kill its process group and read its exit
 code as before (the server waits for it and reports its status). Only what the command's
 interpreter would have read from its environment before Loom's code ran is shared, so a command
-whose environment differs from the server's in anything but the variables read later
-(``_RUNTIME``) starts as a fresh interpreter instead, as does every command when
-``LOOM_TESTS_FORK_SERVER=0``. The commands that test a fresh start itself (imports, the README's
+whose environment differs from the server's in a variable those imports read
+(``_READ_BY_IMPORTS``) starts as a fresh interpreter instead, as does every command when
+``LOOM_TESTS_FORK_SERVER=0`` (``LOOM_TESTS_FORK_SERVER_LOG=FILE`` lists which were forked). The commands that test a fresh start itself (imports, the README's
 commands, the notebooks, the other entry points' own tests) start fresh interpreters.
 """
 
@@ -33,27 +33,18 @@ import tempfile
 import threading
 import time
 
-# Read by the command at run time, not by the imports the server made: they may differ.
-_RUNTIME = {
-  "XLA_FLAGS",  # read when the CPU backend starts, in the child (the device count)
-  "LOOM_TESTS_XLA_FLAGS",  # added to XLA_FLAGS again in the child (subprocess_site)
-  "LOOM_LOCAL_SCRATCH",
-  "STORAGE_EMULATOR_HOST",  # translated by input_pipeline/host/settings.py's apply(), at run time
-  "TENSORSTORE_GCS_HTTP_URL",
-  "GOOGLE_AUTH_TOKEN_FOR_TESTING",
-  "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT",
-  "PYTEST_CURRENT_TEST",
-}
-# Set by libraries as they import (TensorFlow, libtpu, h5py, Hugging Face's hub) to the same value
-# in every process: a pytest worker that imported them passes them on, the server may not have.
-_SET_BY_IMPORTS = {
-  "TF2_BEHAVIOR",
-  "TPU_ML_PLATFORM",
-  "TPU_ML_PLATFORM_VERSION",
-  "HDF5_PLUGIN_PATH",
-  "ENABLE_RUNTIME_UPTIME_TELEMETRY",
-  "HF_XET_HIGH_PERFORMANCE",
-}
+# The environment variables that the server's imports (TensorFlow, JAX, Flax, Orbax, TensorStore,
+# NumPy and the interpreter itself) read as they load: a command whose environment has any of them
+# otherwise than the server's after its imports starts as a fresh interpreter. The rest are read
+# at run time, in the child: XLA_FLAGS and XLA_PYTHON_CLIENT_* when the backend starts, Loom's
+# own when its code asks (train/, input_pipeline/), a test's own (WANDB_MODE, ...) by libraries
+# the server never imported.
+_READ_BY_IMPORTS = (
+  "JAX_", "TF_", "TF2_", "PYTHON", "LD_", "OMP_", "MKL_", "OPENBLAS_", "KMP_", "NPY_", "ABSL",
+  "EPATH_", "FLAX_", "TENSORSTORE_", "GRPC_", "CUDA_", "TPU_", "LIBTPU", "MALLOC_", "ML_DTYPES",
+)  # fmt: skip
+# Of those, translated from STORAGE_EMULATOR_HOST at run time (input_pipeline/host/settings.py).
+_RUNTIME = {"TENSORSTORE_GCS_HTTP_URL"}
 _MODULES = ("train.trainer", "train.inference.generation", "input_pipeline.host.command")
 
 
@@ -71,7 +62,7 @@ def _serve(path: str) -> None:
   listener.listen(64)
   # The client holds our stdin: its end (the pytest worker gone) ends the server.
   threading.Thread(target=_exit_with_stdin, daemon=True).start()
-  print("ready", flush=True)
+  print("ready", json.dumps(dict(os.environ)), flush=True)  # as the imports left it
   while True:
     connection, _ = listener.accept()
     message, fds, _, _ = socket.recv_fds(connection, 1 << 20, 3)
@@ -137,23 +128,27 @@ class _Server:
   def __init__(self) -> None:
     self.directory = tempfile.mkdtemp(prefix="loom-fork-server-")
     self.path = os.path.join(self.directory, "socket")
-    self.env = dict(os.environ if _base_env is None else _base_env)
+    self.pre = dict(os.environ if _base_env is None else _base_env)
     self.process = subprocess.Popen(
       [sys.executable, os.path.abspath(__file__), self.path],
-      env=self.env,
+      env=self.pre,
       stdin=subprocess.PIPE,
       stdout=subprocess.PIPE,
       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
     )
-    line = self.process.stdout.readline()
-    if line.strip() != b"ready":
+    word, _, environment = self.process.stdout.readline().partition(b" ")
+    if word != b"ready":
       raise RuntimeError(f"the fork server did not start (exit {self.process.wait()})")
+    self.env = json.loads(environment)  # after the server's imports, which set a few
     atexit.register(self.close)
 
   def differences(self, env: dict) -> set[str]:
-    """The variables an import could have read that ``env`` has otherwise than the server."""
-    keys = (set(env) | set(self.env)) - _RUNTIME - _SET_BY_IMPORTS
-    return {k for k in keys if env.get(k) != self.env.get(k)}
+    """The variables an import could have read that ``env`` has otherwise than the server. One
+    the server's own imports set (absent from ``env``, where the same imports will set it) is
+    not a difference."""
+    keys = {k for k in set(env) | set(self.env) if k.startswith(_READ_BY_IMPORTS)} - _RUNTIME
+    set_by_imports = {k for k in self.env if k not in self.pre and k not in env}
+    return {k for k in keys - set_by_imports if env.get(k) != self.env.get(k)}
 
   def serves(self, env: dict) -> bool:
     return self.process.poll() is None and not self.differences(env)

@@ -50,7 +50,7 @@ def test_a_command_runs_as_a_fork_with_its_own_arguments_directory_environment_a
   assert seen["argv"] == ["a", "3"] and seen["cwd"] == cwd and seen["marker"] == "x"
   assert seen["main"] == "__main__" and not seen["session"]
   # The server's imports are there before the command's first line: a fork, not a fresh start.
-  assert seen["imported"] is True
+  assert seen["imported"] is True, fork_server._the_server().differences(_env())
   # The session's compile flags are added to the command's own, as in a fresh process.
   assert seen["flags"].startswith("--xla_force_host_platform_device_count=2")
   assert os.environ["LOOM_TESTS_XLA_FLAGS"].split()[0] in seen["flags"]
@@ -63,7 +63,8 @@ def test_a_killed_fork_reports_the_signal_and_its_session_is_its_own(probe):
     [*command, "sleep"], cwd=cwd, env=_env(), stdout=subprocess.PIPE,
     stderr=subprocess.DEVNULL, text=True, start_new_session=True,
   )  # fmt: skip
-  assert isinstance(process, fork_server.Forked) and process.poll() is None
+  assert isinstance(process, fork_server.Forked), fork_server._the_server().differences(_env())
+  assert process.poll() is None
   line = process.stdout.readline()
   assert '"session": true' in line
   with pytest.raises(subprocess.TimeoutExpired):
