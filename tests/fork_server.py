@@ -5,17 +5,19 @@ Orbax before its first line of Loom ran (a warm tiny run: 6.3 s wall, 6.8 CPU-s;
 process that had imported them: 2.7 s, 3.1 CPU-s, the same losses). ``spawn`` and ``run`` start a
 command as ``subprocess.Popen`` and ``subprocess.run`` would, but as a fork of this module's
 server: one per pytest worker, started on first use, which imported the trainer's modules with
-the session's environment (conftest.py) and never started a JAX backend or parsed a flag. The child then takes
-the command's environment, working directory, standard streams and session, and runs the module
-as ``python -m`` runs it (``runpy``, as ``__main__``), exiting through Python's own shutdown.
+the session's environment (conftest.py) and never started a JAX backend or parsed a flag. The
+child then takes the command's environment, working directory, standard streams and session,
+and runs the module as ``python -m`` runs it (``runpy``, as ``__main__``), exiting through
+Python's own shutdown.
 
 It is a real process of its own: tests signal it, kill its process group and read its exit
 code as before (the server waits for it and reports its status). Only what the command's
 interpreter would have read from its environment before Loom's code ran is shared, so a command
 whose environment differs from the server's in a variable those imports read
 (``_READ_BY_IMPORTS``) starts as a fresh interpreter instead, as does every command when
-``LOOM_TESTS_FORK_SERVER=0`` (``LOOM_TESTS_FORK_SERVER_LOG=FILE`` lists which were forked). The commands that test a fresh start itself (imports, the README's
-commands, the notebooks, the other entry points' own tests) start fresh interpreters.
+``LOOM_TESTS_FORK_SERVER=0`` (``LOOM_TESTS_FORK_SERVER_LOG=FILE`` lists which were forked). The
+commands that test a fresh start itself (imports, the README's commands, the notebooks, the
+other entry points' own tests) start fresh interpreters.
 """
 
 from __future__ import annotations
