@@ -190,11 +190,11 @@ def _the_server() -> _Server | None:
 class Forked:
   """The part of ``subprocess.Popen``'s interface the tests use, for a forked command."""
 
-  def __init__(self, connection: socket.socket, pid: int, stdout, stderr, args) -> None:
+  def __init__(self, connection: socket.socket, pid: int, stdout, stderr, args, buffer=b"") -> None:
     self.args, self.pid, self.returncode = args, pid, None
     self.stdout, self.stderr = stdout, stderr
     self._connection = connection
-    self._buffer = b""
+    self._buffer = buffer  # what the server sent after the pid: the status, if already known
 
   def _read_status(self, timeout: float | None) -> bool:
     while b"\n" not in self._buffer:
@@ -341,9 +341,7 @@ def spawn(
       return None
     return open(fd, "r" if text else "rb", closefd=True)  # noqa: SIM115 - the caller's stream
 
-  process = Forked(connection, pid, wrap(out_end), wrap(err_end), args)
-  process._buffer = rest
-  return process
+  return Forked(connection, pid, wrap(out_end), wrap(err_end), args, rest)
 
 
 def run(
