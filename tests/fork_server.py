@@ -47,6 +47,7 @@ _READ_BY_IMPORTS = (
 )  # fmt: skip
 # Of those, translated from STORAGE_EMULATOR_HOST at run time (input_pipeline/host/settings.py).
 _RUNTIME = {"TENSORSTORE_GCS_HTTP_URL"}
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _MODULES = ("train.trainer", "train.inference.generation", "input_pipeline.host.command")
 
 
@@ -57,6 +58,9 @@ _MODULES = ("train.trainer", "train.inference.generation", "input_pipeline.host.
 def _serve(path: str) -> None:
   import importlib
 
+  # This checkout's code, as `python -m` from the repository finds it (sys.path[0] is the working
+  # directory), not whichever checkout an installed copy of Loom points at.
+  sys.path[0] = REPO
   for name in _MODULES:
     importlib.import_module(name)
   listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -136,7 +140,7 @@ class _Server:
       env=self.pre,
       stdin=subprocess.PIPE,
       stdout=subprocess.PIPE,
-      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+      cwd=REPO,
     )
     word, _, environment = self.process.stdout.readline().partition(b" ")
     if word != b"ready":

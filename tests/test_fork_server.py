@@ -16,6 +16,7 @@ print(json.dumps({
   "argv": sys.argv[1:], "cwd": os.getcwd(), "flags": os.environ.get("XLA_FLAGS"),
   "marker": os.environ.get("LOOM_LOCAL_SCRATCH"), "imported": "train.trainer" in sys.modules,
   "session": os.getsid(0) == os.getpid(), "main": __name__,
+  "train": sys.modules["train"].__file__ if "train" in sys.modules else None,
 }))
 print("to stderr", file=sys.stderr)
 if sys.argv[1:] == ["sleep"]:
@@ -51,6 +52,8 @@ def test_a_command_runs_as_a_fork_with_its_own_arguments_directory_environment_a
   assert seen["main"] == "__main__" and not seen["session"]
   # The server's imports are there before the command's first line: a fork, not a fresh start.
   assert seen["imported"] is True, fork_server._the_server().differences(_env())
+  # This checkout's code, whatever an installed copy of Loom points at.
+  assert seen["train"] == os.path.join(fork_server.REPO, "train", "__init__.py")
   # The session's compile flags are added to the command's own, as in a fresh process.
   assert seen["flags"].startswith("--xla_force_host_platform_device_count=2")
   assert os.environ["LOOM_TESTS_XLA_FLAGS"].split()[0] in seen["flags"]
