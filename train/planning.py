@@ -235,11 +235,8 @@ def _shard_bytes(tree) -> int:
 
 
 # ``quick``: XLA's least effort at making the program fast (ExecutableBuildOptions'
-# exec_time_optimization_effort, JAX's jax_exec_time_optimization_effort): the same program,
-# scheduled with less search. llama_8b on v5p-128 compiles in 33 s instead of 71 (54 instead of
-# 134 CPU-s on a 2-core Zen 4) and its memory figure moves 25.38 -> 25.32 GB; on a tiny program
-# it moved +8% (docs/pods.md). The CUDA compiler's time hardly changes (llama_8b on h100:1: 7 s
-# either way). For checking many configs; the final figure is a full compile's.
+# exec_time_optimization_effort): the same program, scheduled with less search. What it saves and
+# how far its memory figure moves: docs/pods.md.
 QUICK_COMPILE = {"exec_time_optimization_effort": -1.0}
 
 
