@@ -80,6 +80,30 @@ def test_runs_sharing_a_local_directory_keep_their_own_steps(tmp_path):
   assert _steps(b.own) == [4, 6]
 
 
+def test_the_space_check_counts_what_stays_while_a_peer_writes_beside_it(tmp_path, monkeypatch):
+  """The first local save sums the bytes already under its process's directory while the peer
+  service may be renaming a replica's temporary step into place there: a two-process run had died
+  of FileNotFoundError in that walk (the directory listed, then gone before it was read). What is
+  gone by the time it is read is not counted."""
+  own = tmp_path / "own" / "step_2"
+  own.mkdir(parents=True)
+  (own / "data").write_bytes(b"x" * 100)
+  moving = tmp_path / "replica_of_1" / "tmp-step_2.123"
+  moving.mkdir(parents=True)
+  (moving / "data").write_bytes(b"y" * 50)
+  scandir = os.scandir
+
+  def renamed_just_before(path="."):
+    if os.fspath(path) == str(moving):  # the peer service finishes its write now
+      os.rename(moving, moving.parent / "step_2")
+    return scandir(path)
+
+  monkeypatch.setattr(os, "scandir", renamed_just_before)
+  assert local_files.bytes_under(tmp_path) == 100
+  monkeypatch.undo()
+  assert local_files.bytes_under(tmp_path) == 150  # once it is in place
+
+
 def test_a_local_save_that_hangs_is_given_up_in_bounded_time(tmp_path, monkeypatch):
   """A hung local disk (or a peer that never answers) had held the training thread at the next
   save, and a stopping run at its exit, for ever."""

@@ -13,6 +13,7 @@ without the cluster's barriers or a shared directory, restored only onto the lay
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -168,6 +169,19 @@ def prune(directory: Path, keep: int, *, keep_step: int) -> None:
   others = [step for step in steps(directory) if step != keep_step]
   for old in others[: max(len(others) - keep, 0)]:
     shutil.rmtree(step_dir(directory, old), ignore_errors=True)
+
+
+def bytes_under(directory: Path) -> int:
+  """The bytes of the files under ``directory``. Other threads write into it meanwhile (the peer
+  service renames a replica's temporary step directory into place, a prune removes a step): a
+  directory or file gone between being listed and being read is not counted, where a walk with
+  ``Path.rglob`` raised FileNotFoundError mid-way."""
+  total = 0
+  for parent, _, files in os.walk(directory):  # a directory gone before it is read is skipped
+    for name in files:
+      with contextlib.suppress(FileNotFoundError):
+        total += os.stat(os.path.join(parent, name)).st_size
+  return total
 
 
 def remove_unfinished(directory: Path) -> None:

@@ -148,7 +148,7 @@ class LocalTier:
       storage.write_atomic(self.id_file, self.run_id)
     needed = nbytes * (1 + self.replicas) * self.keep
     usage = shutil.disk_usage(self.dir)
-    held = sum(f.stat().st_size for f in self.dir.rglob("*") if f.is_file())
+    held = local_files.bytes_under(self.dir)  # the peer service may be writing into it
     if usage.free + held >= needed:
       return True
     self.enabled = False
