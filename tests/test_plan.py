@@ -15,6 +15,7 @@ from train import planning as plan_lib
 from train.cluster import mesh as mesh_lib
 from train.cluster import tpu_slice
 from train.meter import hardware as topology_lib
+from train.meter import hlo_text
 from train.programs import jit_programs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -143,8 +144,8 @@ def test_the_experts_exchange_is_told_from_the_compilers_own_all_to_alls():
     "%all-to-all.7 = bf16[8,32,256]{2,1,0} all-to-all(%fusion.9), dimensions={0}, "
     'metadata={op_name="jit(train_step)/jvp()/while/body/closed_call/shard_map/all_to_all"}'
   )
-  assert not plan_lib._has_expert_exchange(gather)
-  assert plan_lib._has_expert_exchange(f"{gather}\n{exchange}")
+  assert not hlo_text.has_expert_exchange(gather)
+  assert hlo_text.has_expert_exchange(f"{gather}\n{exchange}")
 
 
 def run_plan(*args):

@@ -26,7 +26,7 @@ from train.cluster import gpu_nodes
 from train.inference.engine import Engine
 from train.inference.sampling import Sampling
 from train.meter import gemms as gemms_lib
-from train.meter import hardware
+from train.meter import hardware, hlo_text
 from train.programs import jit_programs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -90,12 +90,12 @@ def test_collectives_and_attention_calls_are_read_from_the_program_text():
       'ION_STATUS_RETURNING, backend_config={"mask_type": "PADDING_CAUSAL"}',
     ]
   )
-  assert plan_lib.collectives(hlo) == {
+  assert hlo_text.collectives(hlo) == {
     "all-gather": {"count": 1, "bytes": 768 * 4 + 768 * 768 * 2},
     "all-reduce": {"count": 1, "bytes": 34 * 4},
     "reduce-scatter": {"count": 1, "bytes": 32},
   }
-  assert plan_lib.cudnn_attention_calls(hlo) == [
+  assert hlo_text.cudnn_attention_calls(hlo) == [
     {
       "target": "__cudnn$fmhaSoftmax",
       "mask_type": "PADDING_CAUSAL",
@@ -367,7 +367,7 @@ def test_cudnn_checks_read_the_target_gpu(h100x8):
     step.lower(q, ids)
   with attention_lib.cudnn_checks_for(h100x8[0]):
     hlo = step.lower(q, ids).compile().as_text()
-  assert len(plan_lib.cudnn_attention_calls(hlo)) == 2
+  assert len(hlo_text.cudnn_attention_calls(hlo)) == 2
 
 
 def test_generation_compiles_for_8_gpus(h100x8):
