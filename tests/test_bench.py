@@ -33,6 +33,31 @@ def test_bench_runs_config_r_and_prints_its_json():
   assert report["peak_source"].startswith("measured")
 
 
+def test_a_given_peak_is_refused_where_there_is_none_to_take(monkeypatch):
+  """--peak=given takes LOOM_CPU_PEAK_FLOPS, a float32 figure: refused, before anything compiles,
+  where it is unset or the config computes in another dtype (tests/test_profile.py and the
+  two-process bench in tests/test_multiprocess.py run with the session's)."""
+  from configs import tiny
+  from input_pipeline.host.command import LoomError
+  from train.bench import check_peak
+  from train.meter import flops
+
+  config = tiny.get_config()
+  check_peak("given", config)  # the session gives one (tests/conftest.py)
+  config.model.dtype = "bfloat16"
+  with pytest.raises(LoomError, match="float32 matmul peak and model.dtype='bfloat16'"):
+    check_peak("given", config)
+  check_peak("measure", config)
+  config.model.dtype = "float32"
+  monkeypatch.delenv(flops.PEAK_VARIABLE)
+  with pytest.raises(LoomError, match=f"--peak=given: {flops.PEAK_VARIABLE} is not set"):
+    check_peak("given", config)
+  check_peak("measure", config)
+  monkeypatch.setenv(flops.PEAK_VARIABLE, "fast")
+  with pytest.raises(LoomError, match="'fast': must be a positive number"):
+    check_peak("given", config)
+
+
 @pytest.mark.parametrize("mlp, tie", [("gelu", True), ("swiglu", True), ("swiglu", False)])
 def test_step_matmuls_are_the_flops_the_meter_counts(mlp, tie):
   """The meter's FLOPs per token against the step's own dots: one output projection, tied to

@@ -266,7 +266,9 @@ def test_generate_and_bench_run_as_two_processes(two_process_run):
   assert json_lines(two[1][1]) == []  # process 0 alone prints
   assert json_lines(two[0][1])[-1]["texts"] == one.texts
 
-  bench = ["train.bench", "--config=configs/tiny.py", "--steps=2", "--warmup=1"]
+  # The session's peak (--peak=given): each process's own readings, side by side on two cores,
+  # would only measure each other.
+  bench = ["train.bench", "--config=configs/tiny.py", "--steps=2", "--warmup=1", "--peak=given"]
   two = run_command(bench, processes=2, devices=DEVICES)
   assert [code for code, _, _ in two] == [0, 0], two[0][2][-2000:] + two[1][2][-2000:]
   assert json_lines(two[1][1]) == []
@@ -275,6 +277,7 @@ def test_generate_and_bench_run_as_two_processes(two_process_run):
     result["processes"] == 2
     and result["devices"] == 2 * DEVICES
     and result["tokens_per_second"] > 0
+    and result["peak_source"].startswith("given")
   )
 
 

@@ -4,7 +4,10 @@
 and runs it on synthetic tokens of the config's shapes: compile time, then ``--steps`` steps after
 warm-up timed end to end with one synchronisation (``step_time_s``; the spread of a few steps
 timed one by one beside it), tokens/s and MFU against the peak the trainer uses
-(``train/meter/flops.py``: the datasheet on TPUs and GPUs, a measured matmul on CPUs).
+(``train/meter/flops.py``: the datasheet on TPUs and GPUs, a measured matmul on CPUs). On a CPU
+the bench measures that matmul before and after the steps (``--peak=measure``, ~10 CPU-s);
+``--peak=given`` takes ``LOOM_CPU_PEAK_FLOPS`` instead, as a training run does: one fixed
+denominator for the MFUs of a sweep of benches on one machine, each without the readings.
 ``--what matmuls`` runs the same step's matmuls and nothing else (every projection's forward, input
 gradient and weight gradient, the unembedding, the attention scores and values by the config's
 query blocks) as one program of independent dots on random operands: the floor the step's time
@@ -26,15 +29,24 @@ from absl import flags
 from input_pipeline import benchmark
 from input_pipeline.device import row_share, to_global
 from input_pipeline.host import command
+from input_pipeline.host.command import LoomError
 from train import config as config_lib
 from train import profiling, trainer
 from train import state as state_lib
 from train.cluster import mesh as mesh_lib
 from train.meter import flops
 
+PEAK_CHOICES = ("measure", "given")
+
 _WHAT = flags.DEFINE_enum("what", "step", ["step", "matmuls", "input"], "What to measure.")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps (after warm-up).")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
+_PEAK = flags.DEFINE_enum(
+  "peak",
+  "measure",
+  PEAK_CHOICES,
+  f"On a CPU: measure the matmul peak before and after the steps, or take {flops.PEAK_VARIABLE}.",
+)
 _PROFILE = flags.DEFINE_string(
   "profile", None, "Trace the timed steps into this directory (timings then include the profiler)."
 )
@@ -61,12 +73,39 @@ def synthetic_batch(config, vocab_size: int, sharding, seed: int = 0):
   return to_global({k: np.ascontiguousarray(v[mine]) for k, v in batch.items()}, sharding)
 
 
-def bench_step(config, steps: int, warmup: int, profile_dir: str | None = None) -> dict:
+def check_peak(peak: str, config) -> None:
+  """A LoomError, before anything is compiled, where ``--peak=given`` has no peak to take: on a
+  CPU at float32 it needs ``LOOM_CPU_PEAK_FLOPS`` (a float32 figure, so no other dtype)."""
+  if peak not in PEAK_CHOICES:
+    raise LoomError(f"--peak={peak}: must be one of {', '.join(PEAK_CHOICES)}")
+  if peak == "measure" or jax.devices()[0].platform != "cpu":
+    return  # accelerators take the datasheet peak either way
+  dtype = config.model.dtype
+  if dtype != "float32":
+    raise LoomError(
+      f"--peak=given: {flops.PEAK_VARIABLE} is a float32 matmul peak and model.dtype={dtype!r}; "
+      "use --peak=measure"
+    )
+  if flops.given_cpu_peak() is None:
+    raise LoomError(
+      f"--peak=given: {flops.PEAK_VARIABLE} is not set; set it to a float32 matmul peak measured "
+      "on this machine (FLOP/s, e.g. the peak_flops_per_second of a bench's or run's report), "
+      "or use --peak=measure"
+    )
+
+
+def bench_step(
+  config, steps: int, warmup: int, profile_dir: str | None = None, peak: str = "measure"
+) -> dict:
+  """``--what step``: ``peak`` is ``--peak`` (measure, or given: ``check_peak``)."""
+  check_peak(peak, config)
   # Synthetic tokens: no tokenizer feeds this step (config R's 256 ids are below the byte
   # tokenizer's 258), so the vocabulary is not checked against one.
   resolved = config_lib.validate(config, with_tokenizer=False)
   model_cfg = resolved.model_cfg
-  built = trainer.build_steps(config, resolved.mesh, resolved.rules, model_cfg, measure_peak=True)
+  measure = peak == "measure"
+  mesh, rules = resolved.mesh, resolved.rules
+  built = trainer.build_steps(config, mesh, rules, model_cfg, measure_peak=measure)
   programs, meter = built.programs, built.meter
   state = state_lib.init_state(
     programs.spec, model_cfg, programs.tx, resolved.mesh, resolved.rules, config.seed
@@ -96,7 +135,7 @@ def bench_step(config, steps: int, warmup: int, profile_dir: str | None = None) 
     jax.block_until_ready((state, metrics))
     times.append(time.perf_counter() - start)
   tokens_per_second = config.train.batch_size * config.data.seq_len / step_time
-  if jax.devices()[0].platform == "cpu":
+  if measure and jax.devices()[0].platform == "cpu":
     # The peak again, after the steps: a shared or throttling machine can read low either time,
     # and MFU against the higher of the two readings is the conservative figure.
     after = flops.run_peak(model_cfg.dtype, repeats=20, use_given=False).flops_per_second
@@ -198,14 +237,17 @@ def main(argv: list[str]) -> int:
     result = bench_matmuls(config, _STEPS.value)
     result["config"] = json.loads(config.to_json_best_effort())
   else:
-    result = bench_step(config, _STEPS.value, _WARMUP.value, _PROFILE.value)
+    result = bench_step(config, _STEPS.value, _WARMUP.value, _PROFILE.value, _PEAK.value)
   result["processes"] = jax.process_count()
   if jax.process_index() == 0:
     print(json.dumps(result), flush=True)
   return command.EXIT_OK
 
 
-USAGE = "usage: python -m train.bench [--config FILE] [--what step|matmuls|input] [--steps N]"
+USAGE = (
+  "usage: python -m train.bench [--config FILE] [--what step|matmuls|input] [--steps N] "
+  "[--peak measure|given]"
+)
 
 if __name__ == "__main__":
   command.run(main, usage=USAGE, config_default="bench_r.py")

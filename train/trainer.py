@@ -166,7 +166,8 @@ def build_steps(
   """The jitted programs, the train step compiled for the local devices, and the meter.
 
   Shared by the trainer and the benchmark so that both measure the very same program. The
-  benchmark measures the CPU peak (``measure_peak``) even where ``LOOM_CPU_PEAK_FLOPS`` gives one.
+  benchmark measures the CPU peak (``measure_peak``) even where ``LOOM_CPU_PEAK_FLOPS`` gives one,
+  unless told ``--peak=given``.
   """
   programs = jit_programs(config, mesh, rules, model_cfg)
   peak = flops.run_peak(model_cfg.dtype, use_given=not measure_peak)

@@ -95,7 +95,7 @@ class Peak:
 # ``peak_flops_per_second`` of a float32 run's report.json, or ``measure_matmul_peak``; the test
 # suite measures it once at its start): a float32 run that finds it skips the ~1 s it would spend
 # measuring, most of a small command's start-up when several start at once on a few cores. Runs of
-# other compute dtypes, and the benchmark, always measure.
+# other compute dtypes always measure; so does the benchmark, unless told ``--peak=given``.
 PEAK_VARIABLE = "LOOM_CPU_PEAK_FLOPS"
 
 
