@@ -81,7 +81,7 @@ def check_peak(peak: str, config) -> None:
   if peak == "measure" or jax.devices()[0].platform != "cpu":
     return  # accelerators take the datasheet peak either way
   dtype = config.model.dtype
-  if dtype != "float32":
+  if np.dtype(dtype) != np.float32:  # flops.run_peak's rule: the given figure is float32's
     raise LoomError(
       f"--peak=given: {flops.PEAK_VARIABLE} is a float32 matmul peak and model.dtype={dtype!r}; "
       "use --peak=measure"
@@ -107,9 +107,7 @@ def bench_step(
   mesh, rules = resolved.mesh, resolved.rules
   built = trainer.build_steps(config, mesh, rules, model_cfg, measure_peak=measure)
   programs, meter = built.programs, built.meter
-  state = state_lib.init_state(
-    programs.spec, model_cfg, programs.tx, resolved.mesh, resolved.rules, config.seed
-  )
+  state = state_lib.init_state(programs.spec, model_cfg, programs.tx, mesh, rules, config.seed)
   batch = synthetic_batch(config, model_cfg.vocab_size, programs.batch_sharding)
   for _ in range(warmup):
     state, metrics = built.compiled_step(state, batch)
