@@ -216,6 +216,18 @@ def make_config(
   )
 
 
+class _LocalInfo(tfds.core.DatasetInfo):
+  """A local corpus's metadata, never looked for on TFDS's bucket (gs://tfds-data).
+
+  TFDS 4.9.10 calls `initialize_from_bucket` for every builder whose data is not prepared yet, and
+  it makes a temporary directory before it finds that there is nothing to fetch: every first run
+  on a corpus left an empty `tmp...tfds` directory in the system's temporary directory.
+  """
+
+  def initialize_from_bucket(self) -> None:
+    pass
+
+
 class LoomTextFiles(tfds.core.GeneratorBasedBuilder):
   """Local text files as a TFDS dataset; construct with config=make_config(...)."""
 
@@ -230,9 +242,14 @@ class LoomTextFiles(tfds.core.GeneratorBasedBuilder):
     return epath.Path(__file__)
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return self.dataset_info_from_configs(
+    # What `dataset_info_from_configs` builds (this package ships no metadata files), as _LocalInfo.
+    metadata = self.get_metadata()
+    return _LocalInfo(
+      builder=self,
       features=tfds.features.FeaturesDict({"text": tfds.features.Text()}),
       supervised_keys=None,
+      description=metadata.description or None,
+      citation=metadata.citation or None,
     )
 
   def _split_generators(self, dl_manager):

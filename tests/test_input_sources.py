@@ -4,6 +4,7 @@ import json
 import logging
 import os
 import sysconfig
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -96,7 +97,10 @@ def test_split_is_by_file_name_hash_and_never_empty(tmp_path):
   assert len(two["train"]) == len(two["validation"]) == 1
 
 
-def test_directory_source_reads_every_file(tmp_path):
+def test_directory_source_reads_every_file(tmp_path, monkeypatch):
+  # Nothing left in the system's temporary directory (TFDS made one there for every new corpus).
+  (tmp_path / "tmp").mkdir()
+  monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
   corpus = tmp_path / "corpus"
   (corpus / "sub").mkdir(parents=True)
   (corpus / "a.txt").write_text("hello world\n" * 50)
@@ -108,6 +112,7 @@ def test_directory_source_reads_every_file(tmp_path):
   assert m["train"]["documents"] + m["validation"]["documents"] == 2
   tokens = np.concatenate([pipe.store.read_rows(s, np.arange(m[s]["rows"]))[0].ravel() for s in m])
   assert (tokens == pipe.tokenizer.eod_id).sum() == 2
+  assert [p.name for p in (tmp_path / "tmp").iterdir() if p.is_dir()] == []
 
 
 @pytest.mark.parametrize(
