@@ -60,6 +60,7 @@ def _sample_dataset(
   cumulative = tf.constant(np.stack([np.cumsum(w) for _, w in table]), tf.float64)
   seed_t = tf.constant(seed, tf.int64)
 
+  @tensorflow_import.as_written
   def sample_of(g):
     step = g // global_batch_size
     stage = tf.reduce_sum(tf.cast(starts <= step, tf.int32)) - 1
@@ -171,6 +172,7 @@ class Mixture:
     def read(sources_B, rows_B):
       return (*_read(self.stores, "train", sources_B, rows_B), sources_B.astype(np.int32))
 
+    @tensorflow_import.as_written
     def load(sources, rows):
       arrays = tf.numpy_function(read, [sources, rows], dtypes, stateful=False)
       batch = {

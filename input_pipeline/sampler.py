@@ -50,6 +50,7 @@ def global_samples(
   local = global_batch_size // process_count
   offset = process_index * local
 
+  @tensorflow_import.as_written
   def global_index(k):  # k counts this process's samples
     return (k // local) * global_batch_size + offset + k % local
 
@@ -71,6 +72,7 @@ def _sample_dataset(
   rows = tf.constant(num_rows, tf.int64)
   seed_t = tf.constant(seed, tf.int64)
 
+  @tensorflow_import.as_written
   def row_of(g):
     epoch = g // rows
     return tf.random.experimental.index_shuffle(
@@ -118,6 +120,7 @@ def train_dataset(
   seq_len = store.manifest["seq_len"]
   read = _reader(store, "train")
 
+  @tensorflow_import.as_written
   def load(rows_B):
     arrays = tf.numpy_function(read, [rows_B], BATCH_DTYPES, stateful=False)
     return {

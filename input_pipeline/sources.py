@@ -70,7 +70,7 @@ class Source:
       name = f"{name}[{start}:{stop}]"
     ds = self.builder.as_dataset(split=name, shuffle_files=False)
     feature = self.text_feature
-    ds = ds.map(lambda ex: ex[feature]).batch(64).prefetch(2)
+    ds = ds.map(tensorflow_import.as_written(lambda ex: ex[feature])).batch(64).prefetch(2)
     for texts in ds.as_numpy_iterator():
       for raw in texts:
         yield raw.decode("utf-8", errors="replace")

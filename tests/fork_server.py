@@ -114,6 +114,8 @@ def _child(request: dict, fds: list[int], connection: socket.socket) -> None:
   os.chdir(request["cwd"])
   os.environ.clear()
   os.environ.update(request["env"])
+  # Read again from the command's TMPDIR (TEMP, TMP) when asked, as a fresh interpreter reads it.
+  tempfile.tempdir = None
   site = sys.modules.get("sitecustomize")
   if getattr(site, "LOOM_TESTS_SITE", False):
     site._add_session_flags()

@@ -11,8 +11,9 @@ import fork_server
 import pytest
 
 PROBE = """
-import json, os, sys
+import json, os, sys, tempfile
 print(json.dumps({
+  "tmp": tempfile.gettempdir(),
   "argv": sys.argv[1:], "cwd": os.getcwd(), "flags": os.environ.get("XLA_FLAGS"),
   "marker": os.environ.get("LOOM_LOCAL_SCRATCH"), "imported": "train.trainer" in sys.modules,
   "session": os.getsid(0) == os.getpid(), "main": __name__,
@@ -43,13 +44,13 @@ def test_a_command_runs_as_a_fork_with_its_own_arguments_directory_environment_a
 
   command, cwd = probe
   result = fork_server.run(
-    [*command, "a", "3"], cwd=cwd, env=_env(LOOM_LOCAL_SCRATCH="x"),
+    [*command, "a", "3"], cwd=cwd, env=_env(LOOM_LOCAL_SCRATCH="x", TMPDIR=cwd),
     capture_output=True, text=True, timeout=60,
   )  # fmt: skip
   assert result.returncode == 3, result.stderr
   seen = json.loads(result.stdout.splitlines()[-1])
   assert seen["argv"] == ["a", "3"] and seen["cwd"] == cwd and seen["marker"] == "x"
-  assert seen["main"] == "__main__" and not seen["session"]
+  assert seen["main"] == "__main__" and not seen["session"] and seen["tmp"] == cwd
   # The server's imports are there before the command's first line: a fork, not a fresh start.
   assert seen["imported"] is True, fork_server._the_server().differences(_env())
   # This checkout's code, whatever an installed copy of Loom points at.

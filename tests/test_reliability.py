@@ -398,6 +398,9 @@ def test_chaos_sigkill_at_random_moments(tmp_path, cache_dir):
   # The local tier saves the odd steps (the persistent tier the even ones).
   local = (f"--config.checkpoint.local_dir={tmp_path / 'local'}",)
   local += ("--config.checkpoint.local_every=1",)
+  # The killed runs' system temporary directory: nothing of theirs is left there.
+  (tmp_path / "tmp").mkdir()
+  env = dict(train_env(), TMPDIR=str(tmp_path / "tmp"))
   rng = random.Random(0)
   kills = mid_save = attempts = local_resumes = 0
   redone = {"both tiers": 0, "persistent only": 0}  # steps each restart runs again
@@ -426,7 +429,7 @@ def test_chaos_sigkill_at_random_moments(tmp_path, cache_dir):
     process = fork_server.spawn(
       train_command(workdir, *overrides, *local, cache_dir=cache_dir),
       cwd=REPO,
-      env=train_env(),
+      env=env,
       stdout=subprocess.DEVNULL,
       stderr=subprocess.PIPE,
       text=True,
@@ -464,6 +467,7 @@ def test_chaos_sigkill_at_random_moments(tmp_path, cache_dir):
   )
   assert redone["both tiers"] < redone["persistent only"]
   assert kills >= 10 and local_resumes >= 1
+  assert os.listdir(tmp_path / "tmp") == []  # AutoGraph's files were left by each kill
   records = read_metrics(workdir)
   steps = [r["step"] for r in records if "train/loss" in r]
   assert steps == sorted(set(steps)), "duplicated or torn metric lines"
