@@ -588,10 +588,23 @@ class Attention(nnx.Module):
     """Causal attention by blocks of ``attention_block`` queries, each over the keys up to its
     own end: the key blocks above the diagonal, masked anyway, are never computed (about half
     the score and value FLOPs and memory at long rows). Exact: the same softmax per row."""
-    length = q_BLNH.shape[1]
+    b, length, n, h = q_BLNH.shape
+    kv = self.num_kv_heads
+    # Head-major once per layer, not once per block: each block's query rows and key prefix
+    # would otherwise be transposed for its dots on their own.
+    q_BKGLH = (q_BLNH * jnp.asarray(self.scale, self.dtype)).reshape(b, length, kv, n // kv, h)
+    q_BKGLH = q_BKGLH.transpose(0, 2, 3, 1, 4)
+    k_BKSH, v_BKSH = k_BSKH.transpose(0, 2, 1, 3), v_BSKH.transpose(0, 2, 1, 3)
     outs = []
     for lo in range(0, length, self.block):
       hi = min(lo + self.block, length)
-      mask = mask_BLS[:, lo:hi, :hi]
-      outs.append(self._attend(q_BLNH[:, lo:hi], k_BSKH[:, :hi], v_BSKH[:, :hi], mask))
-    return jnp.concatenate(outs, axis=1)
+      logits_BKGLS = jnp.einsum(
+        "BKGLH,BKSH->BKGLS", q_BKGLH[:, :, :, lo:hi], k_BKSH[:, :, :hi],
+        preferred_element_type=jnp.float32,
+      )  # fmt: skip
+      mask_B11LS = mask_BLS[:, None, None, lo:hi, :hi]
+      logits_BKGLS = jnp.where(mask_B11LS, logits_BKGLS, jnp.finfo(jnp.float32).min)
+      probs_BKGLS = jax.nn.softmax(logits_BKGLS, axis=-1).astype(self.dtype)
+      outs.append(jnp.einsum("BKGLS,BKSH->BKGLH", probs_BKGLS, v_BKSH[:, :, :hi]))
+    out_BKGLH = jnp.concatenate(outs, axis=3)
+    return out_BKGLH.transpose(0, 3, 1, 2, 4).reshape(b, length, n, h)
