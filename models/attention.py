@@ -572,28 +572,34 @@ class Attention(nnx.Module):
   def _attend(self, q_BLNH, k_BSKH, v_BSKH, mask_BLS) -> jax.Array:
     """Softmax attention of every query row over all S keys (masked): [B, L, N, H]."""
     b, length, n, h = q_BLNH.shape
-    kv = self.num_kv_heads
-    # Grouped-query attention without repeating k/v: split the query heads into [K, G].
-    q_BLKGH = (q_BLNH * jnp.asarray(self.scale, self.dtype)).reshape(b, length, kv, n // kv, h)
+    q_BLKGH = self._grouped_queries(q_BLNH)
     logits_BKGLS = jnp.einsum(
       "BLKGH,BSKH->BKGLS", q_BLKGH, k_BSKH, preferred_element_type=jnp.float32
     )
-    mask_B11LS = mask_BLS[:, None, None, :, :]
-    logits_BKGLS = jnp.where(mask_B11LS, logits_BKGLS, jnp.finfo(jnp.float32).min)
-    probs_BKGLS = jax.nn.softmax(logits_BKGLS, axis=-1).astype(self.dtype)
+    probs_BKGLS = self._masked_softmax(logits_BKGLS, mask_BLS[:, None, None, :, :])
     out_BLKGH = jnp.einsum("BKGLS,BSKH->BLKGH", probs_BKGLS, v_BSKH)
     return out_BLKGH.reshape(b, length, n, h)
+
+  def _grouped_queries(self, q_BLNH) -> jax.Array:
+    """Scaled queries with their heads split into [K, G]: grouped-query attention without
+    repeating k/v. [B, L, K, G, H]."""
+    b, length, n, h = q_BLNH.shape
+    kv = self.num_kv_heads
+    return (q_BLNH * jnp.asarray(self.scale, self.dtype)).reshape(b, length, kv, n // kv, h)
+
+  def _masked_softmax(self, logits_BKGLS, mask_B11LS) -> jax.Array:
+    """Float32 scores where the mask allows, the lowest float32 elsewhere, softmax over keys."""
+    logits_BKGLS = jnp.where(mask_B11LS, logits_BKGLS, jnp.finfo(jnp.float32).min)
+    return jax.nn.softmax(logits_BKGLS, axis=-1).astype(self.dtype)
 
   def _attend_blocked(self, q_BLNH, k_BSKH, v_BSKH, mask_BLS) -> jax.Array:
     """Causal attention by blocks of ``attention_block`` queries, each over the keys up to its
     own end: the key blocks above the diagonal, masked anyway, are never computed (about half
     the score and value FLOPs and memory at long rows). Exact: the same softmax per row."""
     b, length, n, h = q_BLNH.shape
-    kv = self.num_kv_heads
     # Head-major once per layer, not once per block: each block's query rows and key prefix
     # would otherwise be transposed for its dots on their own.
-    q_BKGLH = (q_BLNH * jnp.asarray(self.scale, self.dtype)).reshape(b, length, kv, n // kv, h)
-    q_BKGLH = q_BKGLH.transpose(0, 2, 3, 1, 4)
+    q_BKGLH = self._grouped_queries(q_BLNH).transpose(0, 2, 3, 1, 4)
     k_BKSH, v_BKSH = k_BSKH.transpose(0, 2, 1, 3), v_BSKH.transpose(0, 2, 1, 3)
     outs = []
     for lo in range(0, length, self.block):
@@ -602,9 +608,7 @@ class Attention(nnx.Module):
         "BKGLH,BKSH->BKGLS", q_BKGLH[:, :, :, lo:hi], k_BKSH[:, :, :hi],
         preferred_element_type=jnp.float32,
       )  # fmt: skip
-      mask_B11LS = mask_BLS[:, None, None, lo:hi, :hi]
-      logits_BKGLS = jnp.where(mask_B11LS, logits_BKGLS, jnp.finfo(jnp.float32).min)
-      probs_BKGLS = jax.nn.softmax(logits_BKGLS, axis=-1).astype(self.dtype)
+      probs_BKGLS = self._masked_softmax(logits_BKGLS, mask_BLS[:, None, None, lo:hi, :hi])
       outs.append(jnp.einsum("BKGLS,BKSH->BKGLH", probs_BKGLS, v_BKSH[:, :, :hi]))
     out_BKGLH = jnp.concatenate(outs, axis=3)
     return out_BKGLH.transpose(0, 3, 1, 2, 4).reshape(b, length, n, h)
